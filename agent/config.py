@@ -1,0 +1,342 @@
+"""The agent's one TOML file, validated into frozen pydantic models.
+
+``load_config`` reads the file with ``tomllib``, applies ``EDGE_AGENT__SECTION__KEY``
+environment overrides, validates the structure and then the cross-references (streams name
+sensors that exist, I2C addresses fit the chip). Every problem is reported at once, each as a
+``Problem`` with the key path, the bad value and the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.clean_config import CleanOptions
+from drivers.registry import DRIVERS
+
+ENV_PREFIX = "EDGE_AGENT__"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GatewayConfig(_Frozen):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    site: str = ""
+
+
+class SensorConfig(_Frozen):
+    name: Name
+    driver: str
+    bus: int | Literal["emulated"] | None = None  # I2C bus number, /dev/i2c-N
+    port: str | None = None  # serial: /dev/serial/by-id/... or "emulated"
+    address: int | None = None  # I2C 7-bit address, or Modbus address for pzem004t
+    period_s: PositiveSeconds = 1.0
+    timeout_s: PositiveSeconds = 2.0
+    enabled: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)
+    clean: dict[str, CleanOptions] = Field(default_factory=dict)  # by quantity
+
+    @field_validator("driver")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        if v not in DRIVERS:
+            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(sorted(DRIVERS))})")
+        return v
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = int(v, 0)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an integer address") from None
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 0xF7:
+            raise ValueError(f"{v:#04x} is not a valid device address")
+        return v
+
+    @field_validator("bus", mode="before")
+    @classmethod
+    def _bus(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 255:
+            raise ValueError(f"{v} is not an I2C bus number (0..255)")
+        return v
+
+
+class FuseGroup(_Frozen):
+    name: Name
+    channels: Annotated[list[str], Field(min_length=2)]
+
+
+class StreamConfig(_Frozen):
+    name: Name
+    sensors: Annotated[list[str], Field(min_length=1)]
+    window_s: PositiveSeconds = 10.0
+    raw: bool = False  # also publish every cleaned reading, flagged
+    fuse: list[FuseGroup] = Field(default_factory=list)
+
+
+class ModelConfig(_Frozen):
+    name: Name
+    stream: str
+    path: str = ""  # empty: the model shipped in the package
+    shadow: str = ""  # a candidate model file run beside the active one
+    enabled: bool = True
+
+
+class MqttConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    tls: bool | None = None  # None: on unless the broker is on loopback
+    ca_file: str = ""  # empty: the system trust store
+    cert_file: str = ""
+    key_file: str = ""
+    credentials_file: str = ""  # two lines: username, password
+    client_id: str = ""  # empty: derived from the gateway id
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "edge"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    max_inflight: Annotated[int, Field(ge=1, le=1000)] = 64
+    replay_rate: Annotated[float, Field(gt=0)] = 200.0  # backlog messages/s at full link health
+    reconnect_max_s: PositiveSeconds = 60.0
+    max_payload_bytes: Annotated[int, Field(ge=256)] = 256 * 1024
+    poison_attempts: Annotated[int, Field(ge=1)] = 5
+
+    def tls_enabled(self) -> bool:
+        if self.tls is not None:
+            return self.tls
+        return not _is_loopback(self.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class OutboxConfig(_Frozen):
+    path: str = "/var/lib/edge-agent/outbox.db"
+    max_bytes: Annotated[int, Field(ge=64 * 1024)] = 256 * 1024 * 1024
+    max_rows: Annotated[int, Field(ge=10)] = 2_000_000
+    max_age_s: PositiveSeconds | None = None
+    commit_interval_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
+    commit_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
+
+
+class ControlConfig(_Frozen):
+    socket: str = "/run/edge-agent/control.sock"
+
+
+class RuntimeConfig(_Frozen):
+    queue_size: Annotated[int, Field(ge=16)] = 4096
+    backoff_initial_s: PositiveSeconds = 0.5
+    backoff_max_s: PositiveSeconds = 30.0
+    down_after: Annotated[int, Field(ge=1)] = 3  # consecutive failures before a sensor is "down"
+    health_period_s: PositiveSeconds = 30.0
+    stop_timeout_s: Annotated[float, Field(gt=0, le=30)] = 4.0
+
+
+class AgentConfig(_Frozen):
+    gateway: GatewayConfig
+    sensors: list[SensorConfig] = Field(default_factory=list)
+    streams: list[StreamConfig] = Field(default_factory=list)
+    models: list[ModelConfig] = Field(default_factory=list)
+    mqtt: MqttConfig = MqttConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    control: ControlConfig = ControlConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def sensor(self, name: str) -> SensorConfig:
+        for s in self.sensors:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    value: str
+    reason: str
+
+    def __str__(self) -> str:
+        if self.value and self.value not in self.reason:
+            return f"{self.path}: {self.value}: {self.reason}"
+        return f"{self.path}: {self.reason}"
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        super().__init__(f"{source}: {len(problems)} problem(s)")
+        self.source = source
+        self.problems = problems
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (int, float, str)):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return repr(value)[:60]
+
+
+def _problems(err: ValidationError) -> list[Problem]:
+    out = []
+    for e in err.errors(include_url=False):
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "missing":
+            out.append(Problem(_path(e["loc"]), "", "required key is missing"))
+        elif e["type"] == "extra_forbidden":
+            out.append(Problem(_path(e["loc"]), "", "unknown key"))
+        else:
+            out.append(Problem(_path(e["loc"]), _show(e.get("input")), msg))
+    return out
+
+
+def _sensor_problems(i: int, s: SensorConfig) -> list[Problem]:
+    out: list[Problem] = []
+    here = f"sensors[{i}]"
+    info = DRIVERS[s.driver]
+    if info.kind == "i2c":
+        if s.bus is None:
+            out.append(Problem(f"{here}.bus", "", f"an I2C bus is required for {s.driver}"))
+        if s.address is None:
+            out.append(Problem(f"{here}.address", "", f"an address is required for {s.driver}"))
+        elif not 0x03 <= s.address <= 0x77:
+            out.append(Problem(f"{here}.address", f"{s.address:#04x}",
+                               f"{s.address:#04x} is not a valid 7-bit I2C address"))
+        elif info.addresses and s.address not in info.addresses:
+            allowed = ", ".join(f"{a:#04x}" for a in info.addresses)
+            out.append(Problem(f"{here}.address", f"{s.address:#04x}",
+                               f"{s.driver} answers only at {allowed}"))
+    elif info.kind in ("serial", "bridge") and not s.port:
+        out.append(Problem(f"{here}.port", "", f"a serial port is required for {s.driver}"))
+    return out
+
+
+def _cross_check(cfg: AgentConfig) -> list[Problem]:
+    """Checks that span keys: references, uniqueness, chip-specific addresses."""
+    out: list[Problem] = []
+    names: set[str] = set()
+    for i, s in enumerate(cfg.sensors):
+        if s.name in names:
+            out.append(Problem(f"sensors[{i}].name", repr(s.name), "duplicate sensor name"))
+        names.add(s.name)
+        out.extend(_sensor_problems(i, s))
+    streams: set[str] = set()
+    for i, st in enumerate(cfg.streams):
+        if st.name in streams:
+            out.append(Problem(f"streams[{i}].name", repr(st.name), "duplicate stream name"))
+        streams.add(st.name)
+        for j, ref in enumerate(st.sensors):
+            if ref not in names:
+                out.append(Problem(f"streams[{i}].sensors[{j}]", repr(ref), "no sensor has this name"))
+    for i, m in enumerate(cfg.models):
+        if m.stream not in streams:
+            out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
+    mq = cfg.mqtt
+    if mq.tls is False and not _is_loopback(mq.host):
+        out.append(Problem("mqtt.tls", "false",
+                           f"plaintext MQTT is refused for a broker that is not on loopback ({mq.host})"))
+    if bool(mq.cert_file) != bool(mq.key_file):
+        out.append(Problem("mqtt.cert_file", mq.cert_file or "''",
+                           "cert_file and key_file must be given together"))
+    return out
+
+
+_ENV_KEY = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Override scalar keys from ``EDGE_AGENT__A__B=value`` (list items by index: ``__0__``)."""
+    for key, value in sorted(env.items()):
+        if not key.startswith(ENV_PREFIX) or not _ENV_KEY.match(key):
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split("__")
+        node: Any = data
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                node = None
+                break
+        last = parts[-1]
+        if isinstance(node, dict) and not isinstance(node.get(last), (dict, list)):
+            node[last] = _env_value(value)
+    return data
+
+
+def _env_value(text: str) -> Any:
+    """Interpret a value as TOML would (numbers, booleans, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _partial_checks(data: dict[str, Any]) -> list[Problem]:
+    """Sensor checks for the sensors that are valid on their own, so that one structural
+    mistake elsewhere does not hide the rest."""
+    out: list[Problem] = []
+    sensors = data.get("sensors")
+    if isinstance(sensors, list):
+        for i, raw in enumerate(sensors):
+            try:
+                out.extend(_sensor_problems(i, SensorConfig.model_validate(raw)))
+            except ValidationError:
+                pass
+    return out
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    try:
+        cfg = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc) + _partial_checks(data)) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [Problem(source, "", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem(source, "", f"not valid TOML: {exc}")]) from None
+    return parse_config(apply_env(data, os.environ if env is None else env), source)

@@ -1,0 +1,51 @@
+"""A sensor that generates a signal, with fault injection.
+
+Used by the demo and by tests of the runtime itself: it exercises supervision, queues and the
+uplink without any hardware. Options (``[sensors.options]``):
+
+- ``quantity`` (default ``"temperature"``), ``unit`` (default ``"degC"``)
+- ``base``, ``amplitude``, ``cycle_s``: a sine around ``base``
+- ``burst``: readings per period (for load tests)
+- ``fail_after``: raise a DriverError after this many readings of each run (crash testing)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from agent.clock import Clock
+from agent.readings import Reading
+from drivers.base import BuildContext, DriverError, PolledSensor
+
+
+class SyntheticSensor(PolledSensor):
+    def __init__(self, name: str, clock: Clock, period_s: float, options: dict[str, Any]) -> None:
+        super().__init__(name, clock, period_s)
+        self.quantity = str(options.get("quantity", "temperature"))
+        self.unit = str(options.get("unit", "degC"))
+        self.base = float(options.get("base", 20.0))
+        self.amplitude = float(options.get("amplitude", 1.0))
+        self.cycle_s = float(options.get("cycle_s", 600.0))
+        self.burst = int(options.get("burst", 1))
+        self.fail_after = int(options.get("fail_after", 0))
+        self._n = 0
+
+    async def open(self) -> None:
+        self._n = 0
+
+    async def sample(self) -> Sequence[Reading]:
+        out = []
+        for _ in range(self.burst):
+            if self.fail_after and self._n >= self.fail_after:
+                raise DriverError("injected failure", where=f"synthetic:{self.name}")
+            self._n += 1
+            t = self.clock.mono_ns() / 1e9
+            value = self.base + self.amplitude * math.sin(2 * math.pi * t / self.cycle_s)
+            out.append(self.reading(self.quantity, value, self.unit))
+        return out
+
+
+def build(cfg: Any, ctx: BuildContext) -> SyntheticSensor:
+    return SyntheticSensor(cfg.name, ctx.clock, cfg.period_s, dict(cfg.options))

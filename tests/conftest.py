@@ -1,0 +1,53 @@
+"""Fixtures every test module may use: a real mosquitto broker and pty pairs."""
+
+from __future__ import annotations
+
+import os
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.broker import Mosquitto
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One broker for the session. Tests that stop it must restart it before they end."""
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def broker(mosquitto: Mosquitto) -> Iterator[Mosquitto]:
+    """The session broker, guaranteed running at the start and end of the test."""
+    mosquitto.start()
+    yield mosquitto
+    mosquitto.start()
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker of the test's own, for tests that kill it or change its config."""
+    b = Mosquitto(tmp_path / "mosquitto")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def pty_pair() -> Iterator[tuple[int, str]]:
+    """(master fd, slave path) of a raw pty: the device side holds the master."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    yield master, path
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
