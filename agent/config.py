@@ -1,9 +1,9 @@
 """The agent's one TOML file, validated into frozen pydantic models.
 
-``load_config`` reads the file with ``tomllib``, applies ``EDGE_AGENT__SECTION__KEY``
+`load_config` reads the file with `tomllib`, applies `EDGE_AGENT__SECTION__KEY`
 environment overrides, validates the structure and then the cross-references (streams name
 sensors that exist, I2C addresses fit the chip). Every problem is reported at once, each as a
-``Problem`` with the key path, the bad value and the reason.
+`Problem` with the key path, the bad value and the reason.
 """
 
 from __future__ import annotations
@@ -29,25 +29,37 @@ PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class GatewayConfig(_Frozen):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    """This gateway's identity: used in topics, the MQTT client id and the certificate CN."""
     site: str = ""
+    """Free text: where the cabinet stands."""
 
 
 class SensorConfig(_Frozen):
     name: Name
+    """Unique name; readings are keyed `name.quantity`."""
     driver: str
-    bus: int | Literal["emulated"] | None = None  # I2C bus number, /dev/i2c-N
-    port: str | None = None  # serial: /dev/serial/by-id/... or "emulated"
-    address: int | None = None  # I2C 7-bit address, or Modbus address for pzem004t
+    """One of the known drivers (`edge-agent sensors drivers` lists them)."""
+    bus: int | Literal["emulated"] | None = None
+    """I2C bus number N (`/dev/i2c-N`), or `"emulated"`. I2C drivers only."""
+    port: str | None = None
+    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only."""
+    address: int | None = None
+    """7-bit I2C address (e.g. `0x76`), or the Modbus address of a PZEM meter."""
     period_s: PositiveSeconds = 1.0
+    """Seconds between polls (polled drivers) or the expected report interval (streaming)."""
     timeout_s: PositiveSeconds = 2.0
+    """Timeout of one bus or port transaction."""
     enabled: bool = True
+    """A disabled sensor is kept in the file but not started."""
     options: dict[str, Any] = Field(default_factory=dict)
-    clean: dict[str, CleanOptions] = Field(default_factory=dict)  # by quantity
+    """Driver-specific options (see the driver's documentation)."""
+    clean: dict[str, CleanOptions] = Field(default_factory=dict)
+    """Cleaning overrides by quantity, e.g. `[sensors.clean.temperature] max = 60`."""
 
     @field_validator("driver")
     @classmethod
@@ -78,42 +90,70 @@ class SensorConfig(_Frozen):
 
 class FuseGroup(_Frozen):
     name: Name
+    """Name of the fused channel in the window."""
     channels: Annotated[list[str], Field(min_length=2)]
+    """Redundant channels (`sensor.quantity`) of one quantity to fuse."""
 
 
 class StreamConfig(_Frozen):
     name: Name
+    """Stream name; windows are published on `telemetry/{name}`."""
     sensors: Annotated[list[str], Field(min_length=1)]
+    """Names of the sensors whose readings go into this stream."""
     window_s: PositiveSeconds = 10.0
-    raw: bool = False  # also publish every cleaned reading, flagged
+    """Window length in seconds, aligned to the wall clock."""
+    raw: bool = False
+    """Also publish every cleaned reading, flagged, on `raw/{name}`."""
     fuse: list[FuseGroup] = Field(default_factory=list)
+    """Groups of redundant channels fused by inverse-variance weighting."""
 
 
 class ModelConfig(_Frozen):
     name: Name
+    """Model name: `traffic` or `energy` for the shipped models."""
     stream: str
-    path: str = ""  # empty: the model shipped in the package
-    shadow: str = ""  # a candidate model file run beside the active one
+    """The stream whose windows feed the model."""
+    path: str = ""
+    """ONNX file; empty for the model shipped in the package. Its manifest lies beside it."""
+    shadow: str = ""
+    """A candidate ONNX file run beside the active model until activated."""
     enabled: bool = True
+    """A disabled model is not loaded."""
 
 
 class MqttConfig(_Frozen):
     host: str = "127.0.0.1"
+    """Broker host name or address."""
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    tls: bool | None = None  # None: on unless the broker is on loopback
-    ca_file: str = ""  # empty: the system trust store
+    """Broker port (8883 is usual for TLS)."""
+    tls: bool | None = None
+    """TLS with server verification. Unset: on unless the broker is on loopback."""
+    ca_file: str = ""
+    """CA bundle that signs the broker's certificate; empty for the system trust store."""
     cert_file: str = ""
+    """Client certificate for mutual TLS (optional; with `key_file`)."""
     key_file: str = ""
-    credentials_file: str = ""  # two lines: username, password
-    client_id: str = ""  # empty: derived from the gateway id
+    """Private key of the client certificate."""
+    credentials_file: str = ""
+    """File of two lines, username then password; empty for none."""
+    client_id: str = ""
+    """MQTT client id; empty derives it from the gateway id."""
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "edge"
+    """First topic levels: topics are `{prefix}/{gateway}/...`."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    """MQTT keepalive in seconds."""
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT version; `auto` tries 5 and falls back to 3.1.1."""
     max_inflight: Annotated[int, Field(ge=1, le=1000)] = 64
-    replay_rate: Annotated[float, Field(gt=0)] = 200.0  # backlog messages/s at full link health
+    """Publishes awaiting PUBACK at once."""
+    replay_rate: Annotated[float, Field(gt=0)] = 200.0
+    """Backlog messages per second replayed after an outage, at full link health."""
     reconnect_max_s: PositiveSeconds = 60.0
+    """Cap of the jittered exponential reconnect backoff."""
     max_payload_bytes: Annotated[int, Field(ge=256)] = 256 * 1024
+    """Larger messages are quarantined instead of sent."""
     poison_attempts: Annotated[int, Field(ge=1)] = 5
+    """A message the broker rejects this many times is quarantined."""
 
     def tls_enabled(self) -> bool:
         if self.tls is not None:
@@ -132,35 +172,56 @@ def _is_loopback(host: str) -> bool:
 
 class OutboxConfig(_Frozen):
     path: str = "/var/lib/edge-agent/outbox.db"
+    """SQLite file of the store-and-forward outbox."""
     max_bytes: Annotated[int, Field(ge=64 * 1024)] = 256 * 1024 * 1024
+    """Bound on stored payload bytes; past it the drop policy applies."""
     max_rows: Annotated[int, Field(ge=10)] = 2_000_000
+    """Bound on stored messages."""
     max_age_s: PositiveSeconds | None = None
+    """Messages older than this are dropped (unset: no age bound)."""
     commit_interval_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
+    """Pending messages are committed at least this often."""
     commit_batch: Annotated[int, Field(ge=1, le=100_000)] = 500
+    """...or as soon as this many are pending."""
 
 
 class ControlConfig(_Frozen):
     socket: str = "/run/edge-agent/control.sock"
+    """Unix socket of the local control interface used by the CLI."""
 
 
 class RuntimeConfig(_Frozen):
     queue_size: Annotated[int, Field(ge=16)] = 4096
+    """Readings queued between acquisition and cleaning; the oldest are dropped past it."""
     backoff_initial_s: PositiveSeconds = 0.5
+    """First retry delay of a failing sensor."""
     backoff_max_s: PositiveSeconds = 30.0
-    down_after: Annotated[int, Field(ge=1)] = 3  # consecutive failures before a sensor is "down"
+    """Cap of a failing sensor's retry delay."""
+    down_after: Annotated[int, Field(ge=1)] = 3
+    """Consecutive failures before a sensor shows `down`."""
     health_period_s: PositiveSeconds = 30.0
+    """Seconds between health messages."""
     stop_timeout_s: Annotated[float, Field(gt=0, le=30)] = 4.0
+    """Budget to flush and publish on SIGTERM before exiting."""
 
 
 class AgentConfig(_Frozen):
     gateway: GatewayConfig
+    """Identity of this gateway."""
     sensors: list[SensorConfig] = Field(default_factory=list)
+    """The devices to read (`[[sensors]]`)."""
     streams: list[StreamConfig] = Field(default_factory=list)
+    """Groups of sensors windowed together (`[[streams]]`)."""
     models: list[ModelConfig] = Field(default_factory=list)
+    """Edge models run on windows (`[[models]]`)."""
     mqtt: MqttConfig = MqttConfig()
+    """The uplink to the cloud."""
     outbox: OutboxConfig = OutboxConfig()
+    """The durable store between the pipeline and the uplink."""
     control: ControlConfig = ControlConfig()
+    """The local control socket."""
     runtime: RuntimeConfig = RuntimeConfig()
+    """Queues, supervision and shutdown."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
@@ -276,7 +337,7 @@ _ENV_KEY = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Override scalar keys from ``EDGE_AGENT__A__B=value`` (list items by index: ``__0__``)."""
+    """Override scalar keys from `EDGE_AGENT__A__B=value` (list items by index: `__0__`)."""
     for key, value in sorted(env.items()):
         if not key.startswith(ENV_PREFIX) or not _ENV_KEY.match(key):
             continue

@@ -1,0 +1,161 @@
+"""The ``edge-agent`` command line.
+
+Every command is a function that takes the parsed arguments and returns its exit code, so tests
+call them directly. Exit codes:
+
+    0  success
+    1  failure at run time (device error, broker unreachable, test failed)
+    2  bad usage or an invalid configuration file
+    3  the agent is not running (commands that talk to it)
+    130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from agent import __version__
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+log = logging.getLogger(__name__)
+
+# Command groups that live beside the code they drive; each module has ``register(sub)``.
+PLUGIN_MODULES = (
+    "agent.cli_sensors",
+    "agent.cli_control",
+    "drivers.i2c.cli",
+    "drivers.serial.cli",
+    "models.cli",
+    "firmware_bridge.cli",
+    "agent.cli_service",
+    "agent.cli_sharing",
+)
+
+
+def _print_config_error(exc: Any) -> None:
+    for p in exc.problems:
+        print(f"{exc.source}: {p}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent import logs
+    from agent.config import ConfigError, load_config
+    from agent.runtime import Agent
+
+    logs.setup(args.log_level, args.log_format)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_USAGE
+    agent = Agent(cfg, config_path=args.config)
+    try:
+        return asyncio.run(agent.run())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        return EXIT_USAGE
+    print(f"{args.file}: ok (gateway {cfg.gateway.id}, {len(cfg.sensors)} sensors, "
+          f"{len(cfg.streams)} streams, {len(cfg.models)} models)")
+    return EXIT_OK
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from agent.config_doc import reference_markdown
+
+    print(reference_markdown(), end="")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"edge-agent {__version__}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    try:
+        return asyncio.run(run_demo(duration_s=args.duration, broker=args.broker,
+                                    state_dir=args.state_dir, quiet=args.quiet,
+                                    log_level=args.log_level))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Sensor gateway agent: acquire, clean, fuse, infer, store and forward.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 bad usage or invalid config, "
+               "3 agent not running, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run the agent in the foreground (what systemd runs)")
+    p.add_argument("-c", "--config", required=True, help="agent TOML file")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "journal", "text", "json"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="check a configuration file or print its reference")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    c = csub.add_parser("check", help="validate FILE; one line per problem, exit 2 if invalid")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_config_check)
+    c = csub.add_parser("reference", help="print every configuration key as Markdown")
+    c.set_defaults(func=cmd_config_reference)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on emulated devices and show the feed")
+    p.add_argument("--duration", type=float, default=None,
+                   help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--broker", default=None, metavar="HOST:PORT",
+                   help="use this broker instead of the embedded one")
+    p.add_argument("--state-dir", default=None, help="keep the outbox here (default: a temp dir)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            # An optional command group whose module is not installed must not break the rest.
+            log.debug("CLI module %s not available: %s", name, exc)
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""``edge-agent sensors ...``: commands that work on devices directly, without the agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from agent.readings import Reading
+
+
+async def read_once(cfg_path: str, name: str, timeout_s: float, count: int) -> list[Reading]:
+    """Open one configured sensor, collect ``count`` readings (or one poll), close it."""
+    from agent.clock import SystemClock
+    from agent.config import load_config
+    from drivers.base import BuildContext, PolledSensor
+    from drivers.registry import build_sensor
+
+    cfg = load_config(cfg_path)
+    scfg = cfg.sensor(name)
+    out: list[Reading] = []
+    async with contextlib.AsyncExitStack() as stack:
+        ctx = BuildContext(clock=SystemClock(), stack=stack)
+        sensor = build_sensor(scfg, ctx)
+        await asyncio.wait_for(sensor.open(), timeout_s)
+        try:
+            if isinstance(sensor, PolledSensor) and count <= 0:
+                out.extend(await asyncio.wait_for(sensor.sample(), timeout_s))
+            else:
+                want = max(count, 1)
+                got = asyncio.Event()
+
+                def emit(r: Reading) -> None:
+                    out.append(r)
+                    if len(out) >= want:
+                        got.set()
+
+                task = asyncio.create_task(sensor.run(emit), name=f"read:{name}")
+                waiter = asyncio.create_task(got.wait(), name="read-wait")
+                done, _ = await asyncio.wait({task, waiter}, timeout=timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for t in (task, waiter):
+                    t.cancel()
+                await asyncio.gather(task, waiter, return_exceptions=True)
+                if task in done and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            await sensor.close()
+    return out
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError
+    from drivers.base import DriverError
+
+    try:
+        readings = asyncio.run(read_once(args.config, args.name, args.timeout, args.count))
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(f"{exc.source}: {p}")
+        return 2
+    except KeyError:
+        print(f"no sensor named {args.name!r} in {args.config}")
+        return 2
+    except (DriverError, OSError, TimeoutError) as exc:
+        print(f"{args.name}: {type(exc).__name__}: {exc or 'timed out'}")
+        return 1
+    if not readings:
+        print(f"{args.name}: no reading within {args.timeout} s")
+        return 1
+    if args.json:
+        print(json.dumps([_as_dict(r) for r in readings], indent=2))
+        return 0
+    for r in readings:
+        flags = f"  [{r.quality}: {', '.join(r.reasons)}]" if r.reasons else ""
+        print(f"{r.sensor}.{r.quantity:<16} {r.value:>14.6g} {r.unit}{flags}")
+    return 0
+
+
+def _as_dict(r: Reading) -> dict[str, Any]:
+    return {"sensor": r.sensor, "quantity": r.quantity, "value": r.value, "unit": r.unit,
+            "ts_ns": r.ts_ns, "quality": r.quality, "reasons": list(r.reasons)}
+
+
+def cmd_drivers(args: argparse.Namespace) -> int:
+    from drivers.registry import DRIVERS
+
+    for name, info in sorted(DRIVERS.items()):
+        addrs = ""
+        if info.addresses:
+            addrs = f"  addresses {info.addresses[0]:#04x}..{info.addresses[-1]:#04x}"
+        print(f"{name:<10} {info.kind:<7} {info.description}{addrs}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sensors", help="read a configured sensor directly; list drivers")
+    ssub = p.add_subparsers(dest="sensors_command", metavar="ACTION")
+    ssub.required = True
+    r = ssub.add_parser("read", help="take one reading of sensor NAME and print it "
+                                     "(the agent need not be running)")
+    r.add_argument("name")
+    r.add_argument("-c", "--config", required=True, help="agent TOML file")
+    r.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    r.add_argument("--count", type=int, default=0,
+                   help="readings to collect from a streaming sensor (default: one poll)")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(func=cmd_read)
+    d = ssub.add_parser("drivers", help="list the known drivers")
+    d.set_defaults(func=cmd_drivers)

@@ -1,0 +1,163 @@
+"""``edge-agent demo``: the whole pipeline on emulated devices, watched as the cloud sees it.
+
+It starts an embedded broker on a free loopback port (or uses ``--broker``), runs the agent with
+the packaged demo config, subscribes to the agent's own feed and prints what arrives, live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, parse_config
+
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+def demo_config_text() -> str:
+    return resources.files("agent").joinpath("examples/demo.toml").read_text(encoding="utf-8")
+
+
+def demo_config(host: str, port: int, state_dir: Path) -> AgentConfig:
+    data: dict[str, Any] = tomllib.loads(demo_config_text())
+    data.setdefault("mqtt", {}).update({"host": host, "port": port})
+    data.setdefault("outbox", {})["path"] = str(state_dir / "outbox.db")
+    data.setdefault("control", {})["socket"] = str(state_dir / "control.sock")
+    return parse_config(data, "demo.toml")
+
+
+def summarize(topic_tail: str, payload: bytes) -> str:
+    """One line for a feed message, for a human watching the demo."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return payload[:80].decode(errors="replace")
+    if not isinstance(doc, dict):
+        return str(doc)[:80]
+    parts: list[str] = []
+    if "seq" in doc:
+        parts.append(f"seq {doc['seq']}")
+    if doc.get("replayed"):
+        parts.append("replayed")
+    body = doc.get("data", doc)
+    if isinstance(body, dict):
+        for key in ("channels", "fused", "derived", "outputs"):
+            section = body.get(key)
+            if isinstance(section, dict):
+                parts.extend(_fmt_items(section, 6))
+        if "quantity" in body and "value" in body:
+            parts.append(f"{body.get('sensor', '')}.{body['quantity']}={_num(body['value'])}")
+        if "state" in body and isinstance(body["state"], str):
+            parts.append(body["state"])
+        if topic_tail == "health" and isinstance(body.get("sensors"), list):
+            states = [f"{s.get('name')}:{s.get('state')}" for s in body["sensors"]]
+            parts.append(" ".join(states))
+    elif isinstance(body, str):
+        parts.append(body)
+    return "  ".join(parts)[:160]
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _fmt_items(section: dict[str, Any], limit: int) -> list[str]:
+    out = []
+    for k, v in list(section.items())[:limit]:
+        if isinstance(v, dict):
+            v = v.get("mean", v.get("value", ""))
+        out.append(f"{k}={_num(v)}")
+    return out
+
+
+async def _watch(host: str, port: int, topic: str, quiet: bool, counts: dict[str, int],
+                 first: asyncio.Event, started: float, subscribed: asyncio.Event) -> None:
+    import aiomqtt
+
+    prefix_len = len(topic) - 1
+    async with aiomqtt.Client(host, port, identifier=f"edge-agent-demo-{int(started)}",
+                              protocol=aiomqtt.ProtocolVersion.V311) as client:
+        await client.subscribe(topic, qos=1)
+        subscribed.set()
+        async for msg in client.messages:
+            tail = str(msg.topic)[prefix_len:]
+            kind = tail.split("/", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+            first.set()
+            if not quiet:
+                payload = msg.payload if isinstance(msg.payload, bytes) else b""
+                print(f"{time.monotonic() - started:7.1f}s  {tail:<28} {summarize(tail, payload)}",
+                      flush=True)
+
+
+async def run_demo(duration_s: float | None = None, broker: str | None = None,
+                   state_dir: str | None = None, quiet: bool = False,
+                   log_level: str = "warning") -> int:
+    from agent import logs
+    from agent.embedded_broker import EmbeddedBroker
+    from agent.runtime import Agent
+
+    logs.setup(log_level, "text")
+    started = time.monotonic()
+    counts: dict[str, int] = {}
+    first = asyncio.Event()
+    subscribed = asyncio.Event()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        if state_dir is None:
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-agent-")))
+        else:
+            state = Path(state_dir)
+            state.mkdir(parents=True, exist_ok=True)
+        if broker:
+            host, _, port_s = broker.rpartition(":")
+            if not host or not port_s.isdigit():
+                print(f"--broker: {broker!r} is not HOST:PORT", file=sys.stderr)
+                return 2
+            port = int(port_s)
+        else:
+            emb = await stack.enter_async_context(EmbeddedBroker())
+            host, port = emb.host, emb.port
+        cfg = demo_config(host, port, state)
+        topic = f"{cfg.mqtt.topic_prefix}/{cfg.gateway.id}/#"
+        print(f"edge-agent demo: broker {host}:{port}, gateway {cfg.gateway.id}, "
+              f"{len(cfg.sensors)} emulated sensors; watching {topic}"
+              + ("" if duration_s else " (Ctrl-C to stop)"), flush=True)
+        watcher = asyncio.create_task(
+            _watch(host, port, topic, quiet, counts, first, started, subscribed), name="watch")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(subscribed.wait(), SUBSCRIBE_TIMEOUT_S)
+        agent = Agent(cfg)
+        agent_task = asyncio.create_task(agent.run(install_signals=False), name="agent")
+        stopper = asyncio.create_task(stop.wait(), name="demo-stop")
+        try:
+            await asyncio.wait({agent_task, watcher, stopper}, timeout=duration_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            agent.request_stop()
+            rc = 1
+            with contextlib.suppress(Exception):
+                rc = await asyncio.wait_for(agent_task, 10.0)
+            # Let the last published messages reach the watcher before it goes.
+            await asyncio.sleep(0.5)
+            for t in (watcher, stopper):
+                t.cancel()
+            await asyncio.gather(watcher, stopper, return_exceptions=True)
+    total = sum(counts.values())
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
+    print(f"edge-agent demo: {total} messages received in {time.monotonic() - started:.1f} s "
+          f"({summary}); agent exit code {rc}")
+    return 0 if total and rc == 0 else 1

@@ -1,0 +1,260 @@
+"""One generation of the pipeline: every stage of one configuration, in one TaskGroup.
+
+Stopping is ordered so nothing accepted is lost: sensors stop first, the readings already
+queued are cleaned and windowed, open windows are flushed (marked partial) and committed to the
+outbox, and the uplink gets what is left of the stop budget to publish before it is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.clock import Clock, SystemClock
+from agent.config import AgentConfig
+from agent.queues import BoundedQueue
+from agent.readings import Inference, Reading, Window
+from agent.supervisor import SensorSupervisor
+from agent.tail import TailHub
+from drivers.base import BuildContext
+from drivers.registry import build_sensor
+
+if TYPE_CHECKING:
+    from agent.runtime import Agent
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 512
+WINDOW_GRACE_NS = 200_000_000  # readings stamped just before a boundary may arrive a bit late
+
+
+class Pipeline:
+    def __init__(self, cfg: AgentConfig, *, agent: Agent | None = None,
+                 clock: Clock | None = None) -> None:
+        from agent import feed
+        from agent.clean import Cleaner
+        from agent.commands import CommandDispatcher
+        from agent.infer import InferenceStage
+        from agent.outbox import Outbox
+        from agent.uplink import Uplink
+        from agent.windows import Windower
+
+        self.cfg = cfg
+        self.agent = agent
+        self.clock: Clock = clock or SystemClock()
+        self.gateway = cfg.gateway.id
+        self._feed = feed
+        rt = cfg.runtime
+        self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size, "drop_oldest")
+        self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
+        self.cleaner = Cleaner(cfg.sensors, self.clock)
+        self.windower = Windower(cfg.streams, cfg.sensors)
+        self.infer = InferenceStage([m for m in cfg.models if m.enabled])
+        self.outbox = Outbox(cfg.outbox, self.gateway)
+        self.commands = CommandDispatcher(self._command_handlers())
+        self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
+        self.supervisors: list[SensorSupervisor] = []
+        self._sensor_tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._process_done = asyncio.Event()
+        self._infer_done = asyncio.Event()
+        self.heartbeat_mono = time.monotonic()
+        self.windows_published = 0
+        self.inferences_published = 0
+        self.raw_published = 0
+        self.last_inference: dict[str, dict[str, Any]] = {}
+        self._windows_for_stream: dict[str, int] = {}
+        self.raw_streams = {s.name for s in cfg.streams if s.raw}
+        self.tail = TailHub()
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _emit(self, r: Reading) -> None:
+        self.readings.put(r)
+
+    def _publish_window(self, w: Window) -> None:
+        self.outbox.put("window", f"telemetry/{w.stream}", self._feed.window_message(self.gateway, w))
+        self.windows_published += 1
+        self.windows_q.put(w)
+        if self.tail.active:
+            self.tail.publish("window", w.stream, {
+                "start_ns": w.start_ns, "end_ns": w.end_ns, "flags": list(w.flags),
+                "channels": {k: {"count": c.count, "mean": c.mean, "unit": c.unit}
+                             for k, c in w.channels.items()},
+                "derived": w.derived})
+
+    async def _process(self) -> None:
+        """Clean and window readings; close windows on wall-clock boundaries."""
+        try:
+            while True:
+                batch = await self.readings.get_batch(READ_BATCH, timeout_s=0.25)
+                self.heartbeat_mono = time.monotonic()
+                for r in batch:
+                    cleaned = self.cleaner.process(r)
+                    if cleaned is None:
+                        continue
+                    self.windower.add(cleaned)
+                    if self.tail.active:
+                        self.tail.publish("reading", cleaned.sensor, {
+                            "quantity": cleaned.quantity, "value": cleaned.value,
+                            "unit": cleaned.unit, "ts_ns": cleaned.ts_ns,
+                            "quality": cleaned.quality, "reasons": list(cleaned.reasons)})
+                    for stream in self.windower.raw_streams_for(cleaned.sensor):
+                        self.outbox.put("raw", f"raw/{stream}",
+                                        self._feed.reading_message(self.gateway, stream, cleaned))
+                        self.raw_published += 1
+                for w in self.windower.close_due(self.clock.wall_ns(), WINDOW_GRACE_NS):
+                    self._publish_window(w)
+                if self._stopping.is_set() and not len(self.readings):
+                    break
+        finally:
+            for w in self.windower.flush():
+                self._publish_window(w)
+            self._process_done.set()
+
+    async def _infer(self) -> None:
+        while True:
+            batch = await self.windows_q.get_batch(16, timeout_s=0.5)
+            for w in batch:
+                try:
+                    results: list[Inference] = await self.infer.on_window(w)
+                except Exception:  # noqa: BLE001 - a model failure must not stop the pipeline
+                    log.exception("inference on window %s failed", w.stream)
+                    continue
+                for inf in results:
+                    self.outbox.put("inference", f"inference/{inf.model}",
+                                    self._feed.inference_message(self.gateway, inf))
+                    self.inferences_published += 1
+                    if self.tail.active:
+                        self.tail.publish("inference", inf.model, {
+                            "version": inf.version, "outputs": inf.outputs,
+                            "shadow": inf.shadow, "latency_ms": inf.latency_ms})
+                    self.last_inference[inf.model + (":shadow" if inf.shadow else "")] = {
+                        "version": inf.version, "outputs": inf.outputs,
+                        "latency_ms": inf.latency_ms, "window_start_ns": inf.window_start_ns,
+                    }
+            if self._process_done.is_set() and not len(self.windows_q):
+                self._infer_done.set()
+                return
+
+    async def _health(self) -> None:
+        period = self.cfg.runtime.health_period_s
+        while True:
+            await asyncio.sleep(period)
+            snap = self.agent.snapshot() if self.agent is not None else self.snapshot()
+            self.outbox.put("health", "health", self._feed.health_message(self.gateway, snap))
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half the systemd interval, only while the pipeline makes progress."""
+        notifier = self.agent.notifier if self.agent is not None else None
+        if notifier is None or notifier.watchdog_s is None:
+            return
+        half = notifier.watchdog_s / 2
+        while True:
+            await asyncio.sleep(half)
+            # The process stage wakes at least every 0.25 s; a stale heartbeat means it is stuck.
+            if time.monotonic() - self.heartbeat_mono < max(half, 1.0):
+                notifier.watchdog()
+            else:
+                log.error("pipeline made no progress for %.1f s: withholding the watchdog ping",
+                          time.monotonic() - self.heartbeat_mono)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        rt = self.cfg.runtime
+        async with contextlib.AsyncExitStack() as stack:
+            self.outbox.open()
+            stack.callback(self.outbox.close)
+            ctx = BuildContext(clock=self.clock, stack=stack)
+            async with asyncio.TaskGroup() as tg:
+                for scfg in self.cfg.sensors:
+                    if not scfg.enabled:
+                        continue
+                    sup = SensorSupervisor(
+                        scfg.name, scfg.driver,
+                        lambda scfg=scfg: build_sensor(scfg, ctx),  # type: ignore[misc]
+                        self._emit,
+                        backoff_initial_s=rt.backoff_initial_s, backoff_max_s=rt.backoff_max_s,
+                        down_after=rt.down_after, open_timeout_s=max(5.0, scfg.timeout_s * 3),
+                    )
+                    self.supervisors.append(sup)
+                    self._sensor_tasks.append(tg.create_task(sup.run(), name=f"sensor:{scfg.name}"))
+                for name, coro in (("process", self._process()), ("infer", self._infer()),
+                                   ("outbox", self.outbox.run()), ("uplink", self.uplink.run()),
+                                   ("health", self._health()), ("watchdog", self._watchdog())):
+                    self._tasks[name] = tg.create_task(coro, name=name)
+                if self.agent is not None:
+                    self.agent.on_pipeline_ready()
+                await self._stopped.wait()
+                for t in self._tasks.values():
+                    t.cancel()
+
+    async def stop(self, budget_s: float) -> None:
+        """Flush everything accepted into the outbox, give the uplink the rest of the budget."""
+        deadline = time.monotonic() + budget_s
+        for t in self._sensor_tasks:
+            t.cancel()
+        if self._sensor_tasks:
+            await asyncio.wait(self._sensor_tasks, timeout=max(0.1, budget_s * 0.25))
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._process_done.wait(), max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._infer_done.wait(),
+                                   max(0.1, (deadline - time.monotonic()) * 0.5))
+        self.outbox.flush()
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            with contextlib.suppress(Exception):
+                await self.uplink.drain(remaining)
+        self._stopped.set()
+
+    # -- cloud commands and health ----------------------------------------------------------
+
+    def _command_handlers(self) -> dict[str, Any]:
+        async def config_get(_args: dict[str, Any]) -> dict[str, Any]:
+            return self.cfg.model_dump(mode="json",
+                                       exclude={"mqtt": {"credentials_file", "key_file"}})
+
+        async def sensors_read(args: dict[str, Any]) -> dict[str, Any]:
+            now = time.monotonic()
+            name = args.get("name")
+            sensors = [s.snapshot(now) for s in self.supervisors
+                       if name is None or s.health.name == name]
+            if name is not None and not sensors:
+                raise ValueError(f"no sensor named {name!r}")
+            return {"sensors": sensors}
+
+        async def model_activate(args: dict[str, Any]) -> dict[str, Any]:
+            name = args.get("name")
+            if not isinstance(name, str):
+                raise ValueError("args.name (the model to activate) is required")
+            self.infer.activate(name)
+            return {"activated": name}
+
+        return {"config.get": config_get, "sensors.read": sensors_read,
+                "model.activate": model_activate}
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "sensors": [s.snapshot(now) for s in self.supervisors],
+            "queues": {q.name: q.stats() for q in (self.readings, self.windows_q)},
+            "pipeline": {
+                "windows": self.windows_published,
+                "inferences": self.inferences_published,
+                "raw": self.raw_published,
+                "heartbeat_age_s": round(now - self.heartbeat_mono, 3),
+            },
+            "clean": self.cleaner.stats(),
+            "clock": {"synced": self.clock.synced()},
+            "outbox": self.outbox.stats(),
+            "uplink": self.uplink.status(),
+            "models": {"status": self.infer.status(), "last": self.last_inference},
+        }

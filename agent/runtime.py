@@ -1,0 +1,158 @@
+"""The agent: one pipeline generation per configuration, owned by one TaskGroup.
+
+    sensors (supervised) -> readings queue -> clean -> windows -> outbox -> uplink
+                                                          \\-> infer queue -> infer -> outbox
+
+Signals: SIGTERM/SIGINT flush and exit 0; SIGHUP reloads the config file. A reload that fails
+validation is logged and the running generation keeps going; a valid one flushes the running
+generation (like a stop) and starts a new one in the same process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.clock import Clock
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.pipeline import Pipeline
+from agent.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        config_path: str | Path | None = None,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        loader: Callable[[str | Path], AgentConfig] = load_config,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.clock = clock
+        self.notifier = notifier or Notifier()
+        self._loader = loader
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.pipeline: Pipeline | None = None
+        self.started_mono = time.monotonic()
+        self.generation = 0
+        self.reloads_ok = 0
+        self.reloads_rejected = 0
+        self.last_reload_error = ""
+        self.ready = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _install_signals(self) -> list[int]:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                        (signal.SIGHUP, self.request_reload)):
+            try:
+                loop.add_signal_handler(sig, fn)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread: the embedding code stops us instead
+        return installed
+
+    def _try_reload(self) -> AgentConfig | None:
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the agent was not started from a file")
+            return None
+        try:
+            new = self._loader(self.config_path)
+        except ConfigError as exc:
+            self.reloads_rejected += 1
+            self.last_reload_error = "; ".join(str(p) for p in exc.problems)
+            log.error("reload rejected, keeping the running config: %s", self.last_reload_error)
+            for p in exc.problems:
+                log.error("  %s", p)
+            return None
+        self.last_reload_error = ""
+        return new
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        installed = self._install_signals() if install_signals else []
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self.generation += 1
+                self._reload.clear()
+                pipeline = Pipeline(self.cfg, agent=self, clock=self.clock)
+                self.pipeline = pipeline
+                gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
+                stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
+                reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
+                new_cfg: AgentConfig | None = None
+                try:
+                    while new_cfg is None and not self._stop.is_set():
+                        done, _ = await asyncio.wait({gen_task, stop_w, reload_w},
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                        if gen_task in done:
+                            gen_task.result()  # a pipeline crash is a bug: let it surface
+                            raise RuntimeError("pipeline ended on its own")
+                        if reload_w in done:
+                            self.notifier.reloading()
+                            new_cfg = self._try_reload()
+                            self._reload.clear()
+                            reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
+                            if new_cfg is None:
+                                self.notifier.ready("reload rejected; running previous config")
+                finally:
+                    stop_w.cancel()
+                    reload_w.cancel()
+                if self._stop.is_set():
+                    self.notifier.stopping()
+                await pipeline.stop(self.cfg.runtime.stop_timeout_s)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gen_task
+                if self._stop.is_set() or new_cfg is None:
+                    return 0
+                self.cfg = new_cfg
+                self.reloads_ok += 1
+                log.info("config reloaded from %s (generation %d)", self.config_path,
+                         self.generation + 1)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    def on_pipeline_ready(self) -> None:
+        """Called by the pipeline once every stage is running."""
+        if not self.ready.is_set():
+            self.notifier.ready(f"edge-agent {__version__} running")
+            self.ready.set()
+        else:
+            self.notifier.ready("config reloaded")
+
+    def snapshot(self) -> dict[str, Any]:
+        p = self.pipeline
+        return {
+            "agent": {
+                "version": __version__,
+                "gateway": self.cfg.gateway.id,
+                "uptime_s": round(time.monotonic() - self.started_mono, 1),
+                "config_file": str(self.config_path) if self.config_path else None,
+                "generation": self.generation,
+                "reloads_ok": self.reloads_ok,
+                "reloads_rejected": self.reloads_rejected,
+                "last_reload_error": self.last_reload_error,
+            },
+            **(p.snapshot() if p is not None else {}),
+        }
