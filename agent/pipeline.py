@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from agent.clock import Clock, SystemClock
+from agent.clock import Clock
 from agent.config import AgentConfig
 from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
@@ -31,6 +31,14 @@ READ_BATCH = 512
 WINDOW_GRACE_NS = 200_000_000  # readings stamped just before a boundary may arrive a bit late
 
 
+def _default_clock(cfg: AgentConfig) -> Clock:
+    from agent.clocksync import ClockSync
+
+    if cfg.runtime.clock == "trust":
+        return ClockSync(lambda _wall_ns: True)
+    return ClockSync()
+
+
 class Pipeline:
     def __init__(self, cfg: AgentConfig, *, agent: Agent | None = None,
                  clock: Clock | None = None) -> None:
@@ -44,14 +52,14 @@ class Pipeline:
 
         self.cfg = cfg
         self.agent = agent
-        self.clock: Clock = clock or SystemClock()
+        self.clock: Clock = clock or _default_clock(cfg)
         self.gateway = cfg.gateway.id
         self._feed = feed
         rt = cfg.runtime
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size, "drop_oldest")
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
         self.cleaner = Cleaner(cfg.sensors, self.clock)
-        self.windower = Windower(cfg.streams, cfg.sensors)
+        self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
         self.infer = InferenceStage([m for m in cfg.models if m.enabled])
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.commands = CommandDispatcher(self._command_handlers())
@@ -252,8 +260,10 @@ class Pipeline:
                 "raw": self.raw_published,
                 "heartbeat_age_s": round(now - self.heartbeat_mono, 3),
             },
-            "clean": self.cleaner.stats(),
-            "clock": {"synced": self.clock.synced()},
+            "clean": {**self.cleaner.stats(),
+                      "stale": self.cleaner.stale(self.clock.mono_ns())},
+            "windows": self.windower.stats(),
+            "clock": {"synced": self.clock.synced(), "source": self.cfg.runtime.clock},
             "outbox": self.outbox.stats(),
             "uplink": self.uplink.status(),
             "models": {"status": self.infer.status(), "last": self.last_inference},

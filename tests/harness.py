@@ -30,7 +30,7 @@ def make_config(tmp: Path, port: int, **sections: Any) -> dict[str, Any]:
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "t"},
         "outbox": {"path": str(tmp / "outbox.db"), "commit_interval_ms": 50},
         "control": {"socket": str(tmp / "control.sock")},
-        "runtime": {"health_period_s": 3600},
+        "runtime": {"health_period_s": 3600, "clock": "trust"},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

@@ -1,0 +1,470 @@
+"""Fixed wall-clock windows per stream: running aggregates, fusion and derived values.
+
+A window of a stream with ``window_s = W`` covers ``[start, start + W)`` with
+``start = floor(ts / W) * W`` (UTC ns), so windows of every gateway line up. Each reading is
+routed to every stream that lists its sensor and added to running sums in the window's
+per-channel accumulator: nothing per reading is kept, and the mean, min, max, last and sample
+std (ddof 1) come out when the window closes. Only usable values are aggregated (good, or
+suspect only about their timestamp, see ``agent.filters.value_usable``); suspect and bad
+readings are counted.
+
+Closing: ``close_due(now, grace)`` closes the windows whose ``end + grace`` has passed. A reading
+for a window that is already closed is *late*: it is counted and dropped, not moved into the
+current window, because its value belongs to a time that has been published and would distort
+the current window's statistics. At most ``max_open`` windows are open per stream; a reading
+that needs one more closes the oldest early (flag ``partial``), which bounds memory whatever
+the timestamps.
+
+Clock: readings flagged ``clock_unsynced`` are held back (at most ``hold_s`` and ``hold_max``
+readings) instead of going into windows keyed on a wall clock that is about to move. When the
+clock syncs they are re-stamped from their monotonic time (``restamp``) and windowed with the
+flag ``restamped``. While readings are held, the windows they belong to stay open. Readings
+that outstay the hold are windowed on their provisional time (monotonic plus the last known
+offset) under the flag ``clock_unsynced``; at the sync, provisional windows still open are
+finished (``partial``) and windows on true time may open again after the last window closed on
+synced time, so a start may be published twice, once under each flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+from agent.clean_config import resolve
+from agent.clock import Clock
+from agent.clocksync import ClockSync
+from agent.clocksync import restamp as restamp_reading
+from agent.config import SensorConfig, StreamConfig
+from agent.derived import DRIVER_QUANTITIES, NS_PER_HOUR, POWER, PowerIntegral, derive
+from agent.filters import CLOCK_UNSYNCED, RESTAMPED, value_usable
+from agent.fuse import Member, fuse
+from agent.readings import ChannelStats, Reading, Window
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OPEN: Final = 4
+DEFAULT_HOLD_S: Final = 300.0
+DEFAULT_HOLD_MAX: Final = 50_000
+PARTIAL: Final = "partial"
+GAP_PERIODS: Final = 3  # power samples further apart than this many periods are not bridged
+_NAN = math.nan
+
+
+class _Acc:
+    """Running aggregates of one channel in one window. Sums are kept relative to the first
+    value, so the variance of a large, steady signal (pressure in Pa) does not cancel away."""
+
+    __slots__ = ("area", "bad", "covered", "last", "last_ts", "max", "min", "n", "s1", "s2",
+                 "shift", "suspect", "unit")
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.n = 0
+        self.shift = 0.0
+        self.s1 = 0.0
+        self.s2 = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.last = _NAN
+        self.last_ts = -(1 << 62)
+        self.suspect = 0
+        self.bad = 0
+        self.area = 0.0  # power x time, W ns
+        self.covered = 0  # ns bridged by the integral
+
+    def add(self, v: float, ts: int) -> None:
+        n = self.n
+        if n == 0:
+            self.shift = v
+        d = v - self.shift
+        self.s1 += d
+        self.s2 += d * d
+        self.n = n + 1
+        # Branches, not min()/max(): a call costs more on the per-reading path.
+        if v < self.min:  # noqa: PLR1730
+            self.min = v
+        if v > self.max:  # noqa: PLR1730
+            self.max = v
+        if ts >= self.last_ts:
+            self.last = v
+            self.last_ts = ts
+
+    def stats(self) -> ChannelStats:
+        n = self.n
+        if n == 0:
+            return ChannelStats(0, _NAN, _NAN, _NAN, _NAN, _NAN, self.unit, self.suspect, self.bad)
+        mean = self.shift + self.s1 / n
+        if self.min <= self.max:
+            mean = min(max(mean, self.min), self.max)
+        std = 0.0
+        if n > 1:
+            var = (self.s2 - self.s1 * self.s1 / n) / (n - 1)
+            std = math.sqrt(var) if var > 0.0 else (_NAN if math.isnan(var) else 0.0)
+        return ChannelStats(n, mean, self.min, self.max, self.last, std, self.unit,
+                            self.suspect, self.bad)
+
+
+class _Carry:
+    """The last usable power sample of a channel, the left end of the next trapezoid."""
+
+    __slots__ = ("t", "v")
+
+    def __init__(self, t: int, v: float) -> None:
+        self.t = t
+        self.v = v
+
+
+class _Open:
+    __slots__ = ("chans", "end", "flags", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.chans: dict[str, dict[str, _Acc]] = {}
+        self.flags: set[str] = set()
+
+
+class _Stream:
+    """The open windows of one stream."""
+
+    def __init__(self, cfg: StreamConfig, sensors: dict[str, SensorConfig],
+                 groups: list[tuple[str, list[Member]]], max_open: int) -> None:
+        self.name = cfg.name
+        self.window_s = cfg.window_s
+        self.window_ns = round(cfg.window_s * 1e9)
+        self.groups = groups
+        self.max_open = max_open
+        self.open: dict[int, _Open] = {}
+        self.cur: _Open | None = None
+        self.ready: list[_Open] = []  # closed early, returned by the next close_due
+        self.closed_end: int | None = None  # every window ending by here is closed
+        self.synced_end: int | None = None  # the same, counting only windows on synced time
+        self.late = 0
+        self.forced = 0
+        self.max_gap_ns = {n: round(GAP_PERIODS * sensors[n].period_s * 1e9) for n in cfg.sensors}
+        self.carry: dict[str, dict[str, _Carry]] = {}
+        self.quantities: set[str] = set()
+        for n in cfg.sensors:
+            self.quantities |= DRIVER_QUANTITIES.get(sensors[n].driver, frozenset())
+
+    def add(self, r: Reading) -> None:
+        ts = r.ts_ns
+        w = self.cur
+        if w is None or ts < w.start or ts >= w.end:
+            w = self._window_for(ts)
+            if w is None:
+                return
+            self.cur = w
+        by_q = w.chans.get(r.sensor)
+        if by_q is None:
+            by_q = w.chans[r.sensor] = {}
+        acc = by_q.get(r.quantity)
+        if acc is None:
+            acc = by_q[r.quantity] = _Acc(r.unit)
+            self.quantities.add(r.quantity)
+        reasons = r.reasons
+        if reasons:
+            if CLOCK_UNSYNCED in reasons:
+                w.flags.add(CLOCK_UNSYNCED)
+            if RESTAMPED in reasons:
+                w.flags.add(RESTAMPED)
+        quality = r.quality
+        if quality == "good" or value_usable(quality, reasons):
+            if acc.n == 0:
+                acc.unit = r.unit
+            acc.add(r.value, ts)
+            if r.quantity in POWER:
+                self._integrate(w, acc, r)
+        elif quality == "bad":
+            acc.bad += 1
+        else:
+            acc.suspect += 1
+
+    def _window_for(self, ts: int) -> _Open | None:
+        start = ts - ts % self.window_ns
+        w = self.open.get(start)
+        if w is not None:
+            return w
+        if self.closed_end is not None and start < self.closed_end:
+            self.late += 1
+            return None
+        if len(self.open) >= self.max_open:
+            oldest = min(self.open)
+            if start < oldest:
+                self.late += 1
+                return None
+            self.forced += 1
+            self.ready.append(self._close(self.open.pop(oldest)))
+        w = self.open[start] = _Open(start, start + self.window_ns)
+        return w
+
+    def _integrate(self, w: _Open, acc: _Acc, r: Reading) -> None:
+        sensor, quantity, ts, v = r.sensor, r.quantity, r.ts_ns, r.value
+        by_q = self.carry.get(sensor)
+        if by_q is None:
+            by_q = self.carry[sensor] = {}
+        c = by_q.get(quantity)
+        if c is None:
+            by_q[quantity] = _Carry(ts, v)
+            return
+        t0, v0 = c.t, c.v
+        if ts <= t0:
+            return  # out of order: the trapezoid to it was already taken
+        c.t = ts
+        c.v = v
+        dt = ts - t0
+        if dt > self.max_gap_ns[sensor]:
+            return  # a gap: not bridged
+        if t0 >= w.start:
+            acc.area += (v0 + v) * 0.5 * dt
+            acc.covered += dt
+            return
+        # The trapezoid crosses into this window: each window gets its own part, and a part
+        # whose window is gone (closed, or never opened) goes to this one so no energy is lost.
+        slope = (v - v0) / dt
+        vb = v0 + slope * (w.start - t0)
+        acc.area += (vb + v) * 0.5 * (ts - w.start)
+        acc.covered += ts - w.start
+        ws = t0 - t0 % self.window_ns
+        while ws < w.start:
+            a = max(t0, ws)
+            b = min(ws + self.window_ns, w.start)
+            target = acc
+            earlier = self.open.get(ws)
+            if earlier is not None:
+                target = earlier.chans.get(sensor, {}).get(quantity, acc)
+            target.area += (2.0 * v0 + slope * (a - t0 + b - t0)) * 0.5 * (b - a)
+            target.covered += b - a
+            ws += self.window_ns
+
+    def _close(self, w: _Open) -> _Open:
+        if self.closed_end is None or w.end > self.closed_end:
+            self.closed_end = w.end
+        if CLOCK_UNSYNCED not in w.flags and (self.synced_end is None
+                                              or w.end > self.synced_end):
+            self.synced_end = w.end
+        if self.cur is w:
+            self.cur = None
+        return w
+
+    def close_due(self, now_ns: int, grace_ns: int) -> list[Window]:
+        out = [self._finish(w, PARTIAL) for w in self.ready]
+        self.ready.clear()
+        if self.open:
+            due = sorted(s for s, w in self.open.items() if w.end + grace_ns <= now_ns)
+            for s in due:
+                w = self.open.pop(s)
+                self._close(w)
+                out.append(self._finish(w, None))
+        return out
+
+    def flush(self) -> list[Window]:
+        out = [self._finish(w, PARTIAL) for w in self.ready]
+        self.ready.clear()
+        for s in sorted(self.open):
+            w = self.open.pop(s)
+            self._close(w)
+            out.append(self._finish(w, PARTIAL))
+        return out
+
+    def resync(self) -> None:
+        """The clock synced: windows on provisional time are finished, and windows at or after
+        the last window on synced time may open again."""
+        for s in sorted(self.open):
+            if CLOCK_UNSYNCED in self.open[s].flags:
+                self.ready.append(self._close(self.open.pop(s)))
+        self.closed_end = self.synced_end
+
+    def _finish(self, w: _Open, extra: str | None) -> Window:
+        channels: dict[str, ChannelStats] = {}
+        integrals: dict[str, PowerIntegral] = {}
+        for sensor, by_q in w.chans.items():
+            for quantity, acc in by_q.items():
+                name = f"{sensor}.{quantity}"
+                channels[name] = acc.stats()
+                if acc.covered:
+                    integrals[name] = PowerIntegral(acc.area / NS_PER_HOUR, acc.covered / 1e9)
+        flags = sorted(w.flags)
+        if extra is not None:
+            flags.append(extra)
+        fused: dict[str, ChannelStats] = {}
+        for name, members in self.groups:
+            if any(m.channel in channels for m in members):
+                result = fuse(name, members, channels)
+                fused[name] = result.stats
+                flags.extend(result.flags)
+        derived = derive(self.window_s, channels, integrals, self.quantities)
+        return Window(self.name, w.start, w.end, channels, fused, derived, tuple(flags))
+
+
+def _fuse_groups(stream: StreamConfig,
+                 sensors: dict[str, SensorConfig]) -> list[tuple[str, list[Member]]]:
+    out = []
+    for g in stream.fuse:
+        where = f"stream {stream.name!r}, fuse group {g.name!r}"
+        members: list[Member] = []
+        quantities: set[str] = set()
+        for ch in g.channels:
+            sensor, dot, quantity = ch.partition(".")
+            if not dot or not sensor or not quantity:
+                raise ValueError(f"{where}: {ch!r} is not a channel name (sensor.quantity)")
+            if sensor not in stream.sensors:
+                raise ValueError(f"{where}: {ch!r} names sensor {sensor!r}, which the stream "
+                                 f"does not list")
+            if any(m.channel == ch for m in members):
+                raise ValueError(f"{where}: {ch!r} is listed twice")
+            cfg = sensors[sensor]
+            policy = resolve(quantity, cfg.period_s, cfg.clean.get(quantity))
+            members.append(Member(ch, policy.fuse_sigma))
+            quantities.add(quantity)
+        if len(quantities) > 1:
+            raise ValueError(f"{where}: mixes quantities {', '.join(sorted(quantities))}; "
+                             "fusion combines sensors of one quantity")
+        out.append((g.name, members))
+    return out
+
+
+class Windower:
+    """Routes cleaned readings into the windows of every stream that lists their sensor.
+
+    Held readings are re-stamped when the first reading stamped on a synced clock arrives, or
+    when ``close_due`` finds ``clock`` (if given) synced, whichever comes first. The new offset
+    is the clock's, or without a clock that of the synced reading (``ts_ns - mono_ns``).
+    """
+
+    def __init__(
+        self,
+        streams: Sequence[StreamConfig],
+        sensors: Sequence[SensorConfig],
+        *,
+        clock: Clock | None = None,
+        max_open: int = DEFAULT_MAX_OPEN,
+        hold_s: float = DEFAULT_HOLD_S,
+        hold_max: int = DEFAULT_HOLD_MAX,
+    ) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be at least 1, got {max_open}")
+        by_name = {s.name: s for s in sensors}
+        self._streams: list[_Stream] = []
+        self._routes: dict[str, list[_Stream]] = {}
+        self._raw: dict[str, list[str]] = {}
+        for st in streams:
+            for sensor in st.sensors:
+                if sensor not in by_name:
+                    raise ValueError(f"stream {st.name!r}: no sensor named {sensor!r}")
+            stream = _Stream(st, by_name, _fuse_groups(st, by_name), max_open)
+            self._streams.append(stream)
+            for sensor in dict.fromkeys(st.sensors):
+                self._routes.setdefault(sensor, []).append(stream)
+                if st.raw:
+                    self._raw.setdefault(sensor, []).append(st.name)
+        self._clock = clock
+        self._hold_ns = round(hold_s * 1e9)
+        self._hold_max = hold_max
+        self._held: deque[Reading] = deque()
+        self._unsynced_seen = False
+        self._no_streams: list[str] = []
+        self.unrouted = 0
+        self.restamped = 0
+
+    def raw_streams_for(self, sensor: str) -> list[str]:
+        """Streams with ``raw = true`` that list ``sensor`` (a shared list: do not modify)."""
+        return self._raw.get(sensor, self._no_streams)
+
+    def add(self, r: Reading) -> None:
+        reasons = r.reasons
+        if reasons and CLOCK_UNSYNCED in reasons:
+            self._unsynced_seen = True
+            if self._hold_ns > 0 and self._hold_max > 0:
+                self._held.append(r)
+                if len(self._held) > self._hold_max:
+                    self._place(self._held.popleft())
+                return
+        elif self._unsynced_seen:
+            # The first reading on a synced clock: re-stamp what is held before it, so windows
+            # on true time open before this reading needs one.
+            self.restamp(_offset(self._clock) if self._clock is not None
+                         else r.ts_ns - r.mono_ns)
+        self._place(r)
+
+    def _place(self, r: Reading) -> None:
+        streams = self._routes.get(r.sensor)
+        if streams is None:
+            self.unrouted += 1
+            return
+        for s in streams:
+            s.add(r)
+
+    def close_due(self, now_wall_ns: int, grace_ns: int) -> list[Window]:
+        """Windows whose ``end + grace_ns`` has passed, oldest first."""
+        if self._unsynced_seen and self._clock is not None and self._clock.synced():
+            self.restamp(_offset(self._clock))
+        held = self._held
+        if held:
+            cutoff = now_wall_ns - self._hold_ns
+            while held and held[0].ts_ns <= cutoff:
+                self._place(held.popleft())
+            if held:
+                # Windows the held readings still belong to must stay open for them.
+                now_wall_ns = min(now_wall_ns, held[0].ts_ns - grace_ns)
+        out: list[Window] = []
+        for s in self._streams:
+            out.extend(s.close_due(now_wall_ns, grace_ns))
+        if len(out) > 1:
+            out.sort(key=_order)
+        return out
+
+    def flush(self) -> list[Window]:
+        """Every open window (flag ``partial``), held readings included: for shutdown."""
+        while self._held:
+            self._place(self._held.popleft())
+        out: list[Window] = []
+        for s in self._streams:
+            out.extend(s.flush())
+        out.sort(key=_order)
+        return out
+
+    def restamp(self, offset_ns: int) -> list[Reading]:
+        """The clock is synced and wall = mono + ``offset_ns``: re-stamp and window the held
+        readings. Returns them re-stamped (e.g. for raw streams to publish again)."""
+        out = [restamp_reading(r, offset_ns) for r in self._held]
+        self._held.clear()
+        self._unsynced_seen = False
+        for s in self._streams:
+            s.resync()
+        for r in out:
+            self._place(r)
+        self.restamped += len(out)
+        if out:
+            log.info("re-stamped %d readings held while the clock was not synchronised", len(out))
+        return out
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "late": {s.name: s.late for s in self._streams},
+            "closed_early": {s.name: s.forced for s in self._streams},
+            "open": {s.name: len(s.open) for s in self._streams},
+            "held": len(self._held),
+            "restamped": self.restamped,
+            "unrouted": self.unrouted,
+        }
+
+    def late(self, stream: str) -> int:
+        """Readings dropped because their window of ``stream`` was already closed."""
+        for s in self._streams:
+            if s.name == stream:
+                return s.late
+        raise KeyError(stream)
+
+
+def _offset(clock: Clock) -> int:
+    if isinstance(clock, ClockSync):
+        return clock.offset_ns()
+    return clock.wall_ns() - clock.mono_ns()
+
+
+def _order(w: Window) -> tuple[int, int, str]:
+    return (w.end_ns, w.start_ns, w.stream)
