@@ -179,6 +179,7 @@ class Pipeline:
         async with contextlib.AsyncExitStack() as stack:
             self.outbox.open()
             stack.callback(self.outbox.close)
+            stack.callback(self.infer.close)
             ctx = BuildContext(clock=self.clock, stack=stack)
             async with asyncio.TaskGroup() as tg:
                 for scfg in self.cfg.sensors:

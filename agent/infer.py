@@ -1,0 +1,273 @@
+"""The inference stage: stream windows -> feature rows -> onnxruntime -> Inference.
+
+Every configured model is verified against its manifest before it runs (sha256, input names and
+width against the graph, opset; see ``models.manifest.verify``). A model that fails is refused
+with an error naming the file and the reason, and the model that was running keeps running.
+
+Threading: feature building and all per-model state live on the event loop; only
+``session.run`` goes to one worker thread (each session has one intra-op thread, so inference
+uses at most one core beside the loop). The set of loaded models is one dict that ``reload`` and
+``activate`` replace in a single assignment, so a window is always served by a consistent set.
+
+Shadow mode: a model configured with ``shadow = "candidate.onnx"`` runs the candidate beside the
+active model on the same windows; both results are returned (the candidate's with
+``shadow=True``) until ``activate(name)`` promotes the candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.config import ModelConfig
+from agent.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
+from agent.readings import Inference, Window
+from models.manifest import Manifest, ModelError, VerifiedModel, shipped_paths, verify
+
+log = logging.getLogger(__name__)
+
+ERRORS_KEPT = 20
+
+
+def feature_spec(m: Manifest) -> FeatureSpec:
+    return FeatureSpec(
+        inputs=tuple(InputSpec(i.name, i.fill) for i in m.inputs),
+        window_s=m.window_s, timezone=m.timezone, hold_s=dict(m.hold_s),
+    )
+
+
+def resolve(cfg: ModelConfig, path: str) -> Path:
+    """The ONNX file for a config path ("" = the model shipped under the config's name)."""
+    return shipped_paths(cfg.name)[0] if not path else Path(path)
+
+
+@dataclass
+class LoadedModel:
+    """One verified model with its own feature history and run statistics."""
+
+    name: str
+    stream: str
+    model: VerifiedModel
+    builder: FeatureBuilder
+    shadow: bool = False
+    runs: int = 0
+    failures: int = 0
+    last_outputs: dict[str, float | str] = field(default_factory=dict)
+    last_latency_ms: float = math.nan
+    last_window_start_ns: int = 0
+    last_missing: tuple[str, ...] = ()
+    forecast: tuple[int, float] | None = None  # (window start it is for, value) for anomalies
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.model.manifest
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def run(self, row: FeatureRow) -> tuple[list[np.ndarray], float]:
+        """Blocking; on the worker thread. Returns the output arrays and the latency (ms)."""
+        m = self.manifest
+        t0 = time.perf_counter()
+        names = [o.name for o in m.outputs]
+        out = self.model.session.run(names, {m.input_tensor: row.values[None]})
+        return [np.asarray(o) for o in out], (time.perf_counter() - t0) * 1000
+
+    def outputs(self, row: FeatureRow, raw: list[np.ndarray]) -> dict[str, float | str]:
+        """Named outputs plus class labels and the anomaly score; on the event loop."""
+        m = self.manifest
+        out: dict[str, float | str] = {}
+        for spec, arr in zip(m.outputs, raw, strict=True):
+            value = float(arr.reshape(-1)[0])
+            out[spec.name] = value
+            if spec.labels:
+                key = spec.name.removesuffix("_level") if spec.name.endswith("_level") \
+                    else f"{spec.name}_label"
+                idx = min(max(round(value), 0), len(spec.labels) - 1)
+                out[key] = spec.labels[idx]
+        if m.anomaly is not None:
+            actual = row.current.get(m.anomaly.actual, math.nan)
+            if self.forecast is not None and self.forecast[0] == row.start_ns \
+                    and math.isfinite(actual):
+                score = abs(actual - self.forecast[1]) / m.anomaly.scale
+                out["anomaly_score"] = score
+                out["anomaly"] = 1.0 if score > m.anomaly.threshold else 0.0
+            nxt = out.get(m.anomaly.forecast)
+            if isinstance(nxt, float):
+                self.forecast = (row.end_ns, nxt)
+        out["inputs_filled"] = float(len(row.missing))
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "path": str(self.model.path), "stream": self.stream,
+            "opset": self.manifest.opset, "runs": self.runs, "failures": self.failures,
+            "last_window_start_ns": self.last_window_start_ns,
+            "last_latency_ms": None if math.isnan(self.last_latency_ms)
+            else round(self.last_latency_ms, 3),
+            "last_outputs": dict(self.last_outputs), "inputs_filled": list(self.last_missing),
+        }
+
+
+@dataclass(frozen=True)
+class _Slot:
+    config: ModelConfig
+    active: LoadedModel
+    candidate: LoadedModel | None = None
+
+
+class InferenceStage:
+    """Runs the configured models on the windows of their streams."""
+
+    def __init__(self, models: Sequence[ModelConfig] = ()) -> None:
+        self._slots: dict[str, _Slot] = {}
+        self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
+        self._feature_errors: dict[str, str] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
+        self.load_errors = self.reload(models)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load(self, cfg: ModelConfig, path: str, shadow: bool,
+              previous: LoadedModel | None) -> LoadedModel:
+        verified = verify(resolve(cfg, path))
+        spec = feature_spec(verified.manifest)
+        if previous is not None and previous.version == verified.version \
+                and previous.builder.spec == spec and previous.stream == cfg.stream:
+            # The same file again: keep the running one (and its feature history).
+            previous.shadow = shadow
+            return previous
+        return LoadedModel(cfg.name, cfg.stream, verified, FeatureBuilder(spec), shadow)
+
+    def reload(self, models: Sequence[ModelConfig]) -> list[str]:
+        """Load the given configs; returns the errors. A model that fails keeps its predecessor."""
+        errors: list[str] = []
+        current = self._slots
+        new: dict[str, _Slot] = {}
+        for cfg in models:
+            if not cfg.enabled:
+                continue
+            old = current.get(cfg.name)
+            try:
+                active = self._load(cfg, cfg.path, False, old.active if old else None)
+            except (ModelError, FeatureError) as exc:
+                errors.append(f"model {cfg.name!r}: {exc}")
+                if old is None:
+                    continue
+                active = old.active
+                errors[-1] += f"; still running version {active.version}"
+            candidate = None
+            if cfg.shadow:
+                try:
+                    candidate = self._load(cfg, cfg.shadow, True, old.candidate if old else None)
+                except (ModelError, FeatureError) as exc:
+                    errors.append(f"model {cfg.name!r} shadow: {exc}")
+                    candidate = old.candidate if old else None
+            new[cfg.name] = _Slot(cfg, active, candidate)
+        self._slots = new  # the switch: one reference assignment
+        for e in errors:
+            log.error("%s", e)
+            self._errors.append(e)
+        return errors
+
+    def activate(self, name: str) -> None:
+        """Promote the shadow candidate of ``name`` to active (atomically)."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise KeyError(f"no model named {name!r} is loaded")
+        if slot.candidate is None:
+            raise ValueError(f"model {name!r} has no shadow candidate to activate")
+        promoted = slot.candidate
+        promoted.shadow = False
+        cfg = slot.config.model_copy(update={"path": str(promoted.model.path), "shadow": ""})
+        self._slots = {**self._slots, name: _Slot(cfg, promoted, None)}
+        log.info("model %s: activated version %s (was %s)", name, promoted.version,
+                 slot.active.version)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def on_window(self, w: Window) -> list[Inference]:
+        """Feed a window of any stream; returns the inferences of models that completed a window."""
+        slots = self._slots
+        jobs: list[tuple[LoadedModel, FeatureRow]] = []
+        for slot in slots.values():
+            for m in (slot.active, slot.candidate):
+                if m is None:
+                    continue
+                if m.stream != w.stream:
+                    m.builder.observe(w)
+                    continue
+                try:
+                    row = m.builder.push(w)
+                except FeatureError as exc:
+                    self._feature_error(m, str(exc))
+                    continue
+                if row is not None:
+                    jobs.append((m, row))
+        if not jobs:
+            return []
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, _run_all, jobs)
+        out: list[Inference] = []
+        for (m, row), result in zip(jobs, results, strict=True):
+            if isinstance(result, Exception):
+                m.failures += 1
+                msg = f"model {m.name!r} version {m.version}: run failed: {result}"
+                log.warning("%s", msg)
+                self._errors.append(msg)
+                continue
+            raw, latency_ms = result
+            outputs = m.outputs(row, raw)
+            m.runs += 1
+            m.last_outputs, m.last_latency_ms = outputs, latency_ms
+            m.last_window_start_ns, m.last_missing = row.start_ns, row.missing
+            out.append(Inference(m.name, m.version, row.start_ns, outputs, latency_ms,
+                                 w.stream, m.shadow))
+        return out
+
+    def _feature_error(self, m: LoadedModel, msg: str) -> None:
+        m.failures += 1
+        key = f"{m.name}:{m.version}"
+        if self._feature_errors.get(key) != msg:
+            self._feature_errors[key] = msg
+            log.error("model %s: %s", m.name, msg)
+            self._errors.append(f"model {m.name!r}: {msg}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "models": {
+                name: {**s.active.status(),
+                       "shadow": s.candidate.status() if s.candidate else None}
+                for name, s in self._slots.items()
+            },
+            "errors": list(self._errors),
+        }
+
+    def versions(self) -> dict[str, str]:
+        return {name: s.active.version for name, s in self._slots.items()}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _run_all(
+    jobs: list[tuple[LoadedModel, FeatureRow]],
+) -> list[tuple[list[np.ndarray], float] | Exception]:
+    out: list[tuple[list[np.ndarray], float] | Exception] = []
+    for m, row in jobs:
+        try:
+            out.append(m.run(row))
+        except Exception as exc:  # onnxruntime's error types are not exported
+            out.append(exc)
+    return out

@@ -1,0 +1,195 @@
+"""The inference stage with real onnxruntime sessions on the shipped models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import onnx
+import pytest
+
+from agent.config import ModelConfig
+from agent.infer import InferenceStage
+from agent.readings import Window
+from models import SAMPLES_DIR
+from models.manifest import sha256_bytes, shipped_paths
+from models.windows_io import window_from_dict
+
+NS = 1_000_000_000
+
+
+def samples(name: str) -> tuple[list[Window], list[dict[str, float]], str]:
+    doc = json.loads((SAMPLES_DIR / f"{name}.json").read_text())
+    return [window_from_dict(w) for w in doc["windows"]], doc["expected"], doc["version"]
+
+
+def variant(tmp_path: Path, name: str, tag: str) -> Path:
+    """A valid copy of a shipped model with a different sha256 (an extra metadata entry)."""
+    onnx_path, man_path = shipped_paths(name)
+    model = onnx.load(str(onnx_path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "variant", tag
+    dst = tmp_path / f"{name}-{tag}.onnx"
+    dst.write_bytes(model.SerializeToString())
+    doc = json.loads(man_path.read_text())
+    digest = sha256_bytes(dst.read_bytes())
+    doc.update(sha256=digest, version=digest[:12], file=dst.name)
+    dst.with_suffix(".json").write_text(json.dumps(doc))
+    return dst
+
+
+@pytest.fixture
+def stage() -> InferenceStage:
+    s = InferenceStage([ModelConfig(name="traffic", stream="traffic"),
+                        ModelConfig(name="energy", stream="cabinet")])
+    yield s
+    s.close()
+
+
+async def test_replays_samples_with_the_expected_outputs(stage: InferenceStage) -> None:
+    assert stage.load_errors == []
+    windows, expected, version = samples("traffic")
+    got = []
+    for w in windows:
+        got.extend(await stage.on_window(w))
+    assert len(got) == len(expected) == len(windows)
+    for inf, want, w in zip(got, expected, windows, strict=True):
+        assert inf.model == "traffic" and inf.version == version and inf.stream == "traffic"
+        assert inf.window_start_ns == w.start_ns and not inf.shadow
+        assert inf.outputs["speed_next"] == pytest.approx(want["speed_next"], abs=1e-3)
+        assert inf.outputs["congestion_level"] == want["congestion_level"]
+        assert inf.outputs["congestion"] == ["free", "slowing", "congested"][
+            int(want["congestion_level"])]
+        assert inf.latency_ms >= 0
+    st = stage.status()["models"]["traffic"]
+    assert st["runs"] == len(windows) and st["version"] == version
+    assert st["last_outputs"]["speed_next"] == pytest.approx(expected[-1]["speed_next"], abs=1e-3)
+    # The energy model saw no window of its stream.
+    assert stage.status()["models"]["energy"]["runs"] == 0
+
+
+async def test_sessions_run_on_the_worker_thread(stage: InferenceStage) -> None:
+    windows, _, _ = samples("traffic")
+    seen: list[str] = []
+    model = stage._slots["traffic"].active
+    original = model.run
+
+    def spy(row):  # records the thread, runs the real session
+        seen.append(threading.current_thread().name)
+        return original(row)
+
+    model.run = spy  # type: ignore[method-assign]
+    await stage.on_window(windows[0])
+    assert seen and seen[0].startswith("edge-infer")
+    assert threading.current_thread().name not in seen
+
+
+async def test_energy_anomaly_score_flags_a_spike(stage: InferenceStage) -> None:
+    windows, _, _ = samples("energy")
+    got = []
+    for w in windows[:-1]:
+        got.extend(await stage.on_window(w))
+    assert "anomaly_score" not in got[0].outputs  # no forecast for the first window yet
+    scores = [i.outputs["anomaly_score"] for i in got[1:]]
+    assert max(scores) > 0 and sum(i.outputs["anomaly"] for i in got[1:]) <= 3
+    last = windows[-1]
+    spiked = Window(last.stream, last.start_ns, last.end_ns, last.channels, last.fused,
+                    {**last.derived, "power_mean_w": got[-1].outputs["power_next_w"] + 20_000})
+    (inf,) = await stage.on_window(spiked)
+    assert inf.outputs["anomaly"] == 1.0 and inf.outputs["anomaly_score"] > 130
+
+
+async def test_corrupt_reload_is_refused_and_the_previous_model_keeps_running(
+        stage: InferenceStage, tmp_path: Path) -> None:
+    windows, _, version = samples("traffic")
+    await stage.on_window(windows[0])
+    bad = variant(tmp_path, "traffic", "x")
+    data = bytearray(bad.read_bytes())
+    data[100] ^= 0x55
+    bad.write_bytes(bytes(data))
+    errors = stage.reload([ModelConfig(name="traffic", stream="traffic", path=str(bad)),
+                           ModelConfig(name="energy", stream="cabinet")])
+    assert len(errors) == 1
+    assert "sha256" in errors[0] and str(bad) in errors[0] and version in errors[0]
+    (inf,) = await stage.on_window(windows[1])
+    assert inf.version == version
+    assert stage.status()["errors"][-1] == errors[0]
+    # History survived the refused reload: lag inputs are not filled.
+    assert stage.status()["models"]["traffic"]["runs"] == 2
+
+
+async def test_wrong_names_and_opset_are_refused(stage: InferenceStage, tmp_path: Path) -> None:
+    windows, _, version = samples("traffic")
+    names = variant(tmp_path, "traffic", "names")
+    doc = json.loads(names.with_suffix(".json").read_text())
+    doc["inputs"][4]["name"] = "speed_in_mean"
+    names.with_suffix(".json").write_text(json.dumps(doc))
+    opset = variant(tmp_path, "traffic", "opset")
+    doc = json.loads(opset.with_suffix(".json").read_text())
+    doc["opset"] = 19
+    opset.with_suffix(".json").write_text(json.dumps(doc))
+    for path, reason in ((names, "input names differ"), (opset, "graph opset 20 but the "
+                                                                 "manifest says 19")):
+        errors = stage.reload([ModelConfig(name="traffic", stream="traffic", path=str(path))])
+        assert len(errors) == 1 and reason in errors[0]
+        (inf,) = await stage.on_window(windows[0])
+        assert inf.version == version
+        windows = windows[1:]
+
+
+async def test_hot_swap_to_a_new_version(stage: InferenceStage, tmp_path: Path) -> None:
+    windows, _, version = samples("traffic")
+    await stage.on_window(windows[0])
+    new = variant(tmp_path, "traffic", "v2")
+    assert stage.reload([ModelConfig(name="traffic", stream="traffic", path=str(new))]) == []
+    (inf,) = await stage.on_window(windows[1])
+    assert inf.version != version and inf.version == stage.versions()["traffic"]
+    assert "energy" not in stage.versions()  # no longer configured
+
+
+async def test_shadow_runs_beside_and_activate_switches(stage: InferenceStage,
+                                                        tmp_path: Path) -> None:
+    windows, _, version = samples("traffic")
+    cand = variant(tmp_path, "traffic", "cand")
+    errors = stage.reload([ModelConfig(name="traffic", stream="traffic", shadow=str(cand))])
+    assert errors == []
+    got = await stage.on_window(windows[0])
+    assert sorted((i.shadow, i.version == version) for i in got) == [(False, True),
+                                                                     (True, False)]
+    assert got[0].outputs["speed_next"] == pytest.approx(got[1].outputs["speed_next"])
+    shadow_version = next(i.version for i in got if i.shadow)
+    assert stage.status()["models"]["traffic"]["shadow"]["version"] == shadow_version
+    stage.activate("traffic")
+    (inf,) = await stage.on_window(windows[1])
+    assert inf.version == shadow_version and not inf.shadow
+    with pytest.raises(ValueError, match="no shadow candidate"):
+        stage.activate("traffic")
+    with pytest.raises(KeyError, match="no model named 'nope'"):
+        stage.activate("nope")
+
+
+async def test_bad_model_at_start_does_not_stop_the_others(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x07garbage")
+    shutil.copy(shipped_paths("traffic")[1], broken.with_suffix(".json"))
+    s = InferenceStage([ModelConfig(name="traffic", stream="traffic", path=str(broken)),
+                        ModelConfig(name="energy", stream="cabinet"),
+                        ModelConfig(name="off", stream="x", enabled=False)])
+    try:
+        assert len(s.load_errors) == 1 and "broken.onnx" in s.load_errors[0]
+        assert list(s.versions()) == ["energy"]
+        windows, _, _ = samples("energy")
+        assert len(await s.on_window(windows[0])) == 1
+    finally:
+        s.close()
+
+
+async def test_a_stream_with_too_long_windows_is_reported(stage: InferenceStage) -> None:
+    w = Window("traffic", 0, 600 * NS, {})
+    assert await stage.on_window(w) == []
+    assert await stage.on_window(Window("traffic", 600 * NS, 1200 * NS, {})) == []
+    st = stage.status()
+    assert st["models"]["traffic"]["failures"] == 2
+    assert sum("longer than the model's 300 s" in e for e in st["errors"]) == 1
