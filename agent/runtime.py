@@ -17,13 +17,16 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clock import Clock
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from agent.control import ControlServer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class Agent:
         self.reloads_rejected = 0
         self.last_reload_error = ""
         self.ready = asyncio.Event()
+        self.control: ControlServer | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -61,7 +65,7 @@ class Agent:
 
     def _install_signals(self) -> list[int]:
         loop = asyncio.get_running_loop()
-        installed = []
+        installed: list[int] = []
         for sig, fn in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
                         (signal.SIGHUP, self.request_reload)):
             try:
@@ -88,50 +92,72 @@ class Agent:
         return new
 
     async def run(self, *, install_signals: bool = True) -> int:
+        from agent.control import ControlServer
+
         installed = self._install_signals() if install_signals else []
         loop = asyncio.get_running_loop()
+        # The control socket lives across reloads: it looks up the current pipeline per request,
+        # so a technician's `tail` survives a SIGHUP.
+        self.control = ControlServer(self.cfg.control.socket, self,
+                                     export_dir=Path(self.cfg.outbox.path).parent)
+        control_task = asyncio.create_task(self._serve_control(), name="control")
         try:
-            while True:
-                self.generation += 1
-                self._reload.clear()
-                pipeline = Pipeline(self.cfg, agent=self, clock=self.clock)
-                self.pipeline = pipeline
-                gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
-                stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
-                reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
-                new_cfg: AgentConfig | None = None
-                try:
-                    while new_cfg is None and not self._stop.is_set():
-                        done, _ = await asyncio.wait({gen_task, stop_w, reload_w},
-                                                     return_when=asyncio.FIRST_COMPLETED)
-                        if gen_task in done:
-                            gen_task.result()  # a pipeline crash is a bug: let it surface
-                            raise RuntimeError("pipeline ended on its own")
-                        if reload_w in done:
-                            self.notifier.reloading()
-                            new_cfg = self._try_reload()
-                            self._reload.clear()
-                            reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
-                            if new_cfg is None:
-                                self.notifier.ready("reload rejected; running previous config")
-                finally:
-                    stop_w.cancel()
-                    reload_w.cancel()
-                if self._stop.is_set():
-                    self.notifier.stopping()
-                await pipeline.stop(self.cfg.runtime.stop_timeout_s)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gen_task
-                if self._stop.is_set() or new_cfg is None:
-                    return 0
-                self.cfg = new_cfg
-                self.reloads_ok += 1
-                log.info("config reloaded from %s (generation %d)", self.config_path,
-                         self.generation + 1)
+            return await self._generations()
         finally:
+            control_task.cancel()
+            await asyncio.gather(control_task, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             self.notifier.close()
+
+    async def _serve_control(self) -> None:
+        from agent.control import ControlSocketError
+
+        assert self.control is not None
+        try:
+            await self.control.serve()
+        except (ControlSocketError, OSError) as exc:
+            # The pipeline matters more than the technician's socket: run on without it.
+            log.error("control socket %s unavailable: %s", self.cfg.control.socket, exc)
+
+    async def _generations(self) -> int:
+        while True:
+            self.generation += 1
+            self._reload.clear()
+            pipeline = Pipeline(self.cfg, agent=self, clock=self.clock)
+            self.pipeline = pipeline
+            gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
+            stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
+            reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
+            new_cfg: AgentConfig | None = None
+            try:
+                while new_cfg is None and not self._stop.is_set():
+                    done, _ = await asyncio.wait({gen_task, stop_w, reload_w},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if gen_task in done:
+                        gen_task.result()  # a pipeline crash is a bug: let it surface
+                        raise RuntimeError("pipeline ended on its own")
+                    if reload_w in done:
+                        self.notifier.reloading()
+                        new_cfg = self._try_reload()
+                        self._reload.clear()
+                        reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
+                        if new_cfg is None:
+                            self.notifier.ready("reload rejected; running previous config")
+            finally:
+                stop_w.cancel()
+                reload_w.cancel()
+            if self._stop.is_set():
+                self.notifier.stopping()
+            await pipeline.stop(self.cfg.runtime.stop_timeout_s)
+            with contextlib.suppress(asyncio.CancelledError):
+                await gen_task
+            if self._stop.is_set() or new_cfg is None:
+                return 0
+            self.cfg = new_cfg
+            self.reloads_ok += 1
+            log.info("config reloaded from %s (generation %d)", self.config_path,
+                     self.generation + 1)
 
     def on_pipeline_ready(self) -> None:
         """Called by the pipeline once every stage is running."""

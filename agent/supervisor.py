@@ -27,7 +27,7 @@ CLOSE_TIMEOUT_S = 2.0
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
     """Exponential backoff with jitter in [d/2, d]: never zero, so a storm cannot spin."""
-    d = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    d: float = min(max_s, initial_s * 2.0 ** min(attempt, 30))
     return d / 2 + rng.uniform(0, d / 2)
 
 

@@ -1,0 +1,293 @@
+"""The ``edge-agent status`` screen and the JSON Schema of what ``status --json`` prints.
+
+The schema fixes the top-level sections and the parts this screen relies on (agent, sensors,
+clock) and stays open inside the sections other stages own, so they can grow without breaking
+old readers. ``docs/status.schema.json`` is generated from these models (``edge-agent status
+--schema``); a test keeps the two equal.
+
+Rendering takes the snapshot as plain data: plain text when the output is piped, a coloured
+table (``rich``, when installed) on a terminal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OPEN = ConfigDict(extra="allow")
+
+
+class AgentInfo(BaseModel):
+    model_config = OPEN
+    version: str
+    gateway: str
+    uptime_s: float = Field(ge=0)
+    config_file: str | None
+    generation: int = Field(ge=0)
+    reloads_ok: int = Field(default=0, ge=0)
+    reloads_rejected: int = Field(default=0, ge=0)
+    last_reload_error: str = ""
+
+
+class LastValue(BaseModel):
+    model_config = OPEN
+    value: float | None
+    unit: str
+    quality: str
+
+
+class SensorStatus(BaseModel):
+    model_config = OPEN
+    name: str
+    driver: str
+    state: str
+    readings: int = Field(ge=0)
+    failures: int = Field(ge=0)
+    consecutive_failures: int = Field(ge=0)
+    last_error: str | None
+    last_reading_age_s: float | None
+    last_values: dict[str, LastValue]
+
+
+class ClockStatus(BaseModel):
+    model_config = OPEN
+    synced: bool | None
+
+
+class StatusSnapshot(BaseModel):
+    """What ``edge-agent status --json`` prints: one snapshot of the running agent."""
+
+    model_config = OPEN
+    agent: AgentInfo
+    sensors: list[SensorStatus]
+    queues: dict[str, Any]
+    pipeline: dict[str, Any]
+    clean: dict[str, Any]
+    clock: ClockStatus
+    outbox: dict[str, Any]
+    uplink: dict[str, Any]
+    models: dict[str, Any]
+
+
+def status_schema() -> dict[str, Any]:
+    schema = StatusSnapshot.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+# -- formatting helpers -------------------------------------------------------------------
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(seconds)
+    days, rem = divmod(s, 86_400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def fmt_age(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return fmt_duration(seconds)
+
+
+def fmt_number(value: Any) -> str:
+    """Counts in full, measurements to four significant digits, never in exponent form."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:.1f}".removesuffix(".0")
+    if 0 < abs(value) < 0.001:
+        return f"{value:.3g}"
+    return f"{value:.4g}"
+
+
+def _first(d: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+def sensor_value(sensor: Mapping[str, Any]) -> str:
+    values = sensor.get("last_values") or {}
+    parts = []
+    for quantity, v in values.items():
+        flag = "" if v.get("quality") in (None, "good") else f" [{v.get('quality')}]"
+        parts.append(f"{quantity} {fmt_number(v.get('value'))} {v.get('unit', '')}".rstrip()
+                     + flag)
+    return ", ".join(parts) or "-"
+
+
+def sensor_errors(sensor: Mapping[str, Any]) -> str:
+    failures = sensor.get("failures", 0)
+    in_row = sensor.get("consecutive_failures", 0)
+    text = f"{failures}" + (f" ({in_row} in a row)" if in_row else "")
+    if sensor.get("last_error") and (failures or in_row):
+        text += f": {sensor['last_error']}"
+    return text
+
+
+def uplink_line(uplink: Mapping[str, Any]) -> str:
+    state = _first(uplink, "state", "status", "link")
+    if state is None and "connected" in uplink:
+        state = "connected" if uplink["connected"] else "disconnected"
+    parts = [str(state or "unknown")]
+    broker = _first(uplink, "broker")
+    if broker is None and "host" in uplink:
+        broker = f"{uplink['host']}:{uplink.get('port', '')}".rstrip(":")
+    if broker:
+        parts.append(f"to {broker}")
+    puback = _first(uplink, "last_puback_age_s", "puback_age_s")
+    parts.append(f"last PUBACK {fmt_age(puback)} ago" if puback is not None else "no PUBACK yet")
+    inflight = _first(uplink, "inflight", "in_flight")
+    if inflight is not None:
+        parts.append(f"in flight {inflight}")
+    error = _first(uplink, "last_error", "error")
+    if error:
+        parts.append(f"last error: {error}")
+    return "  ".join(parts)
+
+
+def _total(value: Any) -> float | None:
+    """A count that may come as a number or broken down by class."""
+    if isinstance(value, Mapping):
+        return sum(v for v in value.values() if isinstance(v, (int, float)))
+    return value if isinstance(value, (int, float)) else None
+
+
+def fmt_breakdown(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {fmt_number(v)}" for k, v in value.items()) or "-"
+    return fmt_number(value)
+
+
+def outbox_line(outbox: Mapping[str, Any]) -> str:
+    rows = _first(outbox, "rows")
+    depth = outbox.get("depth")
+    if rows is None:
+        rows = _total(depth)
+    text = f"depth {fmt_number(rows) if rows is not None else '?'}"
+    if isinstance(depth, Mapping) and depth:
+        text += f" ({fmt_breakdown(depth)})"
+    text += f"  oldest {fmt_age(_first(outbox, 'oldest_age_s', 'oldest_s'))}"
+    dropped = _total(_first(outbox, "drops", "dropped", default=0))
+    text += f"  dropped {fmt_number(dropped if dropped is not None else 0)}"
+    if outbox.get("quarantined"):
+        text += f"  quarantined {fmt_number(outbox['quarantined'])}"
+    return text
+
+
+def model_rows(models: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    status = models.get("status") or {}
+    if isinstance(status, Mapping) and isinstance(status.get("models"), Mapping):
+        status = status["models"]
+    last = models.get("last") or {}
+    names: list[str] = []
+    if isinstance(status, Mapping):
+        names.extend(str(n) for n in status)
+    elif isinstance(status, list):
+        names.extend(str(m.get("name")) for m in status if isinstance(m, Mapping))
+    names.extend(n for n in last if n not in names)
+    rows = []
+    for name in names:
+        info = last.get(name) or {}
+        st = status.get(name) if isinstance(status, Mapping) else None
+        st = st if isinstance(st, Mapping) else {}
+        version = _first(info, "version") or _first(st, "version", default="-")
+        outputs = info.get("outputs") or st.get("last_outputs") or {}
+        shown = (", ".join(f"{k}={fmt_number(v)}" for k, v in outputs.items())
+                 if isinstance(outputs, Mapping) else str(outputs))
+        rows.append((name, str(version), shown or "no output yet"))
+    return rows
+
+
+def clock_line(clock: Mapping[str, Any]) -> str:
+    synced = clock.get("synced")
+    text = {True: "synced", False: "NOT synced", None: "unknown"}.get(synced, str(synced))
+    extra = [f"{k} {fmt_number(v)}" for k, v in clock.items() if k != "synced"]
+    return "  ".join([text, *extra])
+
+
+def header_line(agent: Mapping[str, Any]) -> str:
+    line = (f"edge-agent {agent.get('version', '?')}  gateway {agent.get('gateway', '?')}  "
+            f"up {fmt_duration(agent.get('uptime_s'))}  config {agent.get('config_file') or '-'} "
+            f"(generation {agent.get('generation', '?')})")
+    if agent.get("last_reload_error"):
+        line += f"\nlast reload rejected: {agent['last_reload_error']}"
+    return line
+
+
+# -- screens ------------------------------------------------------------------------------
+
+SENSOR_HEADER = ("SENSOR", "DRIVER", "STATE", "LAST VALUE", "AGE", "ERRORS")
+
+
+def sensor_rows(sensors: list[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    return [(str(s.get("name")), str(s.get("driver", "")), str(s.get("state", "?")),
+             sensor_value(s), fmt_age(s.get("last_reading_age_s")), sensor_errors(s))
+            for s in sensors]
+
+
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for r in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths[:-1], strict=True)] + [r[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render_text(snap: Mapping[str, Any]) -> str:
+    lines = [header_line(snap.get("agent", {})),
+             f"clock    {clock_line(snap.get('clock', {}))}",
+             f"uplink   {uplink_line(snap.get('uplink', {}))}",
+             f"outbox   {outbox_line(snap.get('outbox', {}))}",
+             ""]
+    sensors = snap.get("sensors", [])
+    lines.extend(table(SENSOR_HEADER, sensor_rows(sensors)) if sensors else ["no sensors"])
+    models = model_rows(snap.get("models", {}))
+    if models:
+        lines.append("")
+        lines.extend(table(("MODEL", "VERSION", "LAST OUTPUT"), models))
+    return "\n".join(lines) + "\n"
+
+
+STATE_STYLE = {"up": "green", "ok": "green", "starting": "yellow", "retrying": "yellow",
+               "down": "bold red", "failed": "bold red", "disabled": "dim"}
+
+
+def render_rich(snap: Mapping[str, Any], out: TextIO, width: int | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out, width=width)
+    console.print(header_line(snap.get("agent", {})), style="bold", highlight=False)
+    clock = snap.get("clock", {})
+    console.print(f"clock    {clock_line(clock)}",
+                  style="green" if clock.get("synced") else "yellow", highlight=False)
+    console.print(f"uplink   {uplink_line(snap.get('uplink', {}))}", highlight=False)
+    console.print(f"outbox   {outbox_line(snap.get('outbox', {}))}", highlight=False)
+    sensors = Table(*SENSOR_HEADER, header_style="bold", expand=False)
+    for row in sensor_rows(snap.get("sensors", [])):
+        sensors.add_row(*row[:2], f"[{STATE_STYLE.get(row[2], 'white')}]{row[2]}[/]", *row[3:])
+    console.print(sensors)
+    models = model_rows(snap.get("models", {}))
+    if models:
+        mt = Table("MODEL", "VERSION", "LAST OUTPUT", header_style="bold")
+        for row in models:
+            mt.add_row(*row)
+        console.print(mt)

@@ -1,0 +1,242 @@
+"""``edge-agent firmware ...``: look at a bridge MCU and update its firmware.
+
+- ``firmware info DEVICE``: versions, UID, uptime, update state and link statistics.
+- ``firmware flash DEVICE IMAGE``: transfer, verify, commit; resumes an interrupted transfer
+  from the offset the device reports; a progress bar on a terminal, plain lines when piped.
+- ``firmware pack BODY OUT --version X.Y.Z``: wrap a raw binary into an image with its header.
+
+DEVICE is a serial path or ``emulated`` (an emulated MCU that lives for the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TextIO
+
+from firmware_bridge import update
+from firmware_bridge.client import DEFAULT_BAUDRATE, BridgeClient, ClientConfig
+from firmware_bridge.emulator import BridgeEmulator
+from firmware_bridge.errors import BridgeError, LinkDown, RequestTimeout, UpdateError
+from firmware_bridge.image import build_image, parse_header, parse_version, version_str
+from firmware_bridge.link import LinkConfig
+from firmware_bridge.messages import FwState, HelloFlag
+
+EMULATED = "emulated"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fw = sub.add_parser("firmware", help="inspect and update a bridge microcontroller")
+    cmds = fw.add_subparsers(dest="firmware_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("device", help='serial port of the MCU, or "emulated"')
+        p.add_argument("--baudrate", type=int, default=DEFAULT_BAUDRATE)
+        p.add_argument("--timeout", type=float, default=2.0, metavar="S",
+                       help="seconds to open the port and per request attempt")
+
+    info = cmds.add_parser("info", help="versions, UID, uptime and link statistics")
+    common(info)
+    info.set_defaults(func=cmd_info)
+
+    flash = cmds.add_parser("flash", help="write a firmware image (resumes if interrupted)")
+    common(flash)
+    flash.add_argument("image", type=Path, help="firmware image file (see `firmware pack`)")
+    flash.add_argument("--window", type=int, default=8, help="chunks in flight (1..32)")
+    flash.add_argument("--boot-timeout", type=float, default=15.0, metavar="S",
+                       help="seconds for the new image to say HELLO after commit")
+    flash.set_defaults(func=cmd_flash)
+
+    pack = cmds.add_parser("pack", help="wrap a raw binary into a firmware image")
+    pack.add_argument("body", type=Path)
+    pack.add_argument("out", type=Path)
+    pack.add_argument("--version", required=True, help="MAJOR.MINOR.PATCH")
+    pack.set_defaults(func=cmd_pack)
+
+
+@asynccontextmanager
+async def _connected(args: argparse.Namespace) -> AsyncIterator[BridgeClient]:
+    emulator: BridgeEmulator | None = None
+    port = str(args.device)
+    if port == EMULATED:
+        emulator = BridgeEmulator()
+        await emulator.start()
+        port = emulator.port
+    link = LinkConfig(ack_timeout_s=min(1.6, args.timeout),
+                      ack_timeout_max_s=max(3.2, args.timeout))
+    try:
+        client = await BridgeClient.open_serial(port, baudrate=args.baudrate,
+                                                config=ClientConfig(link=link),
+                                                open_timeout_s=args.timeout)
+        try:
+            await client.connect()
+            yield client
+        finally:
+            await client.aclose()
+    finally:
+        if emulator is not None:
+            await emulator.close()
+
+
+def _run(coro_fn: Callable[[], Awaitable[int]]) -> int:
+    async def main() -> int:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        print("interrupted")
+        return 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        try:
+            async with _connected(args) as client:
+                await _print_info(args.device, client, sys.stdout)
+        except BridgeError as exc:
+            print(f"error: {exc}")
+            return 1
+        return 0
+
+    return _run(go)
+
+
+async def _print_info(device: str, client: BridgeClient, out: TextIO) -> None:
+    hello = client.hello
+    assert hello is not None
+    stats = await client.stats()
+    fw = await update.query(client)
+    uptime = client.device_uptime_s()
+    flags = [(f.name or "").lower() for f in HelloFlag if f & hello.flags]
+    rows = [
+        ("device", device),
+        ("protocol", str(hello.protocol)),
+        ("firmware", f"{version_str(hello.firmware)} (slot {'AB'[hello.active_slot & 1]}, "
+                     f"boot {hello.boot_count}{', ' + ', '.join(flags) if flags else ''})"),
+        ("uid", hello.uid.hex()),
+        ("capabilities", ", ".join((c.name or "").lower() for c in type(hello.capabilities)
+                                   if c & hello.capabilities)),
+        ("channels", ", ".join(f"{i} {k.name.lower()}" for i, k in enumerate(hello.channels))),
+        ("uptime", f"{uptime:.1f} s" if uptime is not None else "unknown"),
+        ("update", "idle" if fw.state == FwState.IDLE else
+         f"{fw.state.name.lower()} {fw.offset}/{fw.size} bytes of {version_str(fw.version)}"),
+    ]
+    ls = client.link_stats()
+
+    def n(key: str) -> int:
+        return int(ls.get(key, 0))
+
+    rtt = ls.get("rtt_s")
+    link_text = f"rtt {rtt * 1e3:.2f} ms, " if rtt is not None else ""
+    link_text += (f"ack timeout {ls['ack_timeout_s']:.2f} s, tx {n('tx_frames')}, rx "
+                  f"{n('rx_frames')}, retransmits {n('retransmits')}, timeouts "
+                  f"{n('timeouts')}, crc errors {n('crc_errors')}, bad frames "
+                  f"{n('bad_frames') + n('cobs_errors')}, oversize {n('oversize')}, "
+                  f"duplicates {n('duplicates')}")
+    rows.append(("host link", link_text))
+    if "clock_samples" in ls:
+        rows.append(("clock", f"drift {ls['clock_drift_ppm']:+.1f} ppm from "
+                     f"{n('clock_samples')} round trips (best "
+                     f"{ls.get('clock_best_rtt_s', 0.0) * 1e3:.2f} ms)"))
+    rows.append(("device link", f"rx {stats.rx_frames}, crc errors {stats.rx_crc_errors}, bad "
+                 f"frames {stats.rx_bad_frames}, tx {stats.tx_frames}, retransmits "
+                 f"{stats.retransmits}, duplicates {stats.duplicates}, reports dropped "
+                 f"{stats.reports_dropped}"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=out)
+
+
+class ProgressPrinter:
+    """A bar redrawn in place on a terminal; one line per 10 % when the output is piped."""
+
+    def __init__(self, out: TextIO, interactive: bool, width: int = 30) -> None:
+        self.out = out
+        self.interactive = interactive
+        self.width = width
+        self._last_step = -1
+
+    def __call__(self, held: int, total: int) -> None:
+        frac = held / total if total else 1.0
+        if self.interactive:
+            filled = round(frac * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            self.out.write(f"\r[{bar}] {frac:6.1%} {held // 1024}/{total // 1024} KiB")
+            self.out.flush()
+            return
+        step = int(frac * 10)
+        if step != self._last_step:
+            self._last_step = step
+            print(f"flash: {frac:.0%} ({held}/{total} bytes)", file=self.out)
+
+    def finish(self) -> None:
+        if self.interactive:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    try:
+        image = args.image.read_bytes()
+        header = parse_header(image)
+    except OSError as exc:
+        print(f"error: cannot read {args.image}: {exc.strerror}")
+        return 2
+    except UpdateError as exc:
+        print(f"error: {args.image}: {exc}")
+        return 2
+    if not 1 <= args.window <= 32:
+        print(f"error: --window {args.window} is outside 1..32")
+        return 2
+    progress = ProgressPrinter(sys.stdout, sys.stdout.isatty())
+
+    async def go() -> int:
+        try:
+            async with _connected(args) as client:
+                print(f"flashing {version_str(header.version)} ({len(image)} bytes) to "
+                      f"{args.device}, running {version_str(client.hello.firmware)}"
+                      if client.hello else "")
+                result = await update.flash(
+                    client, image, window=args.window, progress=progress,
+                    timeouts=update.UpdateTimeouts(boot_s=args.boot_timeout))
+        except (LinkDown, RequestTimeout) as exc:
+            progress.finish()
+            print(f"error: interrupted: {exc}; run the same command again to resume from "
+                  "the offset the device reports")
+            return 1
+        except BridgeError as exc:
+            progress.finish()
+            print(f"error: {exc}")
+            return 1
+        progress.finish()
+        resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
+        print(f"ok: the device runs {version_str(result.version)} (verified sha256, "
+              f"{result.bytes_sent} bytes sent in {result.elapsed_s:.1f} s{resumed})")
+        return 0
+
+    return _run(go)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    try:
+        version = parse_version(args.version)
+        body = args.body.read_bytes()
+    except ValueError as exc:
+        print(f"error: --version: {exc}")
+        return 2
+    except OSError as exc:
+        print(f"error: cannot read {args.body}: {exc.strerror}")
+        return 2
+    image = build_image(version, body)
+    try:
+        args.out.write_bytes(image)
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror}")
+        return 2
+    print(f"{args.out}: image {version_str(version)}, {len(image)} bytes")
+    return 0

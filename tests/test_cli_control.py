@@ -1,0 +1,253 @@
+"""Technician commands against a running control server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent import cli_control
+from agent.status_view import status_schema
+from tests.test_control import SCHEMA_FILE, FakeAgent, serving, short_dir, until
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent")
+    sub = p.add_subparsers(dest="command")
+    cli_control.register(sub)
+    return p
+
+
+def run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+async def run_in_thread(argv: list[str]) -> int:
+    # The commands block on the socket; the server needs this event loop meanwhile.
+    return await asyncio.wait_for(asyncio.to_thread(run, argv), 20.0)
+
+
+@pytest.fixture
+async def agent_sock() -> AsyncIterator[tuple[FakeAgent, Path]]:
+    agent = FakeAgent()
+    with short_dir() as d:
+        path = d / "control.sock"
+        async with serving(agent, path, group=None, export_dir=d):
+            yield agent, path
+
+
+async def test_status_screen_shows_what_a_technician_needs(agent_sock, capsys) -> None:
+    _, path = agent_sock
+    assert await run_in_thread(["status", "--socket", str(path)]) == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    for text in ("edge-agent 0.1.0", "cabinet-17", "up 01:02:05", "/etc/edge-agent/agent.toml"):
+        assert text in first, (text, first)
+    assert "clock    synced" in out
+    assert "uplink   connected  to mqtt.example.net:8883  last PUBACK 1.5 s ago" in out
+    assert "outbox   depth 3 (window 3)  oldest 42 s  dropped 4" in out
+    bme = next(line for line in out.splitlines() if line.startswith("bme "))
+    for text in ("bme280", "up", "temperature 23.41 degC", "humidity 48.2 %RH", "0.8 s"):
+        assert text in bme, (text, bme)
+    radar = next(line for line in out.splitlines() if line.startswith("radar "))
+    for text in ("down", "speed 12.5 m/s [suspect]", " 95 s ",
+                 "7 (4 in a row): SerialTimeout: no frame within 2.0 s"):
+        assert text in radar, (text, radar)
+    model = next(line for line in out.splitlines() if line.startswith("traffic "))
+    assert "3fa2c1d0" in model and "congestion=0.12" in model and "flow=840" in model
+    assert "\x1b[" not in out, "no colour codes when the output is not a terminal"
+
+
+async def test_status_json_validates_against_the_published_schema(agent_sock, capsys) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    _, path = agent_sock
+    assert await run_in_thread(["status", "--json", "--socket", str(path)]) == 0
+    snap = json.loads(capsys.readouterr().out)
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.validate(snap, schema)
+    assert snap["outbox"]["rows"] == 3
+    broken = dict(snap, sensors=[{"name": "x"}])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    del snap["uplink"]
+    with pytest.raises(jsonschema.ValidationError, match="uplink"):
+        jsonschema.validate(snap, schema)
+
+
+def test_published_schema_is_generated_from_the_models(capsys) -> None:
+    assert run(["status", "--schema"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == status_schema()
+    assert json.loads(SCHEMA_FILE.read_text()) == status_schema(), (
+        "docs/status.schema.json is stale: regenerate it with "
+        "`edge-agent status --schema > docs/status.schema.json`")
+
+
+async def test_tail_prints_only_the_named_source(agent_sock, capsys) -> None:
+    agent, path = agent_sock
+    hub = agent.pipeline.tail
+    job = asyncio.create_task(run_in_thread(["tail", "bme", "--count", "2", "--socket",
+                                             str(path)]), name="tail-cli")
+    await until(lambda: hub.active, "tail subscription")
+    hub.publish("reading", "radar", {"quantity": "speed", "value": 3.0, "unit": "m/s"})
+    hub.publish("reading", "bme", {"quantity": "temperature", "value": 21.5, "unit": "degC",
+                                   "ts_ns": 1_700_000_000_000_000_000, "quality": "good",
+                                   "reasons": []})
+    hub.publish("window", "bme", {"start_ns": 1_700_000_000_000_000_000, "flags": ["partial"],
+                                  "channels": {"bme.temperature": {"mean": 21.4,
+                                                                   "unit": "degC"}}})
+    assert await job == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert "reading" in lines[0] and "bme.temperature  21.5 degC  good" in lines[0]
+    assert "window" in lines[1] and "bme.temperature=21.4 degC" in lines[1]
+    assert "[partial]" in lines[1]
+    assert "radar" not in "\n".join(lines)
+    await until(lambda: not hub.active, "tail unsubscribed after the CLI left")
+
+
+async def test_tail_json_prints_the_items(agent_sock, capsys) -> None:
+    agent, path = agent_sock
+    hub = agent.pipeline.tail
+    job = asyncio.create_task(run_in_thread(["tail", "--json", "-n", "1", "--socket",
+                                             str(path)]), name="tail-cli")
+    await until(lambda: hub.active, "tail subscription")
+    hub.publish("inference", "traffic", {"version": "3fa2c1d0", "outputs": {"flow": 1.0}})
+    assert await job == 0
+    item = json.loads(capsys.readouterr().out)
+    assert item == {"kind": "inference", "name": "traffic", "version": "3fa2c1d0",
+                    "outputs": {"flow": 1.0}}
+
+
+async def test_outbox_stats(agent_sock, capsys) -> None:
+    agent, path = agent_sock
+    assert await run_in_thread(["outbox", "stats", "--socket", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rows          3" in out and "oldest_age_s  42" in out
+    assert await run_in_thread(["outbox", "stats", "--json", "--socket", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == agent.outbox.stats()
+
+
+async def test_outbox_export_writes_the_file(agent_sock, capsys, tmp_path: Path) -> None:
+    agent, path = agent_sock
+    agent.outbox.rows = [{"seq": i, "payload": "x" * 300} for i in range(2000)]  # > 1 chunk
+    target = tmp_path / "backlog.jsonl"
+    assert await run_in_thread(["outbox", "export", str(target), "--socket", str(path)]) == 0
+    assert f"exported 2000 rows ({target.stat().st_size} bytes) to {target}" in \
+        capsys.readouterr().out
+    assert [json.loads(line) for line in target.read_text().splitlines()] == agent.outbox.rows
+    assert not (tmp_path / "backlog.jsonl.part").exists()
+
+    assert await run_in_thread(["outbox", "export", str(target), "--socket", str(path)]) == 2
+    assert "exists; use --force" in capsys.readouterr().err
+    target.write_text("old")
+    assert await run_in_thread(["outbox", "export", str(target), "--force", "--socket",
+                                str(path)]) == 0
+    assert target.read_text().count("\n") == 2000
+
+
+async def test_sensors_list(agent_sock, capsys) -> None:
+    _, path = agent_sock
+    assert await run_in_thread(["sensors", "list", "--socket", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["SENSOR", "DRIVER", "STATE"]
+    assert [line.split()[0] for line in lines[1:]] == ["bme", "radar"]
+    assert " 120 " in lines[1]
+    assert await run_in_thread(["sensors", "list", "radar", "--json", "--socket",
+                                str(path)]) == 0
+    [radar] = json.loads(capsys.readouterr().out)
+    assert radar["state"] == "down" and radar["consecutive_failures"] == 4
+    assert await run_in_thread(["sensors", "list", "nope", "--socket", str(path)]) == 1
+    assert "no sensor named 'nope'" in capsys.readouterr().err
+
+
+async def test_reload_reports_the_new_generation(agent_sock, capsys) -> None:
+    agent, path = agent_sock
+    assert await run_in_thread(["reload", "--socket", str(path)]) == 0
+    assert agent.reload_requests == 1
+    assert "reloaded: generation 2" in capsys.readouterr().out
+
+
+async def test_reload_rejected_by_the_agent_is_a_failure(agent_sock, capsys) -> None:
+    agent, path = agent_sock
+    agent.accept_reload = False
+    assert await run_in_thread(["reload", "--socket", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "reload rejected" in err and "sensors[0].driver" in err
+    assert await run_in_thread(["reload", "--wait", "0", "--socket", str(path)]) == 0
+    assert agent.reload_requests == 2
+
+
+async def test_socket_is_found_from_the_config_file(agent_sock, capsys, tmp_path: Path) -> None:
+    _, path = agent_sock
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[gateway]\nid = "gw"\n\n[control]\nsocket = "{path}"\n')
+    assert await run_in_thread(["sensors", "list", "-c", str(cfg)]) == 0
+    assert "radar" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[gateway]\nid = "gw"\n\n[control]\nsockett = "x"\n')
+    assert run(["status", "-c", str(bad)]) == 2
+    assert "control.sockett: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["tail"], ["reload"],
+                                  ["outbox", "stats"], ["outbox", "export", "out.jsonl"],
+                                  ["sensors", "list"]])
+def test_agent_not_running_exits_3_with_a_clear_message(argv, capsys, tmp_path: Path) -> None:
+    missing = tmp_path / "control.sock"
+    assert run([*argv, "--socket", str(missing)]) == 3
+    assert f"edge-agent is not running (no socket at {missing})" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_stale_socket_is_reported_as_not_running(capsys) -> None:
+    with short_dir() as d:
+        path = d / "control.sock"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        s.close()
+        assert run(["status", "--socket", str(path)]) == 3
+    assert "edge-agent is not running (nobody listening on the stale socket" in \
+        capsys.readouterr().err
+
+
+def test_commands_mount_in_the_real_cli_beside_the_sensor_commands() -> None:
+    from agent.cli import build_parser
+
+    p = build_parser()
+    args = p.parse_args(["sensors", "list", "--socket", "/x.sock"])
+    assert args.socket == "/x.sock" and args.func.__name__ == "_sensors_list"
+    args = p.parse_args(["sensors", "drivers"])
+    assert args.func.__name__ == "cmd_drivers"
+    assert p.parse_args(["outbox", "export", "f", "-c", "a.toml"]).config == "a.toml"
+
+
+def test_terminal_screen_renders_the_same_facts_as_a_table() -> None:
+    import io
+
+    pytest.importorskip("rich")
+    from agent.status_view import render_rich
+
+    out = io.StringIO()
+    render_rich(FakeAgent().snapshot(), out, width=200)
+    text = out.getvalue()
+    for fact in ("cabinet-17", "bme280", "temperature 23.41 degC", "down", "3fa2c1d0",
+                 "last PUBACK 1.5 s ago", "depth 3"):
+        assert fact in text, fact
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (50000, "50000"), (840.0, "840"), (23.41, "23.41"), (1234.56, "1234.6"), (0.12, "0.12"),
+    (123456789.0, "123456789"), (True, "True"), (None, "None"),
+])
+def test_numbers_are_shown_without_exponents(value, shown) -> None:
+    from agent.status_view import fmt_number
+
+    assert fmt_number(value) == shown
