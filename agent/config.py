@@ -76,7 +76,7 @@ class SensorConfig(_Frozen):
                 v = int(v, 0)
             except ValueError:
                 raise ValueError(f"{v!r} is not an integer address") from None
-        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 0xF7:
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 0xF8:
             raise ValueError(f"{v:#04x} is not a valid device address")
         return v
 

@@ -1,5 +1,10 @@
 """The inference stage: stream windows -> feature rows -> onnxruntime -> Inference.
 
+Every window of a model's stream gives one inference (``window_start_ns`` = that window's
+start), on the model window of ``window_s`` that ends with it (see ``agent.features``): a
+gateway with 10 s traffic windows publishes a traffic forecast every 10 s, from the first
+window on, with ``inputs_filled`` counting the inputs that still lack history.
+
 Every configured model is verified against its manifest before it runs (sha256, input names and
 width against the graph, opset; see ``models.manifest.verify``). A model that fails is refused
 with an error naming the file and the reason, and the model that was running keeps running.
@@ -37,6 +42,7 @@ from models.manifest import Manifest, ModelError, VerifiedModel, shipped_paths, 
 log = logging.getLogger(__name__)
 
 ERRORS_KEPT = 20
+FORECASTS_KEPT = 4096  # pending anomaly forecasts: one per stream window over one model window
 
 
 def feature_spec(m: Manifest) -> FeatureSpec:
@@ -66,7 +72,9 @@ class LoadedModel:
     last_latency_ms: float = math.nan
     last_window_start_ns: int = 0
     last_missing: tuple[str, ...] = ()
-    forecast: tuple[int, float] | None = None  # (window start it is for, value) for anomalies
+    # (end of the model window it is for, value): what the anomaly score compares against.
+    forecasts: deque[tuple[int, float]] = field(
+        default_factory=lambda: deque(maxlen=FORECASTS_KEPT))
 
     @property
     def manifest(self) -> Manifest:
@@ -98,14 +106,16 @@ class LoadedModel:
                 out[key] = spec.labels[idx]
         if m.anomaly is not None:
             actual = row.current.get(m.anomaly.actual, math.nan)
-            if self.forecast is not None and self.forecast[0] == row.start_ns \
-                    and math.isfinite(actual):
-                score = abs(actual - self.forecast[1]) / m.anomaly.scale
+            pending = self.forecasts
+            while pending and pending[0][0] < row.end_ns:
+                pending.popleft()
+            if pending and pending[0][0] == row.end_ns and math.isfinite(actual):
+                score = abs(actual - pending[0][1]) / m.anomaly.scale
                 out["anomaly_score"] = score
                 out["anomaly"] = 1.0 if score > m.anomaly.threshold else 0.0
             nxt = out.get(m.anomaly.forecast)
             if isinstance(nxt, float):
-                self.forecast = (row.end_ns, nxt)
+                pending.append((row.end_ns + row.end_ns - row.start_ns, nxt))
         out["inputs_filled"] = float(len(row.missing))
         return out
 
@@ -198,7 +208,8 @@ class InferenceStage:
     # -- running -------------------------------------------------------------------------------
 
     async def on_window(self, w: Window) -> list[Inference]:
-        """Feed a window of any stream; returns the inferences of models that completed a window."""
+        """Feed a window of any stream; returns one inference per model (and shadow) of its
+        stream, on the model window ending with it."""
         slots = self._slots
         jobs: list[tuple[LoadedModel, FeatureRow]] = []
         for slot in slots.values():
@@ -231,8 +242,8 @@ class InferenceStage:
             outputs = m.outputs(row, raw)
             m.runs += 1
             m.last_outputs, m.last_latency_ms = outputs, latency_ms
-            m.last_window_start_ns, m.last_missing = row.start_ns, row.missing
-            out.append(Inference(m.name, m.version, row.start_ns, outputs, latency_ms,
+            m.last_window_start_ns, m.last_missing = w.start_ns, row.missing
+            out.append(Inference(m.name, m.version, w.start_ns, outputs, latency_ms,
                                  w.stream, m.shadow))
         return out
 

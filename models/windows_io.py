@@ -97,3 +97,47 @@ def site_window(data: SiteData, i: int, kind: str, stream: str) -> Window:
         derived["power_mean_w"] = p
         derived["energy_wh"] = p * data.window_s / 3600
     return Window(stream, start, end, ch, {}, derived)
+
+
+def _split_count(n: int, parts: int, k: int) -> int:
+    """Sub-window k's share of n events, spread as evenly as whole events allow."""
+    return (n * (k + 1)) // parts - (n * k) // parts
+
+
+def split_window(w: Window, parts: int) -> list[Window]:
+    """A window as ``parts`` equal, consecutive shorter windows whose roll-up gives it back:
+    radar events spread across them at the window's mean speeds, levels (occupancy, power,
+    weather) repeated. Used to replay the 300 s samples as a gateway's 10 s or 60 s stream."""
+    span = w.end_ns - w.start_ns
+    if parts < 1 or span % parts:
+        raise ValueError(f"cannot split a {span} ns window into {parts} equal windows")
+    step = span // parts
+    out = []
+    for k in range(parts):
+        ch: dict[str, ChannelStats] = {}
+        derived = dict(w.derived)
+        events: dict[str, tuple[int, float]] = {}  # quantity -> (events here, mean speed)
+        for name, s in w.channels.items():
+            q = name.rsplit(".", 1)[-1]
+            if q in ("speed_in", "speed_out"):
+                n = _split_count(s.count, parts, k)
+                events[q] = (n, s.mean)
+                if n:
+                    ch[name] = ChannelStats(n, s.mean, s.min, s.max, s.last, s.std, s.unit)
+            else:
+                ch[name] = s
+        if events:
+            total = sum(n for n, _ in events.values())
+            weighted = sum(v * n for n, v in events.values() if n)
+            for q, (n, v) in events.items():
+                derived[f"{q}_mean"] = v if n else math.nan
+            derived["vehicles"] = float(total)
+            derived["flow_veh_h"] = total * 3600 * _NS / step
+            derived["speed_mean"] = weighted / total if total else math.nan
+        elif math.isfinite(derived.get("vehicles", math.nan)):
+            derived["vehicles"] = derived["vehicles"] / parts
+        if "energy_wh" in derived:
+            derived["energy_wh"] = derived["energy_wh"] / parts
+        out.append(Window(w.stream, w.start_ns + k * step, w.start_ns + (k + 1) * step, ch,
+                          dict(w.fused), derived, w.flags))
+    return out
