@@ -8,6 +8,7 @@ import contextlib
 import json
 from typing import Any
 
+from agent.aio import within
 from agent.readings import Reading
 
 
@@ -24,10 +25,10 @@ async def read_once(cfg_path: str, name: str, timeout_s: float, count: int) -> l
     async with contextlib.AsyncExitStack() as stack:
         ctx = BuildContext(clock=SystemClock(), stack=stack)
         sensor = build_sensor(scfg, ctx)
-        await asyncio.wait_for(sensor.open(), timeout_s)
+        await within(sensor.open(), timeout_s)
         try:
             if isinstance(sensor, PolledSensor) and count <= 0:
-                out.extend(await asyncio.wait_for(sensor.sample(), timeout_s))
+                out.extend(await within(sensor.sample(), timeout_s))
             else:
                 want = max(count, 1)
                 got = asyncio.Event()

@@ -27,8 +27,7 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"table of {_type_name(v)}"
+        return f"table of {_type_name(typing.get_args(tp)[1])}"
     if tp is type(None):
         return "unset"
     if isinstance(tp, type) and issubclass(tp, BaseModel):

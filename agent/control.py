@@ -40,6 +40,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.aio import within
 from agent.queues import BoundedQueue
 from agent.tail import TailHub
 
@@ -171,7 +172,7 @@ class _Client:
 
     async def send(self, obj: Mapping[str, Any]) -> None:
         self.writer.write(encode(obj))
-        await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+        await within(self.writer.drain(), WRITE_TIMEOUT_S)
 
 
 Handler = Callable[[Request, _Args, _Client], Awaitable[bool]]
@@ -248,7 +249,7 @@ class ControlServer:
             raise ControlSocketError(f"{path} exists and is not a socket; not replacing it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(probe, str(path)), 1.0)
+            await within(asyncio.get_running_loop().sock_connect(probe, str(path)), 1.0)
         except (ConnectionRefusedError, FileNotFoundError):
             log.info("removing stale control socket %s", path)
             with contextlib.suppress(FileNotFoundError):
@@ -295,7 +296,7 @@ class ControlServer:
             self._clients.add(task)
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
+                    line = await within(reader.readline(), IDLE_TIMEOUT_S)
                 except ValueError:
                     await self._error(client, None, "too_large",
                                       f"request longer than {self.max_request_bytes} bytes; "
@@ -314,7 +315,7 @@ class ControlServer:
                 self._clients.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await within(writer.wait_closed(), 1.0)
 
     async def _error(self, client: _Client, req_id: object, code: str, message: str) -> None:
         self.errors += 1
@@ -493,7 +494,7 @@ class ControlServer:
                     client.writer.write(encode({"id": req.id, "ok": True, "event": "item",
                                                 "item": item}))
                 if items:
-                    await asyncio.wait_for(client.writer.drain(), WRITE_TIMEOUT_S)
+                    await within(client.writer.drain(), WRITE_TIMEOUT_S)
                     last_sent = time.monotonic()
                 elif time.monotonic() - last_sent >= STREAM_HEARTBEAT_S:
                     await client.send({"id": req.id, "ok": True, "event": "heartbeat"})

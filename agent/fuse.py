@@ -54,6 +54,9 @@ def _weighted(items: Sequence[tuple[str, float, float]]) -> tuple[float, float]:
     return acc / wsum, 1.0 / wsum
 
 
+VAR_MIN = 1e-30  # far below any sensor's accuracy, far above float underflow
+
+
 def _variances(stats: Sequence[tuple[Member, ChannelStats]]) -> list[float]:
     out = []
     for m, st in stats:
@@ -61,9 +64,10 @@ def _variances(stats: Sequence[tuple[Member, ChannelStats]]) -> list[float]:
         out.append(max(spread * spread / st.count, m.sigma_floor * m.sigma_floor))
     # A channel with neither spread nor a floor would take all the weight: give it the
     # smallest variance seen among the others instead (equal weights if there is none).
-    positive = [v for v in out if v > 0.0]
+    # Below VAR_MIN the inverse overflows to inf and the weighted mean becomes NaN.
+    positive = [v for v in out if v >= VAR_MIN]
     fallback = min(positive) if positive else 1.0
-    return [v if v > 0.0 else fallback for v in out]
+    return [v if v >= VAR_MIN else fallback for v in out]
 
 
 def fuse(group: str, members: Sequence[Member], channels: dict[str, ChannelStats],

@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from agent.aio import within
 from agent.clock import Clock
 from agent.config import AgentConfig
 from agent.queues import BoundedQueue
@@ -31,6 +34,17 @@ READ_BATCH = 512
 WINDOW_GRACE_NS = 200_000_000  # readings stamped just before a boundary may arrive a bit late
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None: JSON has no NaN, and a snapshot has many."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _default_clock(cfg: AgentConfig) -> Clock:
     from agent.clocksync import ClockSync
 
@@ -41,7 +55,8 @@ def _default_clock(cfg: AgentConfig) -> Clock:
 
 class Pipeline:
     def __init__(self, cfg: AgentConfig, *, agent: Agent | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 setup: Callable[[BuildContext], None] | None = None) -> None:
         from agent import feed
         from agent.clean import Cleaner
         from agent.commands import CommandDispatcher
@@ -56,7 +71,8 @@ class Pipeline:
         self.gateway = cfg.gateway.id
         self._feed = feed
         rt = cfg.runtime
-        self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size, "drop_oldest")
+        self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size,
+                                                            "drop_oldest")
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
         self.cleaner = Cleaner(cfg.sensors, self.clock)
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
@@ -65,6 +81,8 @@ class Pipeline:
         self.commands = CommandDispatcher(self._command_handlers())
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
+        self.ctx: BuildContext | None = None
+        self._setup = setup
         self._sensor_tasks: list[asyncio.Task[None]] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -75,6 +93,7 @@ class Pipeline:
         self.windows_published = 0
         self.inferences_published = 0
         self.raw_published = 0
+        self.errors: dict[str, int] = {}
         self.last_inference: dict[str, dict[str, Any]] = {}
         self._windows_for_stream: dict[str, int] = {}
         self.raw_streams = {s.name for s in cfg.streams if s.raw}
@@ -86,7 +105,8 @@ class Pipeline:
         self.readings.put(r)
 
     def _publish_window(self, w: Window) -> None:
-        self.outbox.put("window", f"telemetry/{w.stream}", self._feed.window_message(self.gateway, w))
+        self.outbox.put("window", f"telemetry/{w.stream}",
+                        self._feed.window_message(self.gateway, w))
         self.windows_published += 1
         self.windows_q.put(w)
         if self.tail.active:
@@ -103,27 +123,46 @@ class Pipeline:
                 batch = await self.readings.get_batch(READ_BATCH, timeout_s=0.25)
                 self.heartbeat_mono = time.monotonic()
                 for r in batch:
-                    cleaned = self.cleaner.process(r)
-                    if cleaned is None:
-                        continue
-                    self.windower.add(cleaned)
-                    if self.tail.active:
-                        self.tail.publish("reading", cleaned.sensor, {
-                            "quantity": cleaned.quantity, "value": cleaned.value,
-                            "unit": cleaned.unit, "ts_ns": cleaned.ts_ns,
-                            "quality": cleaned.quality, "reasons": list(cleaned.reasons)})
-                    for stream in self.windower.raw_streams_for(cleaned.sensor):
-                        self.outbox.put("raw", f"raw/{stream}",
-                                        self._feed.reading_message(self.gateway, stream, cleaned))
-                        self.raw_published += 1
-                for w in self.windower.close_due(self.clock.wall_ns(), WINDOW_GRACE_NS):
-                    self._publish_window(w)
+                    try:
+                        self._ingest(r)
+                    except Exception:  # one odd reading must not stop the stage
+                        self._error("process", f"reading {r.channel}={r.value!r}")
+                try:
+                    for w in self.windower.close_due(self.clock.wall_ns(), WINDOW_GRACE_NS):
+                        self._publish_window(w)
+                except Exception:
+                    self._error("window", "closing windows")
                 if self._stopping.is_set() and not len(self.readings):
                     break
         finally:
-            for w in self.windower.flush():
-                self._publish_window(w)
-            self._process_done.set()
+            try:
+                for w in self.windower.flush():
+                    self._publish_window(w)
+            finally:
+                self._process_done.set()
+
+    def _ingest(self, r: Reading) -> None:
+        cleaned = self.cleaner.process(r)
+        if cleaned is None:
+            return
+        self.windower.add(cleaned)
+        if self.tail.active:
+            self.tail.publish("reading", cleaned.sensor, {
+                "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,
+                "ts_ns": cleaned.ts_ns, "quality": cleaned.quality,
+                "reasons": list(cleaned.reasons)})
+        for stream in self.windower.raw_streams_for(cleaned.sensor):
+            self.outbox.put("raw", f"raw/{stream}",
+                            self._feed.reading_message(self.gateway, stream, cleaned))
+            self.raw_published += 1
+
+    def _error(self, stage: str, what: str) -> None:
+        """Count and log a bug-class failure; the first few with a traceback."""
+        n = self.errors[stage] = self.errors.get(stage, 0) + 1
+        if n <= 3:
+            log.exception("%s stage failed on %s (%d so far)", stage, what, n)
+        else:
+            log.debug("%s stage failed on %s (%d so far)", stage, what, n, exc_info=True)
 
     async def _infer(self) -> None:
         while True:
@@ -131,31 +170,37 @@ class Pipeline:
             for w in batch:
                 try:
                     results: list[Inference] = await self.infer.on_window(w)
-                except Exception:  # noqa: BLE001 - a model failure must not stop the pipeline
-                    log.exception("inference on window %s failed", w.stream)
-                    continue
-                for inf in results:
-                    self.outbox.put("inference", f"inference/{inf.model}",
-                                    self._feed.inference_message(self.gateway, inf))
-                    self.inferences_published += 1
-                    if self.tail.active:
-                        self.tail.publish("inference", inf.model, {
-                            "version": inf.version, "outputs": inf.outputs,
-                            "shadow": inf.shadow, "latency_ms": inf.latency_ms})
-                    self.last_inference[inf.model + (":shadow" if inf.shadow else "")] = {
-                        "version": inf.version, "outputs": inf.outputs,
-                        "latency_ms": inf.latency_ms, "window_start_ns": inf.window_start_ns,
-                    }
+                    for inf in results:
+                        self._publish_inference(inf)
+                except Exception:  # a model failure must not stop the pipeline
+                    self._error("infer", f"a window of {w.stream}")
             if self._process_done.is_set() and not len(self.windows_q):
                 self._infer_done.set()
                 return
+
+    def _publish_inference(self, inf: Inference) -> None:
+        self.outbox.put("inference", f"inference/{inf.model}",
+                        self._feed.inference_message(self.gateway, inf))
+        self.inferences_published += 1
+        if self.tail.active:
+            self.tail.publish("inference", inf.model, {
+                "version": inf.version, "outputs": inf.outputs,
+                "shadow": inf.shadow, "latency_ms": inf.latency_ms})
+        self.last_inference[inf.model + (":shadow" if inf.shadow else "")] = {
+            "version": inf.version, "outputs": inf.outputs,
+            "latency_ms": inf.latency_ms, "window_start_ns": inf.window_start_ns,
+        }
 
     async def _health(self) -> None:
         period = self.cfg.runtime.health_period_s
         while True:
             await asyncio.sleep(period)
-            snap = self.agent.snapshot() if self.agent is not None else self.snapshot()
-            self.outbox.put("health", "health", self._feed.health_message(self.gateway, snap))
+            try:
+                snap = self.agent.snapshot() if self.agent is not None else self.snapshot()
+                self.outbox.put("health", "health",
+                                self._feed.health_message(self.gateway, json_safe(snap)))
+            except Exception:  # health must never stop the pipeline
+                self._error("health", "the health snapshot")
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half the systemd interval, only while the pipeline makes progress."""
@@ -181,6 +226,9 @@ class Pipeline:
             stack.callback(self.outbox.close)
             stack.callback(self.infer.close)
             ctx = BuildContext(clock=self.clock, stack=stack)
+            self.ctx = ctx  # emulators live in ctx.shared: the demo and tests reach them here
+            if self._setup is not None:
+                self._setup(ctx)  # e.g. an emulated bus prepared before any sensor is built
             async with asyncio.TaskGroup() as tg:
                 for scfg in self.cfg.sensors:
                     if not scfg.enabled:
@@ -213,9 +261,9 @@ class Pipeline:
             await asyncio.wait(self._sensor_tasks, timeout=max(0.1, budget_s * 0.25))
         self._stopping.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._process_done.wait(), max(0.1, deadline - time.monotonic()))
+            await within(self._process_done.wait(), max(0.1, deadline - time.monotonic()))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._infer_done.wait(),
+            await within(self._infer_done.wait(),
                                    max(0.1, (deadline - time.monotonic()) * 0.5))
         self.outbox.flush()
         remaining = deadline - time.monotonic()
@@ -260,6 +308,7 @@ class Pipeline:
                 "inferences": self.inferences_published,
                 "raw": self.raw_published,
                 "heartbeat_age_s": round(now - self.heartbeat_mono, 3),
+                "errors": dict(self.errors),
             },
             "clean": {**self.cleaner.stats(),
                       "stale": self.cleaner.stale(self.clock.mono_ns())},

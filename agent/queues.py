@@ -10,6 +10,8 @@ import asyncio
 from collections import deque
 from typing import Generic, Literal, TypeVar
 
+from agent.aio import within
+
 T = TypeVar("T")
 DropPolicy = Literal["drop_oldest", "drop_newest"]
 
@@ -51,7 +53,7 @@ class BoundedQueue(Generic[T]):
                 await self._ready.wait()
             else:
                 try:
-                    await asyncio.wait_for(self._ready.wait(), timeout_s)
+                    await within(self._ready.wait(), timeout_s)
                 except TimeoutError:
                     return []
         n = min(limit, len(self._items))

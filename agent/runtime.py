@@ -24,6 +24,7 @@ from agent.clock import Clock
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.pipeline import Pipeline
 from agent.sdnotify import Notifier
+from drivers.base import BuildContext
 
 if TYPE_CHECKING:
     from agent.control import ControlServer
@@ -40,12 +41,14 @@ class Agent:
         clock: Clock | None = None,
         notifier: Notifier | None = None,
         loader: Callable[[str | Path], AgentConfig] = load_config,
+        setup: Callable[[BuildContext], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.clock = clock
         self.notifier = notifier or Notifier()
         self._loader = loader
+        self._setup = setup
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.pipeline: Pipeline | None = None
@@ -124,7 +127,7 @@ class Agent:
         while True:
             self.generation += 1
             self._reload.clear()
-            pipeline = Pipeline(self.cfg, agent=self, clock=self.clock)
+            pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup)
             self.pipeline = pipeline
             gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
             stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")

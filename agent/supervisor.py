@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.aio import within
 from agent.readings import Reading
 from drivers.base import Emit, Sensor
 
@@ -48,7 +49,8 @@ class SensorHealth:
     next_retry_s: float | None = None
 
     def snapshot(self, now_mono: float) -> dict[str, Any]:
-        age = None if self.last_reading_mono is None else round(now_mono - self.last_reading_mono, 3)
+        last = self.last_reading_mono
+        age = None if last is None else round(now_mono - last, 3)
         return {
             "name": self.name,
             "driver": self.driver,
@@ -109,14 +111,14 @@ class SensorSupervisor:
                 if self.sensor is None:
                     self.sensor = self._make()
                 sensor = self.sensor
-                await asyncio.wait_for(sensor.open(), self._open_timeout_s)
+                await within(sensor.open(), self._open_timeout_s)
                 await sensor.run(self._on_reading)
                 raise RuntimeError("sensor run() returned")
             except asyncio.CancelledError:
                 h.state = "stopped"
                 await self._close()
                 raise
-            except Exception as exc:  # noqa: BLE001 - a sensor must never take the agent down
+            except Exception as exc:
                 await self._close()
                 h.failures += 1
                 if h.readings > readings_before:
@@ -127,8 +129,13 @@ class SensorSupervisor:
                 h.state = "down" if h.consecutive_failures >= self._down_after else "backoff"
                 delay = backoff_delay(h.consecutive_failures - 1, *self._backoff, self._rng)
                 h.next_retry_s = round(delay, 3)
-                log.warning("sensor %s failed (%s, %d in a row); retry in %.2f s",
-                            h.name, h.last_error, h.consecutive_failures, delay)
+                n = h.consecutive_failures
+                # A device that stays away must not flood the journal: warn on the first
+                # failures and then at powers of two; the rest go to debug.
+                level = logging.WARNING if n <= self._down_after or n & (n - 1) == 0 else \
+                    logging.DEBUG
+                log.log(level, "sensor %s failed (%s, %d in a row); retry in %.2f s",
+                        h.name, h.last_error, n, delay)
                 if self.sensor is not None:
                     h.driver_counters = dict(self.sensor.counters)
                 await asyncio.sleep(delay)
@@ -139,8 +146,8 @@ class SensorSupervisor:
         if self.sensor is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self.sensor.close()), CLOSE_TIMEOUT_S)
-        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001
+            await within(asyncio.shield(self.sensor.close()), CLOSE_TIMEOUT_S)
+        except (Exception, asyncio.CancelledError) as exc:
             log.debug("closing sensor %s: %r", self.health.name, exc)
 
     def snapshot(self, now_mono: float) -> dict[str, Any]:

@@ -73,7 +73,8 @@ class Sensor(abc.ABC):
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
-    def reading(self, quantity: str, value: float, unit: str, reasons: tuple[str, ...] = ()) -> Reading:
+    def reading(self, quantity: str, value: float, unit: str,
+                reasons: tuple[str, ...] = ()) -> Reading:
         """A Reading stamped now; flagged suspect if the driver gives reasons."""
         return Reading(
             self.name,

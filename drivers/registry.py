@@ -34,12 +34,15 @@ DRIVERS: dict[str, DriverInfo] = {
                          (0x76, 0x77)),
     "ina219": DriverInfo("drivers.i2c.ina219", "i2c", "TI INA219 DC bus voltage/current/power",
                          _range(0x40, 0x4F)),
-    "ads1115": DriverInfo("drivers.i2c.ads1115", "i2c", "TI ADS1115 16-bit ADC", _range(0x48, 0x4B)),
+    "ads1115": DriverInfo("drivers.i2c.ads1115", "i2c", "TI ADS1115 16-bit ADC",
+                          _range(0x48, 0x4B)),
     "ops243": DriverInfo("drivers.serial.ops243", "serial", "OmniPreSense OPS243-A Doppler radar"),
     "pzem004t": DriverInfo("drivers.serial.pzem004t", "serial", "PZEM-004T v3 AC energy meter"),
-    "pms5003": DriverInfo("drivers.serial.pms5003", "serial", "Plantower PMS5003 particulate sensor"),
+    "pms5003": DriverInfo("drivers.serial.pms5003", "serial",
+                          "Plantower PMS5003 particulate sensor"),
     "bridge": DriverInfo("firmware_bridge.sensor", "bridge", "Sensor microcontroller over UART"),
-    "synthetic": DriverInfo("drivers.synthetic", "virtual", "Generated signal, for tests and demos"),
+    "synthetic": DriverInfo("drivers.synthetic", "virtual",
+                            "Generated signal, for tests and demos"),
 }
 
 

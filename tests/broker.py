@@ -40,6 +40,9 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
         self.conf.write_text(
             f"{listener}"
+            # As root mosquitto would drop to the mosquitto user and then fail to write its
+            # persistence into the test's directory: stay root (ignored when not root).
+            "user root\n"
             f"persistence true\npersistence_location {workdir}/\n"
             "autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\n"
@@ -57,9 +60,11 @@ class Mosquitto:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"mosquitto exited at start: {err} {self._log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port),
+                                                                        0.2):
                 return
             time.sleep(0.02)
+        self.stop(signal.SIGKILL)
         raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout_s} s")
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:

@@ -9,11 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from agent.config import AgentConfig, parse_config
 from agent.runtime import Agent

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.aio import within
 from drivers.base import ConfigurationError
 from drivers.emulated.pty import PtyDevice
 
@@ -298,7 +299,7 @@ class Ops243Emulator(PtyDevice):
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                await within(self._wake.wait(), wait)
 
     @staticmethod
     def _scheduled(p: Pass, start: float) -> Pass:

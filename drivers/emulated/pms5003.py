@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.aio import within
 from drivers.base import ConfigurationError
 from drivers.emulated.pty import PtyDevice
 from drivers.serial.pms5003 import (
@@ -130,7 +131,7 @@ class Pms5003Emulator(PtyDevice):
                 timeout = max(0.0, next_t - loop.time()) if self.active else None
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    await within(self._wake.wait(), timeout)
             if self.asleep:
                 self._pending_reads = 0
                 next_t = loop.time() + self.interval_s

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+from agent.aio import within
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class AsyncI2CBus:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.label)
         future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            return await within(future, timeout_s)
         except TimeoutError:
             self.invalidate()
             raise BusTimeout(f"no answer within {timeout_s:g} s (bus hung?)",
@@ -175,7 +176,7 @@ class AsyncI2CBus:
             return
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(executor, self._drop), CLOSE_TIMEOUT_S)
+            await within(loop.run_in_executor(executor, self._drop), CLOSE_TIMEOUT_S)
         except TimeoutError:
             log.warning("%s: worker still busy after %.1f s; leaving it", self.label,
                         CLOSE_TIMEOUT_S)

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import serial
 
+from agent.aio import within
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class SerialPort:
             self._check()
             self._ready.clear()
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
+                await within(self._ready.wait(), timeout_s)
             except TimeoutError:
                 return b""
         if self._buf:
@@ -215,7 +216,7 @@ class SerialPort:
 
         loop.add_writer(fd, ready)
         try:
-            await asyncio.wait_for(fut, timeout_s)
+            await within(fut, timeout_s)
         except TimeoutError:
             pass  # the caller re-checks its deadline
         finally:

@@ -1,0 +1,208 @@
+"""Cloud commands: validated, allow-listed, answered on ``cmd/{name}/result``.
+
+A request arrives on ``{prefix}/{gateway}/cmd/{name}`` as a JSON object::
+
+    {"id": "c-42", "args": {"name": "bme"}}
+
+``id`` (1..128 printable characters) is echoed in the reply for correlation. Only the names in
+``ARGS`` are accepted, and their ``args`` are validated by the matching model before a handler
+runs. Whatever happens, a reply goes out (``ok`` true with ``result``, or false with an
+``error`` code and message) and the agent keeps running: a bad request costs one reply.
+
+Error codes: ``too_large``, ``malformed`` (not JSON), ``invalid_request`` (not an object, bad or
+missing id), ``unknown_command``, ``bad_args``, ``unavailable`` (allowed but no handler in this
+agent), ``busy`` (too many commands running), ``timeout``, ``failed`` (the handler refused:
+ValueError, LookupError, CommandError), ``internal`` (any other handler exception; logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_RESULT: Final = "edge-agent/cmd-result/1"
+MAX_COMMAND_BYTES: Final = 16 * 1024
+MAX_RESULT_BYTES: Final = 128 * 1024
+COMMAND_TIMEOUT_S: Final = 10.0
+MAX_RUNNING: Final = 4
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+ErrorCode = Literal["too_large", "malformed", "invalid_request", "unknown_command", "bad_args",
+                    "unavailable", "busy", "timeout", "failed", "internal"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommandRequest(_Strict):
+    """What the cloud sends on ``cmd/{name}``."""
+
+    id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class NoArgs(_Strict):
+    pass
+
+
+class ConfigGetArgs(_Strict):
+    section: str | None = Field(default=None, description="One top-level section, or all.")
+
+
+class SensorsReadArgs(_Strict):
+    name: str | None = Field(default=None, description="One sensor, or all.")
+
+
+class ModelActivateArgs(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="The model to make active.")
+
+
+# The allow-list: command name -> the model its args must satisfy.
+ARGS: Final[Mapping[str, type[BaseModel]]] = {
+    "ping": NoArgs,
+    "config.get": ConfigGetArgs,
+    "outbox.stats": NoArgs,
+    "sensors.read": SensorsReadArgs,
+    "model.activate": ModelActivateArgs,
+}
+
+
+class CommandErrorBody(_Strict):
+    code: ErrorCode
+    message: str
+
+
+class CommandResult(_Strict):
+    """What the gateway answers on ``cmd/{name}/result``."""
+
+    schema_: Literal["edge-agent/cmd-result/1"] = Field(default=SCHEMA_RESULT, alias="schema")
+    id: str | None = Field(description="The request id; null when it could not be read.")
+    name: str
+    ok: bool
+    result: Any = None
+    error: CommandErrorBody | None = None
+    gateway: str
+    ts: datetime
+
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True,
+                              validate_by_name=True, validate_by_alias=True)
+
+
+class CommandError(Exception):
+    """Raised by a handler to refuse with a message the cloud should see."""
+
+
+def _summary(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors(include_url=False)[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class CommandDispatcher:
+    def __init__(self, handlers: Mapping[str, Handler] | None = None, *,
+                 max_bytes: int = MAX_COMMAND_BYTES, timeout_s: float = COMMAND_TIMEOUT_S,
+                 max_running: int = MAX_RUNNING) -> None:
+        self._handlers: dict[str, Handler] = {"ping": self._ping}
+        for name, fn in (handlers or {}).items():
+            if name not in ARGS:
+                raise ValueError(f"{name!r} is not an allowed command ({', '.join(ARGS)})")
+            self._handlers[name] = fn
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.max_running = max_running
+        self.running = 0
+        self.counts: dict[str, int] = {"ok": 0, "error": 0}
+
+    def provide(self, name: str, handler: Handler) -> None:
+        """Install ``handler`` for ``name`` unless the runtime already supplied one."""
+        if name not in ARGS:
+            raise ValueError(f"{name!r} is not an allowed command")
+        self._handlers.setdefault(name, handler)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    async def _ping(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "mono_s": round(time.monotonic(), 3)}
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "running": self.running, "available": self.names}
+
+    async def handle(self, gateway: str, name: str, payload: bytes) -> CommandResult:
+        """Validate and run one request; never raises (except cancellation)."""
+        req_id: str | None = None
+
+        def fail(code: ErrorCode, message: str) -> CommandResult:
+            self.counts["error"] += 1
+            log.info("command %r (id %r) refused: %s: %s", name, req_id, code, message)
+            return CommandResult(id=req_id, name=name, ok=False, gateway=gateway,
+                                 ts=datetime.now(UTC),
+                                 error=CommandErrorBody(code=code, message=message))
+
+        if len(payload) > self.max_bytes:
+            return fail("too_large", f"{len(payload)} bytes; the limit is {self.max_bytes}")
+        try:
+            data = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return fail("malformed", f"not JSON: {exc}")
+        if isinstance(data, dict) and isinstance(data.get("id"), str):
+            req_id = data["id"][:128]
+        try:
+            req = CommandRequest.model_validate(data)
+        except ValidationError as exc:
+            return fail("invalid_request", _summary(exc))
+        req_id = req.id
+        model = ARGS.get(name)
+        if model is None:
+            return fail("unknown_command", f"{name!r} is not a command "
+                                           f"(allowed: {', '.join(ARGS)})")
+        try:
+            args = model.model_validate(req.args).model_dump()
+        except ValidationError as exc:
+            return fail("bad_args", _summary(exc))
+        handler = self._handlers.get(name)
+        if handler is None:
+            return fail("unavailable", f"{name!r} is not available in this agent")
+        if self.running >= self.max_running:
+            return fail("busy", f"{self.running} commands are already running")
+        self.running += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await handler(args)
+        except TimeoutError:
+            return fail("timeout", f"no result within {self.timeout_s:g} s")
+        except (CommandError, ValueError, LookupError) as exc:
+            return fail("failed", str(exc)[:500] or type(exc).__name__)
+        except Exception as exc:
+            log.exception("command %r (id %r) failed", name, req_id)
+            return fail("internal", f"{type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            self.running -= 1
+        try:
+            json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return fail("internal", f"the result cannot be sent as JSON: {exc}")
+        out = CommandResult(id=req_id, name=name, ok=True, result=result, gateway=gateway,
+                            ts=datetime.now(UTC))
+        if len(encode_result(out)) > MAX_RESULT_BYTES:
+            return fail("internal", f"the result is larger than {MAX_RESULT_BYTES} bytes")
+        self.counts["ok"] += 1
+        return out
+
+
+def encode_result(r: CommandResult) -> bytes:
+    return CommandResult.__pydantic_serializer__.to_json(r, by_alias=True)

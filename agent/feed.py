@@ -1,0 +1,246 @@
+"""Feed messages: what the gateway publishes on MQTT, as versioned pydantic models.
+
+Every message carries the same envelope::
+
+    schema    "edge-agent/<kind>/<major>"; a consumer dispatches on it
+    msg_id    "<boot_id>-<seq>": unique, and identical on every retry of the same message
+    seq       per-gateway sequence, +1 per accepted message, continued across restarts
+    boot_id   random per agent start; tells the cloud which run produced the message
+    gateway   the gateway id
+    ts        when the message was accepted (UTC)
+    replayed  true when delivered late from the store (absent otherwise)
+
+Builders turn pipeline contracts (Window, Inference, Reading, a health snapshot) into a
+``Draft``: the body of a message without its sequence. The outbox seals a draft with the next
+``seq`` when it accepts it, so the sequence follows acceptance order exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.readings import ChannelStats, Inference, Reading, Window
+
+SCHEMA_WINDOW = "edge-agent/window/1"
+SCHEMA_INFERENCE = "edge-agent/inference/1"
+SCHEMA_READING = "edge-agent/reading/1"
+SCHEMA_HEALTH = "edge-agent/health/1"
+
+# A JSON number above 2**53 loses precision in many consumers, so times travel as ISO 8601.
+MaybeFloat = float | None
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", serialize_by_alias=True, validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+
+class FeedMessage(_Model):
+    """The envelope shared by every feed message."""
+
+    schema_: str = Field(alias="schema", description="Message type and major version.")
+    msg_id: Annotated[str, Field(min_length=3, max_length=80)] = Field(
+        description="Unique per message and stable across retries: de-duplicate on it.")
+    seq: Annotated[int, Field(ge=1)] = Field(
+        description="Per-gateway sequence, +1 per accepted message; a hole is a lost message.")
+    boot_id: Annotated[str, Field(min_length=1, max_length=40)] = Field(
+        description="Random id of the agent run that accepted the message.")
+    gateway: str = Field(description="Gateway id.")
+    ts: datetime = Field(description="When the gateway accepted the message (UTC).")
+    replayed: bool = Field(
+        default=False,
+        description="Present and true when the message is delivered late from the store.")
+
+
+class ChannelStatsModel(_Model):
+    count: Annotated[int, Field(ge=0)]
+    mean: MaybeFloat
+    min: MaybeFloat
+    max: MaybeFloat
+    last: MaybeFloat
+    std: MaybeFloat
+    unit: str
+    suspect: Annotated[int, Field(ge=0)] = 0
+    bad: Annotated[int, Field(ge=0)] = 0
+
+
+class WindowMessage(FeedMessage):
+    """Aggregates of one stream over one wall-clock window, on ``telemetry/{stream}``."""
+
+    schema_: Literal["edge-agent/window/1"] = Field(alias="schema")
+    stream: str
+    start: datetime = Field(description="Window start, inclusive (UTC).")
+    end: datetime = Field(description="Window end, exclusive (UTC).")
+    channels: dict[str, ChannelStatsModel] = Field(
+        description="By channel `sensor.quantity`; statistics over good readings only.")
+    fused: dict[str, ChannelStatsModel] = Field(default_factory=dict)
+    derived: dict[str, MaybeFloat] = Field(default_factory=dict)
+    flags: list[str] = Field(default_factory=list)
+
+
+class InferenceMessage(FeedMessage):
+    """The outputs of one model run on one window, on ``inference/{model}``."""
+
+    schema_: Literal["edge-agent/inference/1"] = Field(alias="schema")
+    model: str
+    version: str = Field(description="sha256 prefix of the model file.")
+    stream: str
+    window_start: datetime
+    outputs: dict[str, float | str | None]
+    latency_ms: MaybeFloat
+    shadow: bool = Field(default=False, description="True for a candidate model run beside "
+                                                    "the active one.")
+
+
+class ReadingMessage(FeedMessage):
+    """One cleaned, flagged reading of a raw stream, on ``raw/{stream}``."""
+
+    schema_: Literal["edge-agent/reading/1"] = Field(alias="schema")
+    stream: str
+    sensor: str
+    quantity: str
+    value: MaybeFloat
+    unit: str
+    sampled_at: datetime
+    quality: Literal["good", "suspect", "bad"]
+    reasons: list[str] = Field(default_factory=list)
+
+
+class HealthMessage(FeedMessage):
+    """A snapshot of the agent's health, on ``health``."""
+
+    schema_: Literal["edge-agent/health/1"] = Field(alias="schema")
+    health: dict[str, Any]
+
+
+M = TypeVar("M", bound=FeedMessage)
+
+
+@dataclass(frozen=True, slots=True)
+class Draft(Generic[M]):
+    """A message body waiting for its place in the sequence."""
+
+    model: type[M]
+    fields: Mapping[str, Any]
+
+    def seal(self, *, seq: int, boot_id: str, ts_ns: int) -> M:
+        return self.model.model_validate({
+            **self.fields, "seq": seq, "boot_id": boot_id, "msg_id": msg_id(boot_id, seq),
+            "ts": to_datetime(ts_ns),
+        })
+
+
+def msg_id(boot_id: str, seq: int) -> str:
+    return f"{boot_id}-{seq}"
+
+
+def encode(message: FeedMessage) -> bytes:
+    """Compact JSON. ``replayed`` is left out: the publisher adds it when it applies."""
+    return type(message).__pydantic_serializer__.to_json(
+        message, by_alias=True, exclude={"replayed"})
+
+
+def mark_replayed(payload: bytes) -> bytes:
+    """The same message flagged as late; everything else, msg_id included, is unchanged."""
+    if not payload.endswith(b"}"):
+        raise ValueError("a feed payload is a JSON object")
+    return payload[:-1] + b',"replayed":true}'
+
+
+def to_datetime(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _stats(s: ChannelStats) -> dict[str, Any]:
+    return {"count": s.count, "mean": _finite(s.mean), "min": _finite(s.min),
+            "max": _finite(s.max), "last": _finite(s.last), "std": _finite(s.std),
+            "unit": s.unit, "suspect": s.suspect, "bad": s.bad}
+
+
+def window_message(gateway: str, w: Window) -> Draft[WindowMessage]:
+    return Draft(WindowMessage, {
+        "schema": SCHEMA_WINDOW, "gateway": gateway, "stream": w.stream,
+        "start": to_datetime(w.start_ns), "end": to_datetime(w.end_ns),
+        "channels": {k: _stats(v) for k, v in w.channels.items()},
+        "fused": {k: _stats(v) for k, v in w.fused.items()},
+        "derived": {k: _finite(v) for k, v in w.derived.items()},
+        "flags": list(w.flags),
+    })
+
+
+def inference_message(gateway: str, i: Inference) -> Draft[InferenceMessage]:
+    outputs = {k: (_finite(v) if isinstance(v, float) else v) for k, v in i.outputs.items()}
+    return Draft(InferenceMessage, {
+        "schema": SCHEMA_INFERENCE, "gateway": gateway, "model": i.model, "version": i.version,
+        "stream": i.stream, "window_start": to_datetime(i.window_start_ns), "outputs": outputs,
+        "latency_ms": _finite(i.latency_ms), "shadow": i.shadow,
+    })
+
+
+def reading_message(gateway: str, stream: str, r: Reading) -> Draft[ReadingMessage]:
+    return Draft(ReadingMessage, {
+        "schema": SCHEMA_READING, "gateway": gateway, "stream": stream, "sensor": r.sensor,
+        "quantity": r.quantity, "value": _finite(r.value), "unit": r.unit,
+        "sampled_at": to_datetime(r.ts_ns), "quality": r.quality, "reasons": list(r.reasons),
+    })
+
+
+def health_message(gateway: str, snapshot: Mapping[str, Any]) -> Draft[HealthMessage]:
+    # Round-trip through JSON so a snapshot that cannot be published fails here, at the
+    # caller, and not later in the publisher.
+    body = json.loads(json.dumps(dict(snapshot), allow_nan=False, default=str))
+    return Draft(HealthMessage, {"schema": SCHEMA_HEALTH, "gateway": gateway, "health": body})
+
+
+class Topics:
+    """Topic names for one gateway: ``{prefix}/{gateway}/...``."""
+
+    def __init__(self, prefix: str, gateway: str) -> None:
+        for part in (prefix, gateway):
+            if not part or any(c in part for c in "+#\0") or part.startswith("/"):
+                raise ValueError(f"{part!r} cannot be part of an MQTT topic")
+        self.base = f"{prefix}/{gateway}"
+        self.status = f"{self.base}/status"
+        self.health = f"{self.base}/health"
+        self.cmd_filter = f"{self.base}/cmd/+"
+
+    def _level(self, kind: str, name: str) -> str:
+        if not name or any(c in name for c in "/+#\0"):
+            raise ValueError(f"{name!r} cannot be one MQTT topic level ({kind})")
+        return f"{self.base}/{kind}/{name}"
+
+    def telemetry(self, stream: str) -> str:
+        return self._level("telemetry", stream)
+
+    def raw(self, stream: str) -> str:
+        return self._level("raw", stream)
+
+    def inference(self, model: str) -> str:
+        return self._level("inference", model)
+
+    def cmd(self, name: str) -> str:
+        return self._level("cmd", name)
+
+    def cmd_result(self, name: str) -> str:
+        return self._level("cmd", name) + "/result"
+
+    def command_name(self, topic: str) -> str | None:
+        """The command name of a ``cmd/{name}`` topic of this gateway, else None."""
+        head = f"{self.base}/cmd/"
+        if not topic.startswith(head):
+            return None
+        name = topic[len(head):]
+        return name if name and "/" not in name else None

@@ -1,0 +1,492 @@
+"""The publisher: outbox rows -> MQTT (QoS 1), deleted only after the broker's PUBACK.
+
+Two lanes share one bounded in-flight window (``max_inflight``):
+
+* **live**: rows committed while connected are handed over by the outbox at commit time and
+  sent at once, in seq order. A live row that waits longer than ``LIVE_LAG_S`` (the link is
+  slower than production) or overflows the live queue becomes backlog.
+* **backlog**: everything older than the connection (or demoted from live) is read from the
+  outbox in seq order and replayed at a rate that follows link health (``ReplayPacer``: AIMD on
+  PUBACK latency), only while no live row waits, and never filling the whole window. Replayed
+  messages carry ``"replayed": true``; their ``msg_id`` is unchanged.
+
+Within a lane, messages of one topic are sent in seq order over one connection, so the broker
+keeps them in order. Across lanes and reconnects the cloud restores order by ``seq``.
+
+Poison messages: a payload over ``max_payload_bytes`` is quarantined without sending. An MQTT 5
+PUBACK with a reason code >= 0x80 counts an attempt and is retried with backoff. A connection
+lost within ``BLAME_WINDOW_S`` of a send makes the messages in flight *suspects*: the next
+connections replay one message at a time until every suspect is acknowledged, so a message
+that breaks the connection on its own is identified and has its attempt counted. After
+``poison_attempts`` attempts a message is quarantined (kept in the outbox's quarantine table,
+counted, reported), never retried forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import aiomqtt
+
+from agent.aio import within
+from agent.backoff import Backoff, ReplayPacer
+from agent.commands import CommandDispatcher, encode_result
+from agent.config import MqttConfig
+from agent.feed import Topics, mark_replayed
+from agent.mqtt_conn import ConnectFailed, Connector, Link, TlsFailed, puback_reason
+from agent.outbox import Outbox, Row
+from agent.tls import UplinkConfigError
+
+__all__ = ["Uplink"]
+
+log = logging.getLogger(__name__)
+
+LIVE_MAX_ROWS: Final = 10_000
+LIVE_MAX_BYTES: Final = 8 * 1024 * 1024
+LIVE_LAG_S: Final = 5.0
+BACKLOG_FETCH: Final = 256
+BLAME_WINDOW_S: Final = 2.0  # a broker that rejects a packet drops us at once, not later
+RETRY_BASE_S: Final = 0.2
+RETRY_MAX_S: Final = 30.0
+SETUP_TIMEOUT_S: Final = 10.0  # birth message and command subscription
+REPLY_TIMEOUT_S: Final = 10.0
+OFFLINE_TIMEOUT_S: Final = 1.0
+PUBACK_TIMEOUT_S: Final = 30.0  # at least; twice the keepalive when that is longer
+STABLE_S: Final = 10.0  # a connection that lasted this long resets the reconnect backoff
+
+
+@dataclasses.dataclass(slots=True)
+class _Flight:
+    row: Row
+    lane: str
+    sent_s: float
+    fut: asyncio.Future[int]
+
+
+class Uplink:
+    def __init__(self, cfg: MqttConfig, gateway: str, outbox: Outbox,
+                 commands: CommandDispatcher | None = None, *,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.gateway = gateway
+        self.outbox = outbox
+        self.commands = commands
+        self.topics = Topics(cfg.topic_prefix, gateway)
+        self.connector = Connector(cfg, gateway, will_topic=self.topics.status)
+        self.backoff = Backoff(cfg.reconnect_max_s, rng=rng)
+        self.pacer = ReplayPacer(cfg.replay_rate)
+        self.puback_timeout_s = max(PUBACK_TIMEOUT_S, 2.0 * cfg.keepalive_s)
+        if commands is not None:
+            commands.provide("outbox.stats", self._outbox_stats)
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._state = "idle"
+        self._link: Link | None = None
+        self._inflight: dict[int, _Flight] = {}
+        self._live: collections.deque[Row] = collections.deque()
+        self._live_bytes = 0
+        self._live_enabled = False
+        self._backlog: collections.deque[Row] = collections.deque()
+        self._retry: list[tuple[float, Row]] = []
+        self._retry_seqs: set[int] = set()
+        self._cursor = 0
+        self._ceiling = 0
+        self._suspects: set[int] = set()
+        self._attempts: dict[int, int] = {}
+        self._latency_s: float | None = None
+        self._refused_s: float | None = None
+        self._gave_up = False
+        self._last_puback_s: float | None = None
+        self._connected_s: float | None = None
+        self._last_error = ""
+        self._logged_error = ""
+        self._nodelay = False
+        self.counts: dict[str, int] = {
+            "published": 0, "replayed": 0, "acked": 0, "refused": 0, "quarantined": 0,
+            "connects": 0, "reconnects": 0, "connect_failures": 0, "blamed": 0,
+        }
+
+    # -- public ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect with jittered backoff; forever, until cancelled."""
+        try:
+            while True:
+                self._state = "connecting"
+                try:
+                    await self._session()
+                except (ConnectFailed, UplinkConfigError) as exc:
+                    self.counts["connect_failures"] += 1
+                    self._fail(exc, tls=isinstance(exc, TlsFailed))
+                except (aiomqtt.MqttError, OSError) as exc:
+                    self._fail(exc)
+                except Exception as exc:
+                    log.exception("uplink session failed unexpectedly")
+                    self._fail(exc)
+                delay = self.backoff.next_delay()
+                self._state = "waiting"
+                log.debug("uplink: next connection attempt in %.2f s", delay)
+                await asyncio.sleep(delay)
+        finally:
+            self._state = "stopped"
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until everything committed has its PUBACK; False on timeout."""
+        try:
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "state": self._state,
+            "broker": self.connector.where,
+            "protocol": self._link.protocol if self._link else None,
+            "tls": self.cfg.tls_enabled(),
+            "nodelay": self._nodelay,
+            "connected_for_s": (round(now - self._connected_s, 3)
+                                if self._connected_s is not None else None),
+            "last_puback_age_s": (round(now - self._last_puback_s, 3)
+                                  if self._last_puback_s is not None else None),
+            "puback_latency_ms": (round(self._latency_s * 1000, 3)
+                                  if self._latency_s is not None else None),
+            "inflight": len(self._inflight),
+            "live_queue": len(self._live),
+            "backlog_pending": max(0, self._ceiling - self._cursor) + len(self._backlog),
+            "careful": bool(self._suspects),
+            "suspects": len(self._suspects),
+            "replay_rate": round(self.pacer.rate, 1),
+            **self.counts,
+            "last_error": self._last_error,
+            "commands": self.commands.stats() if self.commands else None,
+        }
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, *, tls: bool = False) -> None:
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, aiomqtt.MqttError):
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            text = f"{self.connector.where}: connection lost: {text}{cause}"
+        # The same failure repeated while the broker is away is logged once.
+        if text != self._logged_error:
+            (log.error if tls else log.warning)("uplink: %s", text)
+            self._logged_error = text
+        self._last_error = text
+
+    async def _session(self) -> None:
+        async with self.connector.connect() as link:
+            self._link = link
+            self._connected_s = time.monotonic()
+            self.counts["connects"] += 1
+            if self.counts["connects"] > 1:
+                self.counts["reconnects"] += 1
+            self._nodelay = link.nodelay()
+            self._state = "connected"
+            self._logged_error = ""
+            log.info("uplink connected to %s (MQTT %s, TLS %s)", self.connector.where,
+                     link.protocol, "on" if self.cfg.tls_enabled() else "off")
+            self._begin()
+            try:
+                rc = await within(
+                    link.publish(self.topics.status, b"online", retain=True), SETUP_TIMEOUT_S)
+                if rc >= 0x80:
+                    log.warning("uplink: birth message refused: %s", puback_reason(rc))
+                if self.commands is not None:
+                    await link.subscribe(self.topics.cmd_filter, SETUP_TIMEOUT_S)
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._pump(link), name="uplink-pump")
+                    tg.create_task(self._receive(link, tg), name="uplink-receive")
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await within(link.publish(self.topics.status, b"offline",
+                                                        retain=True), OFFLINE_TIMEOUT_S)
+                raise
+            except BaseExceptionGroup as eg:
+                raise _first(eg) from None
+            finally:
+                self._end()
+
+    def _begin(self) -> None:
+        self.outbox.add_listener(self._on_commit)
+        self.outbox.protect(self._inflight.keys)
+        # Registered first, read second: every later commit reaches _on_commit.
+        self._ceiling = self.outbox.accepted_seq
+        self._cursor = 0
+        self._backlog.clear()
+        self._live_enabled = not self._suspects
+        self._drained.clear()
+
+    def _end(self) -> None:
+        now = time.monotonic()
+        lasted_s = now - self._connected_s if self._connected_s is not None else 0.0
+        self.outbox.remove_listener(self._on_commit)
+        self.outbox.protect(None)
+        flights = list(self._inflight.values())
+        self._inflight.clear()
+        self._live.clear()
+        self._live_bytes = 0
+        self._live_enabled = False
+        self._backlog.clear()
+        self._retry.clear()
+        self._retry_seqs.clear()
+        self._link = None
+        self._connected_s = None
+        self._state = "disconnected"
+        self._drained.clear()
+        window = max(BLAME_WINDOW_S, 4 * (self._latency_s or 0.0))
+        recent = [f for f in flights if now - f.sent_s <= window]
+        # Some brokers (mosquitto 2.0) close the connection right after a refusing PUBACK:
+        # that drop is the refused message's doing, already counted, not the next one's.
+        just_refused = self._refused_s is not None and now - self._refused_s <= window
+        if just_refused or self._gave_up:
+            recent = []
+        self._gave_up = False
+        if len(flights) == 1 and recent:
+            self._blame(recent[0].row, "the connection dropped right after it was sent")
+        for f in recent:
+            if not self.outbox.is_settled(f.row.seq):
+                self._suspects.add(f.row.seq)
+        if flights:
+            self.pacer.on_failure(now)
+        if lasted_s >= STABLE_S:
+            self.backoff.reset()  # a connection that held was a success: start over
+
+    # -- lanes ----------------------------------------------------------------------------
+
+    def _on_commit(self, rows: Sequence[Row]) -> None:
+        fresh = [r for r in rows if r.seq > self._ceiling]
+        if not fresh:
+            return
+        if not self._live_enabled:
+            self._ceiling = max(self._ceiling, fresh[-1].seq)
+        else:
+            for r in fresh:
+                self._live.append(r)
+                self._live_bytes += r.size
+            while len(self._live) > LIVE_MAX_ROWS or self._live_bytes > LIVE_MAX_BYTES:
+                self._demote()
+        self._drained.clear()
+        self._wake.set()
+
+    def _demote(self) -> None:
+        r = self._live.popleft()
+        self._live_bytes -= r.size
+        self._ceiling = max(self._ceiling, r.seq)
+
+    async def _pump(self, link: Link) -> None:
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            careful = bool(self._suspects)
+            if not careful and not self._live_enabled:
+                self._live_enabled = True
+            cap = 1 if careful else self.cfg.max_inflight
+            stale_ns = time.time_ns() - int(LIVE_LAG_S * 1e9)
+            while self._live and self._live[0].created_ns < stale_ns:
+                self._demote()
+            while self._live and len(self._inflight) < cap:
+                r = self._live.popleft()
+                self._live_bytes -= r.size
+                self._send(link, r, "live")
+            timeout: float | None = None
+            if not self._live:
+                timeout = await self._fill_backlog(link, now, cap if careful else max(
+                    1, cap - max(1, cap // 4)))
+            if (not self._inflight and not self._live and not self._backlog
+                    and not self._retry and self._cursor >= self._ceiling
+                    and self.outbox.pending_rows == 0):
+                self._drained.set()
+            if self._inflight:
+                # A broker that keeps the connection alive but never acknowledges would hold
+                # the window forever: past the deadline the connection is treated as broken.
+                oldest = next(iter(self._inflight.values()))
+                left = oldest.sent_s + self.puback_timeout_s - time.monotonic()
+                if left <= 0:
+                    self._gave_up = True  # our decision, not something a message did
+                    raise aiomqtt.MqttError(
+                        f"no PUBACK for seq {oldest.row.seq} within {self.puback_timeout_s:g} s")
+                timeout = left if timeout is None else min(timeout, left)
+            # asyncio.timeout, not wait_for: no extra task per wake-up, and no lost
+            # cancellation when the task group cancels the pump mid-wait (Python 3.11).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _fill_backlog(self, link: Link, now: float, cap: int) -> float | None:
+        """Send retries and backlog within ``cap``; returns how long to wait for a token."""
+        wait: float | None = None
+        if self._retry:
+            self._retry.sort(key=lambda t: t[0])
+            while self._retry and len(self._inflight) < cap:
+                due, row = self._retry[0]
+                if due > now:
+                    wait = due - now
+                    break
+                if not self.pacer.take(now):
+                    return self.pacer.wait_s(now)
+                self._retry.pop(0)
+                self._retry_seqs.discard(row.seq)
+                self._send(link, row, "backlog")
+        while len(self._inflight) < cap:
+            if not self._backlog:
+                if self._cursor >= self._ceiling:
+                    break
+                await self._refill()
+                continue
+            now = time.monotonic()
+            if not self.pacer.take(now):
+                w = self.pacer.wait_s(now)
+                return w if wait is None else min(w, wait)
+            row = self._backlog.popleft()
+            if row.seq not in self._retry_seqs:
+                self._send(link, row, "backlog")
+        return wait
+
+    async def _refill(self) -> None:
+        start, upto = self._cursor, self._ceiling
+        rows = await self.outbox.fetch(start, upto, BACKLOG_FETCH)
+        end = upto if len(rows) < BACKLOG_FETCH else rows[-1].seq
+        self._cursor = max(self._cursor, end)
+        self._backlog.extend(rows)
+        # Suspects the scan passed without finding are gone (acked, dropped, quarantined).
+        found = {r.seq for r in rows} | set(self._inflight)
+        for seq in [s for s in self._suspects if start < s <= end and s not in found]:
+            self._suspects.discard(seq)
+            self._attempts.pop(seq, None)
+
+    def _send(self, link: Link, row: Row, lane: str) -> None:
+        if row.seq in self._inflight or self.outbox.is_settled(row.seq):
+            return
+        try:
+            payload = row.payload if lane == "live" else mark_replayed(row.payload)
+        except ValueError:
+            self._quarantine(row, "not a feed message (not a JSON object)")
+            return
+        if len(payload) > self.cfg.max_payload_bytes:
+            self._quarantine(row, f"{len(payload)} bytes is over max_payload_bytes "
+                                  f"({self.cfg.max_payload_bytes})")
+            return
+        fut = link.publish(f"{self.topics.base}/{row.topic}", payload)
+        flight = _Flight(row, lane, time.monotonic(), fut)
+        self._inflight[row.seq] = flight
+        fut.add_done_callback(functools.partial(self._on_puback, flight))
+        self.counts["published"] += 1
+        if lane != "live":
+            self.counts["replayed"] += 1
+
+    def _on_puback(self, flight: _Flight, fut: asyncio.Future[int]) -> None:
+        seq = flight.row.seq
+        if self._inflight.get(seq) is not flight or fut.cancelled() or fut.exception():
+            return
+        del self._inflight[seq]
+        rc = fut.result()
+        now = time.monotonic()
+        self._wake.set()
+        if rc >= 0x80:
+            self._refused(flight.row, rc, now)
+            return
+        latency = now - flight.sent_s
+        self._latency_s = latency if self._latency_s is None else (
+            0.9 * self._latency_s + 0.1 * latency)
+        self._last_puback_s = now
+        self.counts["acked"] += 1
+        self.outbox.ack(flight.row)
+        self._suspects.discard(seq)
+        self._attempts.pop(seq, None)
+        if flight.lane != "live":
+            self.pacer.on_ack(latency, now)
+
+    # -- poison ---------------------------------------------------------------------------
+
+    def _attempt(self, row: Row) -> Row:
+        n = max(self._attempts.get(row.seq, 0), row.attempts) + 1
+        self._attempts[row.seq] = n
+        row = dataclasses.replace(row, attempts=n)
+        self.outbox.set_attempts(row, n)
+        return row
+
+    def _refused(self, row: Row, rc: int, now: float) -> None:
+        self.counts["refused"] += 1
+        self._refused_s = now
+        row = self._attempt(row)
+        why = f"the broker refused it: PUBACK {puback_reason(rc)}"
+        if row.attempts >= self.cfg.poison_attempts:
+            self._quarantine(row, why)
+            return
+        log.warning("uplink: seq %d on %s: %s (attempt %d of %d)", row.seq, row.topic, why,
+                    row.attempts, self.cfg.poison_attempts)
+        delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (row.attempts - 1))
+        self._retry.append((now + delay, row))
+        self._retry_seqs.add(row.seq)
+
+    def _blame(self, row: Row, why: str) -> None:
+        if self.outbox.is_settled(row.seq):
+            return
+        self.counts["blamed"] += 1
+        row = self._attempt(row)
+        if row.attempts >= self.cfg.poison_attempts:
+            self._quarantine(row, why)
+        else:
+            log.warning("uplink: seq %d on %s: %s (attempt %d of %d)", row.seq, row.topic, why,
+                        row.attempts, self.cfg.poison_attempts)
+
+    def _quarantine(self, row: Row, why: str) -> None:
+        self.counts["quarantined"] += 1
+        self.outbox.quarantine(row, why)
+        self._suspects.discard(row.seq)
+        self._attempts.pop(row.seq, None)
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def _receive(self, link: Link, tg: asyncio.TaskGroup) -> None:
+        """Dispatch commands; ends (raising) when the connection is lost."""
+        async for msg in link.messages:
+            name = self.topics.command_name(str(msg.topic))
+            if name is None or self.commands is None:
+                continue
+            raw = msg.payload
+            payload = raw if isinstance(raw, bytes) else (
+                bytes(raw) if isinstance(raw, bytearray) else str(raw or "").encode())
+            tg.create_task(self._command(link, name, payload), name=f"command:{name}")
+
+    async def _command(self, link: Link, name: str, payload: bytes) -> None:
+        assert self.commands is not None
+        result = await self.commands.handle(self.gateway, name, payload)
+        try:
+            fut = link.publish(self.topics.cmd_result(name), encode_result(result))
+        except aiomqtt.MqttError as exc:
+            log.warning("uplink: reply to command %r (id %r) lost: %s", name, result.id, exc)
+            return
+        # asyncio.wait, not wait_for: the future is cancelled if the connection drops.
+        await asyncio.wait({fut}, timeout=REPLY_TIMEOUT_S)
+        if not fut.done() or fut.cancelled():
+            log.warning("uplink: reply to command %r (id %r) not acknowledged", name, result.id)
+        elif fut.result() >= 0x80:
+            log.warning("uplink: reply to command %r refused: %s", name,
+                        puback_reason(fut.result()))
+
+    async def _outbox_stats(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return self.outbox.stats()
+
+
+def _first(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first non-cancellation error of a task group (where the session really ended)."""
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return eg.exceptions[0]
