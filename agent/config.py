@@ -8,6 +8,8 @@ sensors that exist, I2C addresses fit the chip). Every problem is reported at on
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import ipaddress
 import os
 import re
@@ -17,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.clean_config import CleanOptions
 from drivers.registry import DRIVERS
@@ -95,6 +104,54 @@ class FuseGroup(_Frozen):
     """Redundant channels (`sensor.quantity`) of one quantity to fuse."""
 
 
+class AudienceConfig(_Frozen):
+    """One namespace a stream is published to (`[[streams.audiences]]`), with its own level.
+
+    Unset keys take the stream's value.
+    """
+
+    name: Name
+    """Topic level of the namespace: topics are `{prefix}/{gateway}/{name}/telemetry/{stream}`."""
+    share: Literal["raw", "window", "derived", "local"]
+    """What this audience gets: `raw`, `window`, `derived` or `local` (as the stream's `share`)."""
+    drop: list[str] | None = None
+    """Field patterns withheld from this audience (unset: the stream's `drop`)."""
+    round: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    """Rounding steps by field pattern for this audience (unset: the stream's `round`)."""
+    min_vehicles: Annotated[int, Field(ge=0, le=1000)] | None = None
+    """Vehicle threshold for this audience (unset: the stream's `min_vehicles`)."""
+    vehicle_events: bool | None = None
+    """Per-vehicle radar readings for this audience (unset: the stream's `vehicle_events`)."""
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_kind(cls, v: str) -> str:
+        reserved = ("raw", "telemetry", "inference", "health", "status", "cmd")
+        if v in reserved:
+            raise ValueError(f"{v!r} is a topic level of its own; an audience cannot be called "
+                             f"{', '.join(reserved)}")
+        return v
+
+    @field_validator("drop", "round")
+    @classmethod
+    def _patterns(cls, v: Any) -> Any:
+        for pattern in v or ():
+            cls.check_pattern(pattern)
+        return v
+
+    @staticmethod
+    def check_pattern(pattern: str) -> None:
+        """A field pattern names dotted paths under `channels`, `fused`, `derived` or `outputs`."""
+        if not re.fullmatch(r"[A-Za-z0-9_.*?\[\]!-]+", pattern):
+            raise ValueError(f"{pattern!r} is not a field pattern (letters, digits, `_ - .`, "
+                             "and the wildcards `*` `?` `[...]`)")
+        head = pattern.split(".", 1)[0]
+        roots = ("channels", "fused", "derived", "outputs")
+        if not any(fnmatch.fnmatchcase(root, head) for root in roots):
+            raise ValueError(f"{pattern!r} matches no field: paths start with "
+                             f"{', '.join(r + '.' for r in roots)}")
+
+
 class StreamConfig(_Frozen):
     name: Name
     """Stream name; windows are published on `telemetry/{name}`."""
@@ -102,10 +159,65 @@ class StreamConfig(_Frozen):
     """Names of the sensors whose readings go into this stream."""
     window_s: PositiveSeconds = 10.0
     """Window length in seconds, aligned to the wall clock."""
-    raw: bool = False
-    """Also publish every cleaned reading, flagged, on `raw/{name}`."""
     fuse: list[FuseGroup] = Field(default_factory=list)
     """Groups of redundant channels fused by inverse-variance weighting."""
+    share: Literal["raw", "window", "derived", "local"] | None = None
+    """What leaves the gateway: `raw` (cleaned readings on `raw/{name}`, windows, inferences),
+    `window` (windows and inferences), `derived` (inferences only) or `local` (nothing; the
+    technician CLI still sees it). Unset: `window`. With `audiences`, set it per audience."""
+    drop: list[str] | None = None
+    """Field patterns withheld from what is published, e.g. `channels.radar.speed_in.last`,
+    `channels.*.min`, `derived.occupancy`, `outputs.*` (`*` matches any text, dots included;
+    a pattern that matches a channel withholds all of it). Unset: the min, max and last of
+    per-vehicle speed channels (`speed_in`, `speed_out`)."""
+    round: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict)
+    """Round published values whose field matches a pattern to a multiple of a step, e.g.
+    `{ "*.speed_*" = 0.2778 }` (1 km/h in m/s); first matching pattern wins."""
+    min_vehicles: Annotated[int, Field(ge=0, le=1000)] | None = None
+    """k for vehicle counts: a window counting 1 to k-1 vehicles is withheld (and counted), and
+    speed statistics over fewer than k vehicles are withheld. Unset: 3; 0 or 1 turns it off."""
+    vehicle_events: bool = False
+    """With `share = "raw"`, also publish per-vehicle radar readings (`speed_in`,
+    `speed_out`); off keeps each vehicle's speed on the gateway."""
+    audiences: list[AudienceConfig] = Field(default_factory=list)
+    """Publish this stream to several namespaces, each at its own level
+    (`[[streams.audiences]]`); without audiences it goes to the plain topics."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_raw_flag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "raw" in data:
+            raise ValueError('the key `raw` was replaced by `share`: write share = "raw" to '
+                             "publish cleaned readings, or remove `raw` (windows only is the "
+                             "default)")
+        return data
+
+    @field_validator("drop", "round")
+    @classmethod
+    def _patterns(cls, v: Any) -> Any:
+        for pattern in v or ():
+            AudienceConfig.check_pattern(pattern)
+        return v
+
+    @model_validator(mode="after")
+    def _audiences(self) -> StreamConfig:
+        if self.audiences and self.share is not None:
+            raise ValueError("`share` and `audiences` exclude each other: with audiences, "
+                             "each audience has its own `share`")
+        seen: set[str] = set()
+        for a in self.audiences:
+            if a.name in seen:
+                raise ValueError(f"audience {a.name!r} is listed twice")
+            seen.add(a.name)
+        return self
+
+    @property
+    def raw(self) -> bool:
+        """True when some namespace of this stream gets its cleaned readings."""
+        if self.audiences:
+            return any(a.share == "raw" for a in self.audiences)
+        return self.share == "raw"
 
 
 class ModelConfig(_Frozen):
@@ -322,14 +434,16 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
         streams.add(st.name)
         for j, ref in enumerate(st.sensors):
             if ref not in names:
-                out.append(Problem(f"streams[{i}].sensors[{j}]", repr(ref), "no sensor has this name"))
+                out.append(Problem(f"streams[{i}].sensors[{j}]", repr(ref),
+                                   "no sensor has this name"))
     for i, m in enumerate(cfg.models):
         if m.stream not in streams:
             out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
     mq = cfg.mqtt
     if mq.tls is False and not _is_loopback(mq.host):
         out.append(Problem("mqtt.tls", "false",
-                           f"plaintext MQTT is refused for a broker that is not on loopback ({mq.host})"))
+                           "plaintext MQTT is refused for a broker that is not on loopback "
+                           f"({mq.host})"))
     if bool(mq.cert_file) != bool(mq.key_file):
         out.append(Problem("mqtt.cert_file", mq.cert_file or "''",
                            "cert_file and key_file must be given together"))
@@ -375,10 +489,8 @@ def _partial_checks(data: dict[str, Any]) -> list[Problem]:
     sensors = data.get("sensors")
     if isinstance(sensors, list):
         for i, raw in enumerate(sensors):
-            try:
+            with contextlib.suppress(ValidationError):
                 out.extend(_sensor_problems(i, SensorConfig.model_validate(raw)))
-            except ValidationError:
-                pass
     return out
 
 

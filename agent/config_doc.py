@@ -68,7 +68,8 @@ def reference_markdown() -> str:
             title = f"[[{name}]]" if origin is list else f"[{name}]"
             out += _section(title, inner)
             if name == "streams":
-                from agent.config import FuseGroup
+                from agent.config import AudienceConfig, FuseGroup
                 out += _section("[[streams.fuse]]", FuseGroup)
+                out += _section("[[streams.audiences]]", AudienceConfig)
     out += _section("[sensors.clean.<quantity>]", CleanOptions)
     return "\n".join(out)

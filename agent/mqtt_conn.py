@@ -199,6 +199,8 @@ class Connector:
         self.learned: aiomqtt.ProtocolVersion | None = None
         self.where = f"{cfg.host}:{cfg.port}"
         self.probe_timeout_s = PROBE_TIMEOUT_S
+        self.gateway = gateway
+        self._warned_identity = False
 
     def _candidates(self) -> list[aiomqtt.ProtocolVersion]:
         if self.cfg.protocol == "5":
@@ -247,6 +249,12 @@ class Connector:
     async def connect(self) -> AsyncIterator[Link]:
         tls = tls_context(self.cfg)
         creds = read_credentials(self.cfg.credentials_file)
+        if creds and creds[0] != self.gateway and not self._warned_identity:
+            # The broker ACL recipe (docs/sharing.md) grants `{prefix}/%u/#`: a user name that is
+            # not the gateway id is refused on every topic this gateway writes.
+            log.warning("MQTT user name %r is not the gateway id %r: a per-gateway ACL will "
+                        "refuse its publishes", creds[0], self.gateway)
+            self._warned_identity = True
         candidates = self._candidates()
         for proto in candidates:
             probing = proto == V5 and len(candidates) > 1

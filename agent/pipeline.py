@@ -26,6 +26,8 @@ from drivers.base import BuildContext
 from drivers.registry import build_sensor
 
 if TYPE_CHECKING:
+    from agent.feed import Draft
+    from agent.outbox_db import Kind
     from agent.runtime import Agent
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class Pipeline:
         from agent.commands import CommandDispatcher
         from agent.infer import InferenceStage
         from agent.outbox import Outbox
+        from agent.sharing import SharingPolicy
         from agent.uplink import Uplink
         from agent.windows import Windower
 
@@ -78,6 +81,7 @@ class Pipeline:
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
         self.infer = InferenceStage([m for m in cfg.models if m.enabled])
         self.outbox = Outbox(cfg.outbox, self.gateway)
+        self.sharing = SharingPolicy(cfg)
         self.commands = CommandDispatcher(self._command_handlers())
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
@@ -105,8 +109,7 @@ class Pipeline:
         self.readings.put(r)
 
     def _publish_window(self, w: Window) -> None:
-        self.outbox.put("window", f"telemetry/{w.stream}",
-                        self._feed.window_message(self.gateway, w))
+        self._share("window", w.stream, self._feed.window_message(self.gateway, w))
         self.windows_published += 1
         self.windows_q.put(w)
         if self.tail.active:
@@ -152,9 +155,15 @@ class Pipeline:
                 "ts_ns": cleaned.ts_ns, "quality": cleaned.quality,
                 "reasons": list(cleaned.reasons)})
         for stream in self.windower.raw_streams_for(cleaned.sensor):
-            self.outbox.put("raw", f"raw/{stream}",
-                            self._feed.reading_message(self.gateway, stream, cleaned))
-            self.raw_published += 1
+            self.raw_published += self._share(
+                "raw", stream, self._feed.reading_message(self.gateway, stream, cleaned))
+
+    def _share(self, kind: Kind, stream: str, draft: Draft[Any]) -> int:
+        """Put ``draft`` into the outbox on every topic the sharing policy allows."""
+        routes = self.sharing.route(kind, stream, draft)
+        for topic, routed in routes:
+            self.outbox.put(kind, topic, routed)
+        return len(routes)
 
     def _error(self, stage: str, what: str) -> None:
         """Count and log a bug-class failure; the first few with a traceback."""
@@ -179,8 +188,7 @@ class Pipeline:
                 return
 
     def _publish_inference(self, inf: Inference) -> None:
-        self.outbox.put("inference", f"inference/{inf.model}",
-                        self._feed.inference_message(self.gateway, inf))
+        self._share("inference", inf.stream, self._feed.inference_message(self.gateway, inf))
         self.inferences_published += 1
         if self.tail.active:
             self.tail.publish("inference", inf.model, {
@@ -197,8 +205,8 @@ class Pipeline:
             await asyncio.sleep(period)
             try:
                 snap = self.agent.snapshot() if self.agent is not None else self.snapshot()
-                self.outbox.put("health", "health",
-                                self._feed.health_message(self.gateway, json_safe(snap)))
+                self._share("health", "",
+                            self._feed.health_message(self.gateway, json_safe(snap)))
             except Exception:  # health must never stop the pipeline
                 self._error("health", "the health snapshot")
 
@@ -286,7 +294,8 @@ class Pipeline:
                        if name is None or s.health.name == name]
             if name is not None and not sensors:
                 raise ValueError(f"no sensor named {name!r}")
-            return {"sensors": sensors}
+            # The reply leaves the gateway: the sharing policy decides which values it may carry.
+            return {"sensors": self.sharing.scrub_sensors(sensors)}
 
         async def model_activate(args: dict[str, Any]) -> dict[str, Any]:
             name = args.get("name")
@@ -315,6 +324,7 @@ class Pipeline:
             "windows": self.windower.stats(),
             "clock": {"synced": self.clock.synced(), "source": self.cfg.runtime.clock},
             "outbox": self.outbox.stats(),
+            "sharing": self.sharing.stats(),
             "uplink": self.uplink.status(),
             "models": {"status": self.infer.status(), "last": self.last_inference},
         }

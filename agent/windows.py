@@ -371,7 +371,8 @@ class Windower:
         self.restamped = 0
 
     def raw_streams_for(self, sensor: str) -> list[str]:
-        """Streams with ``raw = true`` that list ``sensor`` (a shared list: do not modify)."""
+        """Streams that list ``sensor`` and publish cleaned readings (``share = "raw"`` on the
+        stream or one of its audiences); a shared list: do not modify."""
         return self._raw.get(sensor, self._no_streams)
 
     def add(self, r: Reading) -> None:

@@ -95,7 +95,7 @@ def test_open_windows_are_capped_per_stream() -> None:
 
 def test_routing_to_every_stream_and_raw_streams() -> None:
     streams = [StreamConfig(name="env", sensors=["a", "b"], window_s=10),
-               StreamConfig(name="fast", sensors=["a"], window_s=1, raw=True)]
+               StreamConfig(name="fast", sensors=["a"], window_s=1, share="raw")]
     w = Windower(streams, sensors("a", "b", "c"))
     assert w.raw_streams_for("a") == ["fast"]
     assert w.raw_streams_for("b") == []
