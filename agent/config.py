@@ -270,10 +270,10 @@ class MqttConfig(_Frozen):
     def tls_enabled(self) -> bool:
         if self.tls is not None:
             return self.tls
-        return not _is_loopback(self.host)
+        return not is_loopback(self.host)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -440,7 +440,7 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
         if m.stream not in streams:
             out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
     mq = cfg.mqtt
-    if mq.tls is False and not _is_loopback(mq.host):
+    if mq.tls is False and not is_loopback(mq.host):
         out.append(Problem("mqtt.tls", "false",
                            "plaintext MQTT is refused for a broker that is not on loopback "
                            f"({mq.host})"))

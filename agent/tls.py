@@ -9,12 +9,11 @@ from a file (two lines: user name, password) and are never logged.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import ssl
 from pathlib import Path
 from typing import Any
 
-from agent.config import MqttConfig
+from agent.config import MqttConfig, is_loopback
 
 
 class UplinkConfigError(Exception):
@@ -44,15 +43,6 @@ class ClientContext(ssl.SSLContext):
 
     def forget_wrapped(self) -> None:
         self.wrapped = []
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_context(cfg: MqttConfig) -> ClientContext | None:

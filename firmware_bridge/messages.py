@@ -8,7 +8,7 @@ are little-endian.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum, IntFlag
 from typing import ClassVar, Self
 
@@ -112,6 +112,20 @@ def _unpack(fmt: struct.Struct, payload: bytes, name: str, exact: bool = True) -
     return fmt.unpack_from(payload)
 
 
+class _Flat:
+    """A message whose fields, in order, are exactly its struct's values."""
+
+    TYPE: ClassVar[MsgType]
+    _S: ClassVar[struct.Struct]
+
+    def encode(self) -> bytes:
+        return self._S.pack(*(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        return cls(*_unpack(cls._S, payload, cls.TYPE.name))
+
+
 class _Empty:
     TYPE: ClassVar[MsgType]
 
@@ -186,17 +200,10 @@ class Ping(_Empty):
 
 
 @dataclass(frozen=True, slots=True)
-class Pong:
+class Pong(_Flat):
     TYPE: ClassVar[MsgType] = MsgType.PONG
     _S: ClassVar[struct.Struct] = struct.Struct("<Q")
     mcu_time_us: int
-
-    def encode(self) -> bytes:
-        return self._S.pack(self.mcu_time_us)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls(*_unpack(cls._S, payload, "PONG"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +233,7 @@ class StatsGet(_Empty):
 
 
 @dataclass(frozen=True, slots=True)
-class Stats:
+class Stats(_Flat):
     """Device-side link counters since boot."""
 
     TYPE: ClassVar[MsgType] = MsgType.STATS
@@ -238,14 +245,6 @@ class Stats:
     retransmits: int
     duplicates: int
     reports_dropped: int
-
-    def encode(self) -> bytes:
-        return self._S.pack(self.rx_frames, self.rx_crc_errors, self.rx_bad_frames, self.tx_frames,
-                            self.retransmits, self.duplicates, self.reports_dropped)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls(*_unpack(cls._S, payload, "STATS"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,33 +327,19 @@ class ConfigGet:
 
 
 @dataclass(frozen=True, slots=True)
-class ConfigValue:
+class ConfigValue(_Flat):
     TYPE: ClassVar[MsgType] = MsgType.CONFIG_VALUE
     _S: ClassVar[struct.Struct] = struct.Struct("<BI")
     key: int
     value: int
 
-    def encode(self) -> bytes:
-        return self._S.pack(self.key, self.value)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls(*_unpack(cls._S, payload, cls.TYPE.name))
-
 
 @dataclass(frozen=True, slots=True)
-class ConfigSet:
+class ConfigSet(_Flat):
     TYPE: ClassVar[MsgType] = MsgType.CONFIG_SET
     _S: ClassVar[struct.Struct] = struct.Struct("<BI")
     key: int
     value: int
-
-    def encode(self) -> bytes:
-        return self._S.pack(self.key, self.value)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls(*_unpack(cls._S, payload, cls.TYPE.name))
 
 
 @dataclass(frozen=True, slots=True)
