@@ -7,6 +7,10 @@ uplink without any hardware. Options (``[sensors.options]``):
 - ``base``, ``amplitude``, ``cycle_s``: a sine around ``base``
 - ``burst``: readings per period (for load tests)
 - ``fail_after``: raise a DriverError after this many readings of each run (crash testing)
+- faults by reading number n (0 = off): ``spike_every``/``spike_size`` (add ``spike_size`` to
+  every n-th reading), ``stuck_every``/``stuck_len`` (repeat the previous value ``stuck_len``
+  times from every n-th reading), ``dropout_every``/``dropout_len`` (say nothing for
+  ``dropout_len`` readings from every n-th)
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ class SyntheticSensor(PolledSensor):
         self.cycle_s = float(options.get("cycle_s", 600.0))
         self.burst = int(options.get("burst", 1))
         self.fail_after = int(options.get("fail_after", 0))
+        self.spike = (int(options.get("spike_every", 0)), float(options.get("spike_size", 50.0)))
+        self.stuck = (int(options.get("stuck_every", 0)), int(options.get("stuck_len", 10)))
+        self.dropout = (int(options.get("dropout_every", 0)), int(options.get("dropout_len", 10)))
         self._n = 0
+        self._last = self.base
 
     async def open(self) -> None:
         self._n = 0
@@ -41,10 +49,23 @@ class SyntheticSensor(PolledSensor):
             if self.fail_after and self._n >= self.fail_after:
                 raise DriverError("injected failure", where=f"synthetic:{self.name}")
             self._n += 1
+            n = self._n
+            if _in_run(n, *self.dropout):
+                continue
             t = self.clock.mono_ns() / 1e9
             value = self.base + self.amplitude * math.sin(2 * math.pi * t / self.cycle_s)
+            if _in_run(n, *self.stuck):
+                value = self._last
+            self._last = value
+            if self.spike[0] and n % self.spike[0] == 0:
+                value += self.spike[1]
             out.append(self.reading(self.quantity, value, self.unit))
         return out
+
+
+def _in_run(n: int, every: int, length: int) -> bool:
+    """Whether reading ``n`` falls in a fault run that starts at every ``every``-th reading."""
+    return every > 0 and n % every < length and n >= every
 
 
 def build(cfg: Any, ctx: BuildContext) -> SyntheticSensor:

@@ -152,3 +152,67 @@ async def test_serial_unplug_and_garbage_through_the_agent(tmp_path: Path,
         # Every published value is a decoded frame: nothing out of a PM sensor's range.
         for q, v in _sensor(agent, "air")["last_values"].items():
             assert 0 <= v["value"] < 10_000, (q, v)
+
+
+async def test_published_windows_carry_quality_counts_and_leave_faults_out(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    """Spikes, a stuck run and dropouts from a sensor, seen as the cloud sees them."""
+    base, amplitude, spike = 20.0, 1.0, 40.0
+    data = make_config(
+        tmp_path, broker.port,
+        sensors=[{"name": "gen", "driver": "synthetic", "period_s": 0.01,
+                  "options": {"base": base, "amplitude": amplitude, "cycle_s": 30.0,
+                              "spike_every": 37, "spike_size": spike,
+                              "stuck_every": 150, "stuck_len": 12,
+                              "dropout_every": 230, "dropout_len": 40},
+                  "clean": {"temperature": {"stuck_count": 5}}}],
+        streams=[{"name": "s", "sensors": ["gen"], "window_s": 1, "share": "raw"}])
+    windows: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
+    ready = asyncio.Event()
+
+    async def subscribe() -> None:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="quality") as c:
+            await c.subscribe("t/gw-test/#", qos=1)
+            ready.set()
+            async for msg in c.messages:
+                topic = str(msg.topic)
+                if topic.endswith("/status"):
+                    continue  # plain "online"/"offline", not JSON
+                doc = json.loads(msg.payload)  # type: ignore[arg-type]
+                if "/telemetry/" in topic:
+                    windows.append(doc)
+                elif "/raw/" in topic:
+                    raw.append(doc)
+
+    sub = asyncio.create_task(subscribe())
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        async with running_agent(data) as agent:
+            await until(lambda: len(windows) >= 4, timeout_s=20, what="four windows")
+            pipeline = agent.pipeline
+        assert pipeline is not None
+        await until(lambda: len(raw) >= pipeline.raw_published
+                    and len(windows) >= pipeline.windows_published, what="all delivered")
+    finally:
+        sub.cancel()
+        await asyncio.gather(sub, return_exceptions=True)
+
+    spikes = [r for r in raw if r["value"] > base + amplitude + spike / 2]
+    stuck = [r for r in raw if "stuck" in r["reasons"]]
+    assert spikes and stuck
+    assert all(r["quality"] != "good" and "spike" in r["reasons"] for r in spikes)
+    # Each window's counts agree with the readings the cloud saw, and the faulty ones are out.
+    by_start: dict[str, list[dict[str, Any]]] = {}
+    for w in windows:
+        ch = w["channels"]["gen.temperature"]
+        assert ch["max"] is None or ch["max"] < base + amplitude + 0.5, w
+        by_start.setdefault(w["start"], []).append(ch)
+    flagged = sum(1 for r in raw if r["quality"] != "good")
+    totals = [sum(c[k] for cs in by_start.values() for c in cs) for k in ("count", "suspect",
+                                                                          "bad")]
+    assert totals[1] + totals[2] == flagged
+    assert sum(totals) == len(raw)
+    # Dropouts: some full windows hold fewer than the 100 readings a second would give.
+    assert any(sum(c["count"] + c["suspect"] + c["bad"] for c in cs) < 90
+               for cs in list(by_start.values())[1:-1])
