@@ -315,6 +315,8 @@ class RuntimeConfig(_Frozen):
     """Seconds between health messages."""
     stop_timeout_s: Annotated[float, Field(gt=0, le=30)] = 4.0
     """Budget to flush and publish on SIGTERM before exiting."""
+    model_watch_s: PositiveSeconds = 5.0
+    """How often model files are checked for a new version (a stat() each)."""
     clock: Literal["detect", "trust"] = "detect"
     """`detect`: hold timestamps as provisional until the system clock is synchronised (NTP),
     then re-stamp them. `trust`: take the system clock as right (hosts with an RTC)."""

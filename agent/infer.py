@@ -37,7 +37,14 @@ import numpy as np
 from agent.config import ModelConfig
 from agent.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
 from agent.readings import Inference, Window
-from models.manifest import Manifest, ModelError, VerifiedModel, shipped_paths, verify
+from models.manifest import (
+    Manifest,
+    ModelError,
+    VerifiedModel,
+    manifest_path_for,
+    shipped_paths,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +274,21 @@ class InferenceStage:
 
     def versions(self) -> dict[str, str]:
         return {name: s.active.version for name, s in self._slots.items()}
+
+    def files(self) -> dict[Path, int]:
+        """The model and manifest files in use with their mtimes (ns; -1 if gone), so a watcher
+        can notice a new file."""
+        out: dict[Path, int] = {}
+        for slot in self._slots.values():
+            for m in (slot.active, slot.candidate):
+                if m is None:
+                    continue
+                for p in (m.model.path, manifest_path_for(m.model.path)):
+                    try:
+                        out[p] = p.stat().st_mtime_ns
+                    except OSError:
+                        out[p] = -1
+        return out
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

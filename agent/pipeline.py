@@ -27,6 +27,7 @@ from drivers.registry import build_sensor
 
 if TYPE_CHECKING:
     from agent.feed import Draft
+    from agent.infer import InferenceStage
     from agent.outbox_db import Kind
     from agent.runtime import Agent
 
@@ -58,7 +59,8 @@ def _default_clock(cfg: AgentConfig) -> Clock:
 class Pipeline:
     def __init__(self, cfg: AgentConfig, *, agent: Agent | None = None,
                  clock: Clock | None = None,
-                 setup: Callable[[BuildContext], None] | None = None) -> None:
+                 setup: Callable[[BuildContext], None] | None = None,
+                 infer: InferenceStage | None = None) -> None:
         from agent import feed
         from agent.clean import Cleaner
         from agent.commands import CommandDispatcher
@@ -79,7 +81,12 @@ class Pipeline:
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
         self.cleaner = Cleaner(cfg.sensors, self.clock)
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
-        self.infer = InferenceStage([m for m in cfg.models if m.enabled])
+        models = [m for m in cfg.models if m.enabled]
+        # The stage outlives a reload: a model that fails to load keeps its predecessor.
+        self._owns_infer = infer is None
+        self.infer = InferenceStage(models) if infer is None else infer
+        if infer is not None:
+            infer.reload(models)
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
         self.commands = CommandDispatcher(self._command_handlers())
@@ -199,6 +206,19 @@ class Pipeline:
             "latency_ms": inf.latency_ms, "window_start_ns": inf.window_start_ns,
         }
 
+    async def _watch_models(self) -> None:
+        """Reload the models when a model or manifest file changes on disk (a new version
+        copied in); a bad new file is refused and the running version kept."""
+        seen = self.infer.files()
+        while True:
+            await asyncio.sleep(self.cfg.runtime.model_watch_s)
+            now = await asyncio.to_thread(self.infer.files)
+            if now != seen:
+                log.info("model files changed: reloading models")
+                await asyncio.to_thread(self.infer.reload,
+                                        [m for m in self.cfg.models if m.enabled])
+                seen = await asyncio.to_thread(self.infer.files)
+
     async def _health(self) -> None:
         period = self.cfg.runtime.health_period_s
         while True:
@@ -232,7 +252,8 @@ class Pipeline:
         async with contextlib.AsyncExitStack() as stack:
             self.outbox.open()
             stack.callback(self.outbox.close)
-            stack.callback(self.infer.close)
+            if self._owns_infer:
+                stack.callback(self.infer.close)
             ctx = BuildContext(clock=self.clock, stack=stack)
             self.ctx = ctx  # emulators live in ctx.shared: the demo and tests reach them here
             if self._setup is not None:
@@ -252,7 +273,8 @@ class Pipeline:
                     self._sensor_tasks.append(tg.create_task(sup.run(), name=f"sensor:{scfg.name}"))
                 for name, coro in (("process", self._process()), ("infer", self._infer()),
                                    ("outbox", self.outbox.run()), ("uplink", self.uplink.run()),
-                                   ("health", self._health()), ("watchdog", self._watchdog())):
+                                   ("health", self._health()), ("watchdog", self._watchdog()),
+                                   ("models", self._watch_models())):
                     self._tasks[name] = tg.create_task(coro, name=name)
                 if self.agent is not None:
                     self.agent.on_pipeline_ready()

@@ -28,6 +28,7 @@ from drivers.base import BuildContext
 
 if TYPE_CHECKING:
     from agent.control import ControlServer
+    from agent.infer import InferenceStage
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Agent:
         self.last_reload_error = ""
         self.ready = asyncio.Event()
         self.control: ControlServer | None = None
+        self.infer: InferenceStage | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -111,6 +113,8 @@ class Agent:
             await asyncio.gather(control_task, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            if self.infer is not None:
+                self.infer.close()
             self.notifier.close()
 
     async def _serve_control(self) -> None:
@@ -127,7 +131,12 @@ class Agent:
         while True:
             self.generation += 1
             self._reload.clear()
-            pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup)
+            if self.infer is None:
+                from agent.infer import InferenceStage
+
+                self.infer = InferenceStage()  # loaded by the pipeline; kept across reloads
+            pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,
+                                infer=self.infer)
             self.pipeline = pipeline
             gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
             stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
