@@ -174,6 +174,11 @@ class OutboxDB:
                 raise sqlite3.OperationalError(f"{self.path}: journal_mode is {mode}, not wal")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=2000")
+            # Keep the WAL small beside max_bytes: by default it grows to ~4 MiB before a
+            # checkpoint, which alone can fill a small state partition.
+            wal_pages = max(64, min(1000, self.max_bytes // (8 * 4096)))
+            conn.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+            conn.execute(f"PRAGMA journal_size_limit={wal_pages * 4096}")
             conn.executescript(_SCHEMA)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             self._rescan()
@@ -200,7 +205,14 @@ class OutboxDB:
                         self.path, self.seq_path, skipped[0], skipped[1])
         self._put_meta({"db_id": self._db_id, "clean": "0", "kboot": kboot,
                         "last_seq": str(next_seq - 1)})
-        self._reserve(next_seq + SEQ_BLOCK)
+        try:
+            self._reserve(next_seq + SEQ_BLOCK)
+        except OSError as exc:
+            # A full disk must not stop the agent from starting (systemd would restart it in a
+            # loop): the next commit tries the reservation again before it uses a seq.
+            log.error("%s: cannot reserve seqs (%s); retrying at the next commit",
+                      self.seq_path, exc)
+            self._reserved = next_seq
         self.snap.last_seq = next_seq - 1
         return OpenInfo(next_seq, skipped, self.snap)
 

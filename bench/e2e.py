@@ -1,0 +1,232 @@
+"""Whole-agent figures: the agent runs as its own process, as systemd runs it.
+
+Each function returns ``{"agent": ..., "baseline": ..., ...}`` measured in the same call, so a
+figure always stands beside its raw baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from agent.control_client import ControlClient
+from bench.procs import (
+    GATEWAY,
+    ROOT,
+    AgentProcess,
+    agent_config,
+    agent_running,
+    bare_startup_s,
+    cpu_s,
+    python_child,
+    raw_share,
+    rss_kib,
+    synthetic,
+)
+
+PREFIX = "t"
+READING_BYTES = 300  # a raw reading message as the agent encodes it
+
+
+class Feed:
+    """Subscriber recording (receive wall ns, decoded body) of everything on a filter."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.port = port
+        self.topic = topic
+        self.got: list[tuple[int, dict[str, Any]]] = []
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port,
+                                  identifier=f"bench-sub-{time.monotonic_ns()}") as c:
+            c.pending_calls_threshold = 10_000
+            await c.subscribe(self.topic, qos=1)
+            self.ready.set()
+            async for m in c.messages:
+                now = time.time_ns()
+                try:
+                    body = json.loads(m.payload) if isinstance(m.payload, bytes) else None
+                except ValueError:
+                    continue  # the retained status is plain text
+                if isinstance(body, dict):
+                    self.got.append((now, body))
+
+
+def iso_ns(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e6) * 1000
+
+
+def pcts(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {"p50": float("nan"), "p99": float("nan"), "n": 0}
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "n": len(ms)}
+
+
+async def with_feed(port: int, topic: str, body: Callable[[Feed], Any]) -> Any:
+    feed = Feed(port, topic)
+    task = asyncio.create_task(feed.run(), name="bench-feed")
+    try:
+        await asyncio.wait_for(feed.ready.wait(), 10)
+        return await body(feed)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def bare_publish(port: int, rate: float, seconds: float, inflight: int = 64) -> float:
+    """Messages/s of the bare publisher child (all PUBACKs in)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.mqtt_load", "--port", str(port), "--rate", str(rate),
+        "--seconds", str(seconds), "--inflight", str(inflight), "--size", str(READING_BYTES),
+        cwd=ROOT, stdout=subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
+    _, n, elapsed = out.decode().split()
+    return int(n) / float(elapsed)
+
+
+def _status(sock: Path) -> dict[str, Any]:
+    with ControlClient(sock, timeout_s=5) as c:
+        result: dict[str, Any] = c.call("status")
+        return result
+
+
+async def throughput(tmp: Path, port: int, seconds: float) -> dict[str, Any]:
+    """Raw readings/s from synthetic sensors to PUBACK, vs bare QoS 1 publishing."""
+    d = tmp / "throughput"
+    d.mkdir()
+    sensors = [synthetic(f"s{i}", 0.01, burst=50) for i in range(4)]  # 20,000 offered/s
+    cfg = agent_config(d, port, sensors=sensors,
+                       streams=[{"name": "fast", "sensors": [s["name"] for s in sensors],
+                                 **raw_share()}])
+    with agent_running(cfg, d / "agent.log"):
+        sock = d / "control.sock"
+        await asyncio.sleep(2.0)  # warm up: queues fill, the uplink reaches its pace
+        a0 = (await asyncio.to_thread(_status, sock))["uplink"]["acked"]
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        a1 = (await asyncio.to_thread(_status, sock))["uplink"]["acked"]
+        agent_rate = (a1 - a0) / (time.monotonic() - t0)
+        st = await asyncio.to_thread(_status, sock)
+    bare = await bare_publish(port, 0, seconds)
+    return {"agent": agent_rate, "baseline": bare, "unit": "msg/s",
+            "offered": 20_000, "readings_queue": st["queues"]["readings"]}
+
+
+async def latency(tmp: Path, port: int, rate: int, seconds: float,
+                  commit_interval_ms: int) -> dict[str, Any]:
+    """Reading.ts -> subscriber receive at ``rate`` raw readings/s, vs bare publish->receive."""
+    d = tmp / f"latency-{commit_interval_ms}"
+    d.mkdir()
+    # Four sensors of rate/4 each, so the readings are spread over the period.
+    period = 4 / rate
+    sensors = [synthetic(f"s{i}", period) for i in range(4)]
+    cfg = agent_config(d, port, sensors=sensors,
+                       streams=[{"name": "fast", "sensors": [s["name"] for s in sensors],
+                                 **raw_share()}],
+                       outbox={"path": str(d / "outbox.db"),
+                               "commit_interval_ms": commit_interval_ms})
+
+    async def agent_run(feed: Feed) -> list[float]:
+        with agent_running(cfg, d / "agent.log"):
+            await asyncio.sleep(1.0)
+            start = len(feed.got)
+            await asyncio.sleep(seconds)
+            got = feed.got[start:]
+        return [(recv - iso_ns(b["sampled_at"])) / 1e6 for recv, b in got if "sampled_at" in b]
+
+    agent_ms = await with_feed(port, f"{PREFIX}/{GATEWAY}/raw/#", agent_run)
+
+    async def bare_run(feed: Feed) -> list[float]:
+        await bare_publish(port, rate, seconds)
+        await asyncio.sleep(0.5)
+        return [(recv - b["t"]) / 1e6 for recv, b in feed.got]
+
+    bare_ms = await with_feed(port, "bench/bare", bare_run)
+    return {"agent": pcts(agent_ms), "baseline": pcts(bare_ms), "rate": rate,
+            "commit_interval_ms": commit_interval_ms, "unit": "ms"}
+
+
+IDLE_BASELINE = "import asyncio\nasyncio.run(asyncio.sleep(3600))"
+
+
+async def idle_cpu(tmp: Path, port: int, seconds: float) -> dict[str, Any]:
+    """CPU % of the agent with 10 synthetic sensors at 1 Hz, vs a sleeping asyncio loop."""
+    d = tmp / "idle"
+    d.mkdir()
+    sensors = [synthetic(f"s{i}", 1.0) for i in range(10)]
+    cfg = agent_config(d, port, sensors=sensors,
+                       streams=[{"name": "cabinet", "sensors": [s["name"] for s in sensors]}],
+                       runtime={"health_period_s": 30, "clock": "trust"})
+    base = python_child(IDLE_BASELINE)
+    try:
+        with agent_running(cfg, d / "agent.log") as a:
+            await asyncio.sleep(2.0)  # past start-up work
+            a0, b0, t0 = cpu_s(a.pid), cpu_s(base.pid), time.monotonic()
+            await asyncio.sleep(seconds)
+            a1, b1, t1 = cpu_s(a.pid), cpu_s(base.pid), time.monotonic()
+    finally:
+        base.kill()
+        base.wait(10)
+    wall = t1 - t0
+    return {"agent": 100 * (a1 - a0) / wall, "baseline": 100 * (b1 - b0) / wall,
+            "seconds": round(wall, 1), "unit": "% of one core"}
+
+
+def _models_config(d: Path, port: int) -> Path:
+    traffic = [synthetic("radar", 1.0, quantity="speed", unit="m/s", base=12.0)]
+    energy = [synthetic("meter", 1.0, quantity="active_power", unit="W", base=300.0)]
+    return agent_config(
+        d, port, sensors=traffic + energy,
+        streams=[{"name": "traffic", "sensors": ["radar"], "window_s": 10},
+                 {"name": "energy", "sensors": ["meter"], "window_s": 60}],
+        models=[{"name": "traffic", "stream": "traffic"},
+                {"name": "energy", "stream": "energy"}])
+
+
+async def rss_and_ready(tmp: Path, port: int, starts: int) -> dict[str, Any]:
+    """VmRSS after READY with both models loaded, and time to READY, vs bare processes."""
+    d = tmp / "rss"
+    d.mkdir()
+    cfg = _models_config(d, port)
+    rss, ready = [], []
+    for i in range(starts):
+        a = AgentProcess(cfg, d / f"agent-{i}.log")
+        try:
+            ready.append(a.wait_ready())
+            rss.append(rss_kib(a.pid))
+            status = await asyncio.to_thread(_status, d / "control.sock")
+        finally:
+            a.stop()
+    loaded = sorted(status["models"]["status"]["models"])
+    if loaded != ["energy", "traffic"]:
+        raise RuntimeError(f"both models should be loaded, the agent has {loaded}")
+    base = python_child("import time, onnxruntime, numpy\nprint('ok', flush=True)\n"
+                        "time.sleep(60)")
+    try:
+        assert base.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(base.stdout.readline), 30)
+        if line.strip() != b"ok":
+            raise RuntimeError(f"baseline process said {line!r}")
+        base_rss = rss_kib(base.pid)
+    finally:
+        base.kill()
+        base.wait(10)
+    bare_start = bare_startup_s()
+    return {
+        "rss": {"agent": float(np.median(rss)) / 1024, "baseline": base_rss / 1024,
+                "unit": "MiB", "models": loaded},
+        "ready": {"agent": float(np.median(ready)), "baseline": bare_start, "unit": "s",
+                  "samples": [round(x, 3) for x in ready]},
+    }
