@@ -147,7 +147,7 @@ class SensorSupervisor:
             return
         try:
             await within(asyncio.shield(self.sensor.close()), CLOSE_TIMEOUT_S)
-        except (Exception, asyncio.CancelledError) as exc:
+        except Exception as exc:  # a cancellation must pass: the supervisor is being stopped
             log.debug("closing sensor %s: %r", self.health.name, exc)
 
     def snapshot(self, now_mono: float) -> dict[str, Any]:

@@ -53,8 +53,7 @@ async def broker(arg: str | None) -> AsyncIterator[tuple[str, int]]:
     from tests.broker import Mosquitto
 
     with tempfile.TemporaryDirectory() as d:
-        # "user root" keeps a root-started mosquitto able to write its directory.
-        b = Mosquitto(Path(d) / "mosq", extra_conf="user root\n")
+        b = Mosquitto(Path(d) / "mosq")
         b.start()
         try:
             yield b.host, b.port

@@ -10,12 +10,16 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig, parse_config
 from agent.runtime import Agent
+from tests.waiting import until
+
+__all__ = ["make_config", "running_agent", "start_agent_process", "stop_process", "until",
+           "write_toml"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,14 +92,6 @@ async def running_agent(data: dict[str, Any], config_path: Path | None = None,
         agent.request_stop()
         await asyncio.wait_for(task, 20)
 
-
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
-    """Poll ``cond`` until true; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or cond}")
-        await asyncio.sleep(0.01)
 
 
 def start_agent_process(config: Path, env: dict[str, str] | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, Drive
 from drivers.emulated.ops243 import Ops243Emulator, Pass, TrafficModel
 from drivers.serial import ops243
 from drivers.serial.ops243_reports import LineParser, Reply, SpeedReport
+from tests.waiting import until
 
 
 def parse_one(line: str, counts: dict[str, int] | None = None) -> Any:
@@ -138,13 +139,6 @@ def radar(ctx: BuildContext, variant: str = "json", **options: Any) -> ops243.Op
     cfg = SensorConfig(name="radar", driver="ops243", port="emulated", timeout_s=0.3, options=opts)
     return ops243.build(cfg, ctx)
 
-
-async def until(cond: Callable[[], bool], timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

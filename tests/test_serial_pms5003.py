@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from drivers.emulated.pms5003 import Pms5003Emulator, background_pm2_5, frame_fo
 from drivers.serial import pms5003
 from drivers.serial.pms5003 import FrameParser, PmsFrame, command, decode_frame
 from drivers.serial.port import SerialPort
+from tests.waiting import until
 
 SAMPLE = PmsFrame(5, 9, 12, 4, 8, 11, (1200, 380, 70, 6, 2, 1), reserved=0x9700)
 
@@ -124,13 +125,6 @@ def sensor(ctx: BuildContext) -> pms5003.Pms5003Sensor:
                        options={"silence_s": 0.4, "emulator": {"interval_s": 0.02}})
     return pms5003.build(cfg, ctx)
 
-
-async def until(cond: Callable[[], bool], timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

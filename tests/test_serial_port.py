@@ -6,21 +6,13 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Callable
 
 import pytest
 
 from drivers.base import DeviceNotReady
 from drivers.emulated.pty import PtyDevice
 from drivers.serial.port import SerialPort
-
-
-async def until(cond: Callable[[], bool], timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
+from tests.waiting import until
 
 
 async def test_missing_port_is_not_ready_and_named() -> None:

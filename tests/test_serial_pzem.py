@@ -30,6 +30,7 @@ from drivers.serial import pzem004t
 from drivers.serial.modbus import read_registers_request
 from drivers.serial.port import SerialPort
 from drivers.serial.pzem004t import Measurement, PzemBus, PzemSensor
+from tests.waiting import until
 
 MANUAL = Measurement(220.0, 1.0, 220.0, 0.0, 50.0, 1.0, False)
 OTHER = Measurement(231.4, 12.345, 2780.5, 123456.0, 49.9, 0.97, True)
@@ -46,14 +47,6 @@ def meter(ctx: BuildContext, name: str, address: int, **options: Any) -> PzemSen
                        timeout_s=0.25, options=options)
     return pzem004t.build(cfg, ctx)
 
-
-async def until(cond: Callable[[], bool], timeout_s: float) -> None:
-    """Poll ``cond`` until it holds, failing after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def values(readings: Any) -> dict[str, float]:

@@ -10,6 +10,7 @@ from agent.clock import SystemClock
 from agent.readings import Reading
 from agent.supervisor import SensorSupervisor, backoff_delay
 from drivers.base import DeviceNotReady, PolledSensor
+from tests.waiting import until as _until
 
 
 class Flaky(PolledSensor):
@@ -43,11 +44,6 @@ def _sup(sensor: Flaky, out: list[Reading], down_after: int = 3) -> SensorSuperv
                             backoff_initial_s=0.001, backoff_max_s=0.01, down_after=down_after,
                             open_timeout_s=1.0, rng=random.Random(1))
 
-
-async def _until(cond, timeout_s: float = 5.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not cond():
-            await asyncio.sleep(0.001)
 
 
 async def test_crashing_sensor_is_restarted_while_others_keep_producing() -> None:

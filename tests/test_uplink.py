@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from agent.outbox import Outbox
 from agent.readings import ChannelStats, Window
 from agent.uplink import Uplink
 from tests.broker import Mosquitto, free_port
+from tests.waiting import until as wait_until
 
 GW = "gw-up"
 
@@ -50,13 +51,6 @@ def window(i: int, stream: str = "climate") -> Window:
     s = ChannelStats(3, 20.0 + i, 19.0, 21.0, 20.5, 0.2, "degC")
     return Window(stream, i * 10**10, (i + 1) * 10**10, {"bme.temperature": s})
 
-
-async def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Sub:
