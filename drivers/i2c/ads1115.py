@@ -37,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.clock import Clock
 from agent.readings import UNITS, Reading
 from drivers.base import BuildContext, DeviceNotReady, ProtocolError
-from drivers.i2c.bus import AsyncI2CBus, shared_bus
+from drivers.i2c.bus import AsyncI2CBus
 from drivers.i2c.regio import RegisterIO, hex16, to_s16
-from drivers.i2c.sensor import I2CSensor, parse_options
+from drivers.i2c.sensor import I2CSensor, bus_for, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -231,12 +231,9 @@ class Ads1115Sensor(I2CSensor):
 def build(cfg: Any, ctx: BuildContext) -> Ads1115Sensor:
     """``cfg`` is a SensorConfig with ``driver = "ads1115"``."""
     options = parse_options(Ads1115Options, cfg.options, sensor=cfg.name)
-    address = DEFAULT_ADDRESS if cfg.address is None else int(cfg.address)
-    bus = shared_bus(ctx, cfg.bus, where=f"sensor {cfg.name!r}")
-    if bus.emulated is not None and bus.emulated.chip(address) is None:
-        from drivers.emulated.ads1115 import Ads1115Emulator
+    from drivers.emulated.ads1115 import Ads1115Emulator
 
-        bus.emulated.attach(address, Ads1115Emulator(
-            clock=lambda: ctx.clock.mono_ns() / 1e9, env_time=lambda: ctx.clock.wall_ns() / 1e9))
+    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Ads1115Emulator(
+        clock=mono, env_time=wall))
     return Ads1115Sensor(cfg.name, ctx.clock, cfg.period_s, bus=bus, address=address,
                          timeout_s=cfg.timeout_s, options=options)

@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from agent.clock import Clock
 from agent.readings import Reading
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, ProtocolError
-from drivers.i2c.bus import AsyncI2CBus, shared_bus
+from drivers.i2c.bus import AsyncI2CBus
 from drivers.i2c.regio import RegisterIO, hex8
-from drivers.i2c.sensor import I2CSensor, parse_options
+from drivers.i2c.sensor import I2CSensor, bus_for, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -392,12 +392,9 @@ class Bme280Sensor(I2CSensor):
 def build(cfg: Any, ctx: BuildContext) -> Bme280Sensor:
     """``cfg`` is a SensorConfig with ``driver = "bme280"``."""
     options = parse_options(Bme280Options, cfg.options, sensor=cfg.name)
-    address = DEFAULT_ADDRESS if cfg.address is None else int(cfg.address)
-    bus = shared_bus(ctx, cfg.bus, where=f"sensor {cfg.name!r}")
-    if bus.emulated is not None and bus.emulated.chip(address) is None:
-        from drivers.emulated.bme280 import Bme280Emulator
+    from drivers.emulated.bme280 import Bme280Emulator
 
-        bus.emulated.attach(address, Bme280Emulator(
-            clock=lambda: ctx.clock.mono_ns() / 1e9, env_time=lambda: ctx.clock.wall_ns() / 1e9))
+    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Bme280Emulator(
+        clock=mono, env_time=wall))
     return Bme280Sensor(cfg.name, ctx.clock, cfg.period_s, bus=bus, address=address,
                         timeout_s=cfg.timeout_s, options=options)

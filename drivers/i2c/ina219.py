@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agent.clock import Clock
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady, ProtocolError
-from drivers.i2c.bus import AsyncI2CBus, shared_bus
+from drivers.i2c.bus import AsyncI2CBus
 from drivers.i2c.regio import RegisterIO, hex16, to_s16
-from drivers.i2c.sensor import I2CSensor, parse_options
+from drivers.i2c.sensor import I2CSensor, bus_for, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,9 @@ class Ina219Sensor(I2CSensor):
 def build(cfg: Any, ctx: BuildContext) -> Ina219Sensor:
     """``cfg`` is a SensorConfig with ``driver = "ina219"``."""
     options = parse_options(Ina219Options, cfg.options, sensor=cfg.name)
-    address = DEFAULT_ADDRESS if cfg.address is None else int(cfg.address)
-    bus = shared_bus(ctx, cfg.bus, where=f"sensor {cfg.name!r}")
-    if bus.emulated is not None and bus.emulated.chip(address) is None:
-        from drivers.emulated.ina219 import Ina219Emulator
+    from drivers.emulated.ina219 import Ina219Emulator
 
-        bus.emulated.attach(address, Ina219Emulator(
-            shunt_ohms=options.shunt_ohms, clock=lambda: ctx.clock.mono_ns() / 1e9,
-            env_time=lambda: ctx.clock.wall_ns() / 1e9))
+    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Ina219Emulator(
+        shunt_ohms=options.shunt_ohms, clock=mono, env_time=wall))
     return Ina219Sensor(cfg.name, ctx.clock, cfg.period_s, bus=bus, address=address,
                         timeout_s=cfg.timeout_s, options=options)
