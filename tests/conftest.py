@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tty
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.clock import SystemClock
+from drivers.base import BuildContext
 from tests.broker import Mosquitto
 
 
@@ -37,6 +39,13 @@ def private_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[BuildContext]:
+    """A driver build context on the system clock; what drivers put on its stack is closed."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield BuildContext(SystemClock(), stack)
 
 
 @pytest.fixture

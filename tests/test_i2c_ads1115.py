@@ -3,12 +3,8 @@ engineering units, overflow and option errors."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 import pytest
 
-from agent.clock import SystemClock
 from agent.config import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, ProtocolError
 from drivers.emulated.ads1115 import Ads1115Emulator, cabinet_inputs
@@ -21,10 +17,6 @@ CT = {"mux": "ain0", "pga": 4.096, "quantity": "ct_current", "unit": "A", "scale
       "offset": 0.0}
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def make(ctx: BuildContext, chip: Ads1115Emulator | None = None,

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 import pytest
 
-from agent.clock import SystemClock
 from agent.config import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, ProtocolError
 from drivers.emulated.bme280 import Bme280Emulator
@@ -27,10 +23,6 @@ EXAMPLE_CAL = bytes.fromhex("706B436718FC7D8E43D6D00B270B8C00F9FF8C3CF8C67017")
 EXAMPLE_RAW = bytes.fromhex("655AC07EED00")
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def make(ctx: BuildContext, **options: object) -> tuple[bme280.Bme280Sensor, Bme280Emulator]:

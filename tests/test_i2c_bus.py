@@ -7,7 +7,6 @@ import contextlib
 import ctypes
 import errno
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 from smbus2 import i2c_msg
@@ -21,12 +20,6 @@ from drivers.emulated.ina219 import Ina219Emulator
 from drivers.i2c import bme280
 from drivers.i2c.bus import AsyncI2CBus, emulated_bus, install_emulated_bus, shared_bus
 from drivers.i2c.regio import I2CBusFault, RegisterIO
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 async def test_calls_run_on_one_worker_thread_off_the_loop(ctx: BuildContext) -> None:

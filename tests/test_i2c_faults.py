@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,10 +23,6 @@ CHIPS = [(bme280, 0x76, 0xD0), (ina219, 0x40, 0x00), (ads1115, 0x48, 0x01)]
 IDS = ["bme280", "ina219", "ads1115"]
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def make(ctx: BuildContext, module: Any, address: int, period_s: float = 1.0

@@ -3,24 +3,14 @@ including a brown-out reset and math overflow."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 import pytest
 
-from agent.clock import SystemClock
 from agent.config import SensorConfig
 from drivers.base import BuildContext, ConfigurationError
 from drivers.emulated.ina219 import Ina219Emulator, solar_charge
 from drivers.i2c import ina219
 from drivers.i2c.bus import emulated_bus
 from drivers.i2c.ina219 import Ina219Options, bus_voltage, calibration, shunt_voltage
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def make(ctx: BuildContext, **options: object) -> tuple[ina219.Ina219Sensor, Ina219Emulator]:

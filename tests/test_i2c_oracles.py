@@ -16,11 +16,9 @@ bytes our drivers read. Known, explained differences:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import struct
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +31,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from smbus2 import i2c_msg
 
-from agent.clock import SystemClock
 from agent.config import SensorConfig
 from drivers.base import BuildContext
 from drivers.emulated.ads1115 import Ads1115Emulator
@@ -271,10 +268,6 @@ def test_ads1115_matches_adafruit(mux: str, pga: float, rate: int, code: int) ->
 
 
 # --- the emulators, read by the independent drivers --------------------------------------------
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def build(ctx: BuildContext, module: Any, address: int, **options: Any) -> Any:

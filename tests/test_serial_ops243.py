@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,11 +13,11 @@ from hypothesis import strategies as st
 from agent.clock import SystemClock
 from agent.config import SensorConfig
 from agent.readings import Reading
-from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, DriverError
+from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 from drivers.emulated.ops243 import Ops243Emulator, Pass, TrafficModel
 from drivers.serial import ops243
 from drivers.serial.ops243_reports import LineParser, Reply, SpeedReport
-from tests.waiting import until
+from tests.waiting import running, until
 
 
 def parse_one(line: str, counts: dict[str, int] | None = None) -> Any:
@@ -127,10 +126,6 @@ def test_every_report_embedded_in_noise_is_found(
 # -- the driver against the emulated radar -----------------------------------------------
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def radar(ctx: BuildContext, variant: str = "json", **options: Any) -> ops243.Ops243Sensor:
@@ -141,15 +136,6 @@ def radar(ctx: BuildContext, variant: str = "json", **options: Any) -> ops243.Op
 
 
 
-@contextlib.asynccontextmanager
-async def running(s: ops243.Ops243Sensor, out: list[Reading]) -> AsyncIterator[asyncio.Task[Any]]:
-    task = asyncio.create_task(s.run(out.append), name="radar-run")
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, DriverError):
-            await task
 
 
 OVERLAP = [Pass(1, 12.0, 0.2), Pass(-1, 9.5, 0.2, start_s=0.1)]

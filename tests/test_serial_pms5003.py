@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.clock import SystemClock
 from agent.config import SensorConfig
 from agent.readings import Reading
-from drivers.base import BuildContext, DeviceNotReady, DriverError
+from drivers.base import BuildContext, DeviceNotReady
 from drivers.emulated.pms5003 import Pms5003Emulator, background_pm2_5, frame_for
 from drivers.serial import pms5003
 from drivers.serial.pms5003 import FrameParser, PmsFrame, command, decode_frame
 from drivers.serial.port import SerialPort
-from tests.waiting import until
+from tests.waiting import running, until
 
 SAMPLE = PmsFrame(5, 9, 12, 4, 8, 11, (1200, 380, 70, 6, 2, 1), reserved=0x9700)
 
@@ -114,10 +110,6 @@ def test_emulated_concentrations_follow_the_day() -> None:
     assert f.pm2_5_cf1 > f.pm2_5  # CF=1 reads higher in dense air
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def sensor(ctx: BuildContext) -> pms5003.Pms5003Sensor:
@@ -127,15 +119,6 @@ def sensor(ctx: BuildContext) -> pms5003.Pms5003Sensor:
 
 
 
-@contextlib.asynccontextmanager
-async def running(s: pms5003.Pms5003Sensor, out: list[Reading]) -> AsyncIterator[asyncio.Task[Any]]:
-    task = asyncio.create_task(s.run(out.append), name="pms-run")
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, DriverError):
-            await task
 
 
 async def test_driver_emits_the_frames_values(ctx: BuildContext) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -36,10 +36,6 @@ MANUAL = Measurement(220.0, 1.0, 220.0, 0.0, 50.0, 1.0, False)
 OTHER = Measurement(231.4, 12.345, 2780.5, 123456.0, 49.9, 0.97, True)
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)
 
 
 def meter(ctx: BuildContext, name: str, address: int, **options: Any) -> PzemSensor:
