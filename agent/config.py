@@ -29,9 +29,9 @@ from pydantic import (
 )
 
 from agent.clean_config import CleanOptions
+from agent.config_env import apply_env
 from drivers.registry import DRIVERS
 
-ENV_PREFIX = "EDGE_AGENT__"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -450,38 +450,6 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
         out.append(Problem("mqtt.cert_file", mq.cert_file or "''",
                            "cert_file and key_file must be given together"))
     return out
-
-
-_ENV_KEY = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Override scalar keys from `EDGE_AGENT__A__B=value` (list items by index: `__0__`)."""
-    for key, value in sorted(env.items()):
-        if not key.startswith(ENV_PREFIX) or not _ENV_KEY.match(key):
-            continue
-        parts = key[len(ENV_PREFIX):].lower().split("__")
-        node: Any = data
-        for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                node = None
-                break
-        last = parts[-1]
-        if isinstance(node, dict) and not isinstance(node.get(last), (dict, list)):
-            node[last] = _env_value(value)
-    return data
-
-
-def _env_value(text: str) -> Any:
-    """Interpret a value as TOML would (numbers, booleans, quoted strings), else a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def _partial_checks(data: dict[str, Any]) -> list[Problem]:

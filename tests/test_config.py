@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import ConfigError, apply_env, load_config, parse_config
+from agent.config import ConfigError, load_config, parse_config
 from agent.config_doc import BEGIN, END, reference_markdown
+from agent.config_env import apply_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
