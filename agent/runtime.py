@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clock import Clock
-from agent.config import AgentConfig, ConfigError, load_config
-from agent.pipeline import Pipeline
+from agent.config.schema import AgentConfig, ConfigError, load_config
+from agent.generation import Pipeline
 from agent.sdnotify import Notifier
 from drivers.base import BuildContext
 
 if TYPE_CHECKING:
-    from agent.control import ControlServer
-    from agent.infer import InferenceStage
+    from agent.control.server import ControlServer
+    from agent.pipeline.infer import InferenceStage
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Agent:
         return new
 
     async def run(self, *, install_signals: bool = True) -> int:
-        from agent.control import ControlServer
+        from agent.control.server import ControlServer
 
         installed = self._install_signals() if install_signals else []
         loop = asyncio.get_running_loop()
@@ -118,7 +118,7 @@ class Agent:
             self.notifier.close()
 
     async def _serve_control(self) -> None:
-        from agent.control import ControlSocketError
+        from agent.control.server import ControlSocketError
 
         assert self.control is not None
         try:
@@ -132,7 +132,7 @@ class Agent:
             self.generation += 1
             self._reload.clear()
             if self.infer is None:
-                from agent.infer import InferenceStage
+                from agent.pipeline.infer import InferenceStage
 
                 self.infer = InferenceStage()  # loaded by the pipeline; kept across reloads
             pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,

@@ -20,11 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.clean import Cleaner
 from agent.clock import SystemClock
-from agent.config import FuseGroup, SensorConfig, StreamConfig
+from agent.config.schema import FuseGroup, SensorConfig, StreamConfig
+from agent.pipeline.clean import Cleaner
+from agent.pipeline.windows import Windower
 from agent.readings import Reading
-from agent.windows import Windower
 
 S = 10**9
 T0 = 1_800_000_000 * S

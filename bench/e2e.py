@@ -19,7 +19,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from agent.control_client import ControlClient
+from agent.control.client import ControlClient
 from bench.procs import (
     GATEWAY,
     ROOT,

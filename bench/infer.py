@@ -25,9 +25,9 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import ModelConfig
-from agent.features import FeatureBuilder
-from agent.infer import InferenceStage, feature_spec
+from agent.config.schema import ModelConfig
+from agent.pipeline.features import FeatureBuilder
+from agent.pipeline.infer import InferenceStage, feature_spec
 from agent.readings import Window
 from models import SAMPLES_DIR, SHIPPED
 from models.manifest import load_manifest, session_options, shipped_paths

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import OutboxConfig
-from agent.feed import encode, reading_message
-from agent.outbox import Outbox
+from agent.config.schema import OutboxConfig
+from agent.feed.messages import encode, reading_message
+from agent.outbox.store import Outbox
 from agent.readings import Reading
 from bench import clean_fuse
 from bench import infer as infer_bench

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.config import StreamConfig  # noqa: E402
+from agent.config.schema import StreamConfig  # noqa: E402
 from tests.harness import make_config, write_toml  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -86,7 +86,7 @@ class NotifySocket:
 
 
 class AgentProcess:
-    """``python -m agent.cli run -c CONFIG`` with a notify socket; ``ready_s`` once READY."""
+    """``python -m agent.cli.main run -c CONFIG`` with a notify socket; ``ready_s`` once READY."""
 
     def __init__(self, config: Path, log: Path) -> None:
         self.config = config
@@ -96,7 +96,7 @@ class AgentProcess:
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "-c", str(config),
+            [sys.executable, "-m", "agent.cli.main", "run", "-c", str(config),
              "--log-format", "text"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.ready_s = 0.0

@@ -34,10 +34,10 @@ if str(ROOT) not in sys.path:
 
 import aiomqtt  # noqa: E402
 
-from agent.config import MqttConfig, OutboxConfig  # noqa: E402
-from agent.feed import Draft, HealthMessage, encode, health_message  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
-from agent.uplink import Uplink  # noqa: E402
+from agent.config.schema import MqttConfig, OutboxConfig  # noqa: E402
+from agent.feed.messages import Draft, HealthMessage, encode, health_message  # noqa: E402
+from agent.outbox.store import Outbox  # noqa: E402
+from agent.uplink.forwarder import Uplink  # noqa: E402
 
 PAYLOAD_BYTES = 200
 COMMIT_BATCH = 1000

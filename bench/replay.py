@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import MqttConfig, OutboxConfig
-from agent.feed import window_message
-from agent.outbox import Outbox
+from agent.config.schema import MqttConfig, OutboxConfig
+from agent.feed.messages import window_message
+from agent.outbox.store import Outbox
 from agent.readings import ChannelStats, Window
 from bench.e2e import PREFIX, Feed, iso_ns, pcts
 from bench.procs import GATEWAY, agent_config, agent_running, raw_share, synthetic

@@ -82,8 +82,8 @@ def _close(a: float | str, b: Any) -> bool:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from agent.config import ModelConfig
-    from agent.infer import InferenceStage
+    from agent.config.schema import ModelConfig
+    from agent.pipeline.infer import InferenceStage
     from models.windows_io import window_from_dict
 
     sample_path = Path(args.samples) if args.samples else SAMPLES_DIR / f"{args.name}.json"

@@ -1,7 +1,7 @@
 """From site data to model matrices: the feature specs of the shipped models, splits, baselines.
 
-Feature rows are built by ``agent.features.FeatureBuilder``, the code the gateway runs, so the
-training inputs and the gateway's inputs cannot drift apart.
+Feature rows are built by ``agent.pipeline.features.FeatureBuilder``, the code the gateway
+runs, so the training inputs and the gateway's inputs cannot drift apart.
 
 Split: whole weeks, assigned in a repeating pattern of ten (weeks 3 and 8 of each ten are test,
 week 5 validation, the rest training). Held-out weeks lie in every season, which a single
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.features import (
+from agent.pipeline.features import (
     WEATHER_QUANTITIES,
     WINDOW_QUANTITIES,
     FeatureSpec,

@@ -146,7 +146,12 @@ def _sample_start(trained: Trained, data: SiteData, count: int) -> int:
 def write_samples(trained: Trained, data: SiteData, path: Path, manifest: Manifest) -> None:
     """Sample windows from the test weeks with the outputs the exported graph gives for them:
     enough windows to fill the model's longest lag, plus half a day."""
-    from agent.features import WEATHER_QUANTITIES, WINDOW_QUANTITIES, feature_matrix, parse_input
+    from agent.pipeline.features import (
+        WEATHER_QUANTITIES,
+        WINDOW_QUANTITIES,
+        feature_matrix,
+        parse_input,
+    )
     from models.dataset import quantities
 
     count = max(parse_input(n)[1] for n in trained.data.spec.names) + 144

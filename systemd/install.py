@@ -18,7 +18,7 @@ from pathlib import Path
 # The checkout's own code, whether or not the package is installed on this host.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import cli_service
+from agent.cli import service as cli_service
 
 
 def main(argv: list[str] | None = None) -> int:

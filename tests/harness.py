@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig, parse_config
+from agent.config.schema import AgentConfig, parse_config
 from agent.runtime import Agent
 from tests.waiting import until
 
@@ -100,7 +100,7 @@ def start_agent_process(config: Path, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "-c", str(config),
+    return subprocess.Popen([sys.executable, "-m", "agent.cli.main", "run", "-c", str(config),
                              "--log-format", "text"], stdout=out, stderr=subprocess.STDOUT,
                             env=full_env, cwd=ROOT)
 

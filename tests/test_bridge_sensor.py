@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, Sensor
 from drivers.registry import builder

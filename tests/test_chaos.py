@@ -26,10 +26,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import OutboxConfig
-from agent.control_client import ControlClient
-from agent.feed import health_message
-from agent.outbox import Outbox
+from agent.config.schema import OutboxConfig
+from agent.control.client import ControlClient
+from agent.feed.messages import health_message
+from agent.outbox.store import Outbox
 from agent.runtime import Agent
 from drivers.i2c.bus import emulated_bus
 from tests.broker import Mosquitto, free_port
@@ -209,7 +209,7 @@ def _status(sock: Path) -> dict[str, Any]:
 
 def _spawn(cfg: Path, log: Path, netns: str | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "agent.cli", "run", "-c", str(cfg), "--log-format", "text"]
+    cmd = [sys.executable, "-m", "agent.cli.main", "run", "-c", str(cfg), "--log-format", "text"]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     with open(log, "ab") as out:

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.clean import Cleaner
-from agent.clean_config import DEFAULTS, CleanOptions, resolve
 from agent.clock import SystemClock
-from agent.config import SensorConfig
-from agent.filters import Hampel, RateLimit, Stuck, unit_conversion
+from agent.config.cleaning import DEFAULTS, CleanOptions, resolve
+from agent.config.schema import SensorConfig
+from agent.pipeline.clean import Cleaner
+from agent.pipeline.filters import Hampel, RateLimit, Stuck, unit_conversion
 from agent.readings import Reading
 
 T0 = 1_800_000_000 * 10**9

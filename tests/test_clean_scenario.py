@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from agent.clean import Cleaner
-from agent.clean_config import CleanOptions
-from agent.clocksync import ClockSync
-from agent.config import SensorConfig, StreamConfig
+from agent.config.cleaning import CleanOptions
+from agent.config.schema import SensorConfig, StreamConfig
+from agent.pipeline.clean import Cleaner
+from agent.pipeline.clocksync import ClockSync
+from agent.pipeline.windows import Windower
 from agent.readings import Window
-from agent.windows import Windower
 from drivers.synthetic import SyntheticSensor
 
 S = 10**9

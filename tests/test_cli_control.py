@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli_control
-from agent.status_view import status_schema
+from agent.cli import control as cli_control
+from agent.control.view import status_schema
 from tests.test_control import SCHEMA_FILE, FakeAgent, serving, short_dir, until
 
 
@@ -219,7 +219,7 @@ def test_stale_socket_is_reported_as_not_running(capsys) -> None:
 
 
 def test_commands_mount_in_the_real_cli_beside_the_sensor_commands() -> None:
-    from agent.cli import build_parser
+    from agent.cli.main import build_parser
 
     p = build_parser()
     args = p.parse_args(["sensors", "list", "--socket", "/x.sock"])
@@ -233,7 +233,7 @@ def test_terminal_screen_renders_the_same_facts_as_a_table() -> None:
     import io
 
     pytest.importorskip("rich")
-    from agent.status_view import render_rich
+    from agent.control.view import render_rich
 
     out = io.StringIO()
     render_rich(FakeAgent().snapshot(), out, width=200)
@@ -248,6 +248,6 @@ def test_terminal_screen_renders_the_same_facts_as_a_table() -> None:
     (123456789.0, "123456789"), (True, "True"), (None, "None"),
 ])
 def test_numbers_are_shown_without_exponents(value, shown) -> None:
-    from agent.status_view import fmt_number
+    from agent.control.view import fmt_number
 
     assert fmt_number(value) == shown

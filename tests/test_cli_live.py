@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agent.cli import main
+from agent.cli.main import main
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until
 

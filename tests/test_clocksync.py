@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from agent.clean import Cleaner
-from agent.clocksync import EPOCH_FLOOR_NS, ClockSync, SyncDetector, kernel_synced, restamp
-from agent.config import SensorConfig, StreamConfig
+from agent.config.schema import SensorConfig, StreamConfig
+from agent.pipeline.clean import Cleaner
+from agent.pipeline.clocksync import EPOCH_FLOOR_NS, ClockSync, SyncDetector, kernel_synced, restamp
+from agent.pipeline.windows import Windower
 from agent.readings import Reading
-from agent.windows import Windower
 
 S = 10**9
 DAY = 86_400 * S

@@ -10,11 +10,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.commands import CommandDispatcher, CommandError, encode_result
-from agent.config import MqttConfig, OutboxConfig
-from agent.feed import health_message
-from agent.outbox import Outbox
-from agent.uplink import Uplink
+from agent.config.schema import MqttConfig, OutboxConfig
+from agent.feed.messages import health_message
+from agent.outbox.store import Outbox
+from agent.uplink.commands import CommandDispatcher, CommandError, encode_result
+from agent.uplink.forwarder import Uplink
 from tests.test_uplink import broker_at, running, subscribed, wait_until
 
 GW = "gw-cmd"

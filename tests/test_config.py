@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.config import ConfigError, load_config, parse_config
-from agent.config_doc import BEGIN, END, reference_markdown
-from agent.config_env import apply_env
+from agent.cli.main import main
+from agent.config.env import apply_env
+from agent.config.reference import BEGIN, END, reference_markdown
+from agent.config.schema import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

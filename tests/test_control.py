@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from agent.control import ControlServer, ControlSocketError
+from agent.control.server import ControlServer, ControlSocketError
+from agent.control.tail import TailHub
 from agent.supervisor import SensorHealth
-from agent.tail import TailHub
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "docs" / "status.schema.json"

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from agent.config import SensorConfig, StreamConfig
-from agent.derived import ENERGY_NAMES, TRAFFIC_NAMES
+from agent.config.schema import SensorConfig, StreamConfig
+from agent.pipeline.derived import ENERGY_NAMES, TRAFFIC_NAMES
+from agent.pipeline.windows import Windower
 from agent.readings import Reading, Window
-from agent.windows import Windower
 
 S = 10**9
 T0 = 1_800_000_000 * S

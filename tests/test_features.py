@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
-from agent import features
-from agent.features import (
+from agent.pipeline import features
+from agent.pipeline.features import (
     FeatureBuilder,
     FeatureError,
     FeatureSpec,
@@ -218,7 +218,7 @@ def test_history_cap_forgets_the_oldest_and_says_so(monkeypatch: pytest.MonkeyPa
                                                     caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(features, "MAX_HISTORY_WINDOWS", 100)
     b = FeatureBuilder(spec("power_mean_w", "power_mean_w_lag1", hold=0))
-    with caplog.at_level(logging.WARNING, logger="agent.features"):
+    with caplog.at_level(logging.WARNING, logger="agent.pipeline.features"):
         for k in range(200):  # 1 s windows: lag1 needs 600 of them, the cap keeps 100
             row = b.push(Window("e", (T0 + k) * NS, (T0 + k + 1) * NS, {"m.power": stats(5.0)}))
     assert b.history_windows == 100

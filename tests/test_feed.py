@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 from pydantic import ValidationError
 
-from agent import feed
+from agent.feed import messages as feed
 from agent.readings import ChannelStats, Inference, Reading, Window
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.clean_config import CleanOptions
-from agent.config import FuseGroup, SensorConfig, StreamConfig
-from agent.fuse import Member, fuse
+from agent.config.cleaning import CleanOptions
+from agent.config.schema import FuseGroup, SensorConfig, StreamConfig
+from agent.pipeline.fuse import Member, fuse
+from agent.pipeline.windows import Windower
 from agent.readings import ChannelStats, Reading
-from agent.windows import Windower
 
 S = 10**9
 T0 = 1_800_000_000 * S

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, ProtocolError
 from drivers.emulated.ads1115 import Ads1115Emulator, cabinet_inputs
 from drivers.emulated.ina219 import Ina219Emulator

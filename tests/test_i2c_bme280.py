@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, ProtocolError
 from drivers.emulated.bme280 import Bme280Emulator
 from drivers.i2c import bme280

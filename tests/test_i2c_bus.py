@@ -12,7 +12,7 @@ import pytest
 from smbus2 import i2c_msg
 
 from agent.clock import SystemClock
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 from drivers.emulated.bme280 import Bme280Emulator
 from drivers.emulated.i2c_bus import EmulatedI2CBus

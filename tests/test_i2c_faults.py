@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.clock import SystemClock
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady, DriverError, Sensor
 from drivers.emulated.i2c_bus import EmulatedChip, EmulatedI2CBus

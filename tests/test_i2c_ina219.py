@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError
 from drivers.emulated.ina219 import Ina219Emulator, solar_charge
 from drivers.i2c import ina219

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from smbus2 import i2c_msg
 
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from drivers.base import BuildContext
 from drivers.emulated.ads1115 import Ads1115Emulator
 from drivers.emulated.bme280 import Bme280Emulator

@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from agent.config import ModelConfig
-from agent.infer import InferenceStage
+from agent.config.schema import ModelConfig
+from agent.pipeline.infer import InferenceStage
 from agent.readings import ChannelStats, Window
 from models import SAMPLES_DIR
 from models.manifest import sha256_bytes, shipped_paths

@@ -155,7 +155,7 @@ def test_bad_manifest_names_the_field(tmp_path: Path) -> None:
 
 
 def test_runtime_modules_import_without_torch() -> None:
-    code = ("import sys; import agent.infer, models.cli, models.manifest, models.train, "
+    code = ("import sys; import agent.pipeline.infer, models.cli, models.manifest, models.train, "
             "models.export; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False,
                           cwd=Path(__file__).resolve().parent.parent).returncode == 0

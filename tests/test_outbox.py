@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import OutboxConfig
-from agent.feed import health_message, reading_message, window_message
-from agent.outbox import Outbox, OutboxError
-from agent.outbox_db import SEQ_BLOCK, Batch, OutboxDB, Row
+from agent.config.schema import OutboxConfig
+from agent.feed.messages import health_message, reading_message, window_message
+from agent.outbox.db import SEQ_BLOCK, Batch, OutboxDB, Row
+from agent.outbox.store import Outbox, OutboxError
 from agent.readings import ChannelStats, Reading, Window
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,9 +191,9 @@ async def test_export_writes_every_stored_message(tmp_path: Path) -> None:
 
 _KILL_SCRIPT = """
 import asyncio, sys
-from agent.config import OutboxConfig
-from agent.feed import health_message
-from agent.outbox import Outbox
+from agent.config.schema import OutboxConfig
+from agent.feed.messages import health_message
+from agent.outbox.store import Outbox
 async def main():
     ob = Outbox(OutboxConfig(path=sys.argv[1], commit_interval_ms=5, commit_batch=50), "gw")
     ob.open()

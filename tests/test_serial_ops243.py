@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.clock import SystemClock
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 from drivers.emulated.ops243 import Ops243Emulator, Pass, TrafficModel

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady
 from drivers.emulated.pms5003 import Pms5003Emulator, background_pm2_5, frame_for

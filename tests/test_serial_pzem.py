@@ -14,7 +14,7 @@ from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.clock import SystemClock
-from agent.config import SensorConfig
+from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, DeviceNotReady, DriverError, ProtocolError
 from drivers.emulated.pty import PtyLink
 from drivers.emulated.pzem004t import (

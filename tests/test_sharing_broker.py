@@ -20,14 +20,14 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.cli_sharing import describe
-from agent.config import AgentConfig, MqttConfig, OutboxConfig, parse_config
-from agent.feed import health_message, inference_message, reading_message, window_message
-from agent.outbox import Outbox
+from agent.cli.sharing import describe
+from agent.config.schema import AgentConfig, MqttConfig, OutboxConfig, parse_config
+from agent.feed.messages import health_message, inference_message, reading_message, window_message
+from agent.feed.sharing import SharingPolicy
+from agent.outbox.store import Outbox
+from agent.pipeline.windows import Windower
 from agent.readings import Inference, Reading
-from agent.sharing import SharingPolicy
-from agent.uplink import Uplink
-from agent.windows import Windower
+from agent.uplink.forwarder import Uplink
 from tests.broker import Mosquitto, free_port
 from tests.harness import make_config, running_agent, until
 
@@ -313,8 +313,6 @@ async def test_a_gateway_cannot_write_into_another_gateways_namespace(
         assert ob.stats()["quarantined"] == put
 
 
-@pytest.mark.skipif("SharingPolicy" not in (ROOT / "agent" / "pipeline.py").read_text(),
-                    reason="the pipeline does not route through the sharing policy yet")
 async def test_running_agent_publishes_only_what_its_policy_allows(
         tmp_path: Path, acl_broker: Mosquitto) -> None:
     data = make_config(tmp_path, acl_broker.port, sensors=SENSORS[:2], streams=[

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import cli_sharing
-from agent.cli_sharing import describe
-from agent.config import ConfigError, parse_config
-from agent.feed import (
+from agent.cli import sharing as cli_sharing
+from agent.cli.sharing import describe
+from agent.config.schema import ConfigError, parse_config
+from agent.feed.messages import (
     Draft,
     encode,
     health_message,
@@ -24,9 +24,9 @@ from agent.feed import (
     reading_message,
     window_message,
 )
+from agent.feed.sharing import SharingPolicy, quantize
+from agent.pipeline.windows import Windower
 from agent.readings import ChannelStats, Inference, Reading, Window
-from agent.sharing import SharingPolicy, quantize
-from agent.windows import Windower
 
 GW = "gw-1"
 T0 = 1_700_000_000 * 10**9

@@ -18,11 +18,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import MqttConfig, OutboxConfig
-from agent.feed import health_message, window_message
-from agent.outbox import Outbox
+from agent.config.schema import MqttConfig, OutboxConfig
+from agent.feed.messages import health_message, window_message
+from agent.outbox.store import Outbox
 from agent.readings import ChannelStats, Window
-from agent.uplink import Uplink
+from agent.uplink.forwarder import Uplink
 from tests.broker import Mosquitto, free_port
 from tests.waiting import until as wait_until
 

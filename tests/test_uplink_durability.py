@@ -20,11 +20,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.config import MqttConfig, OutboxConfig
-from agent.feed import health_message, reading_message, window_message
-from agent.outbox import Outbox
+from agent.config.schema import MqttConfig, OutboxConfig
+from agent.feed.messages import health_message, reading_message, window_message
+from agent.outbox.store import Outbox
 from agent.readings import Reading
-from agent.uplink import Uplink
+from agent.uplink.forwarder import Uplink
 from tests.broker import Mosquitto
 from tests.test_uplink import broker_at, running, wait_until, window
 
@@ -167,7 +167,7 @@ async def test_kill_9_five_times_loses_nothing_accepted(tmp_path: Path,
                                                         mosq: Mosquitto) -> None:
     gw = "gw-crash"
     db = tmp_path / "outbox.db"
-    cmd = [sys.executable, "-m", "agent.uplink_loadgen", "--host", mosq.host,
+    cmd = [sys.executable, "-m", "agent.uplink.loadgen", "--host", mosq.host,
            "--port", str(mosq.port), "--db", str(db), "--gateway", gw]
     accepted: list[tuple[int, int]] = []  # per run: first seq, last seq reported durable
     async with cloud(mosq) as c:

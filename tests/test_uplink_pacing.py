@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from agent.backoff import Backoff, ReplayPacer
+from agent.uplink.backoff import Backoff, ReplayPacer
 
 
 def test_backoff_is_full_jitter_exponential_and_capped() -> None:

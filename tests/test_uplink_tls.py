@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import MqttConfig
-from agent.feed import health_message
-from agent.tls import UplinkConfigError, read_credentials, tls_context
+from agent.config.schema import MqttConfig
+from agent.feed.messages import health_message
+from agent.uplink.tls import UplinkConfigError, read_credentials, tls_context
 from tests.broker import Mosquitto, free_port
 from tests.test_uplink import GW, broker_at, make, running, subscribed, wait_until
 
@@ -124,7 +124,7 @@ async def test_wrong_ca_is_refused_clearly_and_never_falls_back(
         assert st["connects"] == 0 and st["state"] in ("connecting", "waiting")
         assert "certificate" in st["last_error"] and "other-ca.pem" in st["last_error"]
         assert ob.stats()["rows"] == 1  # still held for when the trust problem is fixed
-        errors = [r for r in caplog.records if r.name == "agent.uplink"]
+        errors = [r for r in caplog.records if r.name == "agent.uplink.forwarder"]
         assert errors and all(r.levelno == logging.ERROR for r in errors)
         assert len(errors) == 1  # the same failure, repeated, is logged once
         ob.close()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import FuseGroup, SensorConfig, StreamConfig
+from agent.config.schema import FuseGroup, SensorConfig, StreamConfig
+from agent.pipeline.windows import Windower
 from agent.readings import Reading, Window
-from agent.windows import Windower
 
 S = 10**9
 T0 = 1_800_000_000 * S  # a multiple of every window length used here

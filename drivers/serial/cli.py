@@ -75,7 +75,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
     users: dict[str, list[str]] = {}
     configured: list[tuple[str, str, str]] = []
     if args.config:
-        from agent.config import ConfigError, load_config
+        from agent.config.schema import ConfigError, load_config
 
         try:
             cfg = load_config(args.config)
@@ -117,7 +117,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
 
 
 def _sensor_config(args: argparse.Namespace, options: dict[str, Any]) -> Any:
-    from agent.config import SensorConfig
+    from agent.config.schema import SensorConfig
 
     return SensorConfig(
         name="sniff", driver=args.driver, port=args.port, timeout_s=args.timeout,

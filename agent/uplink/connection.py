@@ -6,7 +6,7 @@ flight. ``AckingClient`` adds ``publish_nowait``: a future per QoS 1 publish, re
 PUBACK reason code and cancelled when the connection ends. It relies on aiomqtt 2.x internals
 (the paho client and its ``on_publish`` hook), which is why aiomqtt is pinned below 3.
 
-``Connector.connect`` opens a connection: TLS from ``agent.tls``, credentials from the
+``Connector.connect`` opens a connection: TLS from ``agent.uplink.tls``, credentials from the
 configured file, last will ``offline`` (retained) on the status topic, TCP_NODELAY (neither
 aiomqtt nor paho set it, and Nagle plus delayed ACK stalls small publishes by ~40 ms), MQTT 5
 with a fall back to 3.1.1 when the broker refuses the protocol version (remembered).
@@ -34,8 +34,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.aio import within
-from agent.config import MqttConfig
-from agent.tls import ClientContext, read_credentials, tls_context
+from agent.config.schema import MqttConfig
+from agent.uplink.tls import ClientContext, read_credentials, tls_context
 
 log = logging.getLogger(__name__)
 

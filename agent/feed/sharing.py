@@ -48,9 +48,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from agent.config import AgentConfig, AudienceConfig, StreamConfig
-from agent.derived import RADAR
-from agent.feed import Draft
+from agent.config.schema import AgentConfig, AudienceConfig, StreamConfig
+from agent.feed.messages import Draft
+from agent.pipeline.derived import RADAR
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Client side of the control socket (see ``agent.control`` for the wire format).
+"""Client side of the control socket (see ``agent.control.server`` for the wire format).
 
 Blocking and small on purpose: the CLI sends one request and prints the answer, so it needs no
 event loop. Every read has a timeout; streaming commands get a heartbeat from the agent, so a

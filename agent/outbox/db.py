@@ -1,6 +1,6 @@
 """The outbox's SQLite file: schema, batched commits, bounds, sequence floor, corruption reset.
 
-Everything here is blocking and runs on the outbox's single worker thread (``agent.outbox``
+Everything here is blocking and runs on the outbox's single worker thread (``agent.outbox.store``
 owns that thread and is the only caller); the connection never leaves it.
 
 Sequence numbers must never be published twice for different messages, even when the file is

@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from agent.clean_config import CleanOptions
-from agent.config import AgentConfig
+from agent.config.cleaning import CleanOptions
+from agent.config.schema import AgentConfig
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"
@@ -68,7 +68,7 @@ def reference_markdown() -> str:
             title = f"[[{name}]]" if origin is list else f"[{name}]"
             out += _section(title, inner)
             if name == "streams":
-                from agent.config import AudienceConfig, FuseGroup
+                from agent.config.schema import AudienceConfig, FuseGroup
                 out += _section("[[streams.fuse]]", FuseGroup)
                 out += _section("[[streams.audiences]]", AudienceConfig)
     out += _section("[sensors.clean.<quantity>]", CleanOptions)

@@ -38,13 +38,13 @@ from typing import Any, Final
 import aiomqtt
 
 from agent.aio import within
-from agent.backoff import Backoff, ReplayPacer
-from agent.commands import CommandDispatcher, encode_result
-from agent.config import MqttConfig
-from agent.feed import Topics, mark_replayed
-from agent.mqtt_conn import ConnectFailed, Connector, Link, TlsFailed, puback_reason
-from agent.outbox import Outbox, Row
-from agent.tls import UplinkConfigError
+from agent.config.schema import MqttConfig
+from agent.feed.messages import Topics, mark_replayed
+from agent.outbox.store import Outbox, Row
+from agent.uplink.backoff import Backoff, ReplayPacer
+from agent.uplink.commands import CommandDispatcher, encode_result
+from agent.uplink.connection import ConnectFailed, Connector, Link, TlsFailed, puback_reason
+from agent.uplink.tls import UplinkConfigError
 
 __all__ = ["Uplink"]
 

@@ -7,8 +7,8 @@ events) and ``occupancy`` (mean of the occupancy channels, 0..1).
 
 Energy-like streams (any ``active_power``/``power``): ``power_mean_w`` (sum over meters of the
 time-weighted mean power) and ``energy_wh`` (trapezoidal integral of power over the window).
-The integral itself is accumulated reading by reading in ``agent.windows`` (``PowerIntegral``),
-because it needs consecutive samples, which window statistics no longer hold.
+The integral itself is accumulated reading by reading in ``agent.pipeline.windows``
+(``PowerIntegral``), because it needs consecutive samples, which window statistics no longer hold.
 
 A value with no input is NaN. A stream with a radar but no vehicle in the window has input:
 zero vehicles.

@@ -41,8 +41,8 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.aio import within
+from agent.control.tail import TailHub
 from agent.queues import BoundedQueue
-from agent.tail import TailHub
 
 log = logging.getLogger(__name__)
 

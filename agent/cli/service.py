@@ -91,7 +91,7 @@ class Templates:
 def find_templates(explicit: str | None = None) -> Path:
     """The directory of the unit and config templates: a checkout's ``systemd/`` or the
     copy installed under ``{prefix}/share/edge-agent/systemd``."""
-    here = Path(__file__).resolve().parent.parent / "systemd"
+    here = Path(__file__).resolve().parents[2] / "systemd"
     shared = Path(sys.prefix) / "share" / "edge-agent" / "systemd"
     candidates = [Path(explicit)] if explicit else [here, shared]
     for d in candidates:

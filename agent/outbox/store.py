@@ -7,7 +7,7 @@ PUBACK (or when the bounds policy drops it, which is counted).
 ``put`` seals a draft with the next ``seq`` and buffers it in memory; a commit happens every
 ``commit_interval_ms`` or as soon as ``commit_batch`` changes are pending, one transaction per
 batch (one fsync per batch, not per reading). All SQLite work runs on one worker thread
-(``agent.outbox_db``); the event loop only touches memory.
+(``agent.outbox.db``); the event loop only touches memory.
 
 Bounds (rows, bytes, age) are enforced inside each commit; when over, rows are dropped in
 ``DROP_ORDER`` (raw, health, inference, window), oldest first within a class, never a row the
@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from agent.clock import Clock, SystemClock
-from agent.config import OutboxConfig
-from agent.feed import Draft, encode
-from agent.outbox_db import (
+from agent.config.schema import OutboxConfig
+from agent.feed.messages import Draft, encode
+from agent.outbox.db import (
     DROP_ORDER,
     KINDS,
     Batch,

@@ -5,7 +5,7 @@ A window of a stream with ``window_s = W`` covers ``[start, start + W)`` with
 routed to every stream that lists its sensor and added to running sums in the window's
 per-channel accumulator: nothing per reading is kept, and the mean, min, max, last and sample
 std (ddof 1) come out when the window closes. Only usable values are aggregated (good, or
-suspect only about their timestamp, see ``agent.filters.value_usable``); suspect and bad
+suspect only about their timestamp, see ``agent.pipeline.filters.value_usable``); suspect and bad
 readings are counted.
 
 Closing: ``close_due(now, grace)`` closes the windows whose ``end + grace`` has passed. A reading
@@ -33,14 +33,14 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
-from agent.clean_config import resolve
 from agent.clock import Clock
-from agent.clocksync import ClockSync
-from agent.clocksync import restamp as restamp_reading
-from agent.config import SensorConfig, StreamConfig
-from agent.derived import DRIVER_QUANTITIES, NS_PER_HOUR, POWER, PowerIntegral, derive
-from agent.filters import CLOCK_UNSYNCED, RESTAMPED, value_usable
-from agent.fuse import Member, fuse
+from agent.config.cleaning import resolve
+from agent.config.schema import SensorConfig, StreamConfig
+from agent.pipeline.clocksync import ClockSync
+from agent.pipeline.clocksync import restamp as restamp_reading
+from agent.pipeline.derived import DRIVER_QUANTITIES, NS_PER_HOUR, POWER, PowerIntegral, derive
+from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, value_usable
+from agent.pipeline.fuse import Member, fuse
 from agent.readings import ChannelStats, Reading, Window
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, StreamConfig
+    from agent.config.schema import AgentConfig, StreamConfig
 
 KIND_NAMES = {"raw": "readings", "window": "windows", "inference": "inferences"}
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
+    from agent.config.schema import ConfigError, load_config
 
     try:
         cfg = load_config(args.config)
@@ -93,7 +93,7 @@ def render(plan: dict[str, Any]) -> list[str]:
 
 def vehicle_sensors(cfg: AgentConfig, stream: StreamConfig) -> list[str]:
     """Sensors of ``stream`` known from the configuration to count or measure vehicles."""
-    from agent.derived import DRIVER_QUANTITIES, TRAFFIC
+    from agent.pipeline.derived import DRIVER_QUANTITIES, TRAFFIC
 
     out = []
     for name in dict.fromkeys(stream.sensors):
@@ -107,7 +107,7 @@ def vehicle_sensors(cfg: AgentConfig, stream: StreamConfig) -> list[str]:
 
 def describe(cfg: AgentConfig) -> dict[str, Any]:
     """What leaves the gateway, from the configuration alone (``edge-agent sharing show``)."""
-    from agent.sharing import namespaces
+    from agent.feed.sharing import namespaces
 
     base = f"{cfg.mqtt.topic_prefix}/{cfg.gateway.id}"
     streams = []

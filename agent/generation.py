@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 from agent.aio import within
 from agent.clock import Clock
-from agent.config import AgentConfig
+from agent.config.schema import AgentConfig
+from agent.control.tail import TailHub
 from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.supervisor import SensorSupervisor
-from agent.tail import TailHub
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
 
 if TYPE_CHECKING:
-    from agent.feed import Draft
-    from agent.infer import InferenceStage
-    from agent.outbox_db import Kind
+    from agent.feed.messages import Draft
+    from agent.outbox.db import Kind
+    from agent.pipeline.infer import InferenceStage
     from agent.runtime import Agent
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def json_safe(value: Any) -> Any:
 
 
 def _default_clock(cfg: AgentConfig) -> Clock:
-    from agent.clocksync import ClockSync
+    from agent.pipeline.clocksync import ClockSync
 
     if cfg.runtime.clock == "trust":
         return ClockSync(lambda _wall_ns: True)
@@ -61,14 +61,14 @@ class Pipeline:
                  clock: Clock | None = None,
                  setup: Callable[[BuildContext], None] | None = None,
                  infer: InferenceStage | None = None) -> None:
-        from agent import feed
-        from agent.clean import Cleaner
-        from agent.commands import CommandDispatcher
-        from agent.infer import InferenceStage
-        from agent.outbox import Outbox
-        from agent.sharing import SharingPolicy
-        from agent.uplink import Uplink
-        from agent.windows import Windower
+        from agent.feed import messages as feed
+        from agent.feed.sharing import SharingPolicy
+        from agent.outbox.store import Outbox
+        from agent.pipeline.clean import Cleaner
+        from agent.pipeline.infer import InferenceStage
+        from agent.pipeline.windows import Windower
+        from agent.uplink.commands import CommandDispatcher
+        from agent.uplink.forwarder import Uplink
 
         self.cfg = cfg
         self.agent = agent

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.aio import within
-from agent.config import AgentConfig, parse_config
+from agent.config.schema import AgentConfig, parse_config
 
 SUBSCRIBE_TIMEOUT_S = 10.0
 
@@ -116,7 +116,7 @@ async def run_demo(duration_s: float | None = None, broker: str | None = None,
                    state_dir: str | None = None, quiet: bool = False,
                    log_level: str = "warning") -> int:
     from agent import logs
-    from agent.embedded_broker import EmbeddedBroker
+    from agent.demo.broker import EmbeddedBroker
     from agent.runtime import Agent
 
     logs.setup(log_level, "text")

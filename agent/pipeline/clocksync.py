@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from agent.filters import CLOCK_UNSYNCED, RESTAMPED, TIME_REASONS
+from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, TIME_REASONS
 from agent.readings import Quality, Reading
 
 log = logging.getLogger(__name__)

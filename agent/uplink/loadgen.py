@@ -1,6 +1,6 @@
 """A load generator that drives the real Outbox and Uplink, for crash tests and benchmarks.
 
-    python -m agent.uplink_loadgen --host 127.0.0.1 --port 1883 --db /tmp/o.db --rate 2000
+    python -m agent.uplink.loadgen --host 127.0.0.1 --port 1883 --db /tmp/o.db --rate 2000
 
 It puts window messages on ``telemetry/s0..`` at ``--rate`` per second and prints, flushed,
 one line per event so a supervising process can follow it::
@@ -19,11 +19,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from agent.config import MqttConfig, OutboxConfig
-from agent.feed import window_message
-from agent.outbox import Outbox, Row
+from agent.config.schema import MqttConfig, OutboxConfig
+from agent.feed.messages import window_message
+from agent.outbox.store import Outbox, Row
 from agent.readings import ChannelStats, Window
-from agent.uplink import Uplink
+from agent.uplink.forwarder import Uplink
 
 TICK_S = 0.01
 
@@ -80,7 +80,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m agent.uplink_loadgen", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m agent.uplink.loadgen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)

@@ -21,14 +21,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.control import DEFAULT_SOCKET
-from agent.control_client import (
+from agent.control.client import (
     AgentNotRunning,
     ControlClient,
     ControlClientError,
     ControlProtocolError,
 )
-from agent.status_view import (
+from agent.control.server import DEFAULT_SOCKET
+from agent.control.view import (
     SENSOR_HEADER,
     fmt_number,
     render_rich,
@@ -63,7 +63,7 @@ def socket_path(args: argparse.Namespace) -> str:
     if getattr(args, "socket", None):
         return str(args.socket)
     if getattr(args, "config", None):
-        from agent.config import load_config
+        from agent.config.schema import load_config
 
         return load_config(args.config).control.socket
     return DEFAULT_SOCKET
@@ -71,7 +71,7 @@ def socket_path(args: argparse.Namespace) -> str:
 
 def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        from agent.config import ConfigError
+        from agent.config.schema import ConfigError
 
         try:
             path = socket_path(args)

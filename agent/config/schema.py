@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from agent.clean_config import CleanOptions
-from agent.config_env import apply_env
+from agent.config.cleaning import CleanOptions
+from agent.config.env import apply_env
 from drivers.registry import DRIVERS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"

@@ -31,11 +31,11 @@ import math
 from collections.abc import Sequence
 from typing import TypedDict
 
-from agent.clean_config import ChannelPolicy, resolve
 from agent.clock import Clock
-from agent.clocksync import ClockSync
-from agent.config import SensorConfig
-from agent.filters import (
+from agent.config.cleaning import ChannelPolicy, resolve
+from agent.config.schema import SensorConfig
+from agent.pipeline.clocksync import ClockSync
+from agent.pipeline.filters import (
     BAD_REASONS,
     CLOCK_UNSYNCED,
     DUPLICATE,

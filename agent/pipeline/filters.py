@@ -1,4 +1,4 @@
-"""The per-channel filters behind ``agent.clean``, each a small stateful object.
+"""The per-channel filters behind ``agent.pipeline.clean``, each a small stateful object.
 
 They run on every reading, so their state is pre-allocated when the channel is first seen and
 updated in place: a fixed ring plus a sorted copy for the spike detector (median and MAD without

@@ -1,7 +1,7 @@
 """The inference stage: stream windows -> feature rows -> onnxruntime -> Inference.
 
 Every window of a model's stream gives one inference (``window_start_ns`` = that window's
-start), on the model window of ``window_s`` that ends with it (see ``agent.features``): a
+start), on the model window of ``window_s`` that ends with it (see ``agent.pipeline.features``): a
 gateway with 10 s traffic windows publishes a traffic forecast every 10 s, from the first
 window on, with ``inputs_filled`` counting the inputs that still lack history.
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import ModelConfig
-from agent.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
+from agent.config.schema import ModelConfig
+from agent.pipeline.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
 from agent.readings import Inference, Window
 from models.manifest import (
     Manifest,

@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 
 # Command groups that live beside the code they drive; each module has ``register(sub)``.
 PLUGIN_MODULES = (
-    "agent.cli_sensors",
-    "agent.cli_control",
+    "agent.cli.sensors",
+    "agent.cli.control",
     "drivers.i2c.cli",
     "drivers.serial.cli",
     "models.cli",
     "firmware_bridge.cli",
-    "agent.cli_service",
-    "agent.cli_sharing",
+    "agent.cli.service",
+    "agent.cli.sharing",
 )
 
 
@@ -46,7 +46,7 @@ def _print_config_error(exc: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import logs
-    from agent.config import ConfigError, load_config
+    from agent.config.schema import ConfigError, load_config
     from agent.runtime import Agent
 
     logs.setup(args.log_level, args.log_format)
@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
+    from agent.config.schema import ConfigError, load_config
 
     try:
         cfg = load_config(args.file)
@@ -76,7 +76,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from agent.config_doc import reference_markdown
+    from agent.config.reference import reference_markdown
 
     print(reference_markdown(), end="")
     return EXIT_OK
@@ -88,7 +88,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.demo.run import run_demo
 
     try:
         return asyncio.run(run_demo(duration_s=args.duration, broker=args.broker,

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from agent.config import MqttConfig, is_loopback
+from agent.config.schema import MqttConfig, is_loopback
 
 
 class UplinkConfigError(Exception):
