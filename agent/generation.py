@@ -13,23 +13,43 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent.aio import within
 from agent.clock import Clock
 from agent.config.schema import AgentConfig
 from agent.control.tail import TailHub
+from agent.feed import messages as feed
+from agent.feed.messages import Draft
+from agent.feed.sharing import SharingPolicy
+from agent.outbox.db import Kind
+from agent.outbox.store import Outbox
+from agent.pipeline.clean import Cleaner
+from agent.pipeline.clocksync import ClockSync
+from agent.pipeline.infer import InferenceStage
+from agent.pipeline.windows import Windower
 from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
+from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
+from agent.uplink.commands import CommandDispatcher
+from agent.uplink.forwarder import Uplink
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
 
-if TYPE_CHECKING:
-    from agent.feed.messages import Draft
-    from agent.outbox.db import Kind
-    from agent.pipeline.infer import InferenceStage
-    from agent.runtime import Agent
+
+class Host(Protocol):
+    """What a generation needs of the agent that runs it (``agent.runtime.Agent``)."""
+
+    notifier: Notifier
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status of the whole agent, for health messages."""
+        ...
+
+    def on_pipeline_ready(self) -> None:
+        """Called once every stage of the generation runs."""
+        ...
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +69,16 @@ def json_safe(value: Any) -> Any:
 
 
 def _default_clock(cfg: AgentConfig) -> Clock:
-    from agent.pipeline.clocksync import ClockSync
-
     if cfg.runtime.clock == "trust":
         return ClockSync(lambda _wall_ns: True)
     return ClockSync()
 
 
 class Pipeline:
-    def __init__(self, cfg: AgentConfig, *, agent: Agent | None = None,
+    def __init__(self, cfg: AgentConfig, *, agent: Host | None = None,
                  clock: Clock | None = None,
                  setup: Callable[[BuildContext], None] | None = None,
                  infer: InferenceStage | None = None) -> None:
-        from agent.feed import messages as feed
-        from agent.feed.sharing import SharingPolicy
-        from agent.outbox.store import Outbox
-        from agent.pipeline.clean import Cleaner
-        from agent.pipeline.infer import InferenceStage
-        from agent.pipeline.windows import Windower
-        from agent.uplink.commands import CommandDispatcher
-        from agent.uplink.forwarder import Uplink
-
         self.cfg = cfg
         self.agent = agent
         self.clock: Clock = clock or _default_clock(cfg)

@@ -17,18 +17,16 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import __version__
 from agent.clock import Clock
 from agent.config.schema import AgentConfig, ConfigError, load_config
+from agent.control.server import ControlServer, ControlSocketError
 from agent.generation import Pipeline
+from agent.pipeline.infer import InferenceStage
 from agent.sdnotify import Notifier
 from drivers.base import BuildContext
-
-if TYPE_CHECKING:
-    from agent.control.server import ControlServer
-    from agent.pipeline.infer import InferenceStage
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +95,6 @@ class Agent:
         return new
 
     async def run(self, *, install_signals: bool = True) -> int:
-        from agent.control.server import ControlServer
-
         installed = self._install_signals() if install_signals else []
         loop = asyncio.get_running_loop()
         # The control socket lives across reloads: it looks up the current pipeline per request,
@@ -118,8 +114,6 @@ class Agent:
             self.notifier.close()
 
     async def _serve_control(self) -> None:
-        from agent.control.server import ControlSocketError
-
         assert self.control is not None
         try:
             await self.control.serve()
@@ -132,8 +126,6 @@ class Agent:
             self.generation += 1
             self._reload.clear()
             if self.infer is None:
-                from agent.pipeline.infer import InferenceStage
-
                 self.infer = InferenceStage()  # loaded by the pipeline; kept across reloads
             pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,
                                 infer=self.infer)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agent.clock import Clock
 from agent.readings import Reading
@@ -61,12 +61,25 @@ class BuildContext:
     shared: dict[str, Any] = field(default_factory=dict)
 
 
+class Emulation(Protocol):
+    """A stand-in device on a pty, for ``port = "emulated"``: the registry makes one with the
+    driver's emulator and hands the driver its ``path`` as the port."""
+
+    path: str
+
+    async def start(self) -> None:
+        """Start answering on ``path``; idempotent."""
+        ...
+
+
 class Sensor(abc.ABC):
     """A configured device that produces Readings."""
 
     def __init__(self, name: str, clock: Clock) -> None:
         self.name = name
         self.clock = clock
+        # The device at the far end of the port when it is emulated; started before opening.
+        self.emulator: Emulation | None = None
         # Driver-specific counters shown in health (bad frames, CRC errors, overflows...).
         self.counters: dict[str, int] = {}
 

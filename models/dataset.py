@@ -12,7 +12,8 @@ November/December). Rows whose target lies in another split than their inputs ar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -171,3 +172,14 @@ def build(name: str, data: SiteData) -> ModelData:
         seasonal[keep].astype(np.float32), original_x[keep].astype(np.float32),
         np.nan_to_num(labels[keep]), data.ts_s[keep],
     )
+
+
+@dataclass
+class Trained:
+    name: str
+    data: ModelData
+    graph: Any  # torch.nn.Module ready for export
+    output_names: list[str]
+    metrics: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # congestion / anomaly manifest blocks
+    training: dict[str, Any] = field(default_factory=dict)

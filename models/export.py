@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from models.csvdata import SiteData
-from models.dataset import UNITS
+from models.dataset import UNITS, Trained
 from models.manifest import (
     META_INPUTS,
     META_OUTPUTS,
@@ -28,9 +28,6 @@ from models.manifest import (
     verify,
 )
 from models.windows_io import site_window, window_to_dict
-
-if TYPE_CHECKING:
-    from models.train import Trained
 
 OPSET = 20
 TORCH_TOLERANCE = 1e-4  # relative to the output scale; observed differences are ~1e-7

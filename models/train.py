@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from models.csvdata import SiteData, SiteDataError, read_csv
-from models.dataset import ModelData, build
+from models.dataset import ModelData, Trained, build
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
     hidden: int = 64
     seed: int = 7
-
-
-@dataclass
-class Trained:
-    name: str
-    data: ModelData
-    graph: Any  # torch.nn.Module ready for export
-    output_names: list[str]
-    metrics: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)  # congestion / anomaly manifest blocks
-    training: dict[str, Any] = field(default_factory=dict)
 
 
 def scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:

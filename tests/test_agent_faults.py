@@ -16,7 +16,8 @@ from agent.runtime import Agent
 from drivers.base import BuildContext
 from drivers.emulated.bme280 import Bme280Emulator
 from drivers.emulated.i2c_bus import EmulatedI2CBus
-from drivers.i2c.bus import emulated_bus, install_emulated_bus
+from drivers.emulated.i2c_setup import emulated_bus
+from drivers.i2c.bus import install_emulated_bus
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until
 

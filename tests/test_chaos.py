@@ -31,7 +31,7 @@ from agent.control.client import ControlClient
 from agent.feed.messages import health_message
 from agent.outbox.store import Outbox
 from agent.runtime import Agent
-from drivers.i2c.bus import emulated_bus
+from drivers.emulated.i2c_setup import emulated_bus
 from tests.broker import Mosquitto, free_port
 from tests.harness import ROOT, make_config, running_agent, until, write_toml
 

@@ -8,10 +8,11 @@ import pytest
 from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, ProtocolError
 from drivers.emulated.ads1115 import Ads1115Emulator, cabinet_inputs
+from drivers.emulated.i2c_setup import emulated_bus
 from drivers.emulated.ina219 import Ina219Emulator
 from drivers.i2c import ads1115
 from drivers.i2c.ads1115 import code_to_volts, config_word
-from drivers.i2c.bus import emulated_bus
+from drivers.registry import build_sensor
 
 CT = {"mux": "ain0", "pga": 4.096, "quantity": "ct_current", "unit": "A", "scale": 30.0,
       "offset": 0.0}
@@ -25,7 +26,7 @@ def make(ctx: BuildContext, chip: Ads1115Emulator | None = None,
         emulated_bus(ctx).attach(0x48, chip)
     cfg = SensorConfig(name="adc", driver="ads1115", bus="emulated", address=0x48,
                        options=dict(options))
-    sensor = ads1115.build(cfg, ctx)
+    sensor = build_sensor(cfg, ctx)
     attached = emulated_bus(ctx).chip(0x48)
     assert isinstance(attached, Ads1115Emulator)
     return sensor, attached
@@ -111,7 +112,7 @@ async def test_another_chip_at_the_address_is_refused(ctx: BuildContext) -> None
     ina.pin(12.0, 0.5)  # 50 mV on the shunt: 0x1388 in its register 1
     emulated_bus(ctx).attach(0x48, ina)
     cfg = SensorConfig(name="adc", driver="ads1115", bus="emulated", address=0x48)
-    sensor = ads1115.build(cfg, ctx)
+    sensor = build_sensor(cfg, ctx)
     await sensor.open()
     with pytest.raises(ProtocolError) as err:
         await sensor.sample()
@@ -140,5 +141,5 @@ async def test_bad_options_name_the_key(ctx: BuildContext, options: dict[str, ob
     cfg = SensorConfig(name="adc", driver="ads1115", bus="emulated", address=0x48,
                        options=options)
     with pytest.raises(ConfigurationError) as err:
-        ads1115.build(cfg, ctx)
+        build_sensor(cfg, ctx)
     assert message in str(err.value)

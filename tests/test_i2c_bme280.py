@@ -7,6 +7,7 @@ import pytest
 from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, ProtocolError
 from drivers.emulated.bme280 import Bme280Emulator
+from drivers.emulated.i2c_setup import emulated_bus
 from drivers.i2c import bme280
 from drivers.i2c.bme280 import (
     compensate_humidity,
@@ -16,7 +17,7 @@ from drivers.i2c.bme280 import (
     parse_calibration,
     parse_raw,
 )
-from drivers.i2c.bus import emulated_bus
+from drivers.registry import build_sensor
 
 # BMP280 datasheet section 3.12: trimming 0x88..0x9F and raw 0xF7..0xFC.
 EXAMPLE_CAL = bytes.fromhex("706B436718FC7D8E43D6D00B270B8C00F9FF8C3CF8C67017")
@@ -28,7 +29,7 @@ EXAMPLE_RAW = bytes.fromhex("655AC07EED00")
 def make(ctx: BuildContext, **options: object) -> tuple[bme280.Bme280Sensor, Bme280Emulator]:
     cfg = SensorConfig(name="env", driver="bme280", bus="emulated", address=0x76,
                        options=dict(options))
-    sensor = bme280.build(cfg, ctx)
+    sensor = build_sensor(cfg, ctx)
     chip = emulated_bus(ctx).chip(0x76)
     assert isinstance(chip, Bme280Emulator)
     return sensor, chip
@@ -207,6 +208,6 @@ async def test_bad_options_name_the_key(ctx: BuildContext, options: dict[str, ob
     cfg = SensorConfig(name="env", driver="bme280", bus="emulated", address=0x76,
                        options=options)
     with pytest.raises(ConfigurationError) as err:
-        bme280.build(cfg, ctx)
+        build_sensor(cfg, ctx)
     assert message in str(err.value)
     assert "sensor 'env'" in str(err.value)

@@ -16,13 +16,15 @@ from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 from drivers.emulated.bme280 import Bme280Emulator
 from drivers.emulated.i2c_bus import EmulatedI2CBus
+from drivers.emulated.i2c_setup import emulated_bus
 from drivers.emulated.ina219 import Ina219Emulator
-from drivers.i2c import bme280
-from drivers.i2c.bus import AsyncI2CBus, emulated_bus, install_emulated_bus, shared_bus
+from drivers.i2c.bus import AsyncI2CBus, install_emulated_bus, shared_bus
 from drivers.i2c.regio import I2CBusFault, RegisterIO
+from drivers.registry import build_sensor
 
 
 async def test_calls_run_on_one_worker_thread_off_the_loop(ctx: BuildContext) -> None:
+    emulated_bus(ctx)  # installs the agent's emulated bus, as the registry does
     bus = shared_bus(ctx, "emulated")
     names = {await bus.run(lambda: threading.current_thread().name, timeout_s=1, where="t")
              for _ in range(3)}
@@ -41,13 +43,21 @@ async def test_real_bus_opens_lazily_and_reports_a_missing_adapter(ctx: BuildCon
                               "(I2C not enabled, or adapter not loaded?)")
 
 
+async def test_the_real_bus_code_never_makes_an_emulated_bus(ctx: BuildContext) -> None:
+    with pytest.raises(ConfigurationError, match="emulated I2C bus is not set up"):
+        shared_bus(ctx, "emulated")
+    emulated = emulated_bus(ctx)
+    assert shared_bus(ctx, "emulated").emulated is emulated
+
+
 async def test_no_bus_is_a_configuration_error(ctx: BuildContext) -> None:
     cfg = SensorConfig(name="env", driver="bme280", address=0x76)
     with pytest.raises(ConfigurationError, match="no I2C bus configured"):
-        bme280.build(cfg, ctx)
+        build_sensor(cfg, ctx)
 
 
 async def test_hung_call_times_out(ctx: BuildContext) -> None:
+    emulated_bus(ctx)  # installs the agent's emulated bus, as the registry does
     bus = shared_bus(ctx, "emulated")
     release = threading.Event()
     try:
@@ -61,6 +71,7 @@ async def test_hung_call_times_out(ctx: BuildContext) -> None:
 async def test_bus_closes_with_the_agent() -> None:
     async with contextlib.AsyncExitStack() as stack:
         ctx = BuildContext(SystemClock(), stack)
+        emulated_bus(ctx)
         bus = shared_bus(ctx, "emulated")
         await bus.open(timeout_s=1)
     with pytest.raises(DeviceNotReady, match="bus is closed"):
@@ -93,7 +104,7 @@ async def test_bus_fault_reopens_the_bus(ctx: BuildContext) -> None:
 
     bus = AsyncI2CBus("i2c-3", opener, emulated=flaky)
     ctx.shared["i2c:emulated"] = bus
-    sensor = bme280.build(SensorConfig(name="env", driver="bme280", bus="emulated",
+    sensor = build_sensor(SensorConfig(name="env", driver="bme280", bus="emulated",
                                        address=0x76), ctx)
     await sensor.open()
     assert opened == [1]
@@ -111,7 +122,7 @@ async def test_install_emulated_bus_keeps_given_chips(ctx: BuildContext) -> None
     own = EmulatedI2CBus()
     chip = own.attach(0x76, Bme280Emulator(noise=False))
     install_emulated_bus(ctx, own)
-    bme280.build(SensorConfig(name="env", driver="bme280", bus="emulated", address=0x76), ctx)
+    build_sensor(SensorConfig(name="env", driver="bme280", bus="emulated", address=0x76), ctx)
     assert emulated_bus(ctx) is own
     assert own.chip(0x76) is chip
     with pytest.raises(ValueError, match="already set up"):

@@ -14,9 +14,11 @@ from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady, DriverError, Sensor
 from drivers.emulated.i2c_bus import EmulatedChip, EmulatedI2CBus
+from drivers.emulated.i2c_setup import emulated_bus
 from drivers.i2c import ads1115, bme280, ina219
-from drivers.i2c.bus import AsyncI2CBus, emulated_bus, install_emulated_bus
+from drivers.i2c.bus import AsyncI2CBus, install_emulated_bus
 from drivers.i2c.regio import I2CNoAck
+from drivers.registry import build_sensor
 
 # driver module, address, register of the first transfer that open() makes
 CHIPS = [(bme280, 0x76, 0xD0), (ina219, 0x40, 0x00), (ads1115, 0x48, 0x01)]
@@ -29,7 +31,7 @@ def make(ctx: BuildContext, module: Any, address: int, period_s: float = 1.0
          ) -> tuple[Any, EmulatedChip]:
     cfg = SensorConfig(name="s", driver=module.__name__.rsplit(".", 1)[1], bus="emulated",
                        address=address, period_s=period_s)
-    sensor = module.build(cfg, ctx)
+    sensor = build_sensor(cfg, ctx)
     chip = emulated_bus(ctx).chip(address)
     assert chip is not None
     return sensor, chip
@@ -42,7 +44,7 @@ async def test_absent_device_names_bus_address_and_register() -> None:
         empty = EmulatedI2CBus("i2c-1")
         install_emulated_bus(ctx, empty)
         cfg = SensorConfig(name="env", driver="bme280", bus="emulated", address=0x76)
-        sensor = bme280.build(cfg, ctx)
+        sensor = build_sensor(cfg, ctx)
         empty.detach(0x76)  # build attached an emulator; take it away again
         with pytest.raises(DeviceNotReady) as err:
             await sensor.open()

@@ -7,16 +7,17 @@ import pytest
 
 from agent.config.schema import SensorConfig
 from drivers.base import BuildContext, ConfigurationError
+from drivers.emulated.i2c_setup import emulated_bus
 from drivers.emulated.ina219 import Ina219Emulator, solar_charge
 from drivers.i2c import ina219
-from drivers.i2c.bus import emulated_bus
 from drivers.i2c.ina219 import Ina219Options, bus_voltage, calibration, shunt_voltage
+from drivers.registry import build_sensor
 
 
 def make(ctx: BuildContext, **options: object) -> tuple[ina219.Ina219Sensor, Ina219Emulator]:
     cfg = SensorConfig(name="pv", driver="ina219", bus="emulated", address=0x40,
                        options=dict(options))
-    sensor = ina219.build(cfg, ctx)
+    sensor = build_sensor(cfg, ctx)
     chip = emulated_bus(ctx).chip(0x40)
     assert isinstance(chip, Ina219Emulator)
     return sensor, chip
@@ -66,7 +67,7 @@ async def test_bad_options_name_the_key(ctx: BuildContext, options: dict[str, ob
     cfg = SensorConfig(name="pv", driver="ina219", bus="emulated", address=0x40,
                        options=options)
     with pytest.raises(ConfigurationError) as err:
-        ina219.build(cfg, ctx)
+        build_sensor(cfg, ctx)
     assert message in str(err.value)
 
 

@@ -36,10 +36,11 @@ from drivers.base import BuildContext
 from drivers.emulated.ads1115 import Ads1115Emulator
 from drivers.emulated.bme280 import Bme280Emulator
 from drivers.emulated.i2c_bus import EmulatedI2CBus, WordRegisterChip
+from drivers.emulated.i2c_setup import emulated_bus
 from drivers.emulated.ina219 import Ina219Emulator
 from drivers.i2c import ads1115, bme280, ina219
-from drivers.i2c.bus import emulated_bus
 from drivers.i2c.regio import RegisterIO
+from drivers.registry import build_sensor
 
 EXAMPLES = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -273,7 +274,7 @@ def test_ads1115_matches_adafruit(mux: str, pga: float, rate: int, code: int) ->
 def build(ctx: BuildContext, module: Any, address: int, **options: Any) -> Any:
     name = module.__name__.rsplit(".", 1)[1]
     cfg = SensorConfig(name=name, driver=name, bus="emulated", address=address, options=options)
-    return module.build(cfg, ctx)
+    return build_sensor(cfg, ctx)
 
 
 async def test_adafruit_bme280_reads_the_emulator_like_we_do(ctx: BuildContext) -> None:

@@ -15,6 +15,7 @@ from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 from drivers.emulated.ops243 import Ops243Emulator, Pass, TrafficModel
+from drivers.registry import build_sensor
 from drivers.serial import ops243
 from drivers.serial.ops243_reports import LineParser, Reply, SpeedReport
 from tests.waiting import running, until
@@ -132,7 +133,7 @@ def radar(ctx: BuildContext, variant: str = "json", **options: Any) -> ops243.Op
     opts: dict[str, Any] = {"gap_s": 0.25, "probe_s": 30.0, **options}
     opts["emulator"] = {"traffic": False, "variant": variant, "report_interval_s": 0.02}
     cfg = SensorConfig(name="radar", driver="ops243", port="emulated", timeout_s=0.3, options=opts)
-    return ops243.build(cfg, ctx)
+    return build_sensor(cfg, ctx)
 
 
 
@@ -285,7 +286,7 @@ async def test_generated_traffic_is_counted() -> None:
         stack.push_async_callback(emu.close)
         cfg = SensorConfig(name="road", driver="ops243", port=emu.path, timeout_s=0.5,
                            options={"gap_s": 0.3})
-        s = ops243.build(cfg, ctx)
+        s = build_sensor(cfg, ctx)
         await emu.start()
         await s.open()
         out: list[Reading] = []
@@ -303,11 +304,11 @@ def test_bad_options_are_configuration_errors() -> None:
     cfg = SensorConfig(name="r", driver="ops243", port="/dev/null",
                        options={"min_speed_mps": 50, "max_speed_mps": 10})
     with pytest.raises(ConfigurationError, match="sensor r: speed window"):
-        ops243.build(cfg, c)
+        build_sensor(cfg, c)
 
 
 async def test_unknown_emulator_variant_is_a_configuration_error(ctx: BuildContext) -> None:
     cfg = SensorConfig(name="r", driver="ops243", port="emulated",
                        options={"emulator": {"variant": "xml"}})
     with pytest.raises(ConfigurationError, match="sensor r emulator: unknown report variant 'xml'"):
-        ops243.build(cfg, ctx)
+        build_sensor(cfg, ctx)

@@ -13,6 +13,7 @@ from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady
 from drivers.emulated.pms5003 import Pms5003Emulator, background_pm2_5, frame_for
+from drivers.registry import build_sensor
 from drivers.serial import pms5003
 from drivers.serial.pms5003 import FrameParser, PmsFrame, command, decode_frame
 from drivers.serial.port import SerialPort
@@ -115,7 +116,7 @@ def test_emulated_concentrations_follow_the_day() -> None:
 def sensor(ctx: BuildContext) -> pms5003.Pms5003Sensor:
     cfg = SensorConfig(name="air", driver="pms5003", port="emulated", timeout_s=0.3,
                        options={"silence_s": 0.4, "emulator": {"interval_s": 0.02}})
-    return pms5003.build(cfg, ctx)
+    return build_sensor(cfg, ctx)
 
 
 

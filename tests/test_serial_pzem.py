@@ -26,6 +26,7 @@ from drivers.emulated.pzem004t import (
     ev_sessions,
     street_lighting_w,
 )
+from drivers.registry import build_sensor
 from drivers.serial import pzem004t
 from drivers.serial.modbus import read_registers_request
 from drivers.serial.port import SerialPort
@@ -41,7 +42,7 @@ OTHER = Measurement(231.4, 12.345, 2780.5, 123456.0, 49.9, 0.97, True)
 def meter(ctx: BuildContext, name: str, address: int, **options: Any) -> PzemSensor:
     cfg = SensorConfig(name=name, driver="pzem004t", port="emulated", address=address,
                        timeout_s=0.25, options=options)
-    return pzem004t.build(cfg, ctx)
+    return build_sensor(cfg, ctx)
 
 
 
@@ -303,7 +304,7 @@ def test_bad_options_are_configuration_errors() -> None:
     c = BuildContext(SystemClock(), stack)
     cfg = SensorConfig(name="m", driver="pzem004t", port="/dev/null", options={"retries": "x"})
     with pytest.raises(ConfigurationError, match="sensor m: option retries='x'"):
-        pzem004t.build(cfg, c)
+        build_sensor(cfg, c)
 
 
 def test_unknown_emulator_profile_is_a_configuration_error() -> None:
@@ -315,6 +316,6 @@ def test_unknown_emulator_profile_is_a_configuration_error() -> None:
             cfg = SensorConfig(name="m", driver="pzem004t", port="emulated", address=1,
                                options={"emulator": {"profile": "tram"}})
             with pytest.raises(ConfigurationError, match="sensor m emulator: unknown load profile"):
-                pzem004t.build(cfg, c)
+                build_sensor(cfg, c)
 
     asyncio.run(check())

@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
+from drivers.base import BuildContext
 from drivers.emulated.i2c_bus import TimeFn, WordRegisterChip
+from drivers.emulated.i2c_setup import attach
 from drivers.i2c.ads1115 import (
     CONFIG_POR,
+    DEFAULT_ADDRESS,
     DR_SPS,
     HI_THRESH_POR,
     LO_THRESH_POR,
@@ -134,3 +138,8 @@ class Ads1115Emulator(WordRegisterChip):
             self.lo_thresh = value
         elif pointer == REG_HI_THRESH:
             self.hi_thresh = value
+
+
+def emulate(cfg: Any, ctx: BuildContext) -> None:
+    """For ``bus = "emulated"``: an ADS1115 at the sensor's address, on the agent's clock."""
+    attach(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Ads1115Emulator(clock=mono, env_time=wall))

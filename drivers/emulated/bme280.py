@@ -16,10 +16,14 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
+from drivers.base import BuildContext
 from drivers.emulated.i2c_bus import EmulatedChip, TimeFn
+from drivers.emulated.i2c_setup import attach
 from drivers.i2c.bme280 import (
     CHIP_ID_BME280,
+    DEFAULT_ADDRESS,
     MODE_FORCED,
     MODE_NORMAL,
     MODE_SLEEP,
@@ -237,3 +241,8 @@ class Bme280Emulator(EmulatedChip):
             out.append(self._status(now) if reg == REG_STATUS else self.regs[reg])
             self.pointer = (reg + 1) & 0xFF
         return bytes(out)
+
+
+def emulate(cfg: Any, ctx: BuildContext) -> None:
+    """For ``bus = "emulated"``: a BME280 at the sensor's address, on the agent's clock."""
+    attach(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Bme280Emulator(clock=mono, env_time=wall))

@@ -15,21 +15,27 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
+from drivers.base import BuildContext
 from drivers.emulated.i2c_bus import TimeFn, WordRegisterChip
+from drivers.emulated.i2c_setup import attach
 from drivers.i2c.ina219 import (
     BUS_CNVR,
     BUS_OVF,
     CONFIG_POR,
     CONFIG_RESET,
+    DEFAULT_ADDRESS,
     REG_BUS,
     REG_CAL,
     REG_CONFIG,
     REG_CURRENT,
     REG_POWER,
     REG_SHUNT,
+    Ina219Options,
     config_conversion_s,
 )
+from drivers.i2c.sensor import parse_options
 
 Source = Callable[[float], tuple[float, float]]  # t -> (bus volts, current amps)
 DAY_S = 86_400.0
@@ -154,3 +160,10 @@ class Ina219Emulator(WordRegisterChip):
             self._restart()
         elif pointer == REG_CAL:
             self.cal = value & 0xFFFE
+
+
+def emulate(cfg: Any, ctx: BuildContext) -> None:
+    """For ``bus = "emulated"``: an INA219 with the configured shunt at the sensor's address."""
+    options = parse_options(Ina219Options, cfg.options, sensor=cfg.name)
+    attach(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Ina219Emulator(
+        shunt_ohms=options.shunt_ohms, clock=mono, env_time=wall))

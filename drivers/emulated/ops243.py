@@ -310,7 +310,7 @@ class Ops243Emulator(PtyDevice):
         return frame.replace(b".", b"..", 1) if b"." in frame else b"#" + frame
 
 
-def emulated_radar(cfg: Any, ctx: Any) -> Ops243Emulator:
+def emulate(cfg: Any, ctx: Any) -> Ops243Emulator:
     """The emulator for a ``port = "emulated"`` radar.
 
     ``[sensors.options.emulator]``: ``traffic`` (default true), ``variant`` (json,

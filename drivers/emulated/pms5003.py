@@ -145,7 +145,7 @@ class Pms5003Emulator(PtyDevice):
                 await self.send(self.next_frame())
 
 
-def emulated_sensor(cfg: Any, ctx: Any) -> Pms5003Emulator:
+def emulate(cfg: Any, ctx: Any) -> Pms5003Emulator:
     """The emulator for a ``port = "emulated"`` sensor.
 
     ``[sensors.options.emulator]``: ``interval_s`` (default 1.0), ``seed``, ``link_dir``.

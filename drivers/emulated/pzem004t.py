@@ -246,7 +246,7 @@ class PzemLine(PtyDevice):
                 await self.send(answer)
 
 
-def emulated_bus(cfg: Any, ctx: Any) -> PzemLine:
+def emulate(cfg: Any, ctx: Any) -> PzemLine:
     """The emulated line for a ``port = "emulated"`` sensor, shared by every meter on it.
 
     ``[sensors.options.emulator]``: ``bus`` (line name, default "default"), ``profile``

@@ -231,9 +231,6 @@ class Ads1115Sensor(I2CSensor):
 def build(cfg: Any, ctx: BuildContext) -> Ads1115Sensor:
     """``cfg`` is a SensorConfig with ``driver = "ads1115"``."""
     options = parse_options(Ads1115Options, cfg.options, sensor=cfg.name)
-    from drivers.emulated.ads1115 import Ads1115Emulator
-
-    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Ads1115Emulator(
-        clock=mono, env_time=wall))
+    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS)
     return Ads1115Sensor(cfg.name, ctx.clock, cfg.period_s, bus=bus, address=address,
                          timeout_s=cfg.timeout_s, options=options)

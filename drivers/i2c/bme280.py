@@ -392,9 +392,6 @@ class Bme280Sensor(I2CSensor):
 def build(cfg: Any, ctx: BuildContext) -> Bme280Sensor:
     """``cfg`` is a SensorConfig with ``driver = "bme280"``."""
     options = parse_options(Bme280Options, cfg.options, sensor=cfg.name)
-    from drivers.emulated.bme280 import Bme280Emulator
-
-    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Bme280Emulator(
-        clock=mono, env_time=wall))
+    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS)
     return Bme280Sensor(cfg.name, ctx.clock, cfg.period_s, bus=bus, address=address,
                         timeout_s=cfg.timeout_s, options=options)

@@ -26,8 +26,6 @@ from drivers.base import BuildContext, ConfigurationError, DeviceNotReady
 if TYPE_CHECKING:
     from smbus2 import i2c_msg
 
-    from drivers.emulated.i2c_bus import EmulatedI2CBus
-
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -113,7 +111,7 @@ class AsyncI2CBus:
     """A bus served by a single worker thread; ``run`` awaits a blocking call with a timeout."""
 
     def __init__(self, label: str, opener: Callable[[], SMBusLike],
-                 emulated: EmulatedI2CBus | None = None) -> None:
+                 emulated: Any = None) -> None:
         self.label = label
         self.emulated = emulated  # the emulated bus itself, for fault injection and tests
         self.handle: SMBusLike = _Handle(self)
@@ -193,19 +191,17 @@ def shared_bus(ctx: BuildContext, bus: BusName | None, *, where: str = "") -> As
     if isinstance(existing, AsyncI2CBus):
         return existing
     if bus == "emulated":
-        from drivers.emulated.i2c_bus import EmulatedI2CBus
-
-        emulated = EmulatedI2CBus(bus_label(bus))
-        shared = AsyncI2CBus(bus_label(bus), lambda: emulated, emulated=emulated)
-    else:
-        number = int(bus)
-        shared = AsyncI2CBus(bus_label(number), lambda: open_smbus(number))
+        # Installed by the emulators (``drivers.emulated.i2c_bus``) or a test before the
+        # sensors are built; the real bus code has no emulator of its own.
+        raise ConfigurationError("the emulated I2C bus is not set up", where=where)
+    number = int(bus)
+    shared = AsyncI2CBus(bus_label(number), lambda: open_smbus(number))
     ctx.shared[key] = shared
     ctx.stack.push_async_callback(shared.aclose)
     return shared
 
 
-def install_emulated_bus(ctx: BuildContext, emulated: EmulatedI2CBus) -> AsyncI2CBus:
+def install_emulated_bus(ctx: BuildContext, emulated: Any) -> AsyncI2CBus:
     """Use ``emulated`` (e.g. with chips on a demo clock) as the agent's emulated bus.
 
     Call before building the sensors; ``build`` then attaches a chip only at addresses where
@@ -217,11 +213,3 @@ def install_emulated_bus(ctx: BuildContext, emulated: EmulatedI2CBus) -> AsyncI2
     ctx.shared[key] = shared
     ctx.stack.push_async_callback(shared.aclose)
     return shared
-
-
-def emulated_bus(ctx: BuildContext) -> EmulatedI2CBus:
-    """The agent's emulated bus (created on first use), for attaching chips and faults."""
-    shared = shared_bus(ctx, "emulated")
-    assert shared.emulated is not None  # created with one above
-    return shared.emulated
-

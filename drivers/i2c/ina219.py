@@ -277,9 +277,6 @@ class Ina219Sensor(I2CSensor):
 def build(cfg: Any, ctx: BuildContext) -> Ina219Sensor:
     """``cfg`` is a SensorConfig with ``driver = "ina219"``."""
     options = parse_options(Ina219Options, cfg.options, sensor=cfg.name)
-    from drivers.emulated.ina219 import Ina219Emulator
-
-    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS, lambda mono, wall: Ina219Emulator(
-        shunt_ohms=options.shunt_ohms, clock=mono, env_time=wall))
+    bus, address = bus_for(cfg, ctx, DEFAULT_ADDRESS)
     return Ina219Sensor(cfg.name, ctx.clock, cfg.period_s, bus=bus, address=address,
                         timeout_s=cfg.timeout_s, options=options)

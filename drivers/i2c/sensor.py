@@ -16,27 +16,19 @@ from pydantic import BaseModel, ValidationError
 
 from agent.clock import Clock
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, PolledSensor
-from drivers.emulated.i2c_bus import EmulatedChip
 from drivers.i2c.bus import AsyncI2CBus, BusTimeout, shared_bus
 from drivers.i2c.regio import I2CBusFault, I2CNoAck, hex8
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TimeFn = Callable[[], float]
 M = TypeVar("M", bound=BaseModel)
 
 
-def bus_for(cfg: Any, ctx: BuildContext, default_address: int,
-            emulator: Callable[[TimeFn, TimeFn], EmulatedChip]) -> tuple[AsyncI2CBus, int]:
-    """The shared bus and address of a configured chip. On the emulated bus an emulator is
-    attached at the address if none is there, timed by the agent's clock."""
+def bus_for(cfg: Any, ctx: BuildContext, default_address: int) -> tuple[AsyncI2CBus, int]:
+    """The shared bus and address of a configured chip (``address`` unset: the default)."""
     address = default_address if cfg.address is None else int(cfg.address)
-    bus = shared_bus(ctx, cfg.bus, where=f"sensor {cfg.name!r}")
-    if bus.emulated is not None and bus.emulated.chip(address) is None:
-        bus.emulated.attach(address, emulator(lambda: ctx.clock.mono_ns() / 1e9,
-                                              lambda: ctx.clock.wall_ns() / 1e9))
-    return bus, address
+    return shared_bus(ctx, cfg.bus, where=f"sensor {cfg.name!r}"), address
 
 
 def parse_options(model: type[M], options: Mapping[str, Any], *, sensor: str) -> M:

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.clock import SystemClock
 from drivers.base import BuildContext, DriverError
+from drivers.registry import build_sensor
 
 BY_ID_DIR = "/dev/serial/by-id"
 SNIFF_DRIVERS = ("ops243", "pzem004t", "pms5003")
@@ -139,9 +140,10 @@ async def _sniff(args: argparse.Namespace, show: Callable[[str], None]) -> int:
     async with contextlib.AsyncExitStack() as stack:
         ctx = BuildContext(SystemClock(), stack)
         if args.driver == "pzem004t":
-            from drivers.serial import pzem004t
+            from drivers.serial.pzem004t import PzemSensor
 
-            meter = pzem004t.build(_sensor_config(args, {"retries": 0}), ctx)
+            meter = build_sensor(_sensor_config(args, {"retries": 0}), ctx)
+            assert isinstance(meter, PzemSensor)
             await meter.open()
             stack.push_async_callback(meter.close)
             while more():
@@ -157,16 +159,18 @@ async def _sniff(args: argparse.Namespace, show: Callable[[str], None]) -> int:
             return 0
         feed: Callable[[bytes], Sequence[object]]
         if args.driver == "pms5003":
-            from drivers.serial import pms5003
+            from drivers.serial.pms5003 import Pms5003Sensor
 
-            pm = pms5003.build(_sensor_config(args, {}), ctx)
+            pm = build_sensor(_sensor_config(args, {}), ctx)
+            assert isinstance(pm, Pms5003Sensor)
             await pm.open()
             stack.push_async_callback(pm.close)
             port, feed = pm.port, pm.parser.feed
         else:
-            from drivers.serial import ops243
+            from drivers.serial.ops243 import Ops243Sensor
 
-            radar = ops243.build(_sensor_config(args, {"configure": args.configure}), ctx)
+            radar = build_sensor(_sensor_config(args, {"configure": args.configure}), ctx)
+            assert isinstance(radar, Ops243Sensor)
             await radar.open()
             stack.push_async_callback(radar.close)
             port, feed = radar.port, radar.parser.feed

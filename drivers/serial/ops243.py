@@ -102,13 +102,11 @@ class Ops243Sensor(Sensor):
         settings: RadarSettings,
         *,
         timeout_s: float,
-        emulator: Any = None,
     ) -> None:
         super().__init__(name, clock)
         self.port = port
         self.settings = settings
         self.timeout_s = timeout_s
-        self.emulator = emulator
         self.parser = LineParser(self.count)
         self.detector = self._new_detector()
         self.vehicles: int = 0
@@ -238,13 +236,5 @@ def build(cfg: Any, ctx: BuildContext) -> Ops243Sensor:
     options = dict(cfg.options)
     settings = settings_from(options, where)
     baudrate = option(options, "baudrate", int, BAUDRATE, where)
-    path = str(cfg.port)
-    emulator = None
-    if path == "emulated":
-        from drivers.emulated.ops243 import emulated_radar
-
-        emulator = emulated_radar(cfg, ctx)
-        path = emulator.path
-    port = SerialPort(path, baudrate=baudrate)
-    return Ops243Sensor(cfg.name, ctx.clock, port, settings, timeout_s=cfg.timeout_s,
-                        emulator=emulator)
+    port = SerialPort(str(cfg.port), baudrate=baudrate)
+    return Ops243Sensor(cfg.name, ctx.clock, port, settings, timeout_s=cfg.timeout_s)

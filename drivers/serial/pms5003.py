@@ -157,13 +157,11 @@ class Pms5003Sensor(Sensor):
         *,
         silence_s: float,
         timeout_s: float,
-        emulator: Any = None,
     ) -> None:
         super().__init__(name, clock)
         self.port = port
         self.silence_s = silence_s
         self.timeout_s = timeout_s
-        self.emulator = emulator
         self.parser = FrameParser(self.count)
 
     async def open(self) -> None:
@@ -217,13 +215,5 @@ def build(cfg: Any, ctx: BuildContext) -> Pms5003Sensor:
     if silence_s <= 0:
         raise ConfigurationError(f"option silence_s={silence_s} must be positive", where=where)
     baudrate = option(options, "baudrate", int, BAUDRATE, where)
-    path = str(cfg.port)
-    emulator = None
-    if path == "emulated":
-        from drivers.emulated.pms5003 import emulated_sensor
-
-        emulator = emulated_sensor(cfg, ctx)
-        path = emulator.path
-    port = SerialPort(path, baudrate=baudrate)
-    return Pms5003Sensor(cfg.name, ctx.clock, port, silence_s=silence_s, timeout_s=cfg.timeout_s,
-                         emulator=emulator)
+    port = SerialPort(str(cfg.port), baudrate=baudrate)
+    return Pms5003Sensor(cfg.name, ctx.clock, port, silence_s=silence_s, timeout_s=cfg.timeout_s)

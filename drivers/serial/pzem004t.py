@@ -254,13 +254,11 @@ class PzemSensor(PolledSensor):
         *,
         address: int,
         retries: int,
-        emulator: Any = None,
     ) -> None:
         super().__init__(name, clock, period_s)
         self.bus = bus
         self.address = address
         self.retries = retries
-        self.emulator = emulator
         self._opened = False
 
     async def open(self) -> None:
@@ -303,13 +301,7 @@ def build(cfg: Any, ctx: BuildContext) -> PzemSensor:
     if not 0 <= retries <= 10:
         raise ConfigurationError(f"option retries={retries} outside 0..10", where=where)
     baudrate = option(options, "baudrate", int, BAUDRATE, where)
-    emulator = None
     path = str(cfg.port)
-    if path == "emulated":
-        from drivers.emulated.pzem004t import emulated_bus
-
-        emulator = emulated_bus(cfg, ctx)
-        path = emulator.path
     bus = shared(
         ctx,
         port_key(path),
@@ -318,5 +310,4 @@ def build(cfg: Any, ctx: BuildContext) -> PzemSensor:
     if not isinstance(bus, PzemBus):
         raise ConfigurationError(f"port {path} is already used by another kind of driver",
                                  where=where)
-    return PzemSensor(cfg.name, ctx.clock, cfg.period_s, bus, address=address, retries=retries,
-                      emulator=emulator)
+    return PzemSensor(cfg.name, ctx.clock, cfg.period_s, bus, address=address, retries=retries)
