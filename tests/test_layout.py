@@ -118,3 +118,62 @@ def test_every_package_says_what_it_owns() -> None:
         assert doc and len(doc.split()) >= 12, f"{init.relative_to(ROOT)} has no docstring"
         if init.parent != ROOT / "agent":
             assert "import" in doc, f"{init.relative_to(ROOT)} does not say what it may import"
+
+
+MQTT_LIBRARIES = ("paho", "aiomqtt")
+
+
+def private_mqtt_uses(path: Path) -> list[str]:
+    """Uses of a private name of paho or aiomqtt in ``path``: a ``_name`` attribute of anything
+    but ``self``/``cls``, a private module or name imported, or a subclass of their classes
+    (which is how private hooks get overridden)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    found: list[str] = []
+    library_names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in MQTT_LIBRARIES:
+                    library_names.add((a.asname or a.name).split(".")[0])
+                    if any(part.startswith("_") for part in a.name.split(".")):
+                        found.append(f"line {node.lineno}: import {a.name}")
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if parts[0] not in MQTT_LIBRARIES:
+                continue
+            for a in node.names:
+                library_names.add(a.asname or a.name)
+                if a.name.startswith("_") or any(p.startswith("_") for p in parts):
+                    found.append(f"line {node.lineno}: from {node.module} import {a.name}")
+    if not library_names:
+        return []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            found.append(f"line {node.lineno}: .{node.attr}")
+        if isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                root = base
+                while isinstance(root, ast.Attribute):
+                    root = root.value
+                if isinstance(root, ast.Name) and root.id in library_names:
+                    found.append(f"line {node.lineno}: class {node.name} subclasses "
+                                 f"{ast.unparse(base)}")
+    return found
+
+
+def test_the_private_name_check_catches_what_it_should(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import paho.mqtt.client as paho\nimport aiomqtt\n"
+                   "class C(aiomqtt.Client):\n    pass\n"
+                   "def f(c: paho.Client) -> None:\n    c._reset_sockets()\n")
+    assert sorted(private_mqtt_uses(bad)) == ["line 3: class C subclasses aiomqtt.Client",
+                                              "line 6: ._reset_sockets"]
+
+
+def test_only_public_mqtt_library_api() -> None:
+    files = sorted(p for pkg in (*PACKAGES, "bench", "tests")
+                   for p in (ROOT / pkg).rglob("*.py") if p.name != "test_layout.py")
+    found = {str(p.relative_to(ROOT)): uses for p in files if (uses := private_mqtt_uses(p))}
+    assert found == {}

@@ -35,15 +35,20 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-import aiomqtt
-
 from agent.aio import within
 from agent.config.schema import MqttConfig
 from agent.feed.messages import Topics, mark_replayed
 from agent.outbox.store import Outbox, Row
 from agent.uplink.backoff import Backoff, ReplayPacer
 from agent.uplink.commands import CommandDispatcher, encode_result
-from agent.uplink.connection import ConnectFailed, Connector, Link, TlsFailed, puback_reason
+from agent.uplink.connection import (
+    ConnectFailed,
+    Connector,
+    Link,
+    LinkError,
+    TlsFailed,
+    puback_reason,
+)
 from agent.uplink.tls import UplinkConfigError
 
 __all__ = ["Uplink"]
@@ -127,7 +132,7 @@ class Uplink:
                 except (ConnectFailed, UplinkConfigError) as exc:
                     self.counts["connect_failures"] += 1
                     self._fail(exc, tls=isinstance(exc, TlsFailed))
-                except (aiomqtt.MqttError, OSError) as exc:
+                except (LinkError, OSError) as exc:
                     self._fail(exc)
                 except Exception as exc:
                     log.exception("uplink session failed unexpectedly")
@@ -177,9 +182,9 @@ class Uplink:
 
     def _fail(self, exc: BaseException, *, tls: bool = False) -> None:
         text = str(exc) or type(exc).__name__
-        if isinstance(exc, aiomqtt.MqttError):
-            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-            text = f"{self.connector.where}: connection lost: {text}{cause}"
+        if isinstance(exc, LinkError) and not isinstance(exc, ConnectFailed):
+            lost = text if text.startswith("connection lost") else f"connection lost: {text}"
+            text = f"{self.connector.where}: {lost}"
         # The same failure repeated while the broker is away is logged once.
         if text != self._logged_error:
             (log.error if tls else log.warning)("uplink: %s", text)
@@ -316,7 +321,7 @@ class Uplink:
                 left = oldest.sent_s + self.puback_timeout_s - time.monotonic()
                 if left <= 0:
                     self._gave_up = True  # our decision, not something a message did
-                    raise aiomqtt.MqttError(
+                    raise LinkError(
                         f"no PUBACK for seq {oldest.row.seq} within {self.puback_timeout_s:g} s")
                 timeout = left if timeout is None else min(timeout, left)
             # asyncio.timeout, not wait_for: no extra task per wake-up, and no lost
@@ -454,20 +459,17 @@ class Uplink:
     async def _receive(self, link: Link, tg: asyncio.TaskGroup) -> None:
         """Dispatch commands; ends (raising) when the connection is lost."""
         async for msg in link.messages:
-            name = self.topics.command_name(str(msg.topic))
+            name = self.topics.command_name(msg.topic)
             if name is None or self.commands is None:
                 continue
-            raw = msg.payload
-            payload = raw if isinstance(raw, bytes) else (
-                bytes(raw) if isinstance(raw, bytearray) else str(raw or "").encode())
-            tg.create_task(self._command(link, name, payload), name=f"command:{name}")
+            tg.create_task(self._command(link, name, msg.payload), name=f"command:{name}")
 
     async def _command(self, link: Link, name: str, payload: bytes) -> None:
         assert self.commands is not None
         result = await self.commands.handle(self.gateway, name, payload)
         try:
             fut = link.publish(self.topics.cmd_result(name), encode_result(result))
-        except aiomqtt.MqttError as exc:
+        except LinkError as exc:
             log.warning("uplink: reply to command %r (id %r) lost: %s", name, result.id, exc)
             return
         # asyncio.wait, not wait_for: the future is cancelled if the connection drops.
