@@ -93,7 +93,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"error: cannot read samples {sample_path}: {exc}")
         return 2
-    stage = InferenceStage([ModelConfig(name=args.name, stream=doc["stream"], path=args.path)])
+    # The model itself, not what the skill guard would publish at a site.
+    stage = InferenceStage([ModelConfig(name=args.name, stream=doc["stream"], path=args.path,
+                                        guard=False)])
     try:
         if stage.load_errors:
             print(f"REFUSED: {stage.load_errors[0]}")

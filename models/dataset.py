@@ -183,3 +183,19 @@ class Trained:
     metrics: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # congestion / anomaly manifest blocks
     training: dict[str, Any] = field(default_factory=dict)
+
+
+# What each model forecasts, for the gateway's skill guard: (output, window quantity).
+FORECASTS: dict[str, tuple[str, str]] = {
+    "traffic": ("speed_next", "speed_mean"),
+    "energy": ("power_next_w", "power_mean_w"),
+}
+
+
+def input_ranges(x: np.ndarray) -> list[tuple[float, float]]:
+    """Per input, the lowest and highest value of the training rows (rounded outwards): the
+    gateway flags an input outside this span as extrapolation."""
+    lo = np.nanmin(x, axis=0).astype(np.float64)
+    hi = np.nanmax(x, axis=0).astype(np.float64)
+    return [(math.floor(a * 1e4) / 1e4, math.ceil(b * 1e4) / 1e4)
+            for a, b in zip(lo, hi, strict=True)]

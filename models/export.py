@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.csvdata import SiteData
-from models.dataset import UNITS, Trained
+from models.dataset import FORECASTS, UNITS, Trained, input_ranges
 from models.manifest import (
     META_INPUTS,
     META_OUTPUTS,
@@ -113,9 +113,12 @@ def export_trained(trained: Trained, out_dir: Path) -> Manifest:
         "name": trained.name, "version": digest[:VERSION_CHARS], "sha256": digest,
         "file": path.name, "opset": OPSET, "description": DESCRIPTIONS[trained.name],
         "window_s": spec.window_s, "timezone": spec.timezone, "hold_s": dict(spec.hold_s),
-        "inputs": [{"name": i.name, "unit": _unit(i.name), "fill": round(float(i.fill), 6)}
-                   for i in spec.inputs],
+        "inputs": [{"name": i.name, "unit": _unit(i.name), "fill": round(float(i.fill), 6),
+                    "range": span}
+                   for i, span in zip(spec.inputs, input_ranges(md.x[md.split == 0]),
+                                      strict=True)],
         "outputs": outputs,
+        "forecast": dict(zip(("output", "actual"), FORECASTS[trained.name], strict=True)),
         **trained.extra,
         "training": {**trained.training, "onnx_vs_torch_max_rel_dev": float(f"{deviation:.3g}"),
                      "size_bytes": len(data)},

@@ -41,6 +41,8 @@ class InputEntry(_Frozen):
     name: str
     unit: str
     fill: float
+    # The span of the training data (low and high percentile); a value outside is flagged.
+    range: tuple[float, float] | None = None
 
 
 class OutputEntry(_Frozen):
@@ -67,6 +69,14 @@ class Anomaly(_Frozen):
     threshold: float = Field(gt=0)
 
 
+class Forecast(_Frozen):
+    """Which output forecasts which window quantity, for the skill guard: persistence is the
+    current window's ``actual`` (also an input of the same name)."""
+
+    output: str
+    actual: str
+
+
 class Manifest(_Frozen):
     schema_version: int = 1
     name: str
@@ -83,6 +93,7 @@ class Manifest(_Frozen):
     outputs: list[OutputEntry] = Field(min_length=1)
     congestion: Congestion | None = None
     anomaly: Anomaly | None = None
+    forecast: Forecast | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -231,6 +231,21 @@ class ModelConfig(_Frozen):
     """A candidate ONNX file run beside the active model until activated."""
     enabled: bool = True
     """A disabled model is not loaded."""
+    guard: bool = True
+    """Skill guard: publish persistence (the current window's value) instead of the model's
+    forecast while the model does worse than persistence at this site."""
+    guard_horizon_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 21_600.0
+    """Seconds of scored forecasts over which model and persistence errors are compared."""
+    guard_margin: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    """The model must beat persistence's error by this fraction before its forecast is
+    published."""
+    guard_min_s: Annotated[float, Field(ge=0, le=30 * 86_400)] = 3_600.0
+    """Seconds of scored forecasts needed before the model's forecast can be published."""
+    activate_margin: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """A shadow candidate is activated only if its error on the live windows is below both the
+    active model's and persistence's by this fraction (`--force` overrides)."""
+    activate_min_s: Annotated[float, Field(ge=0, le=30 * 86_400)] = 86_400.0
+    """Seconds of live windows the candidate must have been scored on before activation."""
 
 
 class MqttConfig(_Frozen):

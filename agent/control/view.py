@@ -191,7 +191,29 @@ def outbox_line(outbox: Mapping[str, Any]) -> str:
     return text
 
 
-def model_rows(models: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+MODEL_HEADER = ("MODEL", "VERSION", "SOURCE / SKILL", "LAST OUTPUT")
+
+
+def guard_text(st: Mapping[str, Any]) -> str:
+    """``model +12%`` / ``fallback -8%`` / ``fallback (scoring)``: what is published and the
+    model's running skill against persistence; extrapolated inputs after a ``!``."""
+    guard = st.get("guard")
+    if not isinstance(guard, Mapping):
+        return "-"
+    if guard.get("enabled") is False:
+        text = "model (no guard)"
+    else:
+        skill = guard.get("skill")
+        source = str(guard.get("last_source") or guard.get("source") or "-")
+        text = (f"{source} {skill * 100:+.0f}%" if isinstance(skill, (int, float))
+                and not isinstance(skill, bool) else f"{source} (scoring)")
+    flagged = st.get("out_of_range")
+    if isinstance(flagged, list) and flagged:
+        text += " !" + ",".join(str(f) for f in flagged)
+    return text
+
+
+def model_rows(models: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     status = models.get("status") or {}
     if isinstance(status, Mapping) and isinstance(status.get("models"), Mapping):
         status = status["models"]
@@ -211,7 +233,7 @@ def model_rows(models: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         outputs = info.get("outputs") or st.get("last_outputs") or {}
         shown = (", ".join(f"{k}={fmt_number(v)}" for k, v in outputs.items())
                  if isinstance(outputs, Mapping) else str(outputs))
-        rows.append((name, str(version), shown or "no output yet"))
+        rows.append((name, str(version), guard_text(st), shown or "no output yet"))
     return rows
 
 
@@ -262,7 +284,7 @@ def render_text(snap: Mapping[str, Any]) -> str:
     models = model_rows(snap.get("models", {}))
     if models:
         lines.append("")
-        lines.extend(table(("MODEL", "VERSION", "LAST OUTPUT"), models))
+        lines.extend(table(MODEL_HEADER, models))
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +309,7 @@ def render_rich(snap: Mapping[str, Any], out: TextIO, width: int | None = None) 
     console.print(sensors)
     models = model_rows(snap.get("models", {}))
     if models:
-        mt = Table("MODEL", "VERSION", "LAST OUTPUT", header_style="bold")
+        mt = Table(*MODEL_HEADER, header_style="bold")
         for row in models:
             mt.add_row(*row)
         console.print(mt)

@@ -99,6 +99,16 @@ class InferenceMessage(FeedMessage):
     latency_ms: MaybeFloat
     shadow: bool = Field(default=False, description="True for a candidate model run beside "
                                                     "the active one.")
+    source: Literal["model", "fallback"] = Field(
+        default="model", description="Where the published forecast comes from: the model, or "
+        "persistence (the current window's value) while the model does worse than that at "
+        "this site. The model's own value is in outputs as `<output>_model`.")
+    skill: MaybeFloat = Field(
+        default=None, description="1 - model MAE / persistence MAE over the guard's horizon "
+        "at this site (> 0: the model beats persistence); null until scored.")
+    out_of_range: list[str] = Field(
+        default_factory=list, description="Inputs outside the span of the model's training "
+        "data: the model extrapolates on them.")
 
 
 class ReadingMessage(FeedMessage):
@@ -186,7 +196,9 @@ def inference_message(gateway: str, i: Inference) -> Draft[InferenceMessage]:
     return Draft(InferenceMessage, {
         "schema": SCHEMA_INFERENCE, "gateway": gateway, "model": i.model, "version": i.version,
         "stream": i.stream, "window_start": to_datetime(i.window_start_ns), "outputs": outputs,
-        "latency_ms": _finite(i.latency_ms), "shadow": i.shadow,
+        "latency_ms": _finite(i.latency_ms), "shadow": i.shadow, "source": i.source,
+        "skill": None if i.skill is None else _finite(i.skill),
+        "out_of_range": list(i.out_of_range),
     })
 
 

@@ -14,6 +14,12 @@ Threading: feature building and all per-model state live on the event loop; only
 uses at most one core beside the loop). The set of loaded models is one dict that ``reload`` and
 ``activate`` replace in a single assignment, so a window is always served by a consistent set.
 
+Skill guard (``agent.pipeline.skill``): each model's forecast output is scored against what
+the next window measured, beside persistence; while the model does worse, persistence is what
+gets published under the output's name (``source = "fallback"``), and the model's own value goes
+out as ``<output>_model``. Inputs outside the span of the training data are named in
+``out_of_range``.
+
 Shadow mode: a model configured with ``shadow = "candidate.onnx"`` runs the candidate beside the
 active model on the same windows; both results are returned (the candidate's with
 ``shadow=True``) until ``activate(name)`` promotes the candidate.
@@ -36,8 +42,10 @@ import numpy as np
 
 from agent.config.schema import ModelConfig
 from agent.pipeline.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
+from agent.pipeline.skill import GuardSettings, ShadowComparison, SkillGuard, Source
 from agent.readings import Inference, Window
 from models.manifest import (
+    Forecast,
     Manifest,
     ModelError,
     VerifiedModel,
@@ -57,6 +65,29 @@ def feature_spec(m: Manifest) -> FeatureSpec:
         inputs=tuple(InputSpec(i.name, i.fill) for i in m.inputs),
         window_s=m.window_s, timezone=m.timezone, hold_s=dict(m.hold_s),
     )
+
+
+def guard_settings(cfg: ModelConfig) -> GuardSettings:
+    return GuardSettings(horizon_s=cfg.guard_horizon_s, margin=cfg.guard_margin,
+                         min_evaluated_s=cfg.guard_min_s, enabled=cfg.guard)
+
+
+def forecast_of(m: Manifest) -> Forecast | None:
+    """The forecast the guard scores: declared, or (older manifests) the anomaly's pair."""
+    if m.forecast is not None:
+        return m.forecast
+    if m.anomaly is not None:
+        return Forecast(output=m.anomaly.forecast, actual=m.anomaly.actual)
+    return None
+
+
+def level_of(speed: float, m: Manifest) -> int:
+    """The congestion class of a speed by the manifest's thresholds (0 free .. 2 congested)."""
+    c = m.congestion
+    if c is None or not math.isfinite(speed):
+        return 0
+    ratio = speed / c.free_flow_speed_m_s
+    return 2 if ratio < c.congested_below else 1 if ratio < c.slowing_below else 0
 
 
 def resolve(cfg: ModelConfig, path: str) -> Path:
@@ -82,6 +113,20 @@ class LoadedModel:
     # (end of the model window it is for, value): what the anomaly score compares against.
     forecasts: deque[tuple[int, float]] = field(
         default_factory=lambda: deque(maxlen=FORECASTS_KEPT))
+    guard: SkillGuard = field(default_factory=SkillGuard)
+    last_source: Source = "model"
+    last_out_of_range: tuple[str, ...] = ()
+    out_of_range_windows: int = 0
+
+    def __post_init__(self) -> None:
+        m = self.manifest
+        names = m.input_names
+        self._forecast = forecast_of(m)
+        self._actual_index = (names.index(self._forecast.actual)
+                              if self._forecast is not None and self._forecast.actual in names
+                              else None)
+        self._ranged = [(i, e.name, e.range[0], e.range[1])
+                        for i, e in enumerate(m.inputs) if e.range is not None]
 
     @property
     def manifest(self) -> Manifest:
@@ -124,7 +169,52 @@ class LoadedModel:
             if isinstance(nxt, float):
                 pending.append((row.end_ns + row.end_ns - row.start_ns, nxt))
         out["inputs_filled"] = float(len(row.missing))
+        self._guarded(row, out)
         return out
+
+    def _guarded(self, row: FeatureRow, out: dict[str, float | str]) -> None:
+        """Score the earlier forecasts for this window and choose what to publish now."""
+        fc = self._forecast
+        self.last_source = "model"
+        if fc is None or self._actual_index is None:
+            return
+        model = out.get(fc.output)
+        if not isinstance(model, float):
+            return
+        self.guard.observe(row.end_ns, row.current.get(fc.actual, math.nan))
+        persistence = float(row.values[self._actual_index])
+        target = row.end_ns + (row.end_ns - row.start_ns)
+        published, source = self.guard.forecast(target, model, persistence)
+        self.last_source = source
+        out[f"{fc.output}_model"] = model
+        out[fc.output] = published
+        c = self.manifest.congestion
+        if source == "fallback" and c is not None and c.output in out:
+            spec = next(o for o in self.manifest.outputs if o.name == c.output)
+            level = level_of(published, self.manifest)
+            out[c.output] = float(level)
+            if spec.labels:
+                key = c.output.removesuffix("_level") if c.output.endswith("_level") \
+                    else f"{c.output}_label"
+                out[key] = spec.labels[min(level, len(spec.labels) - 1)]
+
+    def persistence(self, row: FeatureRow) -> float | None:
+        """Persistence's forecast for the next window: the (held) current value."""
+        if self._actual_index is None:
+            return None
+        return float(row.values[self._actual_index])
+
+    def out_of_range(self, row: FeatureRow) -> tuple[str, ...]:
+        """Measured inputs (not filled ones) outside the span of the training data."""
+        if not self._ranged:
+            return ()
+        values, missing = row.values, row.missing
+        flagged = tuple(name for i, name, lo, hi in self._ranged
+                        if not lo <= float(values[i]) <= hi and name not in missing)
+        if flagged:
+            self.out_of_range_windows += 1
+        self.last_out_of_range = flagged
+        return flagged
 
     def status(self) -> dict[str, Any]:
         return {
@@ -134,7 +224,15 @@ class LoadedModel:
             "last_latency_ms": None if math.isnan(self.last_latency_ms)
             else round(self.last_latency_ms, 3),
             "last_outputs": dict(self.last_outputs), "inputs_filled": list(self.last_missing),
+            "guard": {**self.guard.status(), "last_source": self.last_source},
+            "out_of_range": list(self.last_out_of_range),
+            "out_of_range_windows": self.out_of_range_windows,
         }
+
+
+class ActivationRefused(ValueError):
+    """The candidate has not shown on live windows that it does better; the message says how
+    it scored."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +240,7 @@ class _Slot:
     config: ModelConfig
     active: LoadedModel
     candidate: LoadedModel | None = None
+    comparison: ShadowComparison | None = None
 
 
 class InferenceStage:
@@ -165,7 +264,8 @@ class InferenceStage:
             # The same file again: keep the running one (and its feature history).
             previous.shadow = shadow
             return previous
-        return LoadedModel(cfg.name, cfg.stream, verified, FeatureBuilder(spec), shadow)
+        return LoadedModel(cfg.name, cfg.stream, verified, FeatureBuilder(spec), shadow,
+                           guard=SkillGuard(guard_settings(cfg)))
 
     def reload(self, models: Sequence[ModelConfig]) -> list[str]:
         """Load the given configs; returns the errors. A model that fails keeps its predecessor."""
@@ -191,26 +291,42 @@ class InferenceStage:
                 except (ModelError, FeatureError) as exc:
                     errors.append(f"model {cfg.name!r} shadow: {exc}")
                     candidate = old.candidate if old else None
-            new[cfg.name] = _Slot(cfg, active, candidate)
+            comparison = None
+            if candidate is not None:
+                same = old is not None and old.candidate is candidate and old.active is active
+                comparison = old.comparison if same and old is not None else None
+                comparison = comparison or ShadowComparison(cfg.guard_horizon_s)
+            new[cfg.name] = _Slot(cfg, active, candidate, comparison)
         self._slots = new  # the switch: one reference assignment
         for e in errors:
             log.error("%s", e)
             self._errors.append(e)
         return errors
 
-    def activate(self, name: str) -> None:
-        """Promote the shadow candidate of ``name`` to active (atomically)."""
+    def activate(self, name: str, *, force: bool = False) -> str:
+        """Promote the shadow candidate of ``name`` to active (atomically), if it beat the
+        active model and persistence on the live windows (``force``: whatever it scored).
+        Returns how it scored; raises ``ActivationRefused`` with the numbers otherwise."""
         slot = self._slots.get(name)
         if slot is None:
             raise KeyError(f"no model named {name!r} is loaded")
         if slot.candidate is None:
             raise ValueError(f"model {name!r} has no shadow candidate to activate")
+        verdict = (slot.comparison.verdict(slot.config.activate_margin,
+                                           slot.config.activate_min_s)
+                   if slot.comparison is not None else None)
+        reason = verdict.reason if verdict is not None else "not scored"
+        if not force and (verdict is None or not verdict.ok):
+            log.warning("model %s: activation of %s refused: %s", name,
+                        slot.candidate.version, reason)
+            raise ActivationRefused(f"model {name!r}: activation refused: {reason}")
         promoted = slot.candidate
         promoted.shadow = False
         cfg = slot.config.model_copy(update={"path": str(promoted.model.path), "shadow": ""})
         self._slots = {**self._slots, name: _Slot(cfg, promoted, None)}
-        log.info("model %s: activated version %s (was %s)", name, promoted.version,
-                 slot.active.version)
+        log.info("model %s: activated version %s (was %s)%s: %s", name, promoted.version,
+                 slot.active.version, " by force" if force else "", reason)
+        return reason
 
     # -- running -------------------------------------------------------------------------------
 
@@ -238,6 +354,7 @@ class InferenceStage:
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._executor, _run_all, jobs)
         out: list[Inference] = []
+        done: dict[int, tuple[FeatureRow, dict[str, float | str]]] = {}
         for (m, row), result in zip(jobs, results, strict=True):
             if isinstance(result, Exception):
                 m.failures += 1
@@ -251,8 +368,31 @@ class InferenceStage:
             m.last_outputs, m.last_latency_ms = outputs, latency_ms
             m.last_window_start_ns, m.last_missing = w.start_ns, row.missing
             out.append(Inference(m.name, m.version, w.start_ns, outputs, latency_ms,
-                                 w.stream, m.shadow))
+                                 w.stream, m.shadow, m.last_source, m.guard.skill,
+                                 m.out_of_range(row)))
+            done[id(m)] = (row, outputs)
+        for slot in slots.values():
+            if slot.comparison is not None and slot.candidate is not None:
+                self._compare(slot, done)
         return out
+
+    @staticmethod
+    def _compare(slot: _Slot, done: dict[int, tuple[FeatureRow, dict[str, float | str]]]) -> None:
+        """Score the candidate beside the active model on the window both just saw."""
+        assert slot.comparison is not None and slot.candidate is not None
+        fc = forecast_of(slot.active.manifest)
+        a, c = done.get(id(slot.active)), done.get(id(slot.candidate))
+        if fc is None or a is None or c is None or a[0].end_ns != c[0].end_ns:
+            return
+        row = a[0]
+        key = f"{fc.output}_model"
+        active, cand = a[1].get(key, a[1].get(fc.output)), c[1].get(key, c[1].get(fc.output))
+        persistence = slot.active.persistence(row)
+        if not isinstance(active, float) or not isinstance(cand, float) or persistence is None:
+            return
+        slot.comparison.observe(row.end_ns, row.current.get(fc.actual, math.nan))
+        slot.comparison.forecast(row.end_ns + (row.end_ns - row.start_ns), cand, active,
+                                 persistence)
 
     def _feature_error(self, m: LoadedModel, msg: str) -> None:
         m.failures += 1
@@ -266,7 +406,9 @@ class InferenceStage:
         return {
             "models": {
                 name: {**s.active.status(),
-                       "shadow": s.candidate.status() if s.candidate else None}
+                       "shadow": {**s.candidate.status(),
+                                  "comparison": s.comparison.status() if s.comparison else None}
+                       if s.candidate else None}
                 for name, s in self._slots.items()
             },
             "errors": list(self._errors),

@@ -1,0 +1,161 @@
+"""The skill guard: scored against numpy, switching on evidence only, bounded, and wired into
+the inference stage (published value, the model's own value, source, skill, out-of-range)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from agent.config.schema import ModelConfig
+from agent.pipeline.infer import InferenceStage, level_of
+from agent.pipeline.skill import BUCKET_NS, PENDING_MAX, GuardSettings, SkillGuard
+from agent.readings import ChannelStats, Window
+from models.manifest import Manifest, shipped_paths
+
+NS = 10**9
+STEP = 300 * NS
+T0 = 1_740_000_000 // 300 * 300 * NS
+
+
+def run(guard: SkillGuard, actual: np.ndarray, model: np.ndarray) -> list[str]:
+    """Forecasts for window k+1 made at window k: model[k] and persistence actual[k]."""
+    sources = []
+    for k in range(len(actual)):
+        end = T0 + (k + 1) * STEP
+        guard.observe(end, float(actual[k]))
+        _, source = guard.forecast(end + STEP, float(model[k]), float(actual[k]))
+        sources.append(source)
+    return sources
+
+
+def test_running_errors_match_numpy_over_the_horizon() -> None:
+    rng = np.random.default_rng(1)
+    actual = 10 + np.cumsum(rng.normal(0, 1, 400))
+    model = np.r_[actual[1:], actual[-1]] + rng.normal(0, 0.5, 400)  # a decent forecaster
+    horizon = 100
+    guard = SkillGuard(GuardSettings(horizon_s=horizon * 300, min_evaluated_s=0))
+    run(guard, actual, model)
+    # Forecast k (for window k+1) is scored when window k+1 is seen: errors for k = 0..398.
+    err_m = np.abs(actual[1:] - model[:-1])
+    err_p = np.abs(actual[1:] - actual[:-1])
+    keep = slice(len(err_m) - horizon, None)  # the buckets inside the horizon
+    assert guard.model_mae == pytest.approx(err_m[keep].mean(), rel=1e-9)
+    assert guard.persistence_mae == pytest.approx(err_p[keep].mean(), rel=1e-9)
+    assert guard.skill == pytest.approx(1 - err_m[keep].mean() / err_p[keep].mean(), rel=1e-9)
+    assert guard.evaluated_s == horizon * 300
+
+
+def test_starts_on_persistence_and_switches_once_the_model_has_proven_itself() -> None:
+    actual = np.sin(np.arange(200) / 5.0) * 10
+    good = np.r_[actual[1:], actual[-1]]  # a perfect forecaster
+    guard = SkillGuard(GuardSettings(min_evaluated_s=3600))
+    sources = run(guard, actual, good)
+    # 12 scored buckets (an hour) are needed; the first score lands with window 1.
+    assert sources[:12] == ["fallback"] * 12
+    assert set(sources[13:]) == {"model"}
+    assert guard.switches == 1
+
+
+def test_a_model_worse_than_persistence_is_never_published() -> None:
+    rng = np.random.default_rng(2)
+    actual = 10 + np.cumsum(rng.normal(0, 1, 500))
+    bad = actual + 5.0  # always 5 off: persistence is far better
+    guard = SkillGuard(GuardSettings(min_evaluated_s=0))
+    assert set(run(guard, actual, bad)) == {"fallback"}
+    assert guard.skill is not None and guard.skill < 0
+
+
+def test_falls_back_as_soon_as_the_model_turns_worse() -> None:
+    actual = np.sin(np.arange(600) / 7.0) * 10
+    model = np.r_[actual[1:], actual[-1]].copy()
+    model[300:] += 30.0  # the model breaks at window 300
+    guard = SkillGuard(GuardSettings(horizon_s=6 * 3600, min_evaluated_s=3600))
+    sources = run(guard, actual, model)
+    assert sources[299] == "model"
+    broke = sources.index("fallback", 300)
+    assert broke - 300 <= 30  # within a few windows: the day-old good record does not hide it
+    assert set(sources[broke:]) == {"fallback"}
+
+
+def test_unmeasured_windows_are_not_scored_and_pending_stays_bounded() -> None:
+    guard = SkillGuard(GuardSettings(min_evaluated_s=0))
+    for k in range(PENDING_MAX * 2):
+        guard.forecast(T0 + k * NS, 1.0, 2.0)
+    assert guard.ledger.pending == PENDING_MAX
+    guard.observe(T0 + PENDING_MAX * 2 * NS, math.nan)
+    assert guard.evaluations == 0 and guard.model_mae is None and guard.source == "fallback"
+    assert guard.ledger.pending == 0
+
+
+def test_disabled_guard_always_publishes_the_model() -> None:
+    guard = SkillGuard(GuardSettings(enabled=False))
+    assert guard.forecast(T0, 1.0, 2.0) == (1.0, "model")
+    assert guard.status()["enabled"] is False
+
+
+def test_buckets_are_300_s() -> None:
+    assert BUCKET_NS == 300 * NS
+
+
+def point(mean: float, count: int, unit: str) -> ChannelStats:
+    return ChannelStats(count, mean, mean, mean, mean, 0.0, unit)
+
+
+def energy_window(k: int, power_w: float) -> Window:
+    start = T0 + k * 60 * NS
+    return Window("cabinet", start, start + 60 * NS,
+                  {"meter.active_power": point(power_w, 60, "W"),
+                   "env.temperature": point(8.0, 1, "degC")},
+                  derived={"power_mean_w": power_w})
+
+
+async def test_the_stage_publishes_persistence_while_unproven_and_names_the_model_value() -> None:
+    stage = InferenceStage([ModelConfig(name="energy", stream="cabinet")])
+    try:
+        infs = [inf for k in range(30) for inf in await stage.on_window(energy_window(k, 1500.0))]
+    finally:
+        stage.close()
+    assert len(infs) == 30
+    for inf in infs:
+        assert inf.source == "fallback"
+        assert inf.outputs["power_next_w"] == pytest.approx(1500.0)  # persistence
+        assert isinstance(inf.outputs["power_next_w_model"], float)
+    status = stage.status()["models"]["energy"]["guard"]
+    assert status["source"] == "fallback" and status["evaluations"] > 0
+
+
+async def test_inputs_outside_the_training_span_are_flagged() -> None:
+    manifest = Manifest.model_validate_json(shipped_paths("energy")[1].read_text())
+    span = next(i.range for i in manifest.inputs if i.name == "power_mean_w")
+    assert span is not None
+    stage = InferenceStage([ModelConfig(name="energy", stream="cabinet")])
+    try:
+        (normal,) = await stage.on_window(energy_window(0, (span[0] + span[1]) / 2))
+        (high,) = await stage.on_window(energy_window(1, span[1] * 3))
+    finally:
+        stage.close()
+    assert "power_mean_w" not in normal.out_of_range
+    assert "power_mean_w" in high.out_of_range
+
+
+def test_fallback_levels_follow_the_manifest_thresholds() -> None:
+    manifest = Manifest.model_validate_json(shipped_paths("traffic")[1].read_text())
+    c = manifest.congestion
+    assert c is not None
+    free = c.free_flow_speed_m_s
+    assert level_of(free, manifest) == 0
+    assert level_of(free * (c.slowing_below - 0.01), manifest) == 1
+    assert level_of(free * (c.congested_below - 0.01), manifest) == 2
+
+
+def test_status_shows_what_is_published_and_the_skill() -> None:
+    from agent.control.view import guard_text
+
+    assert guard_text({"guard": {"enabled": True, "source": "fallback", "skill": None}}) == \
+        "fallback (scoring)"
+    assert guard_text({"guard": {"enabled": True, "last_source": "model", "skill": 0.123},
+                       "out_of_range": ["flow_veh_h"]}) == "model +12% !flow_veh_h"
+    assert guard_text({"guard": {"enabled": False}}) == "model (no guard)"
+    assert guard_text({}) == "-"
