@@ -195,6 +195,17 @@ class _Schedule:
         self.taken.append((a, b))
 
 
+def _ar1(n: int, tau: float, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    phi = float(np.exp(-1.0 / tau))
+    shocks = rng.normal(0.0, sigma * np.sqrt(1 - phi**2), n).tolist()
+    out = np.empty(n)
+    acc = float(rng.normal(0.0, sigma))
+    for i, e in enumerate(shocks):
+        acc = phi * acc + e
+        out[i] = acc
+    return out
+
+
 def _thermostats(inside: np.ndarray, heater_w: float, fan_w: float) -> np.ndarray:
     out = np.zeros(len(inside))
     heat = fan = False
@@ -306,9 +317,9 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
 
     inside = temperature + 4.0 + 8.0 * np.clip(np.sin(np.radians(elevation)), 0, None)
     cabinet = _thermostats(inside, site.heater_w, site.fan_w)
-    wander = np.cumsum(rng.normal(0, 0.3, n))
-    wander -= np.convolve(wander, np.ones(721) / 721, mode="same")  # slow drift, no trend
-    cabinet += site.base_w + 8.0 * len(site.chargers_kw) + wander + rng.normal(0, 1.0, n)
+    # Electronics wander slowly (router traffic, controller duty): AR(1), 6 h, 3 W.
+    cabinet += site.base_w + 8.0 * len(site.chargers_kw) + _ar1(n, 360.0, 3.0, rng)
+    cabinet += rng.normal(0, 1.0, n)
     outage = np.zeros(n, dtype=bool)
     for s in np.flatnonzero(rng.random(n) < WINDOW_S / (10 * DAY_S)):
         outage[s:s + int(rng.integers(1, 11))] = True
