@@ -8,8 +8,9 @@ gateway config. Loads are built on a 10 s grid (the meters' polling period) and 
 
 Channels, as the gateway would see them per window: the cabinet feed meter (``main``), a
 redundant meter on the same feed (``check``, polled 2 s after it, so a load step or ramp
-falls into neighbouring windows a little differently), the lighting circuit, each charge point on its own
-meter, the photocell input (fraction of the window calling for light) and solar elevation.
+falls into neighbouring windows a little differently), the lighting circuit, each charge point
+on its own meter, the photocell input (fraction of the window calling for light) and solar
+elevation.
 
 Loads: luminaires on a photocell (switching elevation -2 +/- 0.7 deg per night, 1.5 deg
 earlier under rain, optional midnight dimming, luminaires failing now and then until
@@ -216,7 +217,7 @@ def _thermostats(inside: np.ndarray, heater_w: float, fan_w: float) -> np.ndarra
     return out
 
 
-def _lamp_faults(sched: _Schedule, photocell: np.ndarray, lights: np.ndarray, full_w: np.ndarray,
+def _lamp_faults(sched: _Schedule, *, photocell: np.ndarray, lights: np.ndarray, full_w: np.ndarray,
                  ts_sub: np.ndarray, site: CabinetSite, weeks: float,
                  rng: np.random.Generator) -> list[Fault]:
     """Dark nights and lit days, edited into the 10 s photocell and lighting series."""
@@ -259,11 +260,11 @@ def _lamp_faults(sched: _Schedule, photocell: np.ndarray, lights: np.ndarray, fu
     return faults
 
 
-def _place(sched: _Schedule, rng: np.random.Generator, n_win: int, ts: np.ndarray,
-           min_w: int, max_w: int) -> tuple[int, int] | None:
+def _place(sched: _Schedule, rng: np.random.Generator, ts: np.ndarray, min_w: int,
+           max_w: int) -> tuple[int, int] | None:
     for _ in range(50):
         length = int(rng.integers(min_w, max_w + 1))
-        a = int(rng.integers(0, n_win - length))
+        a = int(rng.integers(0, len(ts) - length))
         if sched.free(float(ts[a]), float(ts[a + length - 1]) + WINDOW_S):
             sched.take(float(ts[a]), float(ts[a + length - 1]) + WINDOW_S)
             return a, a + length
@@ -331,7 +332,8 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
     sched = _Schedule(t_faults, float(ts[-1]))
     weeks = max(days - fault_free_days, 0.0) / 7.0
     if with_faults:
-        faults += _lamp_faults(sched, photocell, lights, full_w, ts_sub, site, weeks, frng)
+        faults += _lamp_faults(sched, photocell=photocell, lights=lights, full_w=full_w,
+                               ts_sub=ts_sub, site=site, weeks=weeks, rng=frng)
         for _ in range(frng.poisson(site.faults.unexplained_load * weeks)):
             a = int(frng.integers(0, n * SUB - 4 * 3600 // SUB_S))
             length = int(frng.uniform(1, 4) * 3600 / SUB_S)
@@ -362,7 +364,8 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
     chargers = np.stack([measure(window_mean(points[:, k]), gains[3 + k], True)
                          for k in range(points.shape[1])], axis=1)
     if with_faults:
-        faults += _meter_faults(sched, main, check, ts, site, weeks, frng)
+        faults += _meter_faults(sched, main=main, check=check, ts=ts, site=site, weeks=weeks,
+                                rng=frng)
     nan = np.nan
     return CabinetRun(
         site=site, ts_s=ts,
@@ -375,16 +378,15 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
     )
 
 
-def _meter_faults(sched: _Schedule, main: np.ndarray, check: np.ndarray, ts: np.ndarray,
+def _meter_faults(sched: _Schedule, *, main: np.ndarray, check: np.ndarray, ts: np.ndarray,
                   site: CabinetSite, weeks: float, rng: np.random.Generator) -> list[Fault]:
     """Stuck, spiking and drifting feed meters, edited into the measured windows in place."""
     faults: list[Fault] = []
     meters = {"main": main, "check": check}
-    n = len(ts)
     for _ in range(rng.poisson(site.faults.meter_drift * weeks)):
         ramp = int(rng.uniform(1, 12) * 60)
         hold = int(rng.uniform(6, 36) * 60)
-        span = _place(sched, rng, n, ts, ramp + hold, ramp + hold)
+        span = _place(sched, rng, ts, ramp + hold, ramp + hold)
         if span is None:
             continue
         a, b = span
@@ -396,7 +398,7 @@ def _meter_faults(sched: _Schedule, main: np.ndarray, check: np.ndarray, ts: np.
         faults.append(Fault("meter_drift", float(ts[first]), float(ts[b - 1]) + WINDOW_S, name,
                             f"{final:+.1%} over {ramp} min"))
     for _ in range(rng.poisson(site.faults.meter_stuck * weeks)):
-        span = _place(sched, rng, n, ts, 20, 360)
+        span = _place(sched, rng, ts, 20, 360)
         if span is None:
             continue
         a, b = span
@@ -411,7 +413,7 @@ def _meter_faults(sched: _Schedule, main: np.ndarray, check: np.ndarray, ts: np.
         faults.append(Fault("meter_stuck", float(ts[a]), float(ts[b - 1]) + WINDOW_S, name,
                             detail))
     for _ in range(rng.poisson(site.faults.meter_spike * weeks)):
-        span = _place(sched, rng, n, ts, 1, 1)
+        span = _place(sched, rng, ts, 1, 1)
         if span is None:
             continue
         a = span[0]

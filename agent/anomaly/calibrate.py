@@ -15,9 +15,11 @@ Calibrate on a period believed free of faults: a fault in the history raises its
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,7 +41,12 @@ CLEAR = 3
 LAMP_BINS = 48
 LOAD_BINS = 24
 DRIFT_SPAN = 15
-EL_MARGIN_DEG = 1.5
+EL_MARGIN_DEG = 0.3
+# Photocells switch on earlier and off later under heavy cloud; two weeks rarely show the
+# darkest twilight, so "the sun is clearly up" allows for it on top of what was seen.
+CLOUD_ALLOWANCE_DEG = 1.5
+GAIN_NOISE_W = 20.0
+GAIN_PRIOR = 0.005  # meters of accuracy class 1 rarely differ by more than half a percent
 
 
 @dataclass(frozen=True)
@@ -102,22 +109,42 @@ def _per_30d(h: History, count: int) -> float:
     return count / max(h.days, 1e-9) * 30.0
 
 
+def equal_probability(x: F) -> float:
+    """Chance that a window repeats the previous mean exactly, at the quietest load seen.
+
+    Exact repeats are too rare to count in two weeks, so the chance is read off the density of
+    window-to-window changes near zero, in the load decile where changes are smallest.
+    """
+    a, b = x[:-1], x[1:]
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, diff = a[ok], np.abs(b[ok] - a[ok])
+    if len(diff) < 1000:
+        return 0.05
+    nz = diff[diff > 0]
+    res = float(nz.min()) if len(nz) else 1.0  # the meter's resolution, as far as it shows
+    band = 20.0 * res
+    worst = 0.0
+    edges = np.quantile(a, np.linspace(0, 1, 11))
+    for lo, hi in itertools.pairwise(edges):
+        d = diff[(a >= lo) & (a <= hi)]
+        if len(d) >= 100:
+            near = (np.count_nonzero(d <= band) + 1) / (len(d) + 2)
+            worst = max(worst, near / (2 * band / res + 1))
+    return min(max(worst, 1e-6), 0.5)
+
+
 def _stuck(h: History, budget: float) -> StuckThresholds:
     per30 = 30 * 86_400 / h.window_s
-    pairs = equal = 0
-    for x in (h.main_w, h.check_w):
-        a, b = x[:-1], x[1:]
-        ok = np.isfinite(a) & np.isfinite(b)
-        pairs += int(ok.sum())
-        equal += int((a[ok] == b[ok]).sum())
-    p = (equal + 1) / (pairs + 2)
+    p = max(equal_probability(h.main_w), equal_probability(h.check_w))
     # A frozen run of L windows is L - 1 equal pairs in a row; choose L so that runs that long
-    # turn up ``budget`` times a month by chance.
+    # turn up ``budget`` times a month by chance on either meter.
     need = math.log(budget / 2 / per30) / math.log(p)
     frozen = int(min(max(math.ceil(need) + 1, 3), 60))
     feed = np.concatenate([h.main_w, h.check_w])
     feed = feed[np.isfinite(feed)]
-    zero = float(np.clip(0.5 * np.quantile(feed, 0.0005), 1.0, 100.0)) if len(feed) else 1.0
+    # A cabinet's own electronics draw tens of watts: a feed meter far below what it ever read
+    # is not measuring.
+    zero = float(np.clip(0.25 * np.quantile(feed, 0.0005), 1.0, 30.0)) if len(feed) else 1.0
     return StuckThresholds(frozen_windows=frozen, zero_w=zero, clear_windows=CLEAR)
 
 
@@ -196,8 +223,13 @@ def fill_circular(values: F) -> F:
 
 def _lamps(h: History, budget: float) -> LampThresholds:
     el_sw = _switch_elevations(h)
-    if len(el_sw):
-        el_on, el_off = float(el_sw.min()) - EL_MARGIN_DEG, float(el_sw.max()) + EL_MARGIN_DEG
+    if len(el_sw) >= 6:
+        # Twilights per 30 days, one switch-on and one switch-off each.
+        z = NormalDist().inv_cdf(1.0 - min(budget / 30.0, 0.25))
+        mid = float(np.median(el_sw))
+        sd = max(1.4826 * float(np.median(np.abs(el_sw - mid))), 0.3)
+        el_on = min(mid - z * sd, float(el_sw.min()) - EL_MARGIN_DEG)
+        el_off = max(mid + z * sd, float(el_sw.max()) + EL_MARGIN_DEG) + CLOUD_ALLOWANCE_DEG
     else:
         el_on, el_off = -6.0, 6.0
     state, settled = _expected(h, el_on, el_off)
@@ -226,16 +258,41 @@ def _lamps(h: History, budget: float) -> LampThresholds:
                           clear_windows=CLEAR)
 
 
-def residuals(h: History) -> F:
+def circuits(h: History) -> F:
+    """(windows, 1 + charge points): the lighting circuit, then each charge point."""
+    return np.column_stack([h.lights_w, h.chargers_w])
+
+
+def circuit_gains(h: History, feed: F) -> list[float]:
+    """How the feed meter reads each circuit meter's watt, by ridge regression towards 1.
+
+    The ridge keeps a circuit that hardly drew anything in the history at gain 1 instead of
+    fitting noise; with a few days of load its data outweighs the prior.
+    """
+    x = circuits(h)
+    ok = np.isfinite(feed) & np.all(np.isfinite(x), axis=1)
+    x, y = x[ok], feed[ok]
+    if len(y) < 100:
+        return [1.0] * x.shape[1]
+    y = y - x.sum(axis=1)  # deviations from gain 1 are what is fitted
+    xc, yc = x - x.mean(axis=0), y - y.mean()
+    ridge = (GAIN_NOISE_W / GAIN_PRIOR) ** 2
+    d = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+    return [float(1.0 + v) for v in np.clip(d, -0.1, 0.1)]
+
+
+def residuals(h: History, main_gains: list[float], check_gains: list[float]) -> F:
     """``loads.residual`` on both feed meters, the smaller of the two (NaN-aware)."""
-    circuits = h.lights_w + h.chargers_w.sum(axis=1)
-    rm, rc = h.main_w - circuits, h.check_w - circuits
+    x = circuits(h)
+    rm = h.main_w - x @ np.asarray(main_gains)
+    rc = h.check_w - x @ np.asarray(check_gains)
     out: F = np.where(np.isnan(rm), rc, np.where(np.isnan(rc), rm, np.minimum(rm, rc)))
     return out
 
 
 def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
-    r = residuals(h)
+    gm, gc = circuit_gains(h, h.main_w), circuit_gains(h, h.check_w)
+    r = residuals(h, gm, gc)
     bins = h.local_hour.astype(int) % LOAD_BINS
     prof = np.full(LOAD_BINS, np.nan)
     for b in range(LOAD_BINS):
@@ -250,8 +307,8 @@ def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
     excess = run_min(r - wide[bins], CONFIRM)
     margin = tail_limit(excess, _per_30d(h, int(np.isfinite(excess).sum())), budget)
     margin = float(max(margin, 50.0))
-    return UnexplainedThresholds(limit_w=[float(v) + margin for v in wide],
-                                 confirm_windows=CONFIRM, clear_windows=CLEAR)
+    return UnexplainedThresholds(limit_w=[float(v) + margin for v in wide], main_gains=gm,
+                                 check_gains=gc, confirm_windows=CONFIRM, clear_windows=CLEAR)
 
 
 def calibrate(h: History, target_false_alarms_per_30d: float = 1.0) -> Thresholds:

@@ -82,11 +82,11 @@ class LampDetector:
         return out
 
 
-def residual(feed: float, s: Sample) -> float:
+def residual(feed: float, s: Sample, gains: list[float]) -> float:
     """Feed power minus every metered circuit; NaN if any of them is missing."""
-    total = s.lights_w
-    for c in s.chargers_w:
-        total += c
+    total = gains[0] * s.lights_w
+    for g, c in zip(gains[1:], s.chargers_w, strict=True):
+        total += g * c
     return feed - total
 
 
@@ -102,9 +102,9 @@ class UnexplainedLoadDetector:
         # the smaller residual is the one to trust.
         parts = []
         if use_main:
-            parts.append(residual(s.main_w, s))
+            parts.append(residual(s.main_w, s, self.th.main_gains))
         if use_check:
-            parts.append(residual(s.check_w, s))
+            parts.append(residual(s.check_w, s, self.th.check_gains))
         parts = [p for p in parts if not math.isnan(p)]
         if not parts:
             return None

@@ -52,6 +52,10 @@ class LampThresholds:
 @dataclass(frozen=True, slots=True)
 class UnexplainedThresholds:
     limit_w: list[float]  # residual (feed minus metered circuits) allowed, by local hour
+    # Each circuit meter's reading as the feed meter sees it ([lights, charger 1, ...]): no two
+    # meters agree exactly, and 0.3 % of 40 kW of charging is already a 120 W "load".
+    main_gains: list[float]
+    check_gains: list[float]
     confirm_windows: int
     clear_windows: int
 
