@@ -59,6 +59,7 @@ class TypeScore:
     found: int = 0
     false_alarms: int = 0
     delays_s: list[float] = field(default_factory=list)
+    by_mechanism: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,7 +105,10 @@ def score_cabinet(score: SiteScore, events: Iterable[Span], faults: list[Fault],
             hits = [e for e in mine if _overlaps(e.start_s, e.end_s, f.start_s, f.end_s)]
             if hits:
                 ts.found += 1
-                ts.delays_s.append(max(0.0, min(e.detected_s for e in hits) - f.start_s))
+                delay = max(0.0, min(e.detected_s for e in hits) - f.start_s)
+                ts.delays_s.append(delay)
+                if f.mechanism:
+                    ts.by_mechanism.setdefault(f.mechanism, []).append(delay)
         ts.false_alarms += sum(not any(_overlaps(e.start_s, e.end_s, f.start_s, f.end_s)
                                        for f in faults) for e in mine)
     faulty = sum(f.end_s - f.start_s for f in faults)  # faults never overlap (the scheduler)
@@ -137,7 +141,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def summary(score: SiteScore) -> dict[str, object]:
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, object]] = {}
     for t, ts in score.by_type.items():
         p = _ratio(ts.matched_events, ts.events) if ts.events else 1.0
         r = _ratio(ts.found, ts.faults)
@@ -148,6 +152,10 @@ def summary(score: SiteScore) -> dict[str, object]:
             "p90_delay_min": delay,
             "false_alarms_per_30d": ts.false_alarms / max(score.normal_days, 1e-9) * 30.0,
         }
+        if len(ts.by_mechanism) > 1:
+            rows[t]["p90_delay_min_by_mechanism"] = {
+                m: {"found": len(d), "p90_delay_min": float(np.percentile(d, 90)) / 60.0}
+                for m, d in sorted(ts.by_mechanism.items())}
     fa = sum(ts.false_alarms for ts in score.by_type.values())
     out: dict[str, object] = {
         "site": score.site, "cabinets": score.cabinets,
@@ -189,6 +197,8 @@ def format_table(s: dict[str, object]) -> str:
         lines.append(f"{t:<17} {r['faults']:>6} {r['events']:>6} {r['precision']:>6.3f} "
                      f"{r['recall']:>6.3f} {r['f1']:>6.3f} {r['p90_delay_min']:>13.1f} "
                      f"{r['false_alarms_per_30d']:>7.2f}")
+        for m, d in r.get("p90_delay_min_by_mechanism", {}).items():
+            lines.append(f"  {m:<15} {d['found']:>6} found {'':>27} {d['p90_delay_min']:>13.1f}")
     lines.append(f"meets targets: {s['meets_targets']}")
     return "\n".join(lines)
 

@@ -96,6 +96,7 @@ class Fault:
     end_s: float
     channel: str
     detail: str
+    mechanism: str = ""  # what failed, where a type has several causes (e.g. "photocell")
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _charge_point(point_kw: float, rate_h: np.ndarray, rng: np.random.Generator)
         shape = np.concatenate([np.full(bulk, kw), np.linspace(kw, 0.0, taper, endpoint=False)])
         seg = power[t:t + len(shape)]
         seg += shape[:len(seg)] * 1000.0
-        free_at = t + len(shape) + int(rng.lognormal(np.log(20 * 60 / SUB_S), 0.8))
+        free_at = int(t) + len(shape) + int(rng.lognormal(np.log(20 * 60 / SUB_S), 0.8))
     return power
 
 
@@ -255,8 +256,9 @@ def _lamp_faults(sched: _Schedule, *, photocell: np.ndarray, lights: np.ndarray,
                 frac = float(rng.choice([1 / 3, 1.0]))
                 lights[span] = full_w[span] * frac
                 detail = f"contactor: {frac:.0%} of lamps lit"
+            mechanism = detail.split()[0].rstrip(":")
             faults.append(Fault(kind, float(ts_sub[a]), float(ts_sub[b - 1]) + SUB_S, "lights",
-                                detail))
+                                detail, mechanism))
     return faults
 
 
@@ -350,7 +352,8 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
             return w
         # Polled ``lag_s`` later: that share of the window comes from the next 10 s sample.
         later = np.asarray(np.roll(x, -1).reshape(n, SUB).mean(axis=1), dtype=float)
-        return w + (later - w) * lag_s / SUB_S
+        out: np.ndarray = w + (later - w) * lag_s / SUB_S
+        return out
 
     def measure(true: np.ndarray, gain: float, clip0: bool) -> np.ndarray:
         m = true * gain * (1 + noise.normal(0, 0.001, n)) + noise.normal(0, 0.3, n)
@@ -411,7 +414,7 @@ def _meter_faults(sched: _Schedule, *, main: np.ndarray, check: np.ndarray, ts: 
             x[a:b] = 0.0
             detail = "reads 0 W"
         faults.append(Fault("meter_stuck", float(ts[a]), float(ts[b - 1]) + WINDOW_S, name,
-                            detail))
+                            detail, detail.split()[-1].replace("W", "zero")))
     for _ in range(rng.poisson(site.faults.meter_spike * weeks)):
         span = _place(sched, rng, ts, 1, 1)
         if span is None:

@@ -208,6 +208,13 @@ def _expected(h: History, el_on: float, el_off: float) -> tuple[F, NDArray[np.bo
     return state, settled & np.isfinite(h.lights_w)
 
 
+def student_t_quantile(p: float, dof: int) -> float:
+    """Student-t quantile by the Cornish-Fisher expansion (ample for dof >= 5)."""
+    z = NormalDist().inv_cdf(p)
+    v = float(max(dof, 1))
+    return z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+
+
 def fill_circular(values: F) -> F:
     """Replace NaN bins by the nearest bin with a value, going round the clock."""
     out = values.copy()
@@ -224,12 +231,15 @@ def fill_circular(values: F) -> F:
 def _lamps(h: History, budget: float) -> LampThresholds:
     el_sw = _switch_elevations(h)
     if len(el_sw) >= 6:
-        # Twilights per 30 days, one switch-on and one switch-off each.
-        z = NormalDist().inv_cdf(1.0 - min(budget / 30.0, 0.25))
-        mid = float(np.median(el_sw))
-        sd = max(1.4826 * float(np.median(np.abs(el_sw - mid))), 0.3)
-        el_on = min(mid - z * sd, float(el_sw.min()) - EL_MARGIN_DEG)
-        el_off = max(mid + z * sd, float(el_sw.max()) + EL_MARGIN_DEG) + CLOUD_ALLOWANCE_DEG
+        # A prediction interval for next month's switching elevations from a dozen nights
+        # (a night's dusk and dawn share a photocell mood, so nights are the sample size); an
+        # exceedance is an alarm, and there are 30 of each twilight in 30 days.
+        nights = max(len(el_sw) // 2, 3)
+        t = student_t_quantile(1.0 - min(budget / 30.0, 0.25), nights - 1)
+        mid = float(np.mean(el_sw))
+        sd = max(float(np.std(el_sw, ddof=1)), 0.3) * math.sqrt(1.0 + 1.0 / nights)
+        el_on = min(mid - t * sd, float(el_sw.min()) - EL_MARGIN_DEG)
+        el_off = max(mid + t * sd, float(el_sw.max()) + EL_MARGIN_DEG) + CLOUD_ALLOWANCE_DEG
     else:
         el_on, el_off = -6.0, 6.0
     state, settled = _expected(h, el_on, el_off)
