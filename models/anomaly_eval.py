@@ -152,7 +152,7 @@ def summary(score: SiteScore) -> dict[str, object]:
             "p90_delay_min": delay,
             "false_alarms_per_30d": ts.false_alarms / max(score.normal_days, 1e-9) * 30.0,
         }
-        if len(ts.by_mechanism) > 1:
+        if ts.by_mechanism:
             rows[t]["p90_delay_min_by_mechanism"] = {
                 m: {"found": len(d), "p90_delay_min": float(np.percentile(d, 90)) / 60.0}
                 for m, d in sorted(ts.by_mechanism.items())}

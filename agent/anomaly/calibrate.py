@@ -46,6 +46,7 @@ EL_MARGIN_DEG = 0.3
 # darkest twilight, so "the sun is clearly up" allows for it on top of what was seen.
 CLOUD_ALLOWANCE_DEG = 1.5
 GAIN_NOISE_W = 20.0
+NOISE_Z = 3.0
 GAIN_PRIOR = 0.005  # meters of accuracy class 1 rarely differ by more than half a percent
 
 
@@ -300,9 +301,38 @@ def residuals(h: History, main_gains: list[float], check_gains: list[float]) -> 
     return out
 
 
+def noise_slope(r: F, metered: F) -> float:
+    """Residual noise (1 sigma) per W of metered load, from window-to-window changes.
+
+    Changes of the residual are meter noise on top of the rare real step (a thermostat), so
+    their robust spread, by decile of metered load, grows with the load at this slope.
+    """
+    d = np.abs(np.diff(r)) / math.sqrt(2.0)
+    m = np.maximum(metered[1:], metered[:-1])
+    ok = np.isfinite(d) & np.isfinite(m)
+    d, m = d[ok], m[ok]
+    if len(d) < 1000:
+        return 0.0
+    edges = np.unique(np.quantile(m, np.linspace(0, 1, 11)))
+    xs, ys = [], []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (m >= lo) & (m <= hi)
+        if sel.sum() >= 50:
+            xs.append(float(np.median(m[sel])))
+            ys.append(1.4826 * float(np.median(d[sel])))
+    if len(xs) < 2 or np.ptp(xs) <= 0:
+        return 0.0
+    slope = float(np.polyfit(xs, ys, 1)[0])
+    return max(slope, 0.0)
+
+
 def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
     gm, gc = circuit_gains(h, h.main_w), circuit_gains(h, h.check_w)
-    r = residuals(h, gm, gc)
+    metered = h.lights_w + h.chargers_w.sum(axis=1)
+    # Three confirming windows all beyond NOISE_Z sigma: rare by chance even at the loads the
+    # history never reached (the whole charging capacity at once).
+    allowance = NOISE_Z * noise_slope(residuals(h, gm, gc), metered)
+    r = residuals(h, gm, gc) - allowance * metered
     bins = h.local_hour.astype(int) % LOAD_BINS
     prof = np.full(LOAD_BINS, np.nan)
     for b in range(LOAD_BINS):
@@ -318,7 +348,8 @@ def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
     margin = tail_limit(excess, _per_30d(h, int(np.isfinite(excess).sum())), budget)
     margin = float(max(margin, 50.0))
     return UnexplainedThresholds(limit_w=[float(v) + margin for v in wide], main_gains=gm,
-                                 check_gains=gc, confirm_windows=CONFIRM, clear_windows=CLEAR)
+                                 check_gains=gc, load_allowance=allowance,
+                                 confirm_windows=CONFIRM, clear_windows=CLEAR)
 
 
 def calibrate(h: History, target_false_alarms_per_30d: float = 1.0) -> Thresholds:

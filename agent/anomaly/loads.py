@@ -109,9 +109,11 @@ class UnexplainedLoadDetector:
         if not parts:
             return None
         r = min(parts)
+        metered = s.lights_w + sum(s.chargers_w)
         limit = self.th.limit_w[profile_bin(s.local_hour, len(self.th.limit_w))]
+        limit += self.th.load_allowance * metered
         excess = r - limit
         severity: Severity = "critical" if excess > 1000.0 else "warning"
         evidence: Evidence = {"residual_w": r, "limit_w": limit, "excess_w": excess,
-                              "chargers_w": sum(s.chargers_w), "lights_w": s.lights_w}
+                              "chargers_w": metered - s.lights_w, "lights_w": s.lights_w}
         return self.ep.step(r > limit, s, severity, evidence)

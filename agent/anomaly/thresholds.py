@@ -56,6 +56,9 @@ class UnexplainedThresholds:
     # meters agree exactly, and 0.3 % of 40 kW of charging is already a 120 W "load".
     main_gains: list[float]
     check_gains: list[float]
+    # Meter noise grows with the power metered: the limit rises by this many W per W of
+    # lighting and charging load in the window.
+    load_allowance: float
     confirm_windows: int
     clear_windows: int
 
