@@ -28,6 +28,7 @@ import argparse
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -212,10 +213,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluate only this site (repeatable)")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-twin runs")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument("--write-thresholds", metavar="DIR", type=Path,
+                    help="write each site's first cabinet's calibrated thresholds to DIR/SITE.json")
     args = ap.parse_args(argv)
     names = args.site or list(SITES)
-    results = [summary(evaluate_site(SITES[n], args.weeks, args.cabinets, not args.no_clean))
-               for n in names]
+    scores = [evaluate_site(SITES[n], args.weeks, args.cabinets, not args.no_clean)
+              for n in names]
+    if args.write_thresholds is not None:
+        args.write_thresholds.mkdir(parents=True, exist_ok=True)
+        for sc in scores:
+            (args.write_thresholds / f"{sc.site}.json").write_text(sc.thresholds[0].to_json())
+    results = [summary(sc) for sc in scores]
     if args.json:
         print(json.dumps(results, indent=1))
     else:

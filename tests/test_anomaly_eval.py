@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from agent.anomaly import EVENT_TYPES, Thresholds
 from models.anomaly_eval import (
     TARGET_F1,
     TARGET_FA_PER_30D,
@@ -78,7 +82,11 @@ def test_scoring_rules() -> None:
     assert out["meets_targets"] is False
 
 
-def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["--site", "berlin", "--weeks", "1", "--cabinets", "1", "--no-clean", "--json"])
-    out = capsys.readouterr().out
-    assert '"site": "berlin"' in out and rc in (0, 1)
+def test_cli_json_and_thresholds(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc = main(["--site", "berlin", "--weeks", "1", "--cabinets", "1", "--no-clean", "--json",
+               "--write-thresholds", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["site"] == "berlin" and rc in (0, 1)
+    assert set(out[0]["types"]) == set(EVENT_TYPES)
+    th = Thresholds.from_json((tmp_path / "berlin.json").read_text())
+    assert th.window_s == 60 and th.calibrated_days == 14.0
