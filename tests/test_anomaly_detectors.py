@@ -214,3 +214,28 @@ def test_thresholds_round_trip_and_reject_unknown_keys() -> None:
     raw["lamps"]["dark_ratoi"] = 0.5
     with pytest.raises(ValueError, match="dark_ratoi"):
         Thresholds.from_json(json.dumps(raw))
+
+
+def test_on_window_reads_the_roles_from_a_stream_window() -> None:
+    from agent.anomaly import ChannelMap, SiteInfo, sample_from_window
+    from agent.readings import ChannelStats, Window
+
+    def st(v: float) -> ChannelStats:
+        return ChannelStats(12, v, v, v, v, 0.0, "W")
+
+    channels = ChannelMap(main="feed.active_power", check="utility.active_power",
+                          lights="lights.active_power",
+                          chargers=("cp1.active_power", "cp2.active_power"),
+                          photocell="dio.photocell")
+    site = SiteInfo(52.5, 13.4, "Europe/Berlin")
+    w = Window("energy", T0 * S, (T0 + 60) * S, {
+        "feed.active_power": st(1200.0), "utility.active_power": st(1201.0),
+        "lights.active_power": st(1000.0), "cp1.active_power": st(0.0),
+        "dio.photocell": ChannelStats(12, 1.0, 1.0, 1.0, 1.0, 0.0, "1"),
+    })
+    s = sample_from_window(w, channels, site)
+    assert (s.main_w, s.check_w, s.lights_w, s.photocell) == (1200.0, 1201.0, 1000.0, 1.0)
+    assert s.chargers_w[0] == 0.0 and s.chargers_w[1] != s.chargers_w[1]  # no data: NaN
+    assert s.local_hour == pytest.approx(1.0 + 0.5 / 60)  # 01:00:30 CET
+    assert s.elevation_deg < -50.0  # Berlin at 1 a.m. in January
+    assert AnomalyMonitor("energy", thresholds()).on_window(w, channels, site) == []
