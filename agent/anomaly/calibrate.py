@@ -1,0 +1,367 @@
+"""Per-site thresholds from a history of normal operation (e.g. the first 14 days).
+
+Each detector reduces the history to the statistic it alarms on, already made persistent the
+way the detector makes it (a run of ``confirm`` windows must all exceed), and the threshold is
+set where that statistic would be exceeded at the target rate. Two weeks cannot show a
+once-a-month tail directly, so the tail beyond the 99th percentile is fitted with an
+exponential (peaks over threshold, mean excess) and extrapolated; the threshold is never below
+the largest value the history actually reached. The target rate is shared equally between the
+eight detector instances (stuck and spike run once per feed meter).
+
+Floors keep a threshold from sitting inside a detector's resolution on a very quiet history;
+they are physical (a tenth of the lighting load, a 50 W load, half a percent between meters).
+Calibrate on a period believed free of faults: a fault in the history raises its threshold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+from numpy.typing import NDArray
+
+from agent.anomaly.sample import Sample
+from agent.anomaly.thresholds import (
+    DriftThresholds,
+    LampThresholds,
+    SpikeThresholds,
+    StuckThresholds,
+    Thresholds,
+    UnexplainedThresholds,
+)
+
+F = NDArray[np.float64]
+DETECTORS = 8
+CONFIRM = 3
+CLEAR = 3
+LAMP_BINS = 48
+LOAD_BINS = 24
+DRIFT_SPAN = 15
+EL_MARGIN_DEG = 0.3
+# Photocells switch on earlier and off later under heavy cloud; two weeks rarely show the
+# darkest twilight, so "the sun is clearly up" allows for it on top of what was seen.
+CLOUD_ALLOWANCE_DEG = 1.5
+GAIN_NOISE_W = 20.0
+NOISE_Z = 3.0
+GAIN_PRIOR = 0.005  # meters of accuracy class 1 rarely differ by more than half a percent
+
+
+@dataclass(frozen=True)
+class History:
+    """The same channels as ``Sample``, as arrays over consecutive windows."""
+
+    window_s: int
+    main_w: F
+    check_w: F
+    lights_w: F
+    chargers_w: F  # (windows, charge points)
+    photocell: F
+    elevation_deg: F
+    local_hour: F
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample]) -> History:
+        s0 = samples[0]
+        k = len(s0.chargers_w)
+
+        def col(name: str) -> F:
+            return np.array([getattr(s, name) for s in samples], dtype=float)
+
+        chargers = np.array([s.chargers_w for s in samples], dtype=float).reshape(-1, k)
+        return cls(round((s0.end_ns - s0.start_ns) / 1e9), col("main_w"), col("check_w"),
+                   col("lights_w"), chargers, col("photocell"), col("elevation_deg"),
+                   col("local_hour"))
+
+    def __len__(self) -> int:
+        return len(self.main_w)
+
+    @property
+    def days(self) -> float:
+        return len(self) * self.window_s / 86_400.0
+
+
+def tail_limit(x: F, per_30d: float, budget_per_30d: float) -> float:
+    """Value exceeded ``budget_per_30d`` times in 30 days, ``x`` being ``per_30d`` draws a month."""
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return -math.inf
+    top = float(x.max())
+    if len(x) < 100:
+        return top
+    u = float(np.quantile(x, 0.99))
+    beta = float(np.mean(x[x > u] - u)) if np.any(x > u) else 0.0
+    p_target = budget_per_30d / max(per_30d, 1.0)
+    t = u + beta * math.log(0.01 / p_target) if p_target < 0.01 else u
+    return max(t, top)
+
+
+def run_min(x: F, k: int) -> F:
+    """Minimum over each run of ``k`` consecutive windows ending at that window."""
+    if len(x) < k:
+        return np.full(0, np.nan)
+    return np.asarray(np.lib.stride_tricks.sliding_window_view(x, k).min(axis=1), dtype=float)
+
+
+def _per_30d(h: History, count: int) -> float:
+    return count / max(h.days, 1e-9) * 30.0
+
+
+def equal_probability(x: F) -> float:
+    """Chance that a window repeats the previous mean exactly, at the quietest load seen.
+
+    Exact repeats are too rare to count in two weeks, so the chance is read off the density of
+    window-to-window changes near zero, in the load decile where changes are smallest.
+    """
+    a, b = x[:-1], x[1:]
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, diff = a[ok], np.abs(b[ok] - a[ok])
+    if len(diff) < 1000:
+        return 0.05
+    nz = diff[diff > 0]
+    res = float(nz.min()) if len(nz) else 1.0  # the meter's resolution, as far as it shows
+    band = 20.0 * res
+    worst = 0.0
+    edges = np.quantile(a, np.linspace(0, 1, 11))
+    for lo, hi in itertools.pairwise(edges):
+        d = diff[(a >= lo) & (a <= hi)]
+        if len(d) >= 100:
+            near = (np.count_nonzero(d <= band) + 1) / (len(d) + 2)
+            worst = max(worst, near / (2 * band / res + 1))
+    return min(max(worst, 1e-6), 0.5)
+
+
+def _stuck(h: History, budget: float) -> StuckThresholds:
+    per30 = 30 * 86_400 / h.window_s
+    p = max(equal_probability(h.main_w), equal_probability(h.check_w))
+    # A frozen run of L windows is L - 1 equal pairs in a row; choose L so that runs that long
+    # turn up ``budget`` times a month by chance on either meter.
+    need = math.log(budget / 2 / per30) / math.log(p)
+    frozen = int(min(max(math.ceil(need) + 1, 3), 60))
+    feed = np.concatenate([h.main_w, h.check_w])
+    feed = feed[np.isfinite(feed)]
+    # A cabinet's own electronics draw tens of watts: a feed meter far below what it ever read
+    # is not measuring.
+    zero = float(np.clip(0.25 * np.quantile(feed, 0.0005), 1.0, 30.0)) if len(feed) else 1.0
+    return StuckThresholds(frozen_windows=frozen, zero_w=zero, clear_windows=CLEAR)
+
+
+def excursions(x: F, floor_w: float) -> F:
+    """``meters.excursion`` over every interior window of ``x`` (NaN at the edges)."""
+    prev, cur, nxt = x[:-2], x[1:-1], x[2:]
+    lo, hi = np.minimum(prev, nxt), np.maximum(prev, nxt)
+    out = np.where(cur > hi, cur - hi, np.where(cur < lo, lo - cur, 0.0)) / (hi + floor_w)
+    return np.concatenate([[np.nan], out, [np.nan]])
+
+
+def _spike(h: History, budget: float) -> SpikeThresholds:
+    feed = h.main_w[np.isfinite(h.main_w)]
+    floor = float(max(np.quantile(feed, 0.05), 10.0)) if len(feed) else 50.0
+    stats = []
+    for x, ref in ((h.main_w, h.check_w), (h.main_w, h.check_w)[::-1]):
+        ex = excursions(x, floor)
+        ref_ex = np.nan_to_num(excursions(ref, floor), nan=0.0)
+        # Only windows the reference meter did not echo are candidates for a meter glitch.
+        stats.append(np.where(ref_ex < 0.5 * np.nan_to_num(ex), ex, np.nan))
+    s = np.concatenate(stats)
+    rel = tail_limit(s, _per_30d(h, int(np.isfinite(s).sum()) // 2), budget)
+    rel = float(min(max(rel, 0.15), 0.9))
+    return SpikeThresholds(rel=rel, floor_w=floor, ref_rel=0.5 * rel)
+
+
+def _drift(h: History, budget: float) -> DriftThresholds:
+    check = h.check_w
+    ok = np.isfinite(h.main_w) & np.isfinite(check)
+    low = float(np.quantile(check[ok], 0.05)) if ok.any() else 0.0
+    min_load = max(20.0, 0.3 * low)
+    ok &= check >= min_load
+    r = (h.main_w[ok] - check[ok]) / check[ok]
+    if len(r) < DRIFT_SPAN * 10:
+        return DriftThresholds(0.0, 0.03, 0.018, DRIFT_SPAN, min_load, 5)
+    bias = float(np.median(r))
+    med = np.median(np.lib.stride_tricks.sliding_window_view(r, DRIFT_SPAN), axis=1)
+    dev = run_min(np.abs(med - bias), 2)
+    rel = float(max(tail_limit(dev, _per_30d(h, len(dev)), budget), 0.005))
+    return DriftThresholds(bias=bias, rel=rel, clear_rel=0.6 * rel, span_windows=DRIFT_SPAN,
+                           min_load_w=min_load, clear_windows=5)
+
+
+def _switch_elevations(h: History) -> F:
+    p = h.photocell
+    on = p >= 0.5
+    edge = np.zeros(len(p), dtype=bool)
+    edge[1:] = (on[1:] != on[:-1]) & np.isfinite(p[1:]) & np.isfinite(p[:-1])
+    edge |= (p > 0.0) & (p < 1.0)
+    return h.elevation_deg[edge]
+
+
+def _expected(h: History, el_on: float, el_off: float) -> tuple[F, NDArray[np.bool_]]:
+    """Vectorised ``loads.expected_lit`` plus the settled mask (same state as the window before)."""
+    p = h.photocell
+    e = h.elevation_deg
+    state = np.where(np.isnan(p) | ((p > 0) & (p < 1)), np.nan, (p >= 0.5).astype(float))
+    state = np.where(e < el_on, 1.0, np.where(e > el_off, 0.0, state))
+    settled = np.zeros(len(p), dtype=bool)
+    settled[1:] = np.isfinite(state[1:]) & (state[1:] == state[:-1])
+    return state, settled & np.isfinite(h.lights_w)
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """Student-t quantile by the Cornish-Fisher expansion (ample for dof >= 5)."""
+    z = NormalDist().inv_cdf(p)
+    v = float(max(dof, 1))
+    return z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+
+
+def fill_circular(values: F) -> F:
+    """Replace NaN bins by the nearest bin with a value, going round the clock."""
+    out = values.copy()
+    known = np.flatnonzero(np.isfinite(values))
+    if len(known) == 0:
+        return np.zeros_like(values)
+    n = len(values)
+    for i in np.flatnonzero(~np.isfinite(values)):
+        d = np.minimum(np.abs(known - i), n - np.abs(known - i))
+        out[i] = values[known[np.argmin(d)]]
+    return out
+
+
+def _lamps(h: History, budget: float) -> LampThresholds:
+    el_sw = _switch_elevations(h)
+    if len(el_sw) >= 6:
+        # A prediction interval for next month's switching elevations from a dozen nights
+        # (a night's dusk and dawn share a photocell mood, so nights are the sample size); an
+        # exceedance is an alarm, and there are 30 of each twilight in 30 days.
+        nights = max(len(el_sw) // 2, 3)
+        t = student_t_quantile(1.0 - min(budget / 30.0, 0.25), nights - 1)
+        mid = float(np.mean(el_sw))
+        sd = max(float(np.std(el_sw, ddof=1)), 0.3) * math.sqrt(1.0 + 1.0 / nights)
+        el_on = min(mid - t * sd, float(el_sw.min()) - EL_MARGIN_DEG)
+        el_off = max(mid + t * sd, float(el_sw.max()) + EL_MARGIN_DEG) + CLOUD_ALLOWANCE_DEG
+    else:
+        el_on, el_off = -6.0, 6.0
+    state, settled = _expected(h, el_on, el_off)
+    lit = settled & (state == 1.0)
+    dark = settled & (state == 0.0)
+    bins = (h.local_hour * LAMP_BINS / 24.0).astype(int) % LAMP_BINS
+    prof = np.full(LAMP_BINS, np.nan)
+    for b in range(LAMP_BINS):
+        sel = lit & (bins == b)
+        if sel.sum() >= 5:
+            prof[b] = float(np.median(h.lights_w[sel]))
+    prof = fill_circular(prof)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shortfall = np.where(lit, 1.0 - h.lights_w / prof[bins], np.nan)
+    # A run that stays short for CONFIRM windows; windows of the other state break the run.
+    short = run_min(np.where(lit, shortfall, -np.inf), CONFIRM)
+    short = short[np.isfinite(short)]
+    lim = tail_limit(short, _per_30d(h, len(short)), budget)
+    dark_ratio = float(min(max(1.0 - lim, 0.5), 0.85))
+    day = run_min(np.where(dark, h.lights_w, -np.inf), CONFIRM)
+    day = day[np.isfinite(day)]
+    top = float(prof.max()) if len(prof) else 0.0
+    lit_w = float(max(tail_limit(day, _per_30d(h, len(day)), budget), 0.0) + 0.1 * top)
+    return LampThresholds(profile_w=[float(v) for v in prof], dark_ratio=dark_ratio, lit_w=lit_w,
+                          el_on_deg=el_on, el_off_deg=el_off, confirm_windows=CONFIRM,
+                          clear_windows=CLEAR)
+
+
+def circuits(h: History) -> F:
+    """(windows, 1 + charge points): the lighting circuit, then each charge point."""
+    return np.column_stack([h.lights_w, h.chargers_w])
+
+
+def circuit_gains(h: History, feed: F) -> list[float]:
+    """How the feed meter reads each circuit meter's watt, by ridge regression towards 1.
+
+    The ridge keeps a circuit that hardly drew anything in the history at gain 1 instead of
+    fitting noise; with a few days of load its data outweighs the prior.
+    """
+    x = circuits(h)
+    ok = np.isfinite(feed) & np.all(np.isfinite(x), axis=1)
+    x, y = x[ok], feed[ok]
+    if len(y) < 100:
+        return [1.0] * x.shape[1]
+    y = y - x.sum(axis=1)  # deviations from gain 1 are what is fitted
+    xc, yc = x - x.mean(axis=0), y - y.mean()
+    ridge = (GAIN_NOISE_W / GAIN_PRIOR) ** 2
+    d = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+    return [float(1.0 + v) for v in np.clip(d, -0.1, 0.1)]
+
+
+def residuals(h: History, main_gains: list[float], check_gains: list[float]) -> F:
+    """``loads.residual`` on both feed meters, the smaller of the two (NaN-aware)."""
+    x = circuits(h)
+    rm = h.main_w - x @ np.asarray(main_gains)
+    rc = h.check_w - x @ np.asarray(check_gains)
+    out: F = np.where(np.isnan(rm), rc, np.where(np.isnan(rc), rm, np.minimum(rm, rc)))
+    return out
+
+
+def noise_slope(r: F, metered: F) -> float:
+    """Residual noise (1 sigma) per W of metered load, from window-to-window changes.
+
+    Changes of the residual are meter noise on top of the rare real step (a thermostat), so
+    their robust spread, by decile of metered load, grows with the load at this slope.
+    """
+    d = np.abs(np.diff(r)) / math.sqrt(2.0)
+    m = np.maximum(metered[1:], metered[:-1])
+    ok = np.isfinite(d) & np.isfinite(m)
+    d, m = d[ok], m[ok]
+    if len(d) < 1000:
+        return 0.0
+    edges = np.unique(np.quantile(m, np.linspace(0, 1, 11)))
+    xs, ys = [], []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (m >= lo) & (m <= hi)
+        if sel.sum() >= 50:
+            xs.append(float(np.median(m[sel])))
+            ys.append(1.4826 * float(np.median(d[sel])))
+    if len(xs) < 2 or np.ptp(xs) <= 0:
+        return 0.0
+    slope = float(np.polyfit(xs, ys, 1)[0])
+    return max(slope, 0.0)
+
+
+def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
+    gm, gc = circuit_gains(h, h.main_w), circuit_gains(h, h.check_w)
+    metered = h.lights_w + h.chargers_w.sum(axis=1)
+    # Three confirming windows all beyond NOISE_Z sigma: rare by chance even at the loads the
+    # history never reached (the whole charging capacity at once).
+    allowance = NOISE_Z * noise_slope(residuals(h, gm, gc), metered)
+    r = residuals(h, gm, gc) - allowance * metered
+    bins = h.local_hour.astype(int) % LOAD_BINS
+    prof = np.full(LOAD_BINS, np.nan)
+    for b in range(LOAD_BINS):
+        sel = np.isfinite(r) & (bins == b)
+        if sel.sum() >= 20:
+            prof[b] = float(np.quantile(r[sel], 0.99))
+    prof = fill_circular(prof)
+    # Thermostat loads (heater, fan) do not keep to the clock: let each hour borrow the highest
+    # level seen within two hours of it.
+    wide = np.array([prof[[(b + d) % LOAD_BINS for d in range(-2, 3)]].max()
+                     for b in range(LOAD_BINS)])
+    excess = run_min(r - wide[bins], CONFIRM)
+    margin = tail_limit(excess, _per_30d(h, int(np.isfinite(excess).sum())), budget)
+    margin = float(max(margin, 50.0))
+    return UnexplainedThresholds(limit_w=[float(v) + margin for v in wide], main_gains=gm,
+                                 check_gains=gc, load_allowance=allowance,
+                                 confirm_windows=CONFIRM, clear_windows=CLEAR)
+
+
+def calibrate(h: History, target_false_alarms_per_30d: float = 1.0) -> Thresholds:
+    """Thresholds for this site; deterministic (no randomness) for a given history."""
+    budget = target_false_alarms_per_30d / DETECTORS
+    return Thresholds(
+        stuck=_stuck(h, budget),
+        spike=_spike(h, budget),
+        drift=_drift(h, budget),
+        lamps=_lamps(h, budget),
+        unexplained=_unexplained(h, budget),
+        window_s=int(h.window_s),
+        calibrated_days=round(h.days, 3),
+        target_false_alarms_per_30d=target_false_alarms_per_30d,
+    )

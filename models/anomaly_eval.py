@@ -1,0 +1,235 @@
+"""Typed anomaly detectors on simulated cabinets: calibrate on 14 days, score held-out weeks.
+
+    python -m models.anomaly_eval [--weeks 8] [--cabinets 3] [--json]
+
+For each site (``models.anomaly_sim.SITES``) and each cabinet (a seed), the first 14 days,
+fault-free, calibrate the thresholds (``agent.anomaly.calibrate``); the following weeks carry
+injected faults of every type and are streamed window by window through
+``agent.anomaly.AnomalyMonitor``. The same weeks without their faults (the cabinet's clean
+twin, same loads and noise) are streamed too.
+
+Event-level scoring, per fault type, pooled over a site's cabinets:
+
+- an event *matches* a labelled fault of its own type when their intervals overlap (an event
+  still open at the end of the run is closed there);
+- precision = matching events / events of that type; recall = labelled faults with at least
+  one matching event / labelled faults; F1 from the two;
+- detection delay of a found fault = the ``detected`` time of its first matching event minus
+  the labelled start (0 if the detector was earlier); the table gives the 90th percentile;
+- a *false alarm* is an event overlapping no labelled fault of any type (an event of the wrong
+  type during another fault costs precision, not this count). False alarms per cabinet per 30
+  days of normal operation = false alarms / (cabinet-days outside labelled faults) x 30;
+  ``clean FA`` is the same over the clean twins, where every event is false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.anomaly import EVENT_TYPES, AnomalyEvent, AnomalyMonitor, calibrate
+from agent.anomaly.thresholds import Thresholds
+from models.anomaly_sim import DAY_S, SITES, CabinetRun, CabinetSite, Fault, simulate_cabinet
+
+CALIBRATION_DAYS = 14.0
+NS = 1_000_000_000
+TARGET_F1 = 0.9
+TARGET_P90_DELAY_MIN = 15.0
+TARGET_FA_PER_30D = 1.0
+
+
+@dataclass(frozen=True)
+class Span:
+    type: str
+    start_s: float
+    end_s: float
+    detected_s: float
+    channel: str
+
+
+@dataclass
+class TypeScore:
+    events: int = 0
+    matched_events: int = 0
+    faults: int = 0
+    found: int = 0
+    false_alarms: int = 0
+    delays_s: list[float] = field(default_factory=list)
+    by_mechanism: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class SiteScore:
+    site: str
+    cabinets: int = 0
+    normal_days: float = 0.0
+    clean_days: float = 0.0
+    clean_events: int = 0
+    by_type: dict[str, TypeScore] = field(default_factory=lambda: {t: TypeScore()
+                                                                   for t in EVENT_TYPES})
+    thresholds: list[Thresholds] = field(default_factory=list)
+
+
+def run_monitor(run: CabinetRun, th: Thresholds, from_day: float) -> list[Span]:
+    """Stream the run from ``from_day`` and return every event, open ones closed at the end."""
+    mon = AnomalyMonitor("energy", th)
+    closed: list[AnomalyEvent] = []
+    samples = run.samples(from_day)
+    for s in samples:
+        closed.extend(e for e in mon.update(s) if e.end_ns is not None)
+    end = samples[-1].end_ns if samples else 0
+    closed.extend(e.closed(end) for e in mon.open_events())
+    return [Span(e.type, e.start_ns / NS, (e.end_ns or end) / NS, e.detected_ns / NS, e.channel)
+            for e in closed]
+
+
+def _overlaps(a0: float, a1: float, b0: float, b1: float) -> bool:
+    return a0 < b1 and b0 < a1
+
+
+def score_cabinet(score: SiteScore, events: Iterable[Span], faults: list[Fault],
+                  t0: float, t1: float) -> None:
+    events = list(events)
+    for t, ts in score.by_type.items():
+        labels = [f for f in faults if f.type == t]
+        mine = [e for e in events if e.type == t]
+        ts.events += len(mine)
+        ts.faults += len(labels)
+        ts.matched_events += sum(any(_overlaps(e.start_s, e.end_s, f.start_s, f.end_s)
+                                     for f in labels) for e in mine)
+        for f in labels:
+            hits = [e for e in mine if _overlaps(e.start_s, e.end_s, f.start_s, f.end_s)]
+            if hits:
+                ts.found += 1
+                delay = max(0.0, min(e.detected_s for e in hits) - f.start_s)
+                ts.delays_s.append(delay)
+                if f.mechanism:
+                    ts.by_mechanism.setdefault(f.mechanism, []).append(delay)
+        ts.false_alarms += sum(not any(_overlaps(e.start_s, e.end_s, f.start_s, f.end_s)
+                                       for f in faults) for e in mine)
+    faulty = sum(f.end_s - f.start_s for f in faults)  # faults never overlap (the scheduler)
+    score.normal_days += (t1 - t0 - faulty) / DAY_S
+
+
+def evaluate_site(site: CabinetSite, weeks: float, cabinets: int,
+                  clean: bool = True) -> SiteScore:
+    score = SiteScore(site.name)
+    days = CALIBRATION_DAYS + 7 * weeks
+    for k in range(cabinets):
+        seed = site.seed + 1000 * k
+        run = simulate_cabinet(site, days, fault_free_days=CALIBRATION_DAYS, seed=seed)
+        th = calibrate(run.history(CALIBRATION_DAYS), TARGET_FA_PER_30D)
+        score.thresholds.append(th)
+        t0 = float(run.ts_s[0]) + CALIBRATION_DAYS * DAY_S
+        t1 = float(run.ts_s[-1]) + 60.0
+        score_cabinet(score, run_monitor(run, th, CALIBRATION_DAYS), run.faults, t0, t1)
+        if clean:
+            twin = simulate_cabinet(site, days, fault_free_days=CALIBRATION_DAYS, seed=seed,
+                                    with_faults=False)
+            score.clean_events += len(run_monitor(twin, th, CALIBRATION_DAYS))
+            score.clean_days += (t1 - t0) / DAY_S
+        score.cabinets += 1
+    return score
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def summary(score: SiteScore) -> dict[str, object]:
+    rows: dict[str, dict[str, object]] = {}
+    for t, ts in score.by_type.items():
+        p = _ratio(ts.matched_events, ts.events) if ts.events else 1.0
+        r = _ratio(ts.found, ts.faults)
+        f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+        delay = float(np.percentile(ts.delays_s, 90)) / 60.0 if ts.delays_s else float("nan")
+        rows[t] = {
+            "faults": ts.faults, "events": ts.events, "precision": p, "recall": r, "f1": f1,
+            "p90_delay_min": delay,
+            "false_alarms_per_30d": ts.false_alarms / max(score.normal_days, 1e-9) * 30.0,
+        }
+        if ts.by_mechanism:
+            rows[t]["p90_delay_min_by_mechanism"] = {
+                m: {"found": len(d), "p90_delay_min": float(np.percentile(d, 90)) / 60.0}
+                for m, d in sorted(ts.by_mechanism.items())}
+    fa = sum(ts.false_alarms for ts in score.by_type.values())
+    out: dict[str, object] = {
+        "site": score.site, "cabinets": score.cabinets,
+        "normal_cabinet_days": round(score.normal_days, 2),
+        "false_alarms": fa,
+        "false_alarms_per_30d": fa / max(score.normal_days, 1e-9) * 30.0,
+        "types": rows,
+    }
+    if score.clean_days:
+        out["clean_events"] = score.clean_events
+        out["clean_false_alarms_per_30d"] = score.clean_events / score.clean_days * 30.0
+    out["meets_targets"] = meets_targets(out)
+    return out
+
+
+def meets_targets(s: dict[str, object]) -> bool:
+    rows = s["types"]
+    assert isinstance(rows, dict)
+    ok = all(r["f1"] >= TARGET_F1 and r["p90_delay_min"] <= TARGET_P90_DELAY_MIN
+             for r in rows.values())
+    fa = float(s["false_alarms_per_30d"])  # type: ignore[arg-type]
+    clean = float(s.get("clean_false_alarms_per_30d", 0.0))  # type: ignore[arg-type]
+    return ok and fa <= TARGET_FA_PER_30D and clean <= TARGET_FA_PER_30D
+
+
+def format_table(s: dict[str, object]) -> str:
+    rows = s["types"]
+    assert isinstance(rows, dict)
+    lines = [
+        f"site {s['site']}: {s['cabinets']} cabinets, {s['normal_cabinet_days']} cabinet-days "
+        f"of normal operation; false alarms {s['false_alarms']} = "
+        f"{s['false_alarms_per_30d']:.2f} per cabinet per 30 days"
+        + (f"; clean twins {s['clean_events']} events = "
+           f"{s['clean_false_alarms_per_30d']:.2f} per 30 days" if "clean_events" in s else ""),
+        f"{'type':<17} {'faults':>6} {'events':>6} {'prec':>6} {'recall':>6} {'F1':>6} "
+        f"{'p90 delay min':>13} {'FA/30d':>7}",
+    ]
+    for t, r in rows.items():
+        lines.append(f"{t:<17} {r['faults']:>6} {r['events']:>6} {r['precision']:>6.3f} "
+                     f"{r['recall']:>6.3f} {r['f1']:>6.3f} {r['p90_delay_min']:>13.1f} "
+                     f"{r['false_alarms_per_30d']:>7.2f}")
+        for m, d in r.get("p90_delay_min_by_mechanism", {}).items():
+            lines.append(f"  {m:<15} {d['found']:>6} found {'':>27} {d['p90_delay_min']:>13.1f}")
+    lines.append(f"meets targets: {s['meets_targets']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.anomaly_eval",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--weeks", type=float, default=8.0, help="held-out weeks per cabinet")
+    ap.add_argument("--cabinets", type=int, default=3, help="cabinets (seeds) per site")
+    ap.add_argument("--site", choices=sorted(SITES), action="append",
+                    help="evaluate only this site (repeatable)")
+    ap.add_argument("--no-clean", action="store_true", help="skip the clean-twin runs")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument("--write-thresholds", metavar="DIR", type=Path,
+                    help="write each site's first cabinet's calibrated thresholds to DIR/SITE.json")
+    args = ap.parse_args(argv)
+    names = args.site or list(SITES)
+    scores = [evaluate_site(SITES[n], args.weeks, args.cabinets, not args.no_clean)
+              for n in names]
+    if args.write_thresholds is not None:
+        args.write_thresholds.mkdir(parents=True, exist_ok=True)
+        for sc in scores:
+            (args.write_thresholds / f"{sc.site}.json").write_text(sc.thresholds[0].to_json())
+    results = [summary(sc) for sc in scores]
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print("\n\n".join(format_table(r) for r in results))
+    return 0 if all(r["meets_targets"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
