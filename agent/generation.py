@@ -24,6 +24,7 @@ from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
 from agent.outbox.db import Kind
 from agent.outbox.store import Outbox
+from agent.pipeline.alarms import AnomalyStage
 from agent.pipeline.clean import Cleaner
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.infer import InferenceStage
@@ -90,6 +91,7 @@ class Pipeline:
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
         self.cleaner = Cleaner(cfg.sensors, self.clock)
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
+        self.anomalies = AnomalyStage(cfg)
         models = [m for m in cfg.models if m.enabled]
         # The stage outlives a reload: a model that fails to load keeps its predecessor.
         self._owns_infer = infer is None
@@ -128,6 +130,11 @@ class Pipeline:
         self._share("window", w.stream, self._feed.window_message(self.gateway, w))
         self.windows_published += 1
         self.windows_q.put(w)
+        try:
+            for event in self.anomalies.on_window(w):
+                self._share("anomaly", w.stream, self._feed.anomaly_message(self.gateway, event))
+        except Exception:  # a detector bug must not cost the window
+            self._error("anomaly", f"a window of {w.stream}")
         if self.tail.active:
             self.tail.publish("window", w.stream, {
                 "start_ns": w.start_ns, "end_ns": w.end_ns, "flags": list(w.flags),
@@ -358,4 +365,5 @@ class Pipeline:
             "sharing": self.sharing.stats(),
             "uplink": self.uplink.status(),
             "models": {"status": self.infer.status(), "last": self.last_inference},
+            "anomalies": self.anomalies.status(),
         }

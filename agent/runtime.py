@@ -21,7 +21,8 @@ from typing import Any
 
 from agent import __version__
 from agent.clock import Clock
-from agent.config.schema import AgentConfig, ConfigError, load_config
+from agent.config.load import ConfigError, load_config
+from agent.config.schema import AgentConfig
 from agent.control.server import ControlServer, ControlSocketError
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agent.config.schema import AgentConfig, parse_config
+from agent.config.load import parse_config
+from agent.config.schema import AgentConfig
 from agent.runtime import Agent
 from tests.waiting import until
 

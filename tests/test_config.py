@@ -9,8 +9,8 @@ import pytest
 
 from agent.cli.main import main
 from agent.config.env import apply_env
+from agent.config.load import ConfigError, load_config, parse_config
 from agent.config.reference import BEGIN, END, reference_markdown
-from agent.config.schema import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -59,6 +59,8 @@ def put(ob: Outbox, kind: str, i: int = 0, pad: int = 0) -> int:
         return ob.put("raw", "raw/traffic", reading_message(GW, "traffic", _reading(i, pad)))
     if kind == "health":
         return ob.put("health", "health", health_message(GW, {"i": i}))
+    if kind == "anomaly":
+        return ob.put("anomaly", "anomaly/energy", health_message(GW, {"anomaly": i}))
     return ob.put("inference", "inference/m", health_message(GW, {"inference": i}))
 
 
@@ -349,21 +351,23 @@ def test_a_batch_committed_twice_is_counted_once(tmp_path: Path) -> None:
 async def test_bounds_drop_by_class_policy_oldest_first(tmp_path: Path) -> None:
     ob = Outbox(cfg(tmp_path, max_rows=20), GW)
     ob.open()
-    by_kind: dict[str, list[int]] = {k: [] for k in ("window", "inference", "health", "raw")}
+    by_kind: dict[str, list[int]] = {k: [] for k in ("window", "inference", "health", "raw",
+                                                     "anomaly")}
     for i in range(10):
         for kind, seqs in by_kind.items():
             seqs.append(put(ob, kind, i))
     ob.flush()
     st = ob.stats()
-    assert st["drops"] == {"raw": 10, "health": 10, "inference": 0, "window": 0}
-    assert st["drops_by_reason"]["rows"] == 20
-    assert st["depth"] == {"window": 10, "inference": 10, "health": 0, "raw": 0}
+    # 50 rows into 20: raw, then health, then inference go; windows and anomaly events stay.
+    assert st["drops"] == {"raw": 10, "health": 10, "inference": 10, "window": 0, "anomaly": 0}
+    assert st["drops_by_reason"]["rows"] == 30
+    assert st["depth"] == {"window": 10, "inference": 0, "health": 0, "raw": 0, "anomaly": 10}
     more = [put(ob, "window", 10 + i) for i in range(5)]
     ob.flush()
     left = set(await all_rows(ob))
-    # Five more windows push out the five oldest inference rows, nothing else.
-    assert left == set(by_kind["window"] + more + by_kind["inference"][5:])
-    assert ob.stats()["drops"]["inference"] == 5
+    # Five more windows push out the five oldest windows: anomaly events go last of all.
+    assert left == set(by_kind["window"][5:] + more + by_kind["anomaly"])
+    assert ob.stats()["drops"]["window"] == 5
     ob.close()
 
 

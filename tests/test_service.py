@@ -13,7 +13,7 @@ import pytest
 
 from agent.cli import service as cli_service
 from agent.cli.service import Host, Options, load_templates, plan_install, render_unit
-from agent.config.schema import load_config, parse_config
+from agent.config.load import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "systemd"

@@ -21,7 +21,8 @@ import aiomqtt
 import pytest
 
 from agent.cli.sharing import describe
-from agent.config.schema import AgentConfig, MqttConfig, OutboxConfig, parse_config
+from agent.config.load import parse_config
+from agent.config.schema import AgentConfig, MqttConfig, OutboxConfig
 from agent.feed.messages import health_message, inference_message, reading_message, window_message
 from agent.feed.sharing import SharingPolicy
 from agent.outbox.store import Outbox

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent.cli import sharing as cli_sharing
 from agent.cli.sharing import describe
-from agent.config.schema import ConfigError, parse_config
+from agent.config.load import ConfigError, parse_config
 from agent.feed.messages import (
     Draft,
     encode,

@@ -237,7 +237,7 @@ async def test_tiny_bounds_during_a_long_outage_follow_the_policy(tmp_path: Path
         await wait_until(lambda: c.seqs(gw) >= kept, 20)
         assert await up.drain(10)
     ob.close()
-    assert st["drops"] == {"raw": 120, "health": 30, "inference": 0, "window": 0}
+    assert st["drops"] == {"raw": 120, "health": 30, "inference": 0, "window": 0, "anomaly": 0}
     assert st["rows"] == 50 and st["depth"]["health"] == 10
     got = c.seqs(gw)
     assert got == kept  # the newest health snapshots survive; raw readings went first

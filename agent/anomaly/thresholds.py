@@ -8,7 +8,9 @@ fall back to a default.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Final
 
 VERSION: Final = 1
@@ -100,3 +102,63 @@ def _build(cls: type[Any], raw: dict[str, Any]) -> Any:
     kw = {k: _build(_NESTED[k], v) if cls is Thresholds and k in _NESTED else v
           for k, v in raw.items()}
     return cls(**kw)
+
+
+SHIPPED: Final = Path(__file__).with_name("training_site.json")
+MAX_FILE_BYTES: Final = 1 << 20
+
+
+class ThresholdsError(ValueError):
+    """A thresholds file that cannot be used; the message says why."""
+
+
+def _finite_numbers(value: Any, where: str) -> None:
+    if isinstance(value, bool) or value is None:
+        raise ThresholdsError(f"{where}: {value!r} is not a number")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ThresholdsError(f"{where}: {value!r} is not a finite number")
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite_numbers(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite_numbers(v, f"{where}.{k}" if where else str(k))
+        return
+    raise ThresholdsError(f"{where}: {type(value).__name__} is not a number")
+
+
+def load_thresholds(path: str | Path = "") -> Thresholds:
+    """Thresholds from a JSON file (empty path: the shipped ones of the training site).
+
+    The file is hostile until parsed: size-capped, UTF-8, JSON without NaN or Infinity, every
+    leaf a finite number, and exactly the keys of this version."""
+    source = Path(path) if path else SHIPPED
+    try:
+        with source.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ThresholdsError(f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ThresholdsError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        raw = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise ThresholdsError("not UTF-8") from None
+    except RecursionError:
+        raise ThresholdsError("nested too deeply") from None
+    except ValueError as exc:
+        raise ThresholdsError(f"not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ThresholdsError("not a JSON object")
+    _finite_numbers(raw, "")
+    try:
+        return Thresholds.from_json(json.dumps(raw))
+    except (TypeError, ValueError) as exc:
+        raise ThresholdsError(str(exc)) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

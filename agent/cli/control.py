@@ -63,7 +63,7 @@ def socket_path(args: argparse.Namespace) -> str:
     if getattr(args, "socket", None):
         return str(args.socket)
     if getattr(args, "config", None):
-        from agent.config.schema import load_config
+        from agent.config.load import load_config
 
         return load_config(args.config).control.socket
     return DEFAULT_SOCKET
@@ -71,7 +71,7 @@ def socket_path(args: argparse.Namespace) -> str:
 
 def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        from agent.config.schema import ConfigError
+        from agent.config.load import ConfigError
 
         try:
             path = socket_path(args)

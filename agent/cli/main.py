@@ -46,7 +46,7 @@ def _print_config_error(exc: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import logs
-    from agent.config.schema import ConfigError, load_config
+    from agent.config.load import ConfigError, load_config
     from agent.runtime import Agent
 
     logs.setup(args.log_level, args.log_format)
@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from agent.config.schema import ConfigError, load_config
+    from agent.config.load import ConfigError, load_config
 
     try:
         cfg = load_config(args.file)

@@ -15,7 +15,7 @@ from agent.readings import Reading
 async def read_once(cfg_path: str, name: str, timeout_s: float, count: int) -> list[Reading]:
     """Open one configured sensor, collect ``count`` readings (or one poll), close it."""
     from agent.clock import SystemClock
-    from agent.config.schema import load_config
+    from agent.config.load import load_config
     from drivers.base import BuildContext, PolledSensor
     from drivers.registry import build_sensor
 
@@ -53,7 +53,7 @@ async def read_once(cfg_path: str, name: str, timeout_s: float, count: int) -> l
 
 
 def cmd_read(args: argparse.Namespace) -> int:
-    from agent.config.schema import ConfigError
+    from agent.config.load import ConfigError
     from drivers.base import DriverError
 
     try:

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from agent.config.schema import ConfigError, load_config
+    from agent.config.load import ConfigError, load_config
 
     try:
         cfg = load_config(args.config)

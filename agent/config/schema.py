@@ -1,35 +1,27 @@
-"""The agent's one TOML file, validated into frozen pydantic models.
+"""The schema of the agent's one TOML file: frozen pydantic models, one per section.
 
-`load_config` reads the file with `tomllib`, applies `EDGE_AGENT__SECTION__KEY`
-environment overrides, validates the structure and then the cross-references (streams name
-sensors that exist, I2C addresses fit the chip). Every problem is reported at once, each as a
-`Problem` with the key path, the bad value and the reason.
+Field docstrings are the documentation: the README's configuration reference is generated from
+them (``agent.config.reference``). Loading and the checks that span sections are in
+``agent.config.load``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import ipaddress
-import os
 import re
-import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from agent.config.cleaning import CleanOptions
-from agent.config.env import apply_env
 from drivers.registry import DRIVERS
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -46,6 +38,21 @@ class GatewayConfig(_Frozen):
     """This gateway's identity: used in topics, the MQTT client id and the certificate CN."""
     site: str = ""
     """Free text: where the cabinet stands."""
+    latitude: Annotated[float, Field(ge=-90, le=90)] | None = None
+    """Latitude of the cabinet in degrees (north positive); the lamp checks need the sun."""
+    longitude: Annotated[float, Field(ge=-180, le=180)] | None = None
+    """Longitude of the cabinet in degrees (east positive)."""
+    timezone: str = "UTC"
+    """IANA time zone of the site (e.g. `Europe/Berlin`), for daily load and dimming profiles."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"{v!r} is not an IANA time zone") from None
+        return v
 
 
 class SensorConfig(_Frozen):
@@ -152,6 +159,26 @@ class AudienceConfig(_Frozen):
                              f"{', '.join(r + '.' for r in roots)}")
 
 
+class AnomalyConfig(_Frozen):
+    main: str
+    """Channel of the cabinet's feed meter (`sensor.quantity`, e.g. `meter.active_power`)."""
+    lights: str
+    """Channel of the street-lighting circuit's power."""
+    check: str = ""
+    """A second meter on the same feed, for the drift and spike cross-checks; empty if none."""
+    chargers: list[str] = Field(default_factory=list)
+    """Channels of separately metered charge points; their power is subtracted from the feed."""
+    photocell: str = ""
+    """Channel of the photocell (1 calls for light, 0 not); empty if none."""
+    thresholds: str = ""
+    """Thresholds calibrated for this site (JSON); empty for the shipped ones of the training
+    site (`models/anomaly_thresholds.json`)."""
+
+    def channels(self) -> list[str]:
+        named = [self.main, self.lights, self.check, self.photocell, *self.chargers]
+        return [c for c in named if c]
+
+
 class StreamConfig(_Frozen):
     name: Name
     """Stream name; windows are published on `telemetry/{name}`."""
@@ -183,6 +210,9 @@ class StreamConfig(_Frozen):
     audiences: list[AudienceConfig] = Field(default_factory=list)
     """Publish this stream to several namespaces, each at its own level
     (`[[streams.audiences]]`); without audiences it goes to the plain topics."""
+    anomaly: AnomalyConfig | None = None
+    """Typed anomaly detection on this (energy) stream's windows (`[streams.anomaly]`); events
+    go to `anomaly/{stream}`. Needs `gateway.latitude` and `gateway.longitude`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -360,144 +390,3 @@ class AgentConfig(_Frozen):
             if s.name == name:
                 return s
         raise KeyError(name)
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    value: str
-    reason: str
-
-    def __str__(self) -> str:
-        if self.value and self.value not in self.reason:
-            return f"{self.path}: {self.value}: {self.reason}"
-        return f"{self.path}: {self.reason}"
-
-
-class ConfigError(Exception):
-    def __init__(self, source: str, problems: list[Problem]) -> None:
-        super().__init__(f"{source}: {len(problems)} problem(s)")
-        self.source = source
-        self.problems = problems
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return repr(value)
-    if isinstance(value, (int, float, str)):
-        return repr(value)
-    if isinstance(value, (dict, list)):
-        return type(value).__name__
-    return repr(value)[:60]
-
-
-def _problems(err: ValidationError) -> list[Problem]:
-    out = []
-    for e in err.errors(include_url=False):
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        if e["type"] == "missing":
-            out.append(Problem(_path(e["loc"]), "", "required key is missing"))
-        elif e["type"] == "extra_forbidden":
-            out.append(Problem(_path(e["loc"]), "", "unknown key"))
-        else:
-            out.append(Problem(_path(e["loc"]), _show(e.get("input")), msg))
-    return out
-
-
-def _sensor_problems(i: int, s: SensorConfig) -> list[Problem]:
-    out: list[Problem] = []
-    here = f"sensors[{i}]"
-    info = DRIVERS[s.driver]
-    if info.kind == "i2c":
-        if s.bus is None:
-            out.append(Problem(f"{here}.bus", "", f"an I2C bus is required for {s.driver}"))
-        if s.address is None:
-            out.append(Problem(f"{here}.address", "", f"an address is required for {s.driver}"))
-        elif not 0x03 <= s.address <= 0x77:
-            out.append(Problem(f"{here}.address", f"{s.address:#04x}",
-                               f"{s.address:#04x} is not a valid 7-bit I2C address"))
-        elif info.addresses and s.address not in info.addresses:
-            allowed = ", ".join(f"{a:#04x}" for a in info.addresses)
-            out.append(Problem(f"{here}.address", f"{s.address:#04x}",
-                               f"{s.driver} answers only at {allowed}"))
-    elif info.kind in ("serial", "bridge") and not s.port:
-        out.append(Problem(f"{here}.port", "", f"a serial port is required for {s.driver}"))
-    return out
-
-
-def _cross_check(cfg: AgentConfig) -> list[Problem]:
-    """Checks that span keys: references, uniqueness, chip-specific addresses."""
-    out: list[Problem] = []
-    names: set[str] = set()
-    for i, s in enumerate(cfg.sensors):
-        if s.name in names:
-            out.append(Problem(f"sensors[{i}].name", repr(s.name), "duplicate sensor name"))
-        names.add(s.name)
-        out.extend(_sensor_problems(i, s))
-    streams: set[str] = set()
-    for i, st in enumerate(cfg.streams):
-        if st.name in streams:
-            out.append(Problem(f"streams[{i}].name", repr(st.name), "duplicate stream name"))
-        streams.add(st.name)
-        for j, ref in enumerate(st.sensors):
-            if ref not in names:
-                out.append(Problem(f"streams[{i}].sensors[{j}]", repr(ref),
-                                   "no sensor has this name"))
-    for i, m in enumerate(cfg.models):
-        if m.stream not in streams:
-            out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
-    mq = cfg.mqtt
-    if mq.tls is False and not is_loopback(mq.host):
-        out.append(Problem("mqtt.tls", "false",
-                           "plaintext MQTT is refused for a broker that is not on loopback "
-                           f"({mq.host})"))
-    if bool(mq.cert_file) != bool(mq.key_file):
-        out.append(Problem("mqtt.cert_file", mq.cert_file or "''",
-                           "cert_file and key_file must be given together"))
-    return out
-
-
-def _partial_checks(data: dict[str, Any]) -> list[Problem]:
-    """Sensor checks for the sensors that are valid on their own, so that one structural
-    mistake elsewhere does not hide the rest."""
-    out: list[Problem] = []
-    sensors = data.get("sensors")
-    if isinstance(sensors, list):
-        for i, raw in enumerate(sensors):
-            with contextlib.suppress(ValidationError):
-                out.extend(_sensor_problems(i, SensorConfig.model_validate(raw)))
-    return out
-
-
-def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
-    try:
-        cfg = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(source, _problems(exc) + _partial_checks(data)) from None
-    problems = _cross_check(cfg)
-    if problems:
-        raise ConfigError(source, problems)
-    return cfg
-
-
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(source, [Problem(source, "", f"cannot read: {exc.strerror}")]) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [Problem(source, "", f"not valid TOML: {exc}")]) from None
-    return parse_config(apply_env(data, os.environ if env is None else env), source)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.aio import within
-from agent.config.schema import AgentConfig, parse_config
+from agent.config.load import parse_config
+from agent.config.schema import AgentConfig
 
 SUBSCRIBE_TIMEOUT_S = 10.0
 

@@ -32,6 +32,7 @@ SCHEMA_WINDOW = "edge-agent/window/1"
 SCHEMA_INFERENCE = "edge-agent/inference/1"
 SCHEMA_READING = "edge-agent/reading/1"
 SCHEMA_HEALTH = "edge-agent/health/1"
+SCHEMA_ANOMALY = "edge-agent/anomaly/1"
 
 # A JSON number above 2**53 loses precision in many consumers, so times travel as ISO 8601.
 MaybeFloat = float | None
@@ -109,6 +110,26 @@ class InferenceMessage(FeedMessage):
     out_of_range: list[str] = Field(
         default_factory=list, description="Inputs outside the span of the model's training "
         "data: the model extrapolates on them.")
+
+
+class AnomalyMessage(FeedMessage):
+    """One fault episode found by a typed detector, on ``anomaly/{stream}``: published when it
+    opens (``end`` null) and again when it clears (``end`` set), with the same ``event_id``.
+    ``docs/anomalies.md`` says what each type means at the cabinet."""
+
+    schema_: Literal["edge-agent/anomaly/1"] = Field(alias="schema")
+    event_id: Annotated[str, Field(max_length=128)] = Field(
+        description="Stable across the open and the close message of one episode.")
+    type: Literal["meter_stuck", "meter_spike", "meter_drift", "lamps_dark", "lamps_lit",
+                  "unexplained_load"]
+    stream: str
+    channel: str = Field(description="The meter or circuit concerned, e.g. `main`, `lights`.")
+    start: datetime = Field(description="When the evidence says the fault began.")
+    detected: datetime = Field(description="End of the window in which it was confirmed.")
+    end: datetime | None = Field(description="When it cleared; null while it is open.")
+    severity: Literal["info", "warning", "critical"]
+    evidence: dict[str, float | str | None] = Field(
+        description="The numbers that triggered it (detector-specific).")
 
 
 class ReadingMessage(FeedMessage):
@@ -200,6 +221,14 @@ def inference_message(gateway: str, i: Inference) -> Draft[InferenceMessage]:
         "skill": None if i.skill is None else _finite(i.skill),
         "out_of_range": list(i.out_of_range),
     })
+
+
+def anomaly_message(gateway: str, event: Mapping[str, Any]) -> Draft[AnomalyMessage]:
+    """``event`` is an ``AnomalyEvent.to_message()`` body (schema, times as ISO 8601)."""
+    evidence = {k: (_finite(v) if isinstance(v, float) else v)
+                for k, v in dict(event.get("evidence") or {}).items()}
+    return Draft(AnomalyMessage, {**event, "schema": SCHEMA_ANOMALY, "gateway": gateway,
+                                  "evidence": evidence})
 
 
 def reading_message(gateway: str, stream: str, r: Reading) -> Draft[ReadingMessage]:

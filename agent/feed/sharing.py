@@ -4,9 +4,9 @@ Every stream is published to one or more *namespaces*: the plain topics (``telem
 ...) when it has no audiences, else one namespace per audience (``{audience}/telemetry/{stream}``
 ...). Each namespace has a level, which decides the message kinds it gets::
 
-    raw      cleaned readings, windows, inferences
-    window   windows, inferences
-    derived  inferences
+    raw      cleaned readings, windows, inferences, anomaly events
+    window   windows, inferences, anomaly events
+    derived  inferences, anomaly events
     local    nothing (the technician CLI still sees the stream)
 
 and a field policy applied to what it gets:
@@ -57,13 +57,13 @@ log = logging.getLogger(__name__)
 Level = Literal["raw", "window", "derived", "local"]
 
 KINDS_BY_LEVEL: Final[dict[str, frozenset[str]]] = {
-    "raw": frozenset({"raw", "window", "inference"}),
-    "window": frozenset({"window", "inference"}),
-    "derived": frozenset({"inference"}),
+    "raw": frozenset({"raw", "window", "inference", "anomaly"}),
+    "window": frozenset({"window", "inference", "anomaly"}),
+    "derived": frozenset({"inference", "anomaly"}),
     "local": frozenset(),
 }
 TOPIC_LEVEL: Final[dict[str, str]] = {"raw": "raw", "window": "telemetry",
-                                      "inference": "inference"}
+                                      "inference": "inference", "anomaly": "anomaly"}
 DEFAULT_SHARE: Final[Level] = "window"
 DEFAULT_MIN_VEHICLES: Final = 3
 VEHICLE_QUANTITIES: Final = RADAR  # one reading per vehicle
@@ -347,7 +347,8 @@ class SharingPolicy:
         if kind == "health":
             return [("health", self.health(draft))]
         if kind not in TOPIC_LEVEL:
-            raise ValueError(f"{kind!r} is not a message kind (raw, window, inference, health)")
+            raise ValueError(f"{kind!r} is not a message kind "
+                             "(raw, window, inference, anomaly, health)")
         state = self._streams.get(stream)
         if state is None:
             if stream not in self._unknown:
@@ -374,6 +375,8 @@ class SharingPolicy:
                 if routed is None:
                     counts["withheld"] += 1
                     continue
+            elif kind == "anomaly":
+                routed = draft  # an event names a fault, not a person: nothing to redact
             else:
                 routed = r.inference(draft, edit)
             counts["published"] += 1

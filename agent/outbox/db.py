@@ -34,12 +34,12 @@ from typing import IO, Any, Final, Literal, cast
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["raw", "window", "inference", "health"]
-KINDS: Final[tuple[Kind, ...]] = ("window", "inference", "health", "raw")
+Kind = Literal["raw", "window", "inference", "health", "anomaly"]
+KINDS: Final[tuple[Kind, ...]] = ("window", "inference", "health", "raw", "anomaly")
 # Under pressure rows go in this order, oldest first within a class: raw readings are the
 # bulk and the least valuable per byte; old health snapshots are superseded by newer ones;
 # inference can be recomputed from windows; windows are the record and go last.
-DROP_ORDER: Final[tuple[Kind, ...]] = ("raw", "health", "inference", "window")
+DROP_ORDER: Final[tuple[Kind, ...]] = ("raw", "health", "inference", "window", "anomaly")
 ROW_OVERHEAD_BYTES: Final = 64  # rough per-row cost of key, columns and b-tree cells
 SEQ_BLOCK: Final = 10_000  # seqs reserved per side-file write (one fsync per block)
 QUARANTINE_KEEP: Final = 1_000  # newest quarantined rows kept for inspection

@@ -76,7 +76,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
     users: dict[str, list[str]] = {}
     configured: list[tuple[str, str, str]] = []
     if args.config:
-        from agent.config.schema import ConfigError, load_config
+        from agent.config.load import ConfigError, load_config
 
         try:
             cfg = load_config(args.config)
