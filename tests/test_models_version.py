@@ -11,8 +11,21 @@ from pathlib import Path
 import pytest
 
 from models import SHIPPED
+from models.manifest import read_model_header, shipped_paths
 
 ROOT = Path(__file__).resolve().parent.parent
+# What the exporter writes by default and a provenance-free graph must not carry.
+PROVENANCE = (b"pkg.torch", b"stack_trace", b"File \"", b".py\"", b"fx_node", b"class_hierarchy")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_graphs_carry_no_provenance(name: str) -> None:
+    data = shipped_paths(name)[0].read_bytes()
+    for marker in PROVENANCE:
+        assert marker not in data, marker
+    assert str(ROOT).encode() not in data
+    _, meta = read_model_header(data)
+    assert set(meta) == {"edge_agent.inputs", "edge_agent.outputs"}
 
 
 def test_strip_provenance_removes_node_metadata() -> None:
