@@ -7,6 +7,8 @@ For one simulated site (``models.sites``; one year, data seed 7) and its held-ou
 
 - **shipped**: ``models/<name>.onnx`` run by onnxruntime on feature rows built with the shipped
   manifest (its fill values and its time zone), as a gateway at that site would run it;
+- **calibrated**: the shipped files calibrated to the site (``models.calibrate``: its time zone,
+  free-flow speed and flow level, measured on its training weeks), no retraining;
 - **site-retrained**: the shipped recipe (``models.train``) trained on the site's own training
   weeks;
 - **persistence** (the current window's value) and **seasonal naive** (a week back for
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,32 +40,47 @@ from agent.features import FeatureSpec, InputSpec
 from models import SHIPPED
 from models.csvdata import SiteData
 from models.dataset import ModelData, build
-from models.manifest import load_manifest, session_options, shipped_paths
+from models.manifest import Manifest, load_manifest, session_options, shipped_paths
 from models.simulate import simulate_site
 from models.sites import HELDOUT, PRESETS, preset
 
 ANCHOR = {"traffic": "speed_mean", "energy": "power_mean_w"}
-METHODS = ("shipped", "site_retrained", "persistence", "seasonal_naive", "gbm")
+METHODS = ("shipped", "calibrated", "site_retrained", "persistence", "seasonal_naive", "gbm")
 
 
 def _mae(pred: np.ndarray, y: np.ndarray) -> float:
     return round(float(np.abs(pred.astype(np.float64) - y).mean()), 4) if len(y) else float("nan")
 
 
-def shipped_spec(name: str) -> FeatureSpec:
-    m = load_manifest(shipped_paths(name)[1])
+def manifest_spec(m: Manifest) -> FeatureSpec:
     return FeatureSpec(tuple(InputSpec(i.name, i.fill) for i in m.inputs), m.window_s,
                        m.timezone, dict(m.hold_s))
 
 
-def shipped_predictions(name: str, data: SiteData) -> np.ndarray:
-    onnx_path, man_path = shipped_paths(name)
+def shipped_spec(name: str) -> FeatureSpec:
+    return manifest_spec(load_manifest(shipped_paths(name)[1]))
+
+
+def onnx_predictions(name: str, data: SiteData, onnx_path: Path, man_path: Path) -> np.ndarray:
+    """The first output of a model file on the site's rows, built as its manifest says."""
     m = load_manifest(man_path)
-    md = build(name, data, spec=shipped_spec(name))
+    md = build(name, data, spec=manifest_spec(m))
     sess = ort.InferenceSession(str(onnx_path), sess_options=session_options(),
                                 providers=["CPUExecutionProvider"])
     out: np.ndarray = sess.run([m.outputs[0].name], {m.input_tensor: md.x})[0][:, 0]
     return out
+
+
+def shipped_predictions(name: str, data: SiteData) -> np.ndarray:
+    return onnx_predictions(name, data, *shipped_paths(name))
+
+
+def calibrated_predictions(name: str, data: SiteData) -> np.ndarray:
+    from models.calibrate import calibrate, training_scale
+
+    with tempfile.TemporaryDirectory() as tmp:
+        m = calibrate(name, training_scale(data), Path(tmp))
+        return onnx_predictions(name, data, Path(tmp) / m.file, Path(tmp) / f"{name}.json")
 
 
 def _fit_rows(md: ModelData) -> np.ndarray:
@@ -107,6 +126,7 @@ def evaluate_model(name: str, data: SiteData, *, retrain: bool, seed: int = 7
     te = md.split == 2
     preds: dict[str, np.ndarray] = {
         "shipped": shipped_predictions(name, data),
+        "calibrated": calibrated_predictions(name, data),
         "persistence": md.persistence,
         "seasonal_naive": md.seasonal,
         "gbm": gbm_predictions(md),

@@ -337,13 +337,15 @@ def describe(data: SiteData, source: str) -> str:
 
 def train_all(data: SiteData, out_dir: Path, cfg: TrainConfig, names: list[str], *, source: str,
               samples: bool = False) -> dict[str, dict[str, Any]]:
+    from models.calibrate import training_scale
     from models.export import export_trained, write_samples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
         trained = train_traffic(data, cfg) if name == "traffic" else train_energy(data, cfg)
-        trained.training.update({"config": asdict(cfg), "source": describe(data, source)})
+        trained.training.update({"config": asdict(cfg), "source": describe(data, source),
+                                 "site_scale": asdict(training_scale(data))})
         manifest = export_trained(trained, out_dir)
         if samples:
             write_samples(trained, data, out_dir / "samples" / f"{name}.json", manifest)
