@@ -135,15 +135,19 @@ def _held(v: np.ndarray, limit: int) -> np.ndarray:
     return out
 
 
-def build(name: str, data: SiteData) -> ModelData:
+def build(name: str, data: SiteData, spec: FeatureSpec | None = None) -> ModelData:
+    """Rows of model ``name`` from the site data, with the site's own feature spec (fills from
+    its training weeks, its time zone) or, given ``spec``, the one a deployed model carries."""
     if name not in ("traffic", "energy"):
         raise ValueError(f"unknown model {name!r} (known: traffic, energy)")
     q = quantities(data)
     split = split_of(data.ts_s)
     target_q = "speed_mean" if name == "traffic" else "power_mean_w"
-    inputs = TRAFFIC_INPUTS if name == "traffic" else ENERGY_INPUTS
     fill = fills(q, split == 0)
-    spec = make_spec(inputs, fill, data.window_s, data.timezone)
+    if spec is None:
+        spec = make_spec(TRAFFIC_INPUTS if name == "traffic" else ENERGY_INPUTS, fill,
+                         data.window_s, data.timezone)
+    inputs = spec.names
     starts = (data.ts_s * 1_000_000_000).tolist()
     keys = WINDOW_QUANTITIES + WEATHER_QUANTITIES
     rows = [{k: float(q[k][i]) for k in keys if k in q} for i in range(len(data))]

@@ -4,6 +4,12 @@ The graph takes one float tensor ``features`` of shape (batch, n_inputs) in the 
 (scaling is inside the graph) and returns one (batch, 1) tensor per output. Exported with the
 dynamo exporter at opset 20 into a single file; the input and output names are stored in the
 graph's metadata so a manifest that names other inputs is caught at load time.
+
+The exporter annotates every node with where it came from: the Python stack trace (absolute
+paths of the source tree), FX node names and export-time symbol numbers. None of that is
+needed to run the graph, and it would make the file's sha256 (the model version) depend on
+the checkout path and on what else the process exported before. ``strip_provenance`` drops
+all of it, so the same training run gives the same bytes from any folder.
 """
 
 from __future__ import annotations
@@ -53,6 +59,37 @@ def _unit(name: str) -> str:
     return "1"
 
 
+def _strip_graph(graph: Any) -> None:
+    graph.doc_string = ""
+    del graph.metadata_props[:]
+    for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in seq:
+            item.doc_string = ""
+            del item.metadata_props[:]
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _strip_graph(attr.g)
+            for sub in attr.graphs:
+                _strip_graph(sub)
+
+
+def strip_provenance(model: Any) -> None:
+    """Remove doc strings and metadata from the model, its graphs, nodes, values and
+    functions (in place); only what onnxruntime needs to run it is left."""
+    model.doc_string = ""
+    del model.metadata_props[:]
+    _strip_graph(model.graph)
+    for fn in model.functions:
+        fn.doc_string = ""
+        del fn.metadata_props[:]
+        for node in fn.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+
+
 def export_onnx(graph: Any, n_inputs: int, inputs: list[str], outputs: list[str],
                 path: Path) -> None:
     import onnx
@@ -67,7 +104,7 @@ def export_onnx(graph: Any, n_inputs: int, inputs: list[str], outputs: list[str]
     assert program is not None
     model = program.model_proto
     model.producer_name = "edge-agent models.export"
-    del model.metadata_props[:]
+    strip_provenance(model)
     for key, value in ((META_INPUTS, inputs), (META_OUTPUTS, outputs)):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)

@@ -14,38 +14,53 @@ from torch import nn
 
 
 class Forecaster(nn.Module):  # type: ignore[misc, unused-ignore]
-    """Linear autoregression plus a small MLP correction on standardized inputs.
+    """Linear autoregression plus an MLP correction on standardized features.
 
     The linear path carries the bulk of a one-step-ahead forecast (a weighted recent history);
     the MLP learns the nonlinear parts (time-of-day and weather interactions, the congested
-    branch, lighting switching at dusk).
+    branch, lighting switching at dusk, charging sessions ending).
+
+    Features are the inputs times a fixed ``mix`` matrix (the inputs themselves, then
+    differences such as load now minus load a window back), each standardized over the
+    training rows. A difference is a linear function of the inputs, but standardized on its
+    own it is not buried under the spread of the levels: a charger's 11 kW dwarfs a taper of
+    a few hundred watts per window, which is what the next window depends on.
     """
 
+    mix: torch.Tensor
     x_mean: torch.Tensor
     x_std: torch.Tensor
     y_mean: torch.Tensor
     y_std: torch.Tensor
 
     def __init__(self, x_mean: torch.Tensor, x_std: torch.Tensor, y_mean: float, y_std: float,
-                 *, hidden: int = 64, floor: float = 0.0, anchor: int | None = None) -> None:
+                 *, hidden: int = 64, depth: int = 2, floor: float = 0.0,
+                 anchor: int | None = None, mix: torch.Tensor | None = None) -> None:
         super().__init__()
-        n_in = x_mean.numel()
+        n_feat = x_mean.numel()
         # With an anchor, the net forecasts the change from that input (the current value):
         # y = x[anchor] + correction, and y_mean / y_std describe the change.
         self.anchor = anchor
-        self.register_buffer("x_mean", x_mean.reshape(1, n_in).float())
-        self.register_buffer("x_std", x_std.reshape(1, n_in).float())
+        self.has_mix = mix is not None
+        if mix is not None:
+            self.register_buffer("mix", mix.float())
+        self.register_buffer("x_mean", x_mean.reshape(1, n_feat).float())
+        self.register_buffer("x_std", x_std.reshape(1, n_feat).float())
         self.register_buffer("y_mean", torch.tensor([[y_mean]], dtype=torch.float32))
         self.register_buffer("y_std", torch.tensor([[y_std]], dtype=torch.float32))
         self.floor = floor
-        self.linear = nn.Linear(n_in, 1)
-        self.mlp = nn.Sequential(
-            nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 1),
-        )
+        self.linear = nn.Linear(n_feat, 1)
+        layers: list[nn.Module] = [nn.Linear(n_feat, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        f = x @ self.mix if self.has_mix else x
+        return (f - self.x_mean) / self.x_std
 
     def standardized(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.x_mean) / self.x_std
+        z = self.features(x)
         out: torch.Tensor = self.linear(z) + self.mlp(z)
         return out
 
@@ -60,7 +75,8 @@ class OriginalMLP(Forecaster):
     """The starting design: 4 inputs -> 64 ReLU -> 1, MSE, Adam (inputs standardized)."""
 
     def __init__(self, x_mean: torch.Tensor, x_std: torch.Tensor, y_mean: float, y_std: float,
-                 *, hidden: int = 64, floor: float = 0.0, anchor: int | None = None) -> None:
+                 *, hidden: int = 64, depth: int = 1, floor: float = 0.0,
+                 anchor: int | None = None, mix: torch.Tensor | None = None) -> None:
         super().__init__(x_mean, x_std, y_mean, y_std, hidden=hidden, floor=floor, anchor=anchor)
         self.mlp = nn.Sequential(nn.Linear(x_mean.numel(), hidden), nn.ReLU(), nn.Linear(hidden, 1))
 

@@ -2,10 +2,11 @@
 
 Nothing is downloaded: the training data of the shipped models is generated here from
 traffic-flow theory and standard load shapes (see ``weather``, ``traffic_sim``, ``energy_sim``
-for the physics and their parameters). The default site is a mid-latitude European city
-(52.5 N, 13.4 E, Europe/Berlin), one year from 2025-01-01 at 5-minute windows, seed 7.
+for the physics). What differs between sites is a ``models.sites.SiteParams``; the default,
+preset ``berlin-street``, is a mid-latitude European city (52.5 N, 13.4 E, Europe/Berlin), one
+year from 2025-01-01 at 5-minute windows, seed 7. A preset and a seed fix the data exactly.
 
-    python -m models.simulate --days 365 --out site.csv
+    python -m models.simulate --preset chicago-arterial --days 365 --out site.csv
 
 writes the same CSV schema a city's own data uses (``models.csvdata``).
 """
@@ -13,7 +14,7 @@ writes the same CSV schema a city's own data uses (``models.csvdata``).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -21,20 +22,12 @@ import numpy as np
 
 from models.csvdata import SiteData, write_csv
 from models.energy_sim import simulate_energy
+from models.sites import PRESETS, SiteParams, UnknownPreset, preset
 from models.sun import day_of_year, solar_position
 from models.traffic_sim import simulate_traffic
 from models.weather import simulate_weather
 
-
-@dataclass(frozen=True)
-class SiteParams:
-    days: int = 365
-    seed: int = 7
-    start: str = "2025-01-01"
-    timezone: str = "Europe/Berlin"
-    lat_deg: float = 52.5
-    lon_deg: float = 13.4
-    window_s: int = 300
+__all__ = ["SiteParams", "local_calendar", "simulate_site"]
 
 
 def local_calendar(ts_s: np.ndarray, tz: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,7 +47,8 @@ def local_calendar(ts_s: np.ndarray, tz: str) -> tuple[np.ndarray, np.ndarray, n
     return hour, dow.astype(np.int64), (day - day[0]).astype(np.int64)
 
 
-def simulate_site(p: SiteParams = SiteParams()) -> SiteData:
+def simulate_site(p: SiteParams | None = None) -> SiteData:
+    p = p or SiteParams()
     rng = np.random.default_rng(p.seed)
     start = int(datetime.fromisoformat(p.start).replace(tzinfo=ZoneInfo(p.timezone)).timestamp())
     start -= start % p.window_s
@@ -63,18 +57,20 @@ def simulate_site(p: SiteParams = SiteParams()) -> SiteData:
     mid = ts_s + p.window_s / 2
     hour, dow, day_index = local_calendar(mid.astype(np.int64), p.timezone)
     elevation, solar_hour = solar_position(mid, p.lat_deg, p.lon_deg)
-    wx = simulate_weather(day_of_year(ts_s), solar_hour, p.window_s, rng)
+    wx = simulate_weather(day_of_year(ts_s), solar_hour, p.window_s, rng, p.climate)
     traffic = simulate_traffic(
         hour=hour, dow=dow, day_index=day_index, temperature=wx.temperature,
         humidity=wx.humidity, raining=wx.raining, step_s=p.window_s, rng=rng,
+        road=p.road, demand=p.demand, faults=p.faults,
     )
     energy = simulate_energy(
         ts_s=ts_s, hour=hour, dow=dow, day_index=day_index, elevation=elevation,
         temperature=wx.temperature, raining=wx.raining, step_s=p.window_s, rng=rng,
+        cabinet=p.cabinet, faults=p.faults,
     )
     n = len(ts_s)
     sensor_out = np.zeros(n, dtype=bool)
-    for s in np.flatnonzero(rng.random(n) < p.window_s / (40 * 86_400)):
+    for s in np.flatnonzero(rng.random(n) < p.window_s / (p.faults.weather_outage_days * 86_400)):
         sensor_out[s : s + int(rng.integers(6, 36))] = True
     temperature = wx.temperature + rng.normal(0, 0.2, n)
     humidity = np.clip(wx.humidity + rng.normal(0, 1.5, n), 0, 100)
@@ -103,14 +99,22 @@ def simulate_site(p: SiteParams = SiteParams()) -> SiteData:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.simulate",
                                  description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default=SiteParams.name,
+                    help=f"site preset ({', '.join(PRESETS)}; default %(default)s)")
     ap.add_argument("--days", type=int, default=SiteParams.days)
     ap.add_argument("--seed", type=int, default=SiteParams.seed)
     ap.add_argument("--start", default=SiteParams.start)
     ap.add_argument("--out", required=True, help="CSV file to write")
     args = ap.parse_args(argv)
-    data = simulate_site(SiteParams(days=args.days, seed=args.seed, start=args.start))
+    try:
+        site = preset(args.preset)
+    except UnknownPreset as exc:
+        print(f"error: {exc.args[0]}")
+        return 2
+    data = simulate_site(replace(site, days=args.days, seed=args.seed, start=args.start))
     write_csv(data, args.out)
-    print(f"wrote {len(data)} windows of {data.window_s} s to {args.out}")
+    print(f"wrote {len(data)} windows of {data.window_s} s ({site.name}, tz {data.timezone}) "
+          f"to {args.out}")
     return 0
 
 

@@ -1,11 +1,12 @@
 """Ambient weather at a street cabinet, as the BME280 in its radiation shield would see it.
 
-A 5-minute series built from: a seasonal mean (mid-latitude continental climate, coldest in
-late January), a diurnal cycle (minimum near 06:00, maximum near 15:00 local solar time), a
-synoptic anomaly (AR(1) with a three-day time constant: warm and cold spells) and rain spells
-from a two-state Markov chain (about 8 % of the time, spells of a few hours). Relative humidity
-follows from a dew point that tracks the daily mean temperature (so it is high at night and low
-in the afternoon) and is near saturation while it rains.
+A 5-minute series built from: a seasonal mean (the site's ``models.sites.Climate``; the
+training site's is mid-latitude continental, coldest in late January), a diurnal cycle (minimum
+near 06:00, maximum near 15:00 local solar time), a synoptic anomaly (AR(1) with a three-day
+time constant: warm and cold spells) and rain spells from a two-state Markov chain (training
+site: about 8 % of the time, spells of a few hours). Relative humidity follows from a dew point
+that tracks the daily mean temperature (so it is high at night and low in the afternoon) and is
+near saturation while it rains.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from models.sites import Climate
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,12 @@ def saturation_vapour_hpa(t_c: np.ndarray) -> np.ndarray:
 
 
 def simulate_weather(
-    doy: np.ndarray, solar_hour: np.ndarray, step_s: float, rng: np.random.Generator
+    doy: np.ndarray, solar_hour: np.ndarray, step_s: float, rng: np.random.Generator,
+    climate: Climate | None = None,
 ) -> Weather:
+    c = climate or Climate()
     n = len(doy)
-    season = 9.5 - 10.0 * np.cos(2 * np.pi * (doy - 25) / 365.25)
+    season = c.mean_c - c.season_c * np.cos(2 * np.pi * (doy - c.coldest_doy) / 365.25)
     amp = 3.5 + 2.0 * (season - season.min()) / max(np.ptp(season), 1e-9)
     diurnal = amp * np.cos(2 * np.pi * (solar_hour - 15.0) / 24.0)
 
@@ -39,9 +44,10 @@ def simulate_weather(
     shocks = rng.normal(0.0, 3.5 * np.sqrt(1 - phi**2), n)
     anomaly = np.empty(n)
     acc = rng.normal(0.0, 3.5)
-    # Spells: a rain spell starts with a rate of ~1 per 36 h and lasts ~3 h on average.
-    p_start = step_s / (36 * 3600)
-    p_stop = step_s / (3 * 3600)
+    # Spells: a rain spell starts with a rate of one per ``rain_every_h`` of dry weather and
+    # lasts ``rain_spell_h`` on average.
+    p_start = step_s / (c.rain_every_h * 3600)
+    p_stop = step_s / (c.rain_spell_h * 3600)
     raining = np.zeros(n, dtype=bool)
     wet = False
     u = rng.random(n)

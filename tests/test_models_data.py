@@ -9,10 +9,13 @@ import pytest
 
 from models.csvdata import SiteDataError, read_csv, write_csv
 from models.dataset import ENERGY_INPUTS, TRAFFIC_INPUTS, build, quantities, split_of
-from models.energy_sim import LUMINAIRE_W, LUMINAIRES
 from models.simulate import SiteParams, local_calendar, simulate_site
+from models.sites import BERLIN_STREET
 from models.sun import solar_position
-from models.traffic_sim import KJ_VEH_KM, VF_M_S
+
+VF_M_S = BERLIN_STREET.road.free_flow_m_s
+KJ_VEH_KM = BERLIN_STREET.road.jam_density_veh_km
+LUMINAIRES, LUMINAIRE_W = BERLIN_STREET.cabinet.luminaires, BERLIN_STREET.cabinet.luminaire_w
 
 
 @pytest.fixture(scope="module")
