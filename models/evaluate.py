@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from agent.features import FeatureSpec, InputSpec
+from agent.pipeline.features import FeatureSpec, InputSpec
 from models import SHIPPED
 from models.csvdata import SiteData
 from models.dataset import ModelData, build

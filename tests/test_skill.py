@@ -36,7 +36,7 @@ def test_running_errors_match_numpy_over_the_horizon() -> None:
     model = np.r_[actual[1:], actual[-1]] + rng.normal(0, 0.5, 400)  # a decent forecaster
     horizon = 100
     guard = SkillGuard(GuardSettings(horizon_s=horizon * 300, min_evaluated_s=0))
-    run(guard, actual, model)
+    run(guard, actual, model)  # the all-hours ledger: what status shows
     # Forecast k (for window k+1) is scored when window k+1 is seen: errors for k = 0..398.
     err_m = np.abs(actual[1:] - model[:-1])
     err_p = np.abs(actual[1:] - actual[:-1])
@@ -47,36 +47,51 @@ def test_running_errors_match_numpy_over_the_horizon() -> None:
     assert guard.evaluated_s == horizon * 300
 
 
-def test_starts_on_persistence_and_switches_once_the_model_has_proven_itself() -> None:
-    actual = np.sin(np.arange(200) / 5.0) * 10
+DAY = 288  # 300 s windows
+
+
+def test_starts_on_persistence_and_each_hour_switches_once_proven() -> None:
+    actual = np.sin(np.arange(3 * DAY) / 5.0) * 10
     good = np.r_[actual[1:], actual[-1]]  # a perfect forecaster
     guard = SkillGuard(GuardSettings(min_evaluated_s=3600))
     sources = run(guard, actual, good)
-    # 12 scored buckets (an hour) are needed; the first score lands with window 1.
-    assert sources[:12] == ["fallback"] * 12
-    assert set(sources[13:]) == {"model"}
-    assert guard.switches == 1
+    # Every hour of the day needs its own hour of record: the whole first day is persistence.
+    assert set(sources[: DAY - 1]) == {"fallback"}
+    assert set(sources[DAY + 12 :]) == {"model"}
+    assert guard.status()["model_hours"] == 24
 
 
 def test_a_model_worse_than_persistence_is_never_published() -> None:
     rng = np.random.default_rng(2)
-    actual = 10 + np.cumsum(rng.normal(0, 1, 500))
+    actual = 10 + np.cumsum(rng.normal(0, 1, 3 * DAY))
     bad = actual + 5.0  # always 5 off: persistence is far better
     guard = SkillGuard(GuardSettings(min_evaluated_s=0))
     assert set(run(guard, actual, bad)) == {"fallback"}
     assert guard.skill is not None and guard.skill < 0
 
 
-def test_falls_back_as_soon_as_the_model_turns_worse() -> None:
-    actual = np.sin(np.arange(600) / 7.0) * 10
+def test_an_hour_where_the_model_is_poor_stays_on_persistence() -> None:
+    rng = np.random.default_rng(3)
+    actual = 10 + np.cumsum(rng.normal(0, 1, 4 * DAY))
     model = np.r_[actual[1:], actual[-1]].copy()
-    model[300:] += 30.0  # the model breaks at window 300
-    guard = SkillGuard(GuardSettings(horizon_s=6 * 3600, min_evaluated_s=3600))
+    hour = (np.arange(4 * DAY) + 1) * 300 // 3600 % 24  # UTC hour of each forecast's window
+    model[hour == 7] += 8.0  # good all day but at 07:00
+    guard = SkillGuard(GuardSettings(min_evaluated_s=3600))
+    sources = np.array(run(guard, actual, model))
+    later = np.arange(4 * DAY) >= 2 * DAY
+    assert set(sources[later & (hour == 7)]) == {"fallback"}
+    assert set(sources[later & (hour == 12)]) == {"model"}
+
+
+def test_falls_back_in_an_hour_once_the_model_turns_worse_there() -> None:
+    actual = np.sin(np.arange(6 * DAY) / 7.0) * 10
+    model = np.r_[actual[1:], actual[-1]].copy()
+    model[3 * DAY :] += 30.0  # the model breaks on day 4
+    guard = SkillGuard(GuardSettings(min_evaluated_s=3600))
     sources = run(guard, actual, model)
-    assert sources[299] == "model"
-    broke = sources.index("fallback", 300)
-    assert broke - 300 <= 30  # within a few windows: the day-old good record does not hide it
-    assert set(sources[broke:]) == {"fallback"}
+    assert sources[3 * DAY - 1] == "model"
+    # Each hour goes back to persistence on its first bad record: within a day of the break.
+    assert set(sources[4 * DAY :]) == {"fallback"}
 
 
 def test_unmeasured_windows_are_not_scored_and_pending_stays_bounded() -> None:

@@ -264,13 +264,15 @@ class ModelConfig(_Frozen):
     guard: bool = True
     """Skill guard: publish persistence (the current window's value) instead of the model's
     forecast while the model does worse than persistence at this site."""
-    guard_horizon_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 21_600.0
-    """Seconds of scored forecasts over which model and persistence errors are compared."""
+    guard_horizon_s: Annotated[float, Field(gt=0, le=60 * 86_400)] = 7 * 86_400.0
+    """Seconds of scored forecasts kept per hour of the day, over which the model's and
+    persistence's errors are compared (a week: seven of each hour)."""
     guard_margin: Annotated[float, Field(ge=0, lt=1)] = 0.02
-    """The model must beat persistence's error by this fraction before its forecast is
-    published."""
-    guard_min_s: Annotated[float, Field(ge=0, le=30 * 86_400)] = 3_600.0
-    """Seconds of scored forecasts needed before the model's forecast can be published."""
+    """In an hour of the day, the model must beat persistence's error by this fraction (beyond
+    the noise of the record) before its forecast is published in that hour."""
+    guard_min_s: Annotated[float, Field(ge=0, le=60 * 86_400)] = 3_600.0
+    """Seconds of scored forecasts an hour of the day needs before the model can be published
+    in it (3600: one day's worth of that hour)."""
     activate_margin: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """A shadow candidate is activated only if its error on the live windows is below both the
     active model's and persistence's by this fraction (`--force` overrides)."""

@@ -115,6 +115,7 @@ class LoadedModel:
         default_factory=lambda: deque(maxlen=FORECASTS_KEPT))
     guard: SkillGuard = field(default_factory=SkillGuard)
     last_source: Source = "model"
+    last_persistence: float | None = None
     last_out_of_range: tuple[str, ...] = ()
     out_of_range_windows: int = 0
 
@@ -183,6 +184,7 @@ class LoadedModel:
             return
         self.guard.observe(row.end_ns, row.current.get(fc.actual, math.nan))
         persistence = float(row.values[self._actual_index])
+        self.last_persistence = persistence
         target = row.end_ns + (row.end_ns - row.start_ns)
         published, source = self.guard.forecast(target, model, persistence)
         self.last_source = source
@@ -413,6 +415,11 @@ class InferenceStage:
             },
             "errors": list(self._errors),
         }
+
+    def last_persistence(self, name: str) -> float | None:
+        """Persistence's forecast beside the active model's latest one (for evaluation)."""
+        slot = self._slots.get(name)
+        return slot.active.last_persistence if slot is not None else None
 
     def versions(self) -> dict[str, str]:
         return {name: s.active.version for name, s in self._slots.items()}

@@ -3,15 +3,17 @@
 Every forecast is for the model window that follows the one it was made on. When that window
 has been measured, the guard scores the forecast and the persistence forecast made at the same
 time (the current window's value, "the next window is like this one") against the measured
-value, and adds both absolute errors to 300 s buckets. Over the buckets of the last
-``horizon_s`` it keeps the mean absolute error of each.
+value, and adds both absolute errors to 300 s buckets, kept per UTC hour of the day over the
+last ``horizon_s``.
 
-The published forecast comes from the model only while the model's running error is below
-persistence's by ``margin`` (so a model has to prove itself at a site, and a gateway starts on
-persistence); as soon as it is worse than persistence, persistence is published again, marked
-``fallback``. There is no margin on the way back, on purpose: a model that is worse than doing
-nothing is never kept for the sake of stability. Memory is bounded by the horizon: one small
-bucket per 300 s, and one pending forecast per stream window of one model window.
+In each hour of the day the model's forecast is published only when, on that hour's record,
+its error is below persistence's by ``margin`` beyond the noise (a paired comparison over the
+300 s buckets, two standard errors; forecasts inside one bucket overlap and are far from
+independent). A gateway therefore starts on persistence, and a model that is good at night
+and poor at the morning peak is used at night only. As soon as the model is worse than
+persistence on an hour's record, that hour goes back to persistence, marked ``fallback``; there
+is no margin on the way back, on purpose. Memory is bounded by the horizon: one small bucket per
+300 s, and one pending forecast per stream window of one model window.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ Source = Literal["model", "fallback"]
 
 BUCKET_NS: Final = 300 * 10**9
 PENDING_MAX: Final = 4096  # forecasts awaiting their window: one per stream window
+# Standard errors a difference of errors must clear to count: a paired test over 300 s
+# buckets (forecasts inside one bucket overlap and are far from independent).
+Z: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class GuardSettings:
-    horizon_s: float = 21_600.0
+    horizon_s: float = 7 * 86_400.0
     margin: float = 0.02
-    min_evaluated_s: float = 3_600.0
+    min_evaluated_s: float = 3_600.0  # per hour of the day: one day's worth
     enabled: bool = True
 
 
@@ -90,6 +95,18 @@ class ErrorLedger:
                 self._sums[i] -= gone.sums[i]
             self._n -= gone.n
 
+    def excess(self, i: int, j: int, last: int | None = None) -> tuple[float, float] | None:
+        """Mean over buckets of (error of ``i`` - error of ``j``) and its standard error, over
+        the horizon or its ``last`` buckets; None with fewer than two buckets."""
+        buckets = list(self._buckets)[-last:] if last else self._buckets
+        diffs = [(b.sums[i] - b.sums[j]) / b.n for b in buckets if b.n]
+        n = len(diffs)
+        if n < 2:
+            return None
+        mean = sum(diffs) / n
+        var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+        return mean, math.sqrt(var / n)
+
     def mae(self, i: int) -> float | None:
         return self._sums[i] / self._n if self._n else None
 
@@ -104,36 +121,56 @@ class ErrorLedger:
 
 
 class SkillGuard:
-    """Running MAE of a model and of persistence over a bounded horizon, and the choice."""
+    """Running MAE of a model and of persistence, per hour of the day, and the choice.
+
+    A model's skill depends on the hour: a model trained elsewhere may be fine at night and
+    poor at the morning peak, and a load model beats persistence when chargers start but not in
+    the quiet hours. So the choice is made per UTC hour of the forecast window, on that hour's
+    own record over the horizon (e.g. the last week of 07:00-08:00 windows)."""
 
     MODEL, PERSISTENCE = 0, 1
 
     def __init__(self, settings: GuardSettings = GuardSettings()) -> None:
         self.settings = settings
-        self.ledger = ErrorLedger(2, settings.horizon_s)
-        self.source: Source = "fallback" if settings.enabled else "model"
+        self.ledger = ErrorLedger(2, settings.horizon_s)  # every hour: what status shows
+        self.hours = [ErrorLedger(2, settings.horizon_s) for _ in range(24)]
+        first: Source = "fallback" if settings.enabled else "model"
+        self.hour_source: list[Source] = [first] * 24
+        self.source: Source = first
         self.switches = 0
+
+    @staticmethod
+    def hour_of(end_ns: int) -> int:
+        """UTC hour of the start of the 300 s window ending at ``end_ns``."""
+        return int((end_ns - BUCKET_NS) // (3600 * 10**9)) % 24
 
     # -- scoring -------------------------------------------------------------------------------
 
     def observe(self, end_ns: int, actual: float) -> None:
         """The model window ending at ``end_ns`` was measured as ``actual`` (NaN: not
         measured): score the forecasts that were made for it."""
-        if self.ledger.observe(end_ns, actual):
-            self._decide()
+        self.ledger.observe(end_ns, actual)
+        hour = self.hour_of(end_ns)
+        if self.hours[hour].observe(end_ns, actual):
+            self._decide(hour)
 
-    def _decide(self) -> None:
+    def _decide(self, hour: int) -> None:
         if not self.settings.enabled:
-            self.source = "model"
             return
-        before = self.source
-        model, persistence = self.model_mae, self.persistence_mae
-        unproven = self.evaluated_s < self.settings.min_evaluated_s
-        if model is None or persistence is None or unproven or model > persistence:
-            self.source = "fallback"
-        elif model < persistence * (1.0 - self.settings.margin):
-            self.source = "model"
-        if self.source != before:
+        s = self.settings
+        ledger = self.hours[hour]
+        before = self.hour_source[hour]
+        persistence = ledger.mae(self.PERSISTENCE)
+        excess = ledger.excess(self.MODEL, self.PERSISTENCE)
+        source = before
+        if excess is None or persistence is None or ledger.evaluated_s < s.min_evaluated_s:
+            source = "fallback"
+        elif excess[0] > 0:
+            source = "fallback"  # worse than doing nothing in this hour
+        elif excess[0] + Z * excess[1] < -s.margin * persistence:
+            source = "model"  # better by the margin, beyond the noise of the record
+        if source != before:
+            self.hour_source[hour] = source
             self.switches += 1
 
     # -- forecasting ---------------------------------------------------------------------------
@@ -143,6 +180,9 @@ class SkillGuard:
         """Remember both forecasts for the window ending at ``target_end_ns``; return the one
         to publish and where it came from."""
         self.ledger.forecast(target_end_ns, (model, persistence))
+        hour = self.hour_of(target_end_ns)
+        self.hours[hour].forecast(target_end_ns, (model, persistence))
+        self.source = self.hour_source[hour]
         if self.source == "model" or not math.isfinite(persistence):
             return model, "model"
         return persistence, "fallback"
@@ -182,6 +222,7 @@ class SkillGuard:
             "persistence_mae": _rounded(self.persistence_mae),
             "evaluated_s": self.evaluated_s, "evaluations": self.evaluations,
             "switches": self.switches,
+            "model_hours": sum(1 for s in self.hour_source if s == "model"),
         }
 
 
