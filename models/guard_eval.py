@@ -77,21 +77,17 @@ class GuardRun:
                 "per_day": [d.row() for d in self.days]}
 
 
-def actual_of(data: SiteData, i: int, kind: str) -> float:
-    if i >= len(data.ts_s):
-        return math.nan
-    return site_window(data, i, kind, kind).derived.get(MODELS[kind][1], math.nan)
-
-
 async def run_guard(data: SiteData, site: str, kind: str) -> GuardRun:
     """The guarded model ``kind`` over every window of ``data``, scored per day."""
-    output, _ = MODELS[kind]
+    output, quantity = MODELS[kind]
+    windows = [site_window(data, i, kind, kind) for i in range(len(data.ts_s))]
     stage = InferenceStage([ModelConfig(name=kind, stream=kind)])
     days: dict[int, DayScore] = defaultdict(lambda: DayScore(0))
     try:
-        for i in range(len(data.ts_s)):
-            for inf in await stage.on_window(site_window(data, i, kind, kind)):
-                actual = actual_of(data, i + 1, kind)
+        for i, w in enumerate(windows):
+            for inf in await stage.on_window(w):
+                nxt = windows[i + 1] if i + 1 < len(windows) else None
+                actual = nxt.derived.get(quantity, math.nan) if nxt is not None else math.nan
                 published = inf.outputs.get(output)
                 model = inf.outputs.get(f"{output}_model", published)
                 persistence = stage.last_persistence(kind)

@@ -116,7 +116,7 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
                 out.append(Problem(f"streams[{i}].sensors[{j}]", repr(ref),
                                    "no sensor has this name"))
         if st.anomaly is not None:
-            out.extend(_anomaly_problems(f"streams[{i}].anomaly", st, cfg))
+            out.extend(_anomaly_problems(i, st, cfg))
     for i, m in enumerate(cfg.models):
         if m.stream not in streams:
             out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
@@ -131,21 +131,19 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
     return out
 
 
-def _anomaly_problems(where: str, st: StreamConfig, cfg: AgentConfig) -> list[Problem]:
+def _anomaly_problems(i: int, st: StreamConfig, cfg: AgentConfig) -> list[Problem]:
     a = st.anomaly
     assert a is not None
+    where = f"streams[{i}].anomaly"
     out: list[Problem] = []
     if cfg.gateway.latitude is None or cfg.gateway.longitude is None:
         out.append(Problem(where, "", "needs gateway.latitude and gateway.longitude (the lamp "
                                       "checks follow the sun)"))
-    for key in ("main", "lights", "check", "photocell"):
-        channel = getattr(a, key)
+    named = [(k, getattr(a, k)) for k in ("main", "lights", "check", "photocell")]
+    named += [(f"chargers[{j}]", c) for j, c in enumerate(a.chargers)]
+    for key, channel in named:
         if channel and channel.partition(".")[0] not in st.sensors:
             out.append(Problem(f"{where}.{key}", repr(channel),
-                               "not a channel (sensor.quantity) of this stream's sensors"))
-    for j, channel in enumerate(a.chargers):
-        if channel.partition(".")[0] not in st.sensors:
-            out.append(Problem(f"{where}.chargers[{j}]", repr(channel),
                                "not a channel (sensor.quantity) of this stream's sensors"))
     try:
         th = load_thresholds(a.thresholds)
@@ -153,9 +151,8 @@ def _anomaly_problems(where: str, st: StreamConfig, cfg: AgentConfig) -> list[Pr
         out.append(Problem(f"{where}.thresholds", repr(a.thresholds or "shipped"), str(exc)))
         return out
     if th.window_s != st.window_s:
-        out.append(Problem(f"streams[{where.split('[')[1].split(']', maxsplit=1)[0]}].window_s",
-                           f"{st.window_s:g}", f"the anomaly thresholds are calibrated for "
-                           f"{th.window_s} s windows"))
+        out.append(Problem(f"streams[{i}].window_s", f"{st.window_s:g}",
+                           f"the anomaly thresholds are calibrated for {th.window_s} s windows"))
     return out
 
 

@@ -174,10 +174,6 @@ class AnomalyConfig(_Frozen):
     """Thresholds calibrated for this site (JSON); empty for the shipped ones of the training
     site (`models/anomaly_thresholds.json`)."""
 
-    def channels(self) -> list[str]:
-        named = [self.main, self.lights, self.check, self.photocell, *self.chargers]
-        return [c for c in named if c]
-
 
 class StreamConfig(_Frozen):
     name: Name

@@ -81,6 +81,11 @@ def forecast_of(m: Manifest) -> Forecast | None:
     return None
 
 
+def label_key(output: str) -> str:
+    """Where a class-index output's label goes: ``congestion_level`` -> ``congestion``."""
+    return output.removesuffix("_level") if output.endswith("_level") else f"{output}_label"
+
+
 def level_of(speed: float, m: Manifest) -> int:
     """The congestion class of a speed by the manifest's thresholds (0 free .. 2 congested)."""
     c = m.congestion
@@ -153,10 +158,8 @@ class LoadedModel:
             value = float(arr.reshape(-1)[0])
             out[spec.name] = value
             if spec.labels:
-                key = spec.name.removesuffix("_level") if spec.name.endswith("_level") \
-                    else f"{spec.name}_label"
-                idx = min(max(round(value), 0), len(spec.labels) - 1)
-                out[key] = spec.labels[idx]
+                out[label_key(spec.name)] = spec.labels[min(max(round(value), 0),
+                                                            len(spec.labels) - 1)]
         if m.anomaly is not None:
             actual = row.current.get(m.anomaly.actual, math.nan)
             pending = self.forecasts
@@ -196,9 +199,7 @@ class LoadedModel:
             level = level_of(published, self.manifest)
             out[c.output] = float(level)
             if spec.labels:
-                key = c.output.removesuffix("_level") if c.output.endswith("_level") \
-                    else f"{c.output}_label"
-                out[key] = spec.labels[min(level, len(spec.labels) - 1)]
+                out[label_key(c.output)] = spec.labels[min(level, len(spec.labels) - 1)]
 
     def persistence(self, row: FeatureRow) -> float | None:
         """Persistence's forecast for the next window: the (held) current value."""

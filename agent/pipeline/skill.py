@@ -95,11 +95,10 @@ class ErrorLedger:
                 self._sums[i] -= gone.sums[i]
             self._n -= gone.n
 
-    def excess(self, i: int, j: int, last: int | None = None) -> tuple[float, float] | None:
-        """Mean over buckets of (error of ``i`` - error of ``j``) and its standard error, over
-        the horizon or its ``last`` buckets; None with fewer than two buckets."""
-        buckets = list(self._buckets)[-last:] if last else self._buckets
-        diffs = [(b.sums[i] - b.sums[j]) / b.n for b in buckets if b.n]
+    def excess(self, i: int, j: int) -> tuple[float, float] | None:
+        """Mean over buckets of (error of ``i`` - error of ``j``) and its standard error over
+        the horizon; None with fewer than two buckets."""
+        diffs = [(b.sums[i] - b.sums[j]) / b.n for b in self._buckets if b.n]
         n = len(diffs)
         if n < 2:
             return None
