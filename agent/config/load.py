@@ -150,6 +150,11 @@ def _anomaly_problems(i: int, st: StreamConfig, cfg: AgentConfig) -> list[Proble
     except ThresholdsError as exc:
         out.append(Problem(f"{where}.thresholds", repr(a.thresholds or "shipped"), str(exc)))
         return out
+    circuits = len(th.unexplained.main_gains)
+    if circuits != 1 + len(a.chargers):
+        out.append(Problem(f"{where}.chargers", str(len(a.chargers)),
+                           f"the anomaly thresholds are calibrated for {circuits - 1} separately "
+                           "metered charge points"))
     if th.window_s != st.window_s:
         out.append(Problem(f"streams[{i}].window_s", f"{st.window_s:g}",
                            f"the anomaly thresholds are calibrated for {th.window_s} s windows"))
