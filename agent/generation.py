@@ -22,7 +22,7 @@ from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
-from agent.outbox.db import Kind
+from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage
 from agent.pipeline.clean import Cleaner

@@ -19,7 +19,8 @@ import pytest
 
 from agent.config.schema import OutboxConfig
 from agent.feed.messages import health_message, reading_message, window_message
-from agent.outbox.db import SEQ_BLOCK, Batch, OutboxDB, Row
+from agent.outbox.db import SEQ_BLOCK, OutboxDB
+from agent.outbox.rows import Batch, Row
 from agent.outbox.store import Outbox, OutboxError
 from agent.readings import ChannelStats, Reading, Window
 

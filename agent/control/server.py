@@ -36,11 +36,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from agent.aio import within
+from agent.control.requests import ARGS, Args, Request, SensorsArgs, TailArgs
 from agent.control.tail import TailHub
 from agent.queues import BoundedQueue
 
@@ -58,7 +59,6 @@ EXPORT_CHUNK_BYTES = 48 * 1024  # 64 KiB once base64-encoded
 TAIL_BATCH = 256
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 
-Command = Literal["status", "reload", "tail", "outbox.stats", "outbox.export", "sensors.list"]
 
 
 # -- what the server needs from the agent ---------------------------------------------------
@@ -91,39 +91,6 @@ class AgentLike(Protocol):
     def pipeline(self) -> PipelineLike | None: ...
 
 
-# -- requests -------------------------------------------------------------------------------
-
-RequestId = int | Annotated[str, Field(max_length=64)] | None
-
-
-class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    id: RequestId = None
-    cmd: Command
-    args: dict[str, Any] = Field(default_factory=dict)
-
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoArgs(_Args):
-    pass
-
-
-class TailArgs(_Args):
-    match: Annotated[str, Field(max_length=128)] = ""
-    """Sensor, stream or model name; empty for everything."""
-
-
-class SensorsArgs(_Args):
-    name: Annotated[str, Field(max_length=128)] | None = None
-
-
-ARGS: dict[str, type[_Args]] = {
-    "status": NoArgs, "reload": NoArgs, "outbox.stats": NoArgs, "outbox.export": NoArgs,
-    "tail": TailArgs, "sensors.list": SensorsArgs,
-}
 
 # Top-level sections of ``status``; a snapshot taken between two pipeline generations lacks
 # the pipeline's, and a reply always carries all of them.
@@ -175,7 +142,7 @@ class _Client:
         await within(self.writer.drain(), WRITE_TIMEOUT_S)
 
 
-Handler = Callable[[Request, _Args, _Client], Awaitable[bool]]
+Handler = Callable[[Request, Args, _Client], Awaitable[bool]]
 
 
 class ControlServer:
@@ -376,11 +343,11 @@ class ControlServer:
                 snap[name] = empty()
         return snap
 
-    async def _status(self, req: Request, args: _Args, client: _Client) -> bool:
+    async def _status(self, req: Request, args: Args, client: _Client) -> bool:
         await client.send({"id": req.id, "ok": True, "result": self.status()})
         return True
 
-    async def _reload(self, req: Request, args: _Args, client: _Client) -> bool:
+    async def _reload(self, req: Request, args: Args, client: _Client) -> bool:
         try:
             before = self.agent.snapshot().get("agent", {})
         except Exception:  # the counters are a courtesy; the reload itself must still happen
@@ -395,7 +362,7 @@ class ControlServer:
         }})
         return True
 
-    async def _sensors(self, req: Request, args: _Args, client: _Client) -> bool:
+    async def _sensors(self, req: Request, args: Args, client: _Client) -> bool:
         assert isinstance(args, SensorsArgs)
         sensors = [s for s in self.agent.snapshot().get("sensors", [])
                    if args.name is None or s.get("name") == args.name]
@@ -404,12 +371,12 @@ class ControlServer:
         await client.send({"id": req.id, "ok": True, "result": {"sensors": sensors}})
         return True
 
-    async def _outbox_stats(self, req: Request, args: _Args, client: _Client) -> bool:
+    async def _outbox_stats(self, req: Request, args: Args, client: _Client) -> bool:
         stats = dict(self._pipeline().outbox.stats())
         await client.send({"id": req.id, "ok": True, "result": stats})
         return True
 
-    async def _outbox_export(self, req: Request, args: _Args, client: _Client) -> bool:
+    async def _outbox_export(self, req: Request, args: Args, client: _Client) -> bool:
         """Export into a staging file the agent can write, then stream it to the client.
 
         The agent's sandbox cannot write where a technician stands, so the file crosses the
@@ -448,7 +415,7 @@ class ControlServer:
             shutil.rmtree(staging, ignore_errors=True)
         return False
 
-    async def _tail(self, req: Request, args: _Args, client: _Client) -> bool:
+    async def _tail(self, req: Request, args: Args, client: _Client) -> bool:
         """Stream live items until the client disconnects; follows pipeline reloads."""
         assert isinstance(args, TailArgs)
 

@@ -27,20 +27,23 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, Literal, cast
 
+from agent.outbox.rows import (
+    DROP_ORDER,
+    ROW_OVERHEAD_BYTES,
+    Batch,
+    Dropped,
+    Kind,
+    Row,
+    Snapshot,
+)
+
 log = logging.getLogger(__name__)
 
-Kind = Literal["raw", "window", "inference", "health", "anomaly"]
-KINDS: Final[tuple[Kind, ...]] = ("window", "inference", "health", "raw", "anomaly")
-# Under pressure rows go in this order, oldest first within a class: raw readings are the
-# bulk and the least valuable per byte; old health snapshots are superseded by newer ones;
-# inference can be recomputed from windows; windows are the record and go last.
-DROP_ORDER: Final[tuple[Kind, ...]] = ("raw", "health", "inference", "window", "anomaly")
-ROW_OVERHEAD_BYTES: Final = 64  # rough per-row cost of key, columns and b-tree cells
 SEQ_BLOCK: Final = 10_000  # seqs reserved per side-file write (one fsync per block)
 QUARANTINE_KEEP: Final = 1_000  # newest quarantined rows kept for inspection
 CORRUPT_KEEP: Final = 3  # moved-aside corrupt files kept
@@ -68,54 +71,6 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    seq: int
-    kind: Kind
-    topic: str
-    payload: bytes
-    created_ns: int
-    attempts: int = 0
-
-    @property
-    def size(self) -> int:
-        return len(self.payload) + len(self.topic) + ROW_OVERHEAD_BYTES
-
-
-@dataclass
-class Batch:
-    """One transaction's worth of changes, handed from the event loop to the worker."""
-
-    rows: list[Row] = field(default_factory=list)
-    acks: list[Row] = field(default_factory=list)
-    attempts: dict[int, int] = field(default_factory=dict)
-    quarantine: list[tuple[Row, str]] = field(default_factory=list)
-    protect: frozenset[int] = frozenset()  # in flight: never dropped under pressure
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.acks) + len(self.attempts) + len(self.quarantine)
-
-
-@dataclass
-class Snapshot:
-    """The state the event loop mirrors after every call into the worker."""
-
-    rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    oldest_created_ns: int | None = None
-    last_seq: int = 0
-    corrupt_resets: int = 0
-    quarantined: int = 0
-    version: int = 0  # +1 per call that changed it; the loop keeps the newest copy
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    kind: Kind
-    reason: Literal["rows", "bytes", "age"]
-    count: int
 
 
 @dataclass
@@ -505,15 +460,3 @@ class OutboxDB:
         return [(int(s), str(k), str(t), int(a), str(r)) for s, k, t, a, r in self._c().execute(
             "SELECT seq, kind, topic, attempts, reason FROM quarantine ORDER BY seq DESC "
             "LIMIT ?", (limit,))]
-
-
-def choose_victims(rows: Sequence[Row], n: int) -> list[int]:
-    """Indexes of ``n`` rows to drop from an in-memory buffer, by DROP_ORDER, oldest first."""
-    out: list[int] = []
-    for kind in DROP_ORDER:
-        for i, r in enumerate(rows):
-            if len(out) >= n:
-                return out
-            if r.kind == kind:
-                out.append(i)
-    return out

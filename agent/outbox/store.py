@@ -42,13 +42,13 @@ from typing import IO, Any, Final
 from agent.clock import Clock, SystemClock
 from agent.config.schema import OutboxConfig
 from agent.feed.messages import Draft, encode
-from agent.outbox.db import (
+from agent.outbox.db import OutboxDB
+from agent.outbox.rows import (
     DROP_ORDER,
     KINDS,
     Batch,
     Dropped,
     Kind,
-    OutboxDB,
     Row,
     Snapshot,
     choose_victims,
