@@ -19,7 +19,9 @@ For one simulated site (``models.sites``; one year, data seed 7) and its held-ou
 - traffic only: the same methods on the windows whose next window is slowing or congested
   (below 80 % of the site's free-flow speed), and the **floor**: the MAE of forecasting the
   next window's *true* mean speed (simulator truth), i.e. the measurement scatter of the target
-  that no forecast can remove.
+  that no forecast can remove; and the **state oracle**: the gbm given, besides the inputs, the
+  *true* mean speed of the current and the two previous windows. No gateway input is less noisy
+  than that, so it bounds what any model on these inputs can reach.
 
 ``--seeds`` retrains the site model with each training seed (same data) and reports the spread.
 Needs the ``train`` extra (torch) for the retrained columns and scikit-learn for ``gbm``.
@@ -28,6 +30,7 @@ Needs the ``train`` extra (torch) for the retrained columns and scikit-learn for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -46,6 +49,7 @@ from models.sites import HELDOUT, PRESETS, preset
 
 ANCHOR = {"traffic": "speed_mean", "energy": "power_mean_w"}
 METHODS = ("shipped", "calibrated", "site_retrained", "persistence", "seasonal_naive", "gbm")
+TRUTH = ("state_oracle", "floor")  # traffic only: references that use simulator truth
 
 
 def _mae(pred: np.ndarray, y: np.ndarray) -> float:
@@ -108,14 +112,26 @@ def retrained_predictions(name: str, data: SiteData, seed: int) -> tuple[np.ndar
     return _predict(net, trained.data.x), trained
 
 
-def true_next_speed(data: SiteData, md: ModelData) -> np.ndarray:
-    """The vehicle-weighted true mean speed of each row's next window (simulator truth)."""
+def _true_speed(data: SiteData) -> np.ndarray:
     vin, vout = np.nan_to_num(data.col("vehicles_in")), np.nan_to_num(data.col("vehicles_out"))
     total = vin + vout
-    true = (data.truth["true_speed_in"] * vin + data.truth["true_speed_out"] * vout) \
+    true: np.ndarray = (data.truth["true_speed_in"] * vin + data.truth["true_speed_out"] * vout) \
         / np.where(total > 0, total, 1.0)
-    out: np.ndarray = true[np.searchsorted(data.ts_s, md.ts_s) + 1]
+    return true
+
+
+def true_next_speed(data: SiteData, md: ModelData) -> np.ndarray:
+    """The vehicle-weighted true mean speed of each row's next window (simulator truth)."""
+    out: np.ndarray = _true_speed(data)[np.searchsorted(data.ts_s, md.ts_s) + 1]
     return out
+
+
+def state_oracle_predictions(data: SiteData, md: ModelData) -> np.ndarray:
+    """The gbm with the true mean speed of the current and two previous windows as extra inputs."""
+    true = _true_speed(data)
+    at = np.searchsorted(data.ts_s, md.ts_s)
+    state = np.column_stack([true[np.maximum(at - k, 0)] for k in range(3)])
+    return gbm_predictions(dataclasses.replace(md, x=np.column_stack([md.x, state])))
 
 
 def evaluate_model(name: str, data: SiteData, *, retrain: bool, seed: int = 7
@@ -148,8 +164,10 @@ def evaluate_model(name: str, data: SiteData, *, retrain: bool, seed: int = 7
                                      for k in METHODS if k in preds and k != "persistence"},
         }
         if floor is not None:
-            out["mae"]["floor"] = _mae(floor[te], md.y[te])
-            out["slowing_or_congested_next"]["mae"]["floor"] = _mae(floor[slow], md.y[slow])
+            oracle = state_oracle_predictions(data, md)
+            for key, pred in (("state_oracle", oracle), ("floor", floor)):
+                out["mae"][key] = _mae(pred[te], md.y[te])
+                out["slowing_or_congested_next"]["mae"][key] = _mae(pred[slow], md.y[slow])
     return out
 
 
@@ -195,12 +213,12 @@ def markdown_rows(result: dict[str, Any]) -> list[str]:
     name = result["preset"] + (" (held out)" if result["held_out"] else "")
     t, e = result["traffic"], result["energy"]
     s = t["slowing_or_congested_next"]
-    traffic = " | ".join(cell(t["mae"], k, ".3f") for k in (*METHODS, "floor"))
-    slow = " | ".join(cell(s["mae"], k, ".3f") for k in (*METHODS, "floor"))
+    traffic = " | ".join(cell(t["mae"], k, ".3f") for k in (*METHODS, *TRUTH))
+    slow = " | ".join(cell(s["mae"], k, ".3f") for k in (*METHODS, *TRUTH))
     energy = " | ".join(cell(e["mae"], k, ".1f") for k in METHODS)
     return [f"| {name} | traffic, all windows (m/s) | {traffic} |",
             f"| | traffic, next window slowing/congested ({s['share']:.1%}) | {slow} |",
-            f"| | energy (W) | {energy} | |"]
+            f"| | energy (W) | {energy} | | |"]
 
 
 def _print(result: dict[str, Any]) -> None:
