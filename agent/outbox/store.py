@@ -300,6 +300,11 @@ class Outbox:
         return self._next_seq
 
     @property
+    def unsent_rows(self) -> int:
+        """Committed rows not yet acked or quarantined (the publisher's work left)."""
+        return max(0, sum(self._snap.rows.values()) - len(self._settled))
+
+    @property
     def pending_rows(self) -> int:
         """Messages put but not yet committed."""
         return len(self._batch.rows)

@@ -7,17 +7,29 @@ A request arrives on ``{prefix}/{gateway}/cmd/{name}`` as a JSON object::
 ``id`` (1..128 printable characters) is echoed in the reply for correlation. Only the names in
 ``ARGS`` are accepted, and their ``args`` are validated by the matching model before a handler
 runs. Whatever happens, a reply goes out (``ok`` true with ``result``, or false with an
-``error`` code and message) and the agent keeps running: a bad request costs one reply.
+``error`` code and message) and the agent keeps running: a bad request costs one reply, and
+``handle`` never raises.
 
-Error codes: ``too_large``, ``malformed`` (not JSON), ``invalid_request`` (not an object, bad or
-missing id), ``unknown_command``, ``bad_args``, ``unavailable`` (allowed but no handler in this
+The payload is parsed by ``agent.jsontext`` (bounded size and nesting, no NaN or Infinity, no
+integer of more than 40 digits), so no text reaches a recursive parser unchecked.
+
+A retained request is not run: the broker hands it to every new session, so running it would
+repeat it on each reconnect. It is answered ``retained`` and counted. A request whose id was
+seen recently (the last ``REPLAY_CACHE`` ids per command) is answered with the reply it got the
+first time, without running again; a repeat that arrives while the first still runs waits for
+its reply. ``busy`` replies are not remembered: the cloud may retry those.
+
+Error codes: ``too_large``, ``malformed`` (not JSON, or JSON the agent refuses: too deep,
+non-finite or over-long numbers), ``invalid_request`` (not an object, bad or missing id),
+``retained``, ``unknown_command``, ``bad_args``, ``unavailable`` (allowed but no handler in this
 agent), ``busy`` (too many commands running), ``timeout``, ``failed`` (the handler refused:
-ValueError, LookupError, CommandError), ``internal`` (any other handler exception; logged).
+ValueError, LookupError, CommandError), ``internal`` (any other exception; logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -27,6 +39,9 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.jsontext import JsonRefused
+from agent.jsontext import parse as parse_json
+
 log = logging.getLogger(__name__)
 
 SCHEMA_RESULT: Final = "edge-agent/cmd-result/1"
@@ -34,10 +49,11 @@ MAX_COMMAND_BYTES: Final = 16 * 1024
 MAX_RESULT_BYTES: Final = 128 * 1024
 COMMAND_TIMEOUT_S: Final = 10.0
 MAX_RUNNING: Final = 4
+REPLAY_CACHE: Final = 256  # replies remembered, by (command, id), to answer a repeat
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-ErrorCode = Literal["too_large", "malformed", "invalid_request", "unknown_command", "bad_args",
-                    "unavailable", "busy", "timeout", "failed", "internal"]
+ErrorCode = Literal["too_large", "malformed", "invalid_request", "retained", "unknown_command",
+                    "bad_args", "unavailable", "busy", "timeout", "failed", "internal"]
 
 
 class _Strict(BaseModel):
@@ -124,7 +140,10 @@ class CommandDispatcher:
         self.timeout_s = timeout_s
         self.max_running = max_running
         self.running = 0
-        self.counts: dict[str, int] = {"ok": 0, "error": 0}
+        self.counts: dict[str, int] = {"ok": 0, "error": 0, "retained": 0, "repeated": 0}
+        # (command, id) -> the reply, or a future of it while the first request still runs.
+        self._replies: collections.OrderedDict[
+            tuple[str, str], asyncio.Future[CommandResult]] = collections.OrderedDict()
 
     def provide(self, name: str, handler: Handler) -> None:
         """Install ``handler`` for ``name`` unless the runtime already supplied one."""
@@ -142,36 +161,83 @@ class CommandDispatcher:
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "running": self.running, "available": self.names}
 
-    async def handle(self, gateway: str, name: str, payload: bytes) -> CommandResult:
+    async def handle(self, gateway: str, name: str, payload: bytes, *,
+                     retained: bool = False) -> CommandResult:
         """Validate and run one request; never raises (except cancellation)."""
-        req_id: str | None = None
-
-        def fail(code: ErrorCode, message: str) -> CommandResult:
-            self.counts["error"] += 1
-            log.info("command %r (id %r) refused: %s: %s", name, req_id, code, message)
-            return CommandResult(id=req_id, name=name, ok=False, gateway=gateway,
-                                 ts=datetime.now(UTC),
-                                 error=CommandErrorBody(code=code, message=message))
-
-        if len(payload) > self.max_bytes:
-            return fail("too_large", f"{len(payload)} bytes; the limit is {self.max_bytes}")
         try:
-            data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return fail("malformed", f"not JSON: {exc}")
+            return await self._handle(gateway, name, payload, retained)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug of ours must cost one reply, not the session
+            log.exception("command %r failed unexpectedly", name)
+            self.counts["error"] += 1
+            return CommandResult(id=None, name=name[:200], ok=False, gateway=gateway,
+                                 ts=datetime.now(UTC), error=CommandErrorBody(
+                                     code="internal", message=type(exc).__name__))
+
+    def _fail(self, gateway: str, name: str, req_id: str | None, code: ErrorCode,
+              message: str) -> CommandResult:
+        self.counts["error"] += 1
+        log.info("command %r (id %r) refused: %s: %s", name, req_id, code, message)
+        return CommandResult(id=req_id, name=name, ok=False, gateway=gateway,
+                             ts=datetime.now(UTC),
+                             error=CommandErrorBody(code=code, message=message))
+
+    async def _handle(self, gateway: str, name: str, payload: bytes,
+                      retained: bool) -> CommandResult:
+        req_id: str | None = None
+        if len(payload) > self.max_bytes:
+            return self._fail(gateway, name, None, "too_large",
+                              f"{len(payload)} bytes; the limit is {self.max_bytes}")
+        try:
+            data = parse_json(payload, max_bytes=self.max_bytes)
+        except JsonRefused as exc:
+            return self._fail(gateway, name, None, "malformed", str(exc))
         if isinstance(data, dict) and isinstance(data.get("id"), str):
             req_id = data["id"][:128]
         try:
             req = CommandRequest.model_validate(data)
         except ValidationError as exc:
-            return fail("invalid_request", _summary(exc))
+            return self._fail(gateway, name, req_id, "invalid_request", _summary(exc))
         req_id = req.id
+        if retained:
+            self.counts["retained"] += 1
+            return self._fail(gateway, name, req_id, "retained",
+                              "a retained command is not run (the broker would repeat it on "
+                              "every reconnect); publish it with retain off")
+        key = (name, req_id)
+        first = self._replies.get(key)
+        if first is not None:
+            self.counts["repeated"] += 1
+            log.info("command %r (id %r) is a repeat: answered with the first reply", name,
+                     req_id)
+            return await asyncio.shield(first)
+        fut: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self._replies[key] = fut
+        while len(self._replies) > REPLAY_CACHE:
+            self._replies.popitem(last=False)
+        try:
+            out = await self._run(gateway, name, req_id, req.args)
+        except BaseException:
+            self._replies.pop(key, None)
+            fut.cancel()
+            raise
+        fut.set_result(out)
+        if out.error is not None and out.error.code == "busy":
+            self._replies.pop(key, None)
+        return out
+
+    async def _run(self, gateway: str, name: str, req_id: str,
+                   raw_args: dict[str, Any]) -> CommandResult:
+        def fail(code: ErrorCode, message: str) -> CommandResult:
+            return self._fail(gateway, name, req_id, code, message)
+
         model = ARGS.get(name)
         if model is None:
             return fail("unknown_command", f"{name!r} is not a command "
                                            f"(allowed: {', '.join(ARGS)})")
         try:
-            args = model.model_validate(req.args).model_dump()
+            args = model.model_validate(raw_args).model_dump()
         except ValidationError as exc:
             return fail("bad_args", _summary(exc))
         handler = self._handlers.get(name)
@@ -194,8 +260,8 @@ class CommandDispatcher:
             self.running -= 1
         try:
             json.dumps(result, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            return fail("internal", f"the result cannot be sent as JSON: {exc}")
+        except (TypeError, ValueError, RecursionError) as exc:
+            return fail("internal", f"the result cannot be sent as JSON: {str(exc)[:200]}")
         out = CommandResult(id=req_id, name=name, ok=True, result=result, gateway=gateway,
                             ts=datetime.now(UTC))
         if len(encode_result(out)) > MAX_RESULT_BYTES:

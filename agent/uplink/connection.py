@@ -9,6 +9,13 @@ included (an MQTT 5 broker says "not authorized" or "quota exceeded" there). Eac
 gets a future resolved with its PUBACK reason code, so any number of publishes can be in
 flight without a waiting coroutine each.
 
+Liveness: paho declares a link dead only about two keepalives after the last byte in. The link
+records when the broker last sent anything (``last_in_s``) and gives up once it has been
+silent for 1.5 x the keepalive (paho sends its PINGREQ after one keepalive of silence, so a live
+broker has half a keepalive to answer). A DISCONNECT from an MQTT 5 broker is kept: a reason
+code that blames a packet (``BLAMING_REASONS``) is a refusal of what was just sent, any other
+(server shutting down, session taken over, ...) is an outage.
+
 ``Connector.connect`` opens a connection: TLS from ``agent.uplink.tls``, credentials from the
 configured file, last will ``offline`` (retained) on the status topic, TCP_NODELAY (paho does
 not set it, and Nagle plus delayed ACK stalls small publishes by ~40 ms), MQTT 5 with a fall
@@ -31,6 +38,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -55,6 +63,11 @@ INBOX_MAX: Final = 256  # received messages waiting for the uplink; beyond, the 
 FALLBACK_CODES: Final = frozenset({1, 0x84})
 V5: Final = MQTTProtocolVersion.MQTTv5
 V311: Final = MQTTProtocolVersion.MQTTv311
+IDLE_DEAD_KEEPALIVES: Final = 1.5
+# DISCONNECT reason codes (MQTT 5.0, 3.14.2.1) that say what the last packet did wrong:
+# malformed, protocol error, not authorized, topic name invalid, topic alias invalid, packet too
+# large, payload format invalid, retain not supported, QoS not supported.
+BLAMING_REASONS: Final = frozenset({0x81, 0x82, 0x87, 0x90, 0x94, 0x95, 0x99, 0x9A, 0x9B})
 
 
 class LinkError(Exception):
@@ -128,6 +141,9 @@ class Link:
         self._inbox_ready = asyncio.Event()
         self.dropped_messages = 0
         self.last_socket_error = ""
+        self.last_in_s = time.monotonic()
+        self.refusal: str | None = None  # a DISCONNECT reason that blames the last packet
+        self.broker_said_bye = False  # the broker sent DISCONNECT (MQTT 5)
         self._misc: asyncio.Task[None] | None = None
         self._released = False
         client.on_socket_open = self._on_socket_open
@@ -163,7 +179,7 @@ class Link:
                 sock.close()
             return
         self._sock = sock
-        self._loop.add_reader(sock, self._guarded, self.client.loop_read)
+        self._loop.add_reader(sock, self._read)
         if self._misc is None:
             self._misc = self._loop.create_task(self._misc_loop(), name="mqtt-keepalive")
 
@@ -191,6 +207,15 @@ class Link:
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_writer(sock)
 
+    @property
+    def keepalive_s(self) -> float:
+        """As agreed with the broker (an MQTT 5 broker may override ours)."""
+        return float(self.client.keepalive or 60)
+
+    def _read(self) -> None:
+        self.last_in_s = time.monotonic()
+        self._guarded(self.client.loop_read)
+
     def _guarded(self, step: Callable[[], MQTTErrorCode]) -> None:
         try:
             step()
@@ -200,6 +225,12 @@ class Link:
     async def _misc_loop(self) -> None:
         while self.lost is None:
             await asyncio.sleep(MISC_PERIOD_S)
+            silent_s = time.monotonic() - self.last_in_s
+            if self.connected.done() and silent_s > IDLE_DEAD_KEEPALIVES * self.keepalive_s:
+                self._lose(LinkError(f"connection lost: nothing from the broker for "
+                                     f"{silent_s:.1f} s (keepalive {self.keepalive_s:g} s)"))
+                self.release()
+                return
             try:
                 self.client.loop_misc()
             except Exception as exc:
@@ -220,6 +251,12 @@ class Link:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Any) -> None:
         why = self.last_socket_error or str(reason_code)
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            self.broker_said_bye = True
+            code = reason_value(reason_code)
+            why = f"the broker sent DISCONNECT: {reason_code}"
+            if code in BLAMING_REASONS:
+                self.refusal = f"DISCONNECT 0x{code:02x} {reason_code}"
         self._soon(self._lose, LinkError(f"connection lost: {why}"))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,

@@ -13,13 +13,23 @@ Two lanes share one bounded in-flight window (``max_inflight``):
 Within a lane, messages of one topic are sent in seq order over one connection, so the broker
 keeps them in order. Across lanes and reconnects the cloud restores order by ``seq``.
 
-Poison messages: a payload over ``max_payload_bytes`` is quarantined without sending. An MQTT 5
-PUBACK with a reason code >= 0x80 counts an attempt and is retried with backoff. A connection
-lost within ``BLAME_WINDOW_S`` of a send makes the messages in flight *suspects*: the next
-connections replay one message at a time until every suspect is acknowledged, so a message
-that breaks the connection on its own is identified and has its attempt counted. After
+Poison messages: a payload over ``max_payload_bytes`` is quarantined without sending. Only the
+broker's refusals count an attempt: an MQTT 5 PUBACK with a reason code >= 0x80 (retried with
+backoff), a DISCONNECT whose reason code blames a packet right after a send, or a silent close
+right after the one message in flight while the broker stays up (it takes a new connection at
+once). A connection lost within ``BLAME_WINDOW_S`` of a send makes the messages in flight
+*suspects*: the next connections replay one message at a time until every suspect is
+acknowledged, so a message that breaks the connection on its own is identified. A drop during
+an outage (the port closed, the broker frozen, a partition) never counts. After
 ``poison_attempts`` attempts a message is quarantined (kept in the outbox's quarantine table,
 counted, reported), never retried forever.
+
+Reconnecting (``agent.uplink.reach``): while the broker's port takes no TCP connection the
+uplink probes it every ``PROBE_INTERVAL_S`` (jittered) and connects as soon as it does; the
+jittered exponential backoff applies to full connects that fail with the port open, and to
+connections that end within ``STABLE_S``. A dead link is noticed by an overdue PUBACK while
+nothing at all comes back from the broker (``DEAD_LINK_S``), and by silence past 1.5 x the
+keepalive when idle (``agent.uplink.connection``).
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from agent.config.schema import MqttConfig
 from agent.feed.messages import Topics, mark_replayed
 from agent.outbox.store import Outbox, Row
 from agent.uplink.backoff import Backoff, ReplayPacer
-from agent.uplink.commands import CommandDispatcher, encode_result
+from agent.uplink.commands import CommandDispatcher
 from agent.uplink.connection import (
     ConnectFailed,
     Connector,
@@ -49,6 +59,8 @@ from agent.uplink.connection import (
     TlsFailed,
     puback_reason,
 )
+from agent.uplink.reach import PortProbe
+from agent.uplink.replies import CommandLane
 from agent.uplink.tls import UplinkConfigError
 
 __all__ = ["Uplink"]
@@ -63,10 +75,11 @@ BLAME_WINDOW_S: Final = 2.0  # a broker that rejects a packet drops us at once, 
 RETRY_BASE_S: Final = 0.2
 RETRY_MAX_S: Final = 30.0
 SETUP_TIMEOUT_S: Final = 10.0  # birth message and command subscription
-REPLY_TIMEOUT_S: Final = 10.0
 OFFLINE_TIMEOUT_S: Final = 1.0
 PUBACK_TIMEOUT_S: Final = 30.0  # at least; twice the keepalive when that is longer
-STABLE_S: Final = 10.0  # a connection that lasted this long resets the reconnect backoff
+# A PUBACK this overdue while nothing at all came from the broker for as long: the link is dead.
+DEAD_LINK_S: Final = 6.0
+STABLE_S: Final = 3.0  # a connection that lasted this long was no flap: reconnect at once
 
 
 @dataclasses.dataclass(slots=True)
@@ -88,8 +101,10 @@ class Uplink:
         self.topics = Topics(cfg.topic_prefix, gateway)
         self.connector = Connector(cfg, gateway, will_topic=self.topics.status)
         self.backoff = Backoff(cfg.reconnect_max_s, rng=rng)
+        self.probe = PortProbe(cfg.host, cfg.port, rng=rng)
         self.pacer = ReplayPacer(cfg.replay_rate)
         self.puback_timeout_s = max(PUBACK_TIMEOUT_S, 2.0 * cfg.keepalive_s)
+        self.lane = CommandLane(commands, self.topics, gateway)
         if commands is not None:
             commands.provide("outbox.stats", self._outbox_stats)
         self._wake = asyncio.Event()
@@ -110,6 +125,8 @@ class Uplink:
         self._latency_s: float | None = None
         self._refused_s: float | None = None
         self._gave_up = False
+        self._stable = False  # the last connection lasted STABLE_S
+        self._blame_if_up: tuple[Row, float] | None = None  # a silent drop right after a send
         self._last_puback_s: float | None = None
         self._connected_s: float | None = None
         self._last_error = ""
@@ -118,6 +135,7 @@ class Uplink:
         self.counts: dict[str, int] = {
             "published": 0, "replayed": 0, "acked": 0, "refused": 0, "quarantined": 0,
             "connects": 0, "reconnects": 0, "connect_failures": 0, "blamed": 0,
+            "probes_refused": 0,
         }
 
     # -- public ---------------------------------------------------------------------------
@@ -126,7 +144,12 @@ class Uplink:
         """Connect, publish, reconnect with jittered backoff; forever, until cancelled."""
         try:
             while True:
+                self._state = "probing"
+                if not await self._reachable():
+                    await asyncio.sleep(self.probe.interval_s())
+                    continue
                 self._state = "connecting"
+                self._stable = False
                 try:
                     await self._session()
                 except (ConnectFailed, UplinkConfigError) as exc:
@@ -137,12 +160,28 @@ class Uplink:
                 except Exception as exc:
                     log.exception("uplink session failed unexpectedly")
                     self._fail(exc)
+                if self._stable:
+                    continue  # a link that held and broke: back as soon as the port opens
                 delay = self.backoff.next_delay()
                 self._state = "waiting"
                 log.debug("uplink: next connection attempt in %.2f s", delay)
                 await asyncio.sleep(delay)
         finally:
             self._state = "stopped"
+
+    async def _reachable(self) -> bool:
+        """Does the broker's port take a TCP connection? Settles a pending silent-drop blame:
+        a broker that is up at once dropped the message; one that is away had an outage."""
+        error = await self.probe.check()
+        pending, self._blame_if_up = self._blame_if_up, None
+        if error is not None:
+            self.counts["probes_refused"] += 1
+            self._fail(ConnectFailed(f"{self.connector.where}: the port takes no connection: "
+                                     f"{error}"))
+            return False
+        if pending is not None and time.monotonic() - pending[1] <= 2 * BLAME_WINDOW_S:
+            self._blame(pending[0], "the broker closed the connection right after it was sent")
+        return True
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until everything committed has its PUBACK; False on timeout."""
@@ -169,7 +208,8 @@ class Uplink:
                                   if self._latency_s is not None else None),
             "inflight": len(self._inflight),
             "live_queue": len(self._live),
-            "backlog_pending": max(0, self._ceiling - self._cursor) + len(self._backlog),
+            "backlog_pending": max(0, self.outbox.unsent_rows - len(self._inflight)
+                                   - len(self._live)),
             "careful": bool(self._suspects),
             "suspects": len(self._suspects),
             "replay_rate": round(self.pacer.rate, 1),
@@ -213,7 +253,7 @@ class Uplink:
                     await link.subscribe(self.topics.cmd_filter, SETUP_TIMEOUT_S)
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._pump(link), name="uplink-pump")
-                    tg.create_task(self._receive(link, tg), name="uplink-receive")
+                    tg.create_task(self.lane.receive(link, tg), name="uplink-receive")
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await within(link.publish(self.topics.status, b"offline",
@@ -222,7 +262,7 @@ class Uplink:
             except BaseExceptionGroup as eg:
                 raise _first(eg) from None
             finally:
-                self._end()
+                self._end(link)
 
     def _begin(self) -> None:
         self.outbox.add_listener(self._on_commit)
@@ -234,7 +274,7 @@ class Uplink:
         self._live_enabled = not self._suspects
         self._drained.clear()
 
-    def _end(self) -> None:
+    def _end(self, link: Link) -> None:
         now = time.monotonic()
         lasted_s = now - self._connected_s if self._connected_s is not None else 0.0
         self.outbox.remove_listener(self._on_commit)
@@ -260,13 +300,19 @@ class Uplink:
             recent = []
         self._gave_up = False
         if len(flights) == 1 and recent:
-            self._blame(recent[0].row, "the connection dropped right after it was sent")
+            if link.refusal is not None:
+                self._blame(recent[0].row, "the broker closed the connection right after it "
+                                           f"was sent: {link.refusal}")
+            elif not link.broker_said_bye:
+                # Silent: an outage or this message; the next probe tells which.
+                self._blame_if_up = (recent[0].row, now)
         for f in recent:
             if not self.outbox.is_settled(f.row.seq):
                 self._suspects.add(f.row.seq)
         if flights:
             self.pacer.on_failure(now)
-        if lasted_s >= STABLE_S:
+        self._stable = lasted_s >= STABLE_S
+        if self._stable:
             self.backoff.reset()  # a connection that held was a success: start over
 
     # -- lanes ----------------------------------------------------------------------------
@@ -315,20 +361,31 @@ class Uplink:
                     and self.outbox.pending_rows == 0):
                 self._drained.set()
             if self._inflight:
-                # A broker that keeps the connection alive but never acknowledges would hold
-                # the window forever: past the deadline the connection is treated as broken.
-                oldest = next(iter(self._inflight.values()))
-                left = oldest.sent_s + self.puback_timeout_s - time.monotonic()
-                if left <= 0:
-                    self._gave_up = True  # our decision, not something a message did
-                    raise LinkError(
-                        f"no PUBACK for seq {oldest.row.seq} within {self.puback_timeout_s:g} s")
+                left = self._overdue(link)
                 timeout = left if timeout is None else min(timeout, left)
             # asyncio.timeout, not wait_for: no extra task per wake-up, and no lost
             # cancellation when the task group cancels the pump mid-wait (Python 3.11).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _overdue(self, link: Link) -> float:
+        """Raise ``LinkError`` if the oldest PUBACK is overdue; else the time left to wait."""
+        oldest = next(iter(self._inflight.values()))
+        now = time.monotonic()
+        # A broker that keeps the connection alive but never acknowledges would hold the
+        # window forever: past the deadline the connection is treated as broken.
+        left = oldest.sent_s + self.puback_timeout_s - now
+        # Sooner when nothing at all comes back: a frozen broker or a silent partition.
+        dead_left = max(oldest.sent_s, link.last_in_s) + DEAD_LINK_S - now
+        if left <= 0 or dead_left <= 0:
+            self._gave_up = True  # our decision, not something a message did
+            if left <= 0:
+                raise LinkError(
+                    f"no PUBACK for seq {oldest.row.seq} within {self.puback_timeout_s:g} s")
+            raise LinkError(f"no PUBACK for seq {oldest.row.seq} and nothing from the broker "
+                            f"for {now - link.last_in_s:.1f} s")
+        return min(left, dead_left)
 
     async def _fill_backlog(self, link: Link, now: float, cap: int) -> float | None:
         """Send retries and backlog within ``cap``; returns how long to wait for a token."""
@@ -455,30 +512,6 @@ class Uplink:
         self._attempts.pop(row.seq, None)
 
     # -- commands -------------------------------------------------------------------------
-
-    async def _receive(self, link: Link, tg: asyncio.TaskGroup) -> None:
-        """Dispatch commands; ends (raising) when the connection is lost."""
-        async for msg in link.messages:
-            name = self.topics.command_name(msg.topic)
-            if name is None or self.commands is None:
-                continue
-            tg.create_task(self._command(link, name, msg.payload), name=f"command:{name}")
-
-    async def _command(self, link: Link, name: str, payload: bytes) -> None:
-        assert self.commands is not None
-        result = await self.commands.handle(self.gateway, name, payload)
-        try:
-            fut = link.publish(self.topics.cmd_result(name), encode_result(result))
-        except LinkError as exc:
-            log.warning("uplink: reply to command %r (id %r) lost: %s", name, result.id, exc)
-            return
-        # asyncio.wait, not wait_for: the future is cancelled if the connection drops.
-        await asyncio.wait({fut}, timeout=REPLY_TIMEOUT_S)
-        if not fut.done() or fut.cancelled():
-            log.warning("uplink: reply to command %r (id %r) not acknowledged", name, result.id)
-        elif fut.result() >= 0x80:
-            log.warning("uplink: reply to command %r refused: %s", name,
-                        puback_reason(fut.result()))
 
     async def _outbox_stats(self, _args: dict[str, Any]) -> dict[str, Any]:
         return self.outbox.stats()
