@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from agent.feed.messages import health_message
 from agent.outbox.store import Outbox
 from agent.runtime import Agent
 from drivers.emulated.i2c_setup import emulated_bus
+from tests import chaos_table
 from tests.broker import Mosquitto, free_port
 from tests.harness import ROOT, make_config, running_agent, until, write_toml
 
@@ -41,7 +43,6 @@ GW = "gw-test"
 PREFIX = "t"
 N = 3
 RAW = {"share": "raw"}
-SUMMARY: list[tuple[str, int, int, int, int, str]] = []
 
 
 @dataclass
@@ -112,18 +113,21 @@ async def settle(accepted: set[int], c: Cloud, timeout_s: float = 20.0) -> Tally
     return tally(accepted, c)
 
 
-def record(fault: str, t: Tally, note: str = "") -> None:
-    SUMMARY.append((fault, t.accepted, t.received, t.lost, t.duplicated, note))
+def record(fault: str, t: Tally, note: str = "", recover: list[float] | None = None) -> None:
+    chaos_table.add(fault, t.accepted, t.received, t.lost, t.duplicated,
+                    chaos_table.seconds(recover or []), note)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def summary_table(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    lines = [f"{'fault':28s} {'accepted':>9s} {'received':>9s} {'lost':>5s} {'dup':>5s}  note"]
-    lines += [f"{f:28s} {a:9d} {r:9d} {lo:5d} {d:5d}  {n}" for f, a, r, lo, d, n in SUMMARY]
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n\nchaos summary\n" + "\n".join(lines), flush=True)
+    with chaos_table.printed(request):
+        yield
+
+
+async def recovered(since: float, done: Callable[[], bool], what: str) -> float:
+    """Seconds from ``since`` (monotonic) until ``done()`` (polled every 5 ms, bounded)."""
+    await until(done, 30, what)
+    return time.monotonic() - since
 
 
 def marker(db: Path) -> int:
@@ -179,7 +183,10 @@ async def test_broker_stop_start(tmp_path: Path, private_broker: Mosquitto) -> N
     first = marker(tmp_path / "outbox.db")
     data = config(tmp_path, b, sensors=[synthetic("s0", 0.02), synthetic("s1", 0.02)],
                   streams=[{"name": "fast", "sensors": ["s0", "s1"], "window_s": 1, **RAW}])
+    times: list[float] = []
     async with cloud(b) as c, running_agent(data) as agent:
+        assert agent.pipeline is not None
+        uplink = agent.pipeline.uplink
         for _ in range(N):
             n = len(c.feed)
             await until(above(lambda: len(c.feed), n + 50), what="publishing")
@@ -187,12 +194,16 @@ async def test_broker_stop_start(tmp_path: Path, private_broker: Mosquitto) -> N
             seq = int(_outbox(agent)["accepted_seq"])
             await until(above(lambda: _outbox(agent)["accepted_seq"], seq + 100),
                         what="accepting while the broker is down")
-            b.start()
+            acked = uplink.status()["acked"]
+            await asyncio.to_thread(b.start)  # returns once the port accepts connections
+            times.append(await recovered(time.monotonic(),
+                                         above(lambda: uplink.status()["acked"], acked),
+                                         "the first PUBACK after the restart"))
         await until(lambda: agent.pipeline is not None
                     and agent.pipeline.uplink.status()["state"] == "connected")
         accepted = committed(first, _outbox(agent))
         t = await settle(accepted, c)
-    record(f"broker stop/start x{N}", t)
+    record(f"broker stop/start x{N}", t, recover=times)
     assert t.lost == 0, t.missing
 
 
@@ -296,6 +307,7 @@ async def test_serial_unplug_replug(tmp_path: Path, private_broker: Mosquitto) -
                             "period_s": 1, "timeout_s": 0.5,
                             "options": {"emulator": {"interval_s": 0.05}}}],
                   streams=[{"name": "env", "sensors": ["air"], "window_s": 1, **RAW}])
+    times: list[float] = []
     async with cloud(b) as c, running_agent(data) as agent:
         assert agent.pipeline is not None and agent.pipeline.ctx is not None
         emu = agent.pipeline.ctx.shared["emulated:pms5003:air"]
@@ -306,12 +318,16 @@ async def test_serial_unplug_replug(tmp_path: Path, private_broker: Mosquitto) -
             emu.unplug()
             await until(above(lambda: _sensor(agent, "air")["failures"], failures),
                         what="unplug noticed")
+            n = int(_sensor(agent, "air")["readings"])
             emu.replug()
+            times.append(await recovered(time.monotonic(),
+                                         above(lambda: _sensor(agent, "air")["readings"], n),
+                                         "the first reading after the replug"))
             await until(lambda: _sensor(agent, "air")["state"] == "up", what="replugged")
         n = int(_sensor(agent, "air")["readings"])
         await until(lambda: _sensor(agent, "air")["readings"] > n + 5, what="data resumes")
         t = await settle(committed(first, _outbox(agent)), c)
-    record(f"serial unplug/replug x{N}", t)
+    record(f"serial unplug/replug x{N}", t, recover=times)
     assert t.lost == 0, t.missing
 
 
@@ -322,6 +338,7 @@ async def test_i2c_nack_storm(tmp_path: Path, private_broker: Mosquitto) -> None
                   sensors=[{"name": "env", "driver": "bme280", "bus": "emulated",
                             "address": 0x76, "period_s": 0.05}],
                   streams=[{"name": "cabinet", "sensors": ["env"], "window_s": 1, **RAW}])
+    times: list[float] = []
     async with cloud(b) as c, running_agent(data) as agent:
         assert agent.pipeline is not None and agent.pipeline.ctx is not None
         bus = emulated_bus(agent.pipeline.ctx)
@@ -334,10 +351,14 @@ async def test_i2c_nack_storm(tmp_path: Path, private_broker: Mosquitto) -> None
             await until(above(lambda: _sensor(agent, "env")["failures"], failures),
                         what="storm seen")
             n = int(_sensor(agent, "env")["readings"])
+            # From the first failure seen (the storm lasts 4 transfers) to data again.
+            times.append(await recovered(time.monotonic(),
+                                         above(lambda: _sensor(agent, "env")["readings"], n),
+                                         "data after the storm"))
             await until(above(lambda: _sensor(agent, "env")["readings"], n + 3),
                         what="data after the storm")
         t = await settle(committed(first, _outbox(agent)), c)
-    record(f"I2C NACK storm x{N}", t)
+    record(f"I2C NACK storm x{N}", t, recover=times)
     assert t.lost == 0, t.missing
 
 
@@ -389,6 +410,9 @@ async def test_disk_full_drops_follow_the_policy(tmp_path: Path,
                 filler.unlink()
                 errors = _outbox(agent)["commit_errors"]
                 seq = int(_outbox(agent)["accepted_seq"])
+                back = await recovered(time.monotonic(),
+                                       lambda: _outbox(agent)["accepted_seq"] > seq,
+                                       "the first commit once space is back")
                 await until(lambda: _outbox(agent)["accepted_seq"] > seq + 50,
                             what="commits again once space is back")
             assert agent.pipeline is not None
@@ -404,7 +428,7 @@ async def test_disk_full_drops_follow_the_policy(tmp_path: Path,
         produced -= set(range(final["seq_skipped"][0], final["seq_skipped"][1] + 1))
     t = tally(produced, c)
     dropped = sum(drops.values())
-    record("disk full (16 MiB tmpfs)", t,
+    record("disk full (16 MiB tmpfs)", t, recover=[back], note=
            f"drops {drops}, commit errors {errors}, not received and not counted "
            f"{t.lost - dropped}")
     assert drops["raw"] > 0 and drops["window"] == 0 and drops["inference"] == 0

@@ -141,3 +141,96 @@ async def test_commands_end_to_end_and_the_uplink_keeps_running(tmp_path: Path) 
     assert "depth" in stats["result"] and "drops" in stats["result"]
     assert st["state"] == "connected" and st["reconnects"] == 0
     assert st["commands"]["ok"] == 2 and st["commands"]["error"] == 4
+
+
+@pytest.mark.parametrize(("payload", "why"), [
+    (b'{"id": "d", "args": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nested"),
+    (b"[" * 1500, "nested"),
+    (b'{"id": "n", "args": {"x": NaN}}', "NaN"),
+    (b'{"id": "i", "args": {"x": Infinity}}', "Infinity"),
+    (b'{"id": "f", "args": {"x": 1e999}}', "too large for a float"),
+    (b'{"id": "h", "args": {"x": ' + b"9" * 4000 + b"}}", "digits"),
+    (b'{"id": "s", "args": {"x": "\\ud800"}}', "surrogate"),
+])
+async def test_hostile_json_is_refused_before_it_can_raise(payload: bytes, why: str) -> None:
+    d = dispatcher(max_bytes=64 * 1024)
+    r = await d.handle(GW, "ping", payload)
+    assert not r.ok and r.error is not None
+    assert r.error.code == "malformed" and why in r.error.message
+    encode_result(r)  # and the reply itself can be sent
+
+
+async def test_a_repeated_id_is_answered_from_the_cache_without_running_again() -> None:
+    runs: list[str] = []
+
+    async def activate(args: dict[str, Any]) -> dict[str, Any]:
+        runs.append(args["name"])
+        await asyncio.sleep(0.05)
+        return {"active": args["name"], "run": len(runs)}
+
+    d = CommandDispatcher({"model.activate": activate})
+    req = b'{"id": "a-1", "args": {"name": "traffic"}}'
+    # A repeat that arrives while the first still runs waits for the first reply.
+    first, second = await asyncio.gather(d.handle(GW, "model.activate", req),
+                                         d.handle(GW, "model.activate", req))
+    third = await d.handle(GW, "model.activate", req)
+    assert runs == ["traffic"]
+    assert first.result == second.result == third.result == {"active": "traffic", "run": 1}
+    assert d.stats()["repeated"] == 2
+    other = await d.handle(GW, "model.activate", b'{"id": "a-2", "args": {"name": "energy"}}')
+    assert other.result == {"active": "energy", "run": 2}
+    # The cache is bounded: an id pushed out by newer ones runs again.
+    for i in range(300):
+        await d.handle(GW, "ping", b'{"id": "p-%d"}' % i)
+    again = await d.handle(GW, "model.activate", req)
+    assert again.result == {"active": "traffic", "run": 3}
+
+
+async def test_a_retained_command_is_not_run_and_is_counted() -> None:
+    runs: list[str] = []
+
+    async def activate(args: dict[str, Any]) -> dict[str, Any]:
+        runs.append(args["name"])
+        return {}
+
+    d = CommandDispatcher({"model.activate": activate})
+    r = await d.handle(GW, "model.activate", b'{"id": "r-1", "args": {"name": "m"}}',
+                       retained=True)
+    assert not r.ok and r.error is not None and r.error.code == "retained"
+    assert "retained" in r.error.message and r.id == "r-1"
+    assert runs == [] and d.stats()["retained"] == 1
+
+
+async def test_hostile_retained_commands_never_cost_the_session(tmp_path: Path) -> None:
+    b = broker_at(tmp_path / "mosq")
+    base = f"edge/{GW}/cmd"
+    deep = b'{"id": "deep", "args": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    try:
+        async with aiomqtt.Client(b.host, b.port, identifier="cloud-retain") as cloud:
+            # Published retained before the gateway connects: the broker hands them to every
+            # new session of the gateway.
+            await cloud.publish(f"{base}/ping", deep, qos=1, retain=True)
+            await cloud.publish(f"{base}/sensors.read", b'{"id": "old", "args": {}}', qos=1,
+                                retain=True)
+        ob = Outbox(OutboxConfig(path=str(tmp_path / "o.db"), commit_interval_ms=20), GW)
+        ob.open()
+        up = Uplink(MqttConfig(host=b.host, port=b.port, reconnect_max_s=0.5), GW, ob,
+                    dispatcher())
+        async with subscribed(b.host, b.port, f"{base}/+/result") as sub, running(ob, up):
+            await wait_until(lambda: len(sub.got) >= 2, 10)
+            async with aiomqtt.Client(b.host, b.port, identifier="cloud-live") as cloud:
+                await cloud.publish(f"{base}/ping", deep, qos=1)
+                await cloud.publish(f"{base}/ping", b'{"id": "live"}', qos=1)
+            await wait_until(lambda: len(sub.got) >= 4, 10)
+            seqs = [ob.put("health", "health", health_message(GW, {"i": i})) for i in range(5)]
+            await wait_until(lambda: up.status()["acked"] >= len(seqs), 10)
+            st = up.status()
+        ob.close()
+    finally:
+        b.stop()
+    got = sorted((str(body["id"]), body["ok"], str((body["error"] or {}).get("code")))
+                 for _t, body, _r in sub.got)
+    assert got == [("None", False, "malformed"), ("None", False, "malformed"),
+                   ("live", True, "None"), ("old", False, "retained")]
+    assert st["connects"] == 1 and st["reconnects"] == 0
+    assert st["commands"]["retained"] == 1

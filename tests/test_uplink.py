@@ -245,12 +245,12 @@ async def test_message_that_breaks_the_connection_is_isolated(tmp_path: Path,
             before = [ob.put("health", "health", health_message(GW, {"i": i})) for i in range(20)]
             poison = ob.put("health", "health", health_message(GW, {"blob": "y" * 5000}))
             after = [ob.put("health", "health", health_message(GW, {"i": i})) for i in range(20)]
-            await wait_until(lambda: up.status()["quarantined"] == 1, 20)
+            await wait_until(lambda: up.status()["quarantined"] == 1, 40)
             await wait_until(lambda: len(set(sub.seqs())) >= 40, 10)
             st = up.status()
         assert set(sub.seqs()) == set(before + after)
         assert poison not in sub.seqs()
-        assert st["reconnects"] >= 2 and st["blamed"] >= 2
+        assert st["reconnects"] >= 2 and st["blamed"] >= 1
         q = await ob.quarantined_rows()
         assert [r["seq"] for r in q] == [poison]
         assert "closed the connection right after it was sent" in q[0]["reason"]

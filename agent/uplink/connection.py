@@ -224,9 +224,11 @@ class Link:
 
     async def _misc_loop(self) -> None:
         while self.lost is None:
-            await asyncio.sleep(MISC_PERIOD_S)
+            limit_s = IDLE_DEAD_KEEPALIVES * self.keepalive_s
+            due_s = self.last_in_s + limit_s - time.monotonic()
+            await asyncio.sleep(max(0.01, min(MISC_PERIOD_S, due_s)))
             silent_s = time.monotonic() - self.last_in_s
-            if self.connected.done() and silent_s > IDLE_DEAD_KEEPALIVES * self.keepalive_s:
+            if self.connected.done() and silent_s >= limit_s:
                 self._lose(LinkError(f"connection lost: nothing from the broker for "
                                      f"{silent_s:.1f} s (keepalive {self.keepalive_s:g} s)"))
                 self.release()

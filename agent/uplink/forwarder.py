@@ -15,14 +15,15 @@ keeps them in order. Across lanes and reconnects the cloud restores order by ``s
 
 Poison messages: a payload over ``max_payload_bytes`` is quarantined without sending. Only the
 broker's refusals count an attempt: an MQTT 5 PUBACK with a reason code >= 0x80 (retried with
-backoff), a DISCONNECT whose reason code blames a packet right after a send, or a silent close
-right after the one message in flight while the broker stays up (it takes a new connection at
-once). A connection lost within ``BLAME_WINDOW_S`` of a send makes the messages in flight
-*suspects*: the next connections replay one message at a time until every suspect is
-acknowledged, so a message that breaks the connection on its own is identified. A drop during
-an outage (the port closed, the broker frozen, a partition) never counts. After
-``poison_attempts`` attempts a message is quarantined (kept in the outbox's quarantine table,
-counted, reported), never retried forever.
+backoff), or a DISCONNECT whose reason code blames a packet right after a send. A connection
+lost within ``BLAME_WINDOW_S`` of a send makes the messages in flight *suspects*: the next
+connections replay one message at a time until every suspect is acknowledged, so a message
+that breaks the connection on its own is identified. A drop without a reason (an outage, a
+network drop, or an MQTT 3.1.1 broker that closes on a packet it refuses) counts no attempt; a
+3.1.1 poison message is quarantined only after ``SILENT_DROPS_FACTOR`` x ``poison_attempts``
+such drops in a row right after it was sent alone, each with the broker up again at once.
+After ``poison_attempts`` attempts a message is quarantined (kept in the outbox's quarantine
+table, counted, reported), never retried forever.
 
 Reconnecting (``agent.uplink.reach``): while the broker's port takes no TCP connection the
 uplink probes it every ``PROBE_INTERVAL_S`` (jittered) and connects as soon as it does; the
@@ -80,6 +81,7 @@ PUBACK_TIMEOUT_S: Final = 30.0  # at least; twice the keepalive when that is lon
 # A PUBACK this overdue while nothing at all came from the broker for as long: the link is dead.
 DEAD_LINK_S: Final = 6.0
 STABLE_S: Final = 3.0  # a connection that lasted this long was no flap: reconnect at once
+SILENT_DROPS_FACTOR: Final = 4
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,6 +124,7 @@ class Uplink:
         self._ceiling = 0
         self._suspects: set[int] = set()
         self._attempts: dict[int, int] = {}
+        self._silent: dict[int, int] = {}  # seq -> drops right after it was sent alone
         self._latency_s: float | None = None
         self._refused_s: float | None = None
         self._gave_up = False
@@ -180,7 +183,7 @@ class Uplink:
                                      f"{error}"))
             return False
         if pending is not None and time.monotonic() - pending[1] <= 2 * BLAME_WINDOW_S:
-            self._blame(pending[0], "the broker closed the connection right after it was sent")
+            self._silent_drop(pending[0])
         return True
 
     async def drain(self, timeout_s: float) -> bool:
@@ -428,6 +431,7 @@ class Uplink:
         for seq in [s for s in self._suspects if start < s <= end and s not in found]:
             self._suspects.discard(seq)
             self._attempts.pop(seq, None)
+            self._silent.pop(seq, None)
 
     def _send(self, link: Link, row: Row, lane: str) -> None:
         if row.seq in self._inflight or self.outbox.is_settled(row.seq):
@@ -468,6 +472,7 @@ class Uplink:
         self.outbox.ack(flight.row)
         self._suspects.discard(seq)
         self._attempts.pop(seq, None)
+        self._silent.pop(seq, None)
         if flight.lane != "live":
             self.pacer.on_ack(latency, now)
 
@@ -505,11 +510,25 @@ class Uplink:
             log.warning("uplink: seq %d on %s: %s (attempt %d of %d)", row.seq, row.topic, why,
                         row.attempts, self.cfg.poison_attempts)
 
+    def _silent_drop(self, row: Row) -> None:
+        if self.outbox.is_settled(row.seq):
+            return
+        n = self._silent[row.seq] = self._silent.get(row.seq, 0) + 1
+        if n >= SILENT_DROPS_FACTOR * self.cfg.poison_attempts:
+            self.counts["blamed"] += 1
+            self._quarantine(row, f"the broker closed the connection right after it was sent, "
+                                  f"{n} times in a row, and took the next connection at once")
+        else:
+            log.info("uplink: seq %d on %s: the connection dropped right after it was sent "
+                     "(%d in a row; counted as a refusal only at %d)", row.seq, row.topic, n,
+                     SILENT_DROPS_FACTOR * self.cfg.poison_attempts)
+
     def _quarantine(self, row: Row, why: str) -> None:
         self.counts["quarantined"] += 1
         self.outbox.quarantine(row, why)
         self._suspects.discard(row.seq)
         self._attempts.pop(row.seq, None)
+        self._silent.pop(row.seq, None)
 
     # -- commands -------------------------------------------------------------------------
 
