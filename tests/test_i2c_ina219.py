@@ -129,19 +129,23 @@ async def test_brown_out_mid_run_rewrites_calibration(ctx: BuildContext) -> None
     assert sensor.counters["resets"] == 1  # detected once, not on every sample
 
 
-async def test_overflow_is_flagged(ctx: BuildContext) -> None:
+async def test_math_overflow_emits_no_current_or_power_and_is_counted(
+        ctx: BuildContext) -> None:
     sensor, chip = make(ctx)
     chip.pin(12.5, 1.0)
     chip.force_overflow()  # from the first conversion on
     await sensor.open()
     readings = {r.quantity: r for r in await sensor.sample()}
-    for q in ("shunt_voltage", "current", "power"):
-        assert readings[q].quality == "suspect"
-        assert readings[q].reasons == ("overflow",)
+    assert sorted(readings) == ["bus_voltage", "shunt_voltage"]  # no current, no power
+    assert readings["shunt_voltage"].reasons == ("overflow",)
     assert readings["bus_voltage"].quality == "good"
     assert sensor.counters["overflow"] == 1
+    await sensor.sample()
+    assert sensor.counters["overflow"] == 2
     chip.force_overflow(False)
-    assert all(r.quality == "good" for r in await sensor.sample())
+    after = await sensor.sample()
+    assert {r.quantity for r in after} == {"bus_voltage", "shunt_voltage", "current", "power"}
+    assert all(r.quality == "good" for r in after)
 
 
 async def test_shunt_beyond_range_is_flagged(ctx: BuildContext) -> None:
@@ -150,7 +154,9 @@ async def test_shunt_beyond_range_is_flagged(ctx: BuildContext) -> None:
     await sensor.open()
     readings = {r.quantity: r for r in await sensor.sample()}
     assert readings["shunt_voltage"].value == pytest.approx(0.040)
-    assert readings["current"].reasons == ("overflow",)
+    assert readings["shunt_voltage"].reasons == ("overflow",)
+    # The chip sets OVF too when the shunt saturates: no current or power from that sample.
+    assert "current" not in readings and "power" not in readings
 
 
 def test_solar_day_shape() -> None:

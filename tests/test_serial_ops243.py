@@ -65,7 +65,7 @@ def test_magnitudes_time_and_replies() -> None:
         ('{"speed":"fast"}', "bad_lines"),
         ('{"speed":1,"direction":"sideways"}', "bad_lines"),
         ('{"unit":"furlongs","speed":1}', "unknown_units"),
-        ("1e400", "implausible"),
+        ("1e400", "bad_lines"),  # too large for a float: not a number
         ('{"speed":"-412.5"}', "implausible"),
         ("{broken", "bad_lines"),
     ],
@@ -312,3 +312,34 @@ async def test_unknown_emulator_variant_is_a_configuration_error(ctx: BuildConte
                        options={"emulator": {"variant": "xml"}})
     with pytest.raises(ConfigurationError, match="sensor r emulator: unknown report variant 'xml'"):
         build_sensor(cfg, ctx)
+
+
+@pytest.mark.parametrize(
+    ("line", "counter"),
+    [
+        ('{"speed":' + "9" * 400 + "}", "bad_lines"),  # too large for a float
+        ('{"speed":1e999}', "bad_lines"),
+        ('{"speed":NaN}', "bad_lines"),
+        ('{"speed":-Infinity}', "bad_lines"),
+        ('{"speed":2.5,"magnitude":NaN}', "bad_lines"),
+        ('{"speed":2.5,"magnitude":"NaN"}', "bad_lines"),  # must not skip the floor
+        ('{"speed":2.5,"magnitude":1e999}', "bad_lines"),
+        ('{"speed":[[[[[[[[[[[[[[[[[[[[2.5]]]]]]]]]]]]]]]]]]]]}', "bad_lines"),
+        ('{"speed":2.5,"x":' + "[" * 200 + "]" * 200 + "}", "bad_lines"),
+        ('{"speed":"2\xff5"}', "non_ascii"),
+    ],
+)
+def test_hostile_json_is_dropped_and_counted_never_raised(line: str, counter: str) -> None:
+    counts: dict[str, int] = {}
+    parser = LineParser(lambda k, n: counts.__setitem__(k, counts.get(k, 0) + n))
+    assert parser.feed(line.encode("latin-1") + b"\n") == []
+    assert counts.get(counter, 0) >= 1
+
+
+def test_deep_nesting_and_long_lines_in_one_chunk_are_dropped() -> None:
+    counts: dict[str, int] = {}
+    parser = LineParser(lambda k, n: counts.__setitem__(k, counts.get(k, 0) + n))
+    deep = b"{" + b'"a":[' * 10_000 + b"\n"
+    items = parser.feed(deep + b'{"speed":"2.5"}\n')
+    assert [i.speeds_mps for i in items if isinstance(i, SpeedReport)] == [(2.5,)]
+    assert counts["overlong_lines"] == 1

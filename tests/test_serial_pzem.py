@@ -76,7 +76,7 @@ async def test_two_meters_share_one_emulated_line(ctx: BuildContext) -> None:
 
 @pytest.mark.parametrize(
     ("fault", "counter"),
-    [("garbage", "garbage_bytes"), ("corrupt", "crc_errors"), ("truncate", "timeouts")],
+    [("garbage", "garbage_bytes"), ("corrupt", "crc_errors"), ("truncate", "truncated")],
 )
 async def test_frame_faults_are_counted_retried_and_never_emitted(
     ctx: BuildContext, fault: str, counter: str
@@ -291,8 +291,9 @@ async def test_errors_are_driver_errors_only(ctx: BuildContext) -> None:
             await s.sample()
         except DriverError as exc:  # anything else fails the test
             raised.append(type(exc))
-    assert raised == [DeviceNotReady, ProtocolError, ProtocolError, DeviceNotReady]
-    assert s.counters["timeouts"] == 1 and s.counters["crc_errors"] >= 1
+    # A truncated reply is a protocol error, not "no reply"; only the unplugged line is.
+    assert raised == [ProtocolError, ProtocolError, ProtocolError, DeviceNotReady]
+    assert s.counters["truncated"] == 1 and s.counters["crc_errors"] >= 1
     assert s.counters["exception_replies"] == 1
     await s.close()
 
@@ -319,3 +320,25 @@ def test_unknown_emulator_profile_is_a_configuration_error() -> None:
                 build_sensor(cfg, c)
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("truncate", "a truncated reply"),
+    ("wrong_address", "a reply from address 0x02, not 0x01"),
+    ("wrong_function", "a reply to function 0x03, not 0x04"),
+])
+async def test_bad_replies_are_protocol_errors_not_silence(ctx: BuildContext, fault: str,
+                                                           message: str) -> None:
+    s = meter(ctx, "m", 1, retries=0)
+    await s.open()
+    line: PzemLine = s.emulator
+    if fault == "truncate":
+        line.inject("truncate")
+    else:
+        line.inject_misdirected(fault)
+    with pytest.raises(ProtocolError, match=message):
+        await s.sample()
+    assert s.counters.get("timeouts", 0) == 0
+    assert s.counters[fault.replace("truncate", "truncated")] == 1
+    assert set(values(await s.sample())) >= {"voltage", "energy"}  # the next one is fine
+    await s.close()

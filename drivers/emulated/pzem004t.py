@@ -165,6 +165,7 @@ class PzemLine(PtyDevice):
         self.requests_seen = 0
         self.bad_requests = 0
         self._exceptions: list[int] = []
+        self._misdirected: list[str] = []  # replies to come from another address or function
         self._parser = modbus.RequestParser(self._count)
         self._queue: asyncio.Queue[modbus.Frame] = asyncio.Queue(maxsize=32)
 
@@ -180,6 +181,23 @@ class PzemLine(PtyDevice):
     def inject_exception(self, code: int = 0x04, count: int = 1) -> None:
         """The next ``count`` requests get exception replies with ``code``."""
         self._exceptions += [code] * count
+
+    def inject_misdirected(self, kind: str, count: int = 1) -> None:
+        """The next ``count`` replies are well-formed (good CRC) but carry another address
+        (``wrong_address``, a second meter answering) or function (``wrong_function``)."""
+        if kind not in ("wrong_address", "wrong_function"):
+            raise ValueError(f"unknown fault {kind!r}: expected wrong_address or wrong_function")
+        self._misdirected += [kind] * count
+
+    def _misdirect(self, frame: bytes) -> bytes:
+        kind = self._misdirected.pop(0)
+        body = bytearray(frame[:-2])
+        if kind == "wrong_address":
+            body[0] = body[0] % 0xF7 + 1
+        else:
+            body[1] = modbus.FC_READ_HOLDING if body[1] != modbus.FC_READ_HOLDING \
+                else modbus.FC_READ_INPUT
+        return modbus.with_crc(bytes(body))
 
     def received(self, data: bytes) -> None:
         for frame in self._parser.feed(data):
@@ -242,6 +260,8 @@ class PzemLine(PtyDevice):
         while True:
             request = await self._queue.get()
             answer = self.reply(request)
+            if answer is not None and self._misdirected:
+                answer = self._misdirect(answer)
             if answer is not None:
                 await self.send(answer)
 

@@ -260,18 +260,25 @@ class Ina219Sensor(I2CSensor):
         return self.readings(raw)
 
     def readings(self, raw: RawMeasurement) -> list[Reading]:
-        """Readings from one measurement; shunt, current and power are flagged ``overflow``
-        when the chip's maths overflowed or the shunt voltage sits at the end of its range."""
-        bad = raw.overflow or shunt_saturated(raw.shunt, self.options.range_mv())
-        reasons: tuple[str, ...] = ("overflow",) if bad else ()
-        if bad:
-            self.count("overflow")
-        return [
+        """Readings from one measurement. With the math-overflow bit (OVF) set, the current and
+        power registers hold no meaningful value (datasheet 8.6.3.2): they are not emitted, and
+        the overflow is counted (``overflow``, shown in health). A shunt voltage at the end of
+        its range flags shunt, current and power ``overflow`` (``shunt_saturated``)."""
+        saturated = shunt_saturated(raw.shunt, self.options.range_mv())
+        reasons: tuple[str, ...] = ("overflow",) if raw.overflow or saturated else ()
+        out = [
             self.reading("bus_voltage", bus_voltage(raw.bus), "V"),
             self.reading("shunt_voltage", shunt_voltage(raw.shunt), "V", reasons),
-            self.reading("current", current(raw.current, self.cal), "A", reasons),
-            self.reading("power", power(raw.power, self.cal), "W", reasons),
         ]
+        if raw.overflow:
+            self.count("overflow")
+            log.debug("%s: math overflow: no current or power this sample", self.name)
+            return out
+        if saturated:
+            self.count("shunt_saturated")
+        return [*out,
+                self.reading("current", current(raw.current, self.cal), "A", reasons),
+                self.reading("power", power(raw.power, self.cal), "W", reasons)]
 
 
 def build(cfg: Any, ctx: BuildContext) -> Ina219Sensor:

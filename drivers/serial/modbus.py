@@ -219,5 +219,26 @@ class RequestParser(_Parser):
         return _REQUEST_LENGTHS.get(buf[1], 0)
 
 
+def describe_bad_reply(raw: bytes, address: int, function: int,
+                       length: int) -> tuple[str, str]:
+    """Why ``raw`` (everything received after a request, no good frame in it) is not the reply:
+    a counter key and a message. A CRC-valid frame of another server or function is named as
+    such; a start that matches but ends early is truncated; anything else is line noise."""
+    raw = bytes(raw)
+    if len(raw) >= 4 and crc_ok(raw):
+        if raw[0] != address:
+            return "wrong_address", (f"a reply from address {raw[0]:#04x}, not {address:#04x} "
+                                     f"({raw[:16].hex(' ')})")
+        if raw[1] not in (function, function | EXCEPTION_FLAG):
+            return "wrong_function", (f"a reply to function {raw[1]:#04x}, not {function:#04x} "
+                                      f"({raw[:16].hex(' ')})")
+        return "wrong_length", f"a reply of {len(raw)} bytes, expected {length}"
+    if raw[:1] == bytes((address,)) and raw[1:2] in (b"", bytes((function,))) \
+            and len(raw) < length:
+        return "truncated", (f"a truncated reply: {len(raw)} of {length} bytes "
+                             f"({raw[:16].hex(' ')})")
+    return "garbage_replies", f"{len(raw)} bytes that are no reply ({raw[:16].hex(' ')})"
+
+
 def exception_name(code: int) -> str:
     return EXCEPTION_NAMES.get(code, f"exception {code:#04x}")

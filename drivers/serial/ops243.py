@@ -169,7 +169,7 @@ class Ops243Sensor(Sensor):
             )
         floor = self.settings.magnitude_min
         for i, speed in enumerate(item.speeds_mps):
-            if i < len(item.magnitudes) and item.magnitudes[i] < floor:
+            if i < len(item.magnitudes) and not item.magnitudes[i] >= floor:  # NaN too
                 self.count("below_magnitude")
                 continue
             self._emit_vehicles(self.detector.feed(now, speed), emit)

@@ -15,17 +15,25 @@ Keys are matched case-insensitively, numbers may be strings, values may be lists
 signed: + approaching (inbound), - receding (outbound). Everything is converted to m/s. A line
 that is none of these is counted and dropped; a JSON object preceded by garbage on the same
 line is still found (the radar never nests objects in a report).
+
+The radar speaks ASCII in lines of ~120 bytes: a line longer than ``MAX_LINE_BYTES`` is dropped
+unread (``overlong_lines``), and bytes >= 0x80 are noise (``non_ascii``): tolerated before a
+JSON object, never inside what is read. JSON is read with
+``agent.jsontext`` (no NaN or Infinity, no number too large for a float, bounded nesting), and
+every number must be finite: a speed or magnitude that is not is a bad line, never a value.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.jsontext import JsonRefused
+from agent.jsontext import parse as parse_json
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +91,18 @@ Item = SpeedReport | Reply
 
 
 def _number(value: Any) -> float | None:
+    """A finite number from an int, float or numeric string; None for anything else."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and _NUMBER.match(value.strip()):
-        return float(value)
-    return None
+    numeric = isinstance(value, (int, float)) or (
+        isinstance(value, str) and len(value) <= 64 and _NUMBER.match(value.strip()) is not None)
+    if not numeric:
+        return None
+    try:
+        out = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
 
 
 def _numbers(value: Any) -> list[float] | None:
@@ -121,7 +134,10 @@ class LineParser:
                 break
             line = bytes(buf[start:nl])
             start = nl + 1
-            if line.strip():
+            if len(line) > self.cap:
+                self._count("overlong_lines", 1)
+                log.debug("ops243: dropped a line of %d bytes", len(line))
+            elif line.strip():
                 item = self.parse(line)
                 if item is not None:
                     out.append(item)
@@ -143,6 +159,8 @@ class LineParser:
 
     def parse(self, line: bytes) -> Item | None:
         text = line.decode("ascii", errors="replace").strip()
+        if "\ufffd" in text:
+            self._count("non_ascii", 1)
         from_json = "{" in text
         item = self._parse_json(text) if from_json else _parse_plain(text)
         if item is None:
@@ -197,13 +215,13 @@ def _parse_json(text: str) -> tuple[Reply | _Parsed | None, int]:
     pos = len(text)
     while (pos := text.rfind("{", 0, pos)) >= 0:
         try:
-            obj = json.loads(text[pos:])
-        except ValueError:
+            obj = parse_json(text[pos:], max_bytes=MAX_LINE_BYTES, max_depth=4)
+        except JsonRefused:
             continue
         if isinstance(obj, dict):
             break
         obj = None
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) or "\ufffd" in text[pos:]:
         return None, -1
     return _interpret(obj), pos
 
@@ -220,7 +238,10 @@ def _interpret(obj: dict[str, Any]) -> Reply | _Parsed | None:
     direction = _direction(reply.get("direction", "dir"))
     if direction == 0.0:
         return None
-    mags = _numbers(reply.get("magnitude", "mag")) or []
+    raw_mags = reply.get("magnitude", "mag")
+    mags = _numbers(raw_mags) if raw_mags is not None else []
+    if mags is None:
+        return None  # a magnitude that is not a number must not skip the magnitude floor
     return speeds, (str(unit) if unit is not None else None), direction, mags, _number(
         reply.get("time"))
 

@@ -137,7 +137,7 @@ class PzemBus:
         await self.port.close()
 
     async def _exchange_once(
-        self, request: bytes, parser: modbus.ReplyParser
+        self, request: bytes, parser: modbus.ReplyParser, received: bytearray
     ) -> modbus.Frame | None:
         port = self.port
         loop = asyncio.get_running_loop()
@@ -149,7 +149,10 @@ class PzemBus:
         deadline = loop.time() + self.timeout_s
         try:
             while (remaining := deadline - loop.time()) > 0:
-                frames = parser.feed(await port.read(remaining))
+                data = await port.read(remaining)
+                if len(received) < 256:
+                    received += data
+                frames = parser.feed(data)
                 if frames:
                     return frames[0]
             return None
@@ -168,8 +171,9 @@ class PzemBus:
     ) -> modbus.Frame:
         """Send ``request`` and return the checked normal reply, retrying bad or missing ones.
 
-        Raises DeviceNotReady when nothing answered, ProtocolError when only bad or exception
-        replies came back. A lost port raises DeviceNotReady at once (no retry).
+        Raises DeviceNotReady when nothing answered, ProtocolError when only bad replies came
+        back: a CRC error, an exception reply, a reply from another address or to another
+        function, a truncated one, or noise. A lost port raises DeviceNotReady at once.
         """
         where = f"{self.port.where} address {address:#04x}"
         tally = _Tally(count)
@@ -181,9 +185,15 @@ class PzemBus:
                     count("retries", 1)
                 parser.reset()
                 crc_before = tally.crc_errors
-                frame = await self._exchange_once(request, parser)
+                received = bytearray()
+                frame = await self._exchange_once(request, parser, received)
                 if frame is None:
-                    if tally.crc_errors > crc_before:
+                    if received and tally.crc_errors == crc_before:
+                        key, why = modbus.describe_bad_reply(received, address, function,
+                                                             parser.normal_length)
+                        count(key, 1)
+                        last = ProtocolError(f"{why} to function {function:#04x}", where=where)
+                    elif tally.crc_errors > crc_before:
                         last = ProtocolError(
                             f"reply to function {function:#04x} failed its CRC check", where=where
                         )
