@@ -219,7 +219,7 @@ class RequestParser(_Parser):
         return _REQUEST_LENGTHS.get(buf[1], 0)
 
 
-def describe_bad_reply(raw: bytes, address: int, function: int,
+def describe_bad_reply(raw: bytes | bytearray, address: int, function: int,
                        length: int) -> tuple[str, str]:
     """Why ``raw`` (everything received after a request, no good frame in it) is not the reply:
     a counter key and a message. A CRC-valid frame of another server or function is named as
