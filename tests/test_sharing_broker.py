@@ -264,8 +264,12 @@ async def test_show_matches_what_each_consumer_receives(tmp_path: Path,
     ((pattern, step),) = pub_ns["round"].items()
     rounded = [v for p, v in fields.items() if fnmatch.fnmatchcase(p, pattern) and v is not None]
     assert rounded and all(abs(v / step - round(v / step)) < 1e-6 for v in rounded)
-    (inf, _) = public.bodies("edge/gw-a/public/inference/traffic")
+    # The forecast made at the 2-vehicle window is withheld with that window: only the
+    # first window's inference reaches the public, rounded like the speeds it stands for.
+    (inf,) = public.bodies("edge/gw-a/public/inference/traffic")
+    assert inf["window_start"] == w["start"]
     assert inf["outputs"]["speed_next"] == pytest.approx(44 * KMH)
+    assert len(ops.bodies("edge/gw-a/ops/inference/traffic")) == 2
     # Operations: full detail, per-vehicle readings (vehicle_events), no rounding.
     assert ops_ns["vehicle_events"] and not ops_ns["round"] and not ops_ns["drop"]
     raw = ops.bodies("edge/gw-a/ops/raw/traffic")
@@ -282,7 +286,7 @@ async def test_show_matches_what_each_consumer_receives(tmp_path: Path,
     assert "value" not in values["env"]["temperature"]
     assert values["radar"]["speed_in"]["value"] == 16.1  # ops publishes it as it is
     counts = policy.stats()
-    assert counts["traffic"]["suppressed"] == 1
+    assert counts["traffic"]["suppressed"] == 2  # the window and the forecast made at it
     assert counts["environment"]["local"] == 2 and counts["environment"]["published"] == 0
 
 

@@ -23,7 +23,13 @@ and a field policy applied to what it gets:
 * ``min_vehicles`` (k): a window that counts 1 to k-1 vehicles is withheld (``suppressed``),
   and in a window that is published, every per-vehicle speed statistic over fewer than k
   vehicles is withheld (a mean over one vehicle is that vehicle's speed). A window with no
-  vehicle is published: it describes nobody.
+  vehicle is published: it describes nobody. An inference computed at a window that a
+  namespace suppressed is suppressed there too (a forecast from one vehicle's window tells its
+  speed): the namespace remembers the starts of its last ``SUPPRESSED_KEPT`` suppressed windows.
+* model outputs are rounded like the window field they stand for: an output without a rule
+  of its own (``outputs.<name>``) takes the step of ``derived.<quantity>`` it forecasts
+  (``speed_next`` -> ``derived.speed_mean``, ``power_next_w`` -> ``derived.power_mean_w``; the
+  guard's ``<output>_model`` like its output).
 * per-vehicle readings (radar ``speed_in``/``speed_out``: one reading is one vehicle) are
   published only where ``vehicle_events`` is on.
 
@@ -40,6 +46,7 @@ repeats), and a message that no rule changes is passed on as the same draft.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import logging
 import math
@@ -73,6 +80,7 @@ VALUE_STATS: Final = ("mean", "min", "max", "last", "std")
 REDACTED: Final = "redacted"
 COUNTERS: Final = ("published", "local", "suppressed", "withheld", "redacted", "rounded")
 _ROUND_DIGITS: Final = 9  # removes the float noise of k * step (0.2778 * 50 = 13.890000000000001)
+SUPPRESSED_KEPT: Final = 1024  # window starts per namespace; inferences follow within seconds
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,12 @@ def _quantity(channel: str) -> str:
     return channel.rpartition(".")[2]
 
 
+def output_field(output: str) -> str:
+    """The window field a model output stands for: ``speed_next`` -> ``derived.speed_mean``."""
+    base = output.removesuffix("_model")
+    return "derived." + re.sub(r"_next(?=_|$)", "_mean", base, count=1)
+
+
 class FieldRules:
     """``drop`` and ``round`` of one namespace, answered per field path and memoised."""
 
@@ -184,6 +198,21 @@ class _Route:
         self.rules = FieldRules(ns.drop, ns.round)
         self.k = ns.min_vehicles if ns.min_vehicles > 1 else 0
         self._reading: dict[tuple[str, str], tuple[bool, float | None]] = {}
+        self._suppressed: collections.OrderedDict[Any, None] = collections.OrderedDict()
+
+    def suppress(self, start: Any, withheld: bool) -> None:
+        """Remember a window start the k rule withheld here (forget one it published)."""
+        if not withheld:
+            self._suppressed.pop(start, None)
+            return
+        self._suppressed[start] = None
+        while len(self._suppressed) > SUPPRESSED_KEPT:
+            self._suppressed.popitem(last=False)
+
+    def output_step(self, name: str) -> float | None:
+        """The rounding step of model output ``name``: its own rule, else its window field's."""
+        step = self.rules.step(f"outputs.{name}")
+        return step if step is not None else self.rules.step(output_field(name))
 
     # -- readings ---------------------------------------------------------------------------
 
@@ -254,7 +283,8 @@ class _Route:
         return out if changed else group
 
     def _values(self, root: str, values: Mapping[str, Any], withheld: Iterable[str],
-                edit: _Edit) -> Mapping[str, Any]:
+                edit: _Edit, step_of: Callable[[str], float | None] | None = None,
+                ) -> Mapping[str, Any]:
         """A flat name -> value table (derived values, model outputs)."""
         gone = set(withheld)
         out: dict[str, Any] = {}
@@ -264,7 +294,10 @@ class _Route:
             if name in gone or self.rules.dropped(path):
                 edit.withheld = changed = True
                 continue
-            step = self.rules.step(path) if isinstance(v, float) else None
+            if not isinstance(v, float):
+                step = None
+            else:
+                step = step_of(name) if step_of is not None else self.rules.step(path)
             if step is not None and (new := quantize(v, step)) != v:
                 edit.rounded = changed = True
                 out[name] = new
@@ -306,10 +339,13 @@ class _Route:
 
     # -- inferences -------------------------------------------------------------------------
 
-    def inference(self, draft: Draft[Any], edit: _Edit) -> Draft[Any]:
+    def inference(self, draft: Draft[Any], edit: _Edit) -> Draft[Any] | None:
+        """The inference as this namespace may see it; None when its window was suppressed."""
+        if draft.fields.get("window_start") in self._suppressed:
+            return None
         if self.rules.empty:
             return draft
-        outputs = self._values("outputs", draft.fields["outputs"], (), edit)
+        outputs = self._values("outputs", draft.fields["outputs"], (), edit, self.output_step)
         if outputs is draft.fields["outputs"]:
             return draft
         return Draft(draft.model, {**draft.fields, "outputs": outputs})
@@ -367,6 +403,7 @@ class SharingPolicy:
             routed: Draft[Any] | None
             if kind == "window":
                 routed = r.window(draft, edit)
+                r.suppress(draft.fields["start"], routed is None)
                 if routed is None:
                     counts["suppressed"] += 1
                     continue
@@ -379,6 +416,9 @@ class SharingPolicy:
                 routed = draft  # an event names a fault, not a person: nothing to redact
             else:
                 routed = r.inference(draft, edit)
+                if routed is None:
+                    counts["suppressed"] += 1
+                    continue
             counts["published"] += 1
             counts["redacted"] += edit.withheld
             counts["rounded"] += edit.rounded
@@ -413,7 +453,7 @@ class SharingPolicy:
             path = f"outputs.{output}"
             hit = state is not None and any(
                 "inference" in r.ns.kinds and not r.rules.dropped(path)
-                and r.rules.step(path) is None for r in state.routes)
+                and r.output_step(output) is None for r in state.routes)
             self._health_output[key] = hit
         return hit
 
