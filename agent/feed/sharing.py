@@ -47,17 +47,21 @@ repeats), and a message that no rule changes is passed on as the same draft.
 from __future__ import annotations
 
 import collections
-import fnmatch
 import logging
-import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from agent.config.schema import AgentConfig, AudienceConfig, StreamConfig
+from agent.feed.fields import (
+    VEHICLE_QUANTITIES,
+    FieldRules,
+    output_field,
+    quantity_of,
+    quantize,
+    vehicles_of,
+)
 from agent.feed.messages import Draft
-from agent.pipeline.derived import RADAR
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +77,11 @@ TOPIC_LEVEL: Final[dict[str, str]] = {"raw": "raw", "window": "telemetry",
                                       "inference": "inference", "anomaly": "anomaly"}
 DEFAULT_SHARE: Final[Level] = "window"
 DEFAULT_MIN_VEHICLES: Final = 3
-VEHICLE_QUANTITIES: Final = RADAR  # one reading per vehicle
 DEFAULT_DROP: Final[tuple[str, ...]] = tuple(
     f"channels.*.{q}.{stat}" for q in sorted(VEHICLE_QUANTITIES) for stat in ("min", "max", "last"))
 VALUE_STATS: Final = ("mean", "min", "max", "last", "std")
 REDACTED: Final = "redacted"
 COUNTERS: Final = ("published", "local", "suppressed", "withheld", "redacted", "rounded")
-_ROUND_DIGITS: Final = 9  # removes the float noise of k * step (0.2778 * 50 = 13.890000000000001)
 SUPPRESSED_KEPT: Final = 1024  # window starts per namespace; inferences follow within seconds
 
 
@@ -127,67 +129,12 @@ def _resolve(stream: StreamConfig, a: AudienceConfig | None) -> Namespace:
         vehicle_events=events)
 
 
-def quantize(value: float, step: float) -> float:
-    """``value`` rounded to the nearest multiple of ``step``."""
-    ratio = value / step
-    if not math.isfinite(ratio):
-        return value
-    return round(round(ratio) * step, _ROUND_DIGITS)
-
-
-def _quantity(channel: str) -> str:
-    return channel.rpartition(".")[2]
-
-
-def output_field(output: str) -> str:
-    """The window field a model output stands for: ``speed_next`` -> ``derived.speed_mean``."""
-    base = output.removesuffix("_model")
-    return "derived." + re.sub(r"_next(?=_|$)", "_mean", base, count=1)
-
-
-class FieldRules:
-    """``drop`` and ``round`` of one namespace, answered per field path and memoised."""
-
-    def __init__(self, drop: Iterable[str], steps: Iterable[tuple[str, float]]) -> None:
-        self._drop = [re.compile(fnmatch.translate(p)).match for p in drop]
-        self._round = [(re.compile(fnmatch.translate(p)).match, s) for p, s in steps]
-        self._dropped: dict[str, bool] = {}
-        self._steps: dict[str, float | None] = {}
-        self.empty = not self._drop and not self._round
-
-    def dropped(self, path: str) -> bool:
-        """True when ``path`` or a path above it is withheld."""
-        hit = self._dropped.get(path)
-        if hit is None:
-            parent, dot, _ = path.rpartition(".")
-            hit = (bool(dot) and self.dropped(parent)) or any(m(path) for m in self._drop)
-            self._dropped[path] = hit
-        return hit
-
-    def step(self, path: str) -> float | None:
-        if path in self._steps:
-            return self._steps[path]
-        step = next((s for m, s in self._round if m(path)), None)
-        self._steps[path] = step
-        return step
-
-
 @dataclass
 class _Edit:
     """What one namespace did to one message."""
 
     withheld: bool = False
     rounded: bool = False
-
-
-def _vehicles(fields: Mapping[str, Any]) -> float | None:
-    """Vehicles counted by a window: ``derived.vehicles``, else its per-vehicle channels."""
-    v = fields.get("derived", {}).get("vehicles")
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return float(v)
-    counts = [st["count"] for ch, st in fields.get("channels", {}).items()
-              if _quantity(ch) in VEHICLE_QUANTITIES]
-    return float(sum(counts)) if counts else None
 
 
 class _Route:
@@ -311,12 +258,12 @@ class _Route:
         k = self.k
         small_q: set[str] = set()
         if k:
-            vehicles = _vehicles(f)
+            vehicles = vehicles_of(f)
             if vehicles is not None and 0 < vehicles < k:
                 return None
             by_q: dict[str, int] = {}
             for ch, st in f["channels"].items():
-                q = _quantity(ch)
+                q = quantity_of(ch)
                 if q in VEHICLE_QUANTITIES:
                     by_q[q] = by_q.get(q, 0) + st["count"]
             small_q = {q for q, n in by_q.items() if 0 < n < k}
@@ -324,7 +271,7 @@ class _Route:
             return draft
 
         def small_channel(name: str, st: Any) -> bool:
-            return bool(k) and _quantity(name) in VEHICLE_QUANTITIES and 0 < st["count"] < k
+            return bool(k) and quantity_of(name) in VEHICLE_QUANTITIES and 0 < st["count"] < k
 
         channels = self._group("channels", f["channels"], small_channel, edit)
         fused = self._group("fused", f["fused"], lambda _n, _s: False, edit)
