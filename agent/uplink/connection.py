@@ -16,12 +16,7 @@ broker has half a keepalive to answer). A DISCONNECT from an MQTT 5 broker is ke
 code that blames a packet (``BLAMING_REASONS``) is a refusal of what was just sent, any other
 (server shutting down, session taken over, ...) is an outage.
 
-``Connector.connect`` opens a connection: TLS from ``agent.uplink.tls``, credentials from the
-configured file, last will ``offline`` (retained) on the status topic, TCP_NODELAY (paho does
-not set it, and Nagle plus delayed ACK stalls small publishes by ~40 ms), MQTT 5 with a fall
-back to 3.1.1 when the broker refuses the protocol version (remembered). paho's blocking
-``connect`` (TCP and TLS handshakes) runs on a worker thread; everything after it runs on the
-event loop thread.
+``agent.uplink.connector`` opens the connection a ``Link`` runs.
 
 Errors::
 
@@ -44,25 +39,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config.schema import MqttConfig
-from agent.uplink.tls import ClientContext, read_credentials, tls_context
-
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT_S: Final = 10.0  # CONNACK after the TCP and TLS handshakes
-PROBE_TIMEOUT_S: Final = 5.0  # CONNACK to a first MQTT 5 CONNECT, before trying 3.1.1
 CLOSE_TIMEOUT_S: Final = 3.0
 MISC_PERIOD_S: Final = 1.0  # paho's keepalive bookkeeping (PINGREQ, a missing PINGRESP)
 INBOX_MAX: Final = 256  # received messages waiting for the uplink; beyond, the oldest go
-# CONNACK codes that mean "speak an older protocol": 3.1.1 "unacceptable protocol version"
-# and MQTT 5 0x84 "unsupported protocol version" (amqtt answers an MQTT 5 CONNECT with it).
-FALLBACK_CODES: Final = frozenset({1, 0x84})
-V5: Final = MQTTProtocolVersion.MQTTv5
-V311: Final = MQTTProtocolVersion.MQTTv311
 IDLE_DEAD_KEEPALIVES: Final = 1.5
 # DISCONNECT reason codes (MQTT 5.0, 3.14.2.1) that say what the last packet did wrong:
 # malformed, protocol error, not authorized, topic name invalid, topic alias invalid, packet too
@@ -82,7 +67,7 @@ class TlsFailed(ConnectFailed):
     """The TLS handshake failed. Never followed by a plaintext attempt."""
 
 
-class _Refused(ConnectFailed):
+class Refused(ConnectFailed):
     """The broker answered CONNECT with a failure code."""
 
     def __init__(self, code: int, text: str) -> None:
@@ -90,7 +75,7 @@ class _Refused(ConnectFailed):
         self.code = code
 
 
-class _NoConnack(ConnectFailed):
+class NoConnack(ConnectFailed):
     """The broker closed the connection, or said nothing, instead of answering CONNECT."""
 
     def __init__(self, text: str, *, silent: bool) -> None:
@@ -111,15 +96,6 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
-
-
-# How a peer that does not speak TLS answers a ClientHello.
-_HANDSHAKE_HINTS: Final = ("reset by peer", "EOF occurred", "WRONG_VERSION_NUMBER",
-                           "UNEXPECTED_EOF")
-
-
-def _is_tls_text(text: str) -> bool:
-    return any(k in text for k in ("SSL", "TLS", "tls", "certificate"))
 
 
 class Link:
@@ -246,7 +222,7 @@ class Link:
         if self.connected.done():
             return
         if reason_code.is_failure:
-            self.connected.set_exception(_Refused(int(reason_code.value), str(reason_code)))
+            self.connected.set_exception(Refused(int(reason_code.value), str(reason_code)))
         else:
             self.connected.set_result(None)
 
@@ -302,7 +278,7 @@ class Link:
             return
         self.lost = exc
         if not self.connected.done():
-            self.connected.set_exception(_NoConnack(
+            self.connected.set_exception(NoConnack(
                 f"connection closed before CONNACK: {str(exc).removeprefix('connection lost: ')}",
                 silent=False))
         pending: list[asyncio.Future[Any]] = [*self._acks.values(), *self._subs.values()]
@@ -393,123 +369,6 @@ class Link:
             return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         except (OSError, AttributeError):
             return False
-
-
-class Connector:
-    def __init__(self, cfg: MqttConfig, gateway: str, *, will_topic: str) -> None:
-        self.cfg = cfg
-        self.client_id = cfg.client_id or gateway
-        self.will_topic = will_topic
-        self.learned: MQTTProtocolVersion | None = None
-        self.where = f"{cfg.host}:{cfg.port}"
-        self.probe_timeout_s = PROBE_TIMEOUT_S
-        self.gateway = gateway
-        self._warned_identity = False
-
-    def _candidates(self) -> list[MQTTProtocolVersion]:
-        if self.cfg.protocol == "5":
-            return [V5]
-        if self.cfg.protocol == "3.1.1":
-            return [V311]
-        return [self.learned] if self.learned is not None else [V5, V311]
-
-    def _client(self, proto: MQTTProtocolVersion, tls: ClientContext | None,
-                creds: tuple[str, str | None] | None) -> paho.Client:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             clean_session=True if proto != V5 else None, protocol=proto,
-                             reconnect_on_failure=False)
-        if creds:
-            client.username_pw_set(creds[0], creds[1])
-        client.will_set(self.will_topic, b"offline", qos=1, retain=True)
-        if tls is not None:
-            client.tls_set_context(tls)
-        # The uplink bounds what is in flight itself; paho's own cap (default 20) must not
-        # queue behind it. Room is left for command replies and the birth message.
-        client.max_inflight_messages_set(self.cfg.max_inflight + 16)
-        client.enable_logger(log.getChild("paho"))
-        return client
-
-    def _describe(self, exc: BaseException) -> ConnectFailed:
-        text = str(exc)
-        if isinstance(exc, _Refused):
-            return ConnectFailed(f"{self.where}: the broker refused the connection: {text}")
-        if "CERTIFICATE_VERIFY_FAILED" in text:
-            return TlsFailed(f"{self.where}: TLS: the server certificate was not accepted "
-                             f"(ca_file={self.cfg.ca_file or 'system store'}): {text}")
-        if _is_tls_text(text):
-            return TlsFailed(f"{self.where}: TLS failed (client certificate "
-                             f"{self.cfg.cert_file or 'none'}): {text}")
-        if self.cfg.tls_enabled() and any(k in text for k in _HANDSHAKE_HINTS):
-            return TlsFailed(f"{self.where}: TLS handshake failed (is this port a TLS "
-                             f"listener?): {text}")
-        return ConnectFailed(f"{self.where}: {text or type(exc).__name__}")
-
-    async def _open(self, proto: MQTTProtocolVersion, tls: ClientContext | None,
-                    creds: tuple[str, str | None] | None, timeout_s: float) -> Link:
-        loop = asyncio.get_running_loop()
-        client = self._client(proto, tls, creds)
-        link = Link(client, "5" if proto == V5 else "3.1.1", loop)
-        client.connect_timeout = timeout_s
-        try:
-            await loop.run_in_executor(
-                None, lambda: client.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive_s,
-                                             clean_start=True if proto == V5 else
-                                             paho.MQTT_CLEAN_START_FIRST_ONLY))
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await link.connected
-            except TimeoutError:
-                raise _NoConnack("no CONNACK within "
-                                 f"{timeout_s:g} s", silent=True) from None
-        except BaseException:
-            link.release()
-            if tls is not None:
-                tls.close_wrapped()
-            raise
-        if tls is not None:
-            tls.forget_wrapped()  # the live socket is the link's now
-        return link
-
-    @contextlib.asynccontextmanager
-    async def connect(self) -> AsyncIterator[Link]:
-        tls = tls_context(self.cfg)
-        creds = read_credentials(self.cfg.credentials_file)
-        if creds and creds[0] != self.gateway and not self._warned_identity:
-            # The broker ACL recipe (docs/sharing.md) grants `{prefix}/%u/#`: a user name that is
-            # not the gateway id is refused on every topic this gateway writes.
-            log.warning("MQTT user name %r is not the gateway id %r: a per-gateway ACL will "
-                        "refuse its publishes", creds[0], self.gateway)
-            self._warned_identity = True
-        candidates = self._candidates()
-        for proto in candidates:
-            probing = proto == V5 and len(candidates) > 1
-            try:
-                link = await self._open(proto, tls, creds,
-                                        self.probe_timeout_s if probing else CONNECT_TIMEOUT_S)
-            except _Refused as exc:
-                if probing and exc.code in FALLBACK_CODES:
-                    log.info("%s refuses MQTT 5 (code %s): using MQTT 3.1.1", self.where,
-                             exc.code)
-                    continue
-                raise self._describe(exc) from exc
-            except _NoConnack as exc:
-                # Some 3.1.1-only brokers choke on an MQTT 5 CONNECT (amqtt stalls parsing one
-                # with a will, or hangs up) instead of refusing it: no CONNACK also means
-                # "older", unless TLS is what failed.
-                if probing and not _is_tls_text(str(exc)):
-                    log.info("%s did not answer an MQTT 5 CONNECT (%s): trying MQTT 3.1.1",
-                             self.where, exc)
-                    continue
-                raise self._describe(exc) from exc
-            except (OSError, ValueError) as exc:
-                raise self._describe(exc) from exc
-            self.learned = proto
-            try:
-                yield link
-            finally:
-                await link.close()
-            return
-        raise ConnectFailed(f"{self.where}: no protocol version was accepted")
 
 
 def puback_reason(code: int) -> str:

@@ -13,17 +13,11 @@ Two lanes share one bounded in-flight window (``max_inflight``):
 Within a lane, messages of one topic are sent in seq order over one connection, so the broker
 keeps them in order. Across lanes and reconnects the cloud restores order by ``seq``.
 
-Poison messages: a payload over ``max_payload_bytes`` is quarantined without sending. Only the
-broker's refusals count an attempt: an MQTT 5 PUBACK with a reason code >= 0x80 (retried with
-backoff), or a DISCONNECT whose reason code blames a packet right after a send. A connection
-lost within ``BLAME_WINDOW_S`` of a send makes the messages in flight *suspects*: the next
-connections replay one message at a time until every suspect is acknowledged, so a message
-that breaks the connection on its own is identified. A drop without a reason (an outage, a
-network drop, or an MQTT 3.1.1 broker that closes on a packet it refuses) counts no attempt; a
-3.1.1 poison message is quarantined only after ``SILENT_DROPS_FACTOR`` x ``poison_attempts``
-such drops in a row right after it was sent alone, each with the broker up again at once.
-After ``poison_attempts`` attempts a message is quarantined (kept in the outbox's quarantine
-table, counted, reported), never retried forever.
+Poison messages: a payload over ``max_payload_bytes`` is quarantined without sending; the
+broker's refusals are counted by ``agent.uplink.poison``. A connection lost within
+``BLAME_WINDOW_S`` of a send makes the messages in flight *suspects*: the next connections
+replay one message at a time until every suspect is acknowledged, so a message that breaks the
+connection on its own is identified. A drop during an outage never counts.
 
 Reconnecting (``agent.uplink.reach``): while the broker's port takes no TCP connection the
 uplink probes it every ``PROBE_INTERVAL_S`` (jittered) and connects as soon as it does; the
@@ -52,14 +46,9 @@ from agent.feed.messages import Topics, mark_replayed
 from agent.outbox.store import Outbox, Row
 from agent.uplink.backoff import Backoff, ReplayPacer
 from agent.uplink.commands import CommandDispatcher
-from agent.uplink.connection import (
-    ConnectFailed,
-    Connector,
-    Link,
-    LinkError,
-    TlsFailed,
-    puback_reason,
-)
+from agent.uplink.connection import ConnectFailed, Link, LinkError, TlsFailed, puback_reason
+from agent.uplink.connector import Connector
+from agent.uplink.poison import PoisonLedger
 from agent.uplink.reach import PortProbe
 from agent.uplink.replies import CommandLane
 from agent.uplink.tls import UplinkConfigError
@@ -81,7 +70,6 @@ PUBACK_TIMEOUT_S: Final = 30.0  # at least; twice the keepalive when that is lon
 # A PUBACK this overdue while nothing at all came from the broker for as long: the link is dead.
 DEAD_LINK_S: Final = 6.0
 STABLE_S: Final = 3.0  # a connection that lasted this long was no flap: reconnect at once
-SILENT_DROPS_FACTOR: Final = 4
 
 
 @dataclasses.dataclass(slots=True)
@@ -123,8 +111,6 @@ class Uplink:
         self._cursor = 0
         self._ceiling = 0
         self._suspects: set[int] = set()
-        self._attempts: dict[int, int] = {}
-        self._silent: dict[int, int] = {}  # seq -> drops right after it was sent alone
         self._latency_s: float | None = None
         self._refused_s: float | None = None
         self._gave_up = False
@@ -140,6 +126,8 @@ class Uplink:
             "connects": 0, "reconnects": 0, "connect_failures": 0, "blamed": 0,
             "probes_refused": 0,
         }
+        self.poison = PoisonLedger(outbox, cfg.poison_attempts, self.counts,
+                                   self._suspects.discard)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -183,7 +171,7 @@ class Uplink:
                                      f"{error}"))
             return False
         if pending is not None and time.monotonic() - pending[1] <= 2 * BLAME_WINDOW_S:
-            self._silent_drop(pending[0])
+            self.poison.silent_drop(pending[0])
         return True
 
     async def drain(self, timeout_s: float) -> bool:
@@ -304,8 +292,8 @@ class Uplink:
         self._gave_up = False
         if len(flights) == 1 and recent:
             if link.refusal is not None:
-                self._blame(recent[0].row, "the broker closed the connection right after it "
-                                           f"was sent: {link.refusal}")
+                self.poison.blame(recent[0].row, "the broker closed the connection right after "
+                                                 f"it was sent: {link.refusal}")
             elif not link.broker_said_bye:
                 # Silent: an outage or this message; the next probe tells which.
                 self._blame_if_up = (recent[0].row, now)
@@ -430,8 +418,7 @@ class Uplink:
         found = {r.seq for r in rows} | set(self._inflight)
         for seq in [s for s in self._suspects if start < s <= end and s not in found]:
             self._suspects.discard(seq)
-            self._attempts.pop(seq, None)
-            self._silent.pop(seq, None)
+            self.poison.forget(seq)
 
     def _send(self, link: Link, row: Row, lane: str) -> None:
         if row.seq in self._inflight or self.outbox.is_settled(row.seq):
@@ -439,10 +426,10 @@ class Uplink:
         try:
             payload = row.payload if lane == "live" else mark_replayed(row.payload)
         except ValueError:
-            self._quarantine(row, "not a feed message (not a JSON object)")
+            self.poison.quarantine(row, "not a feed message (not a JSON object)")
             return
         if len(payload) > self.cfg.max_payload_bytes:
-            self._quarantine(row, f"{len(payload)} bytes is over max_payload_bytes "
+            self.poison.quarantine(row, f"{len(payload)} bytes is over max_payload_bytes "
                                   f"({self.cfg.max_payload_bytes})")
             return
         fut = link.publish(f"{self.topics.base}/{row.topic}", payload)
@@ -471,64 +458,20 @@ class Uplink:
         self.counts["acked"] += 1
         self.outbox.ack(flight.row)
         self._suspects.discard(seq)
-        self._attempts.pop(seq, None)
-        self._silent.pop(seq, None)
+        self.poison.forget(seq)
         if flight.lane != "live":
             self.pacer.on_ack(latency, now)
 
     # -- poison ---------------------------------------------------------------------------
 
-    def _attempt(self, row: Row) -> Row:
-        n = max(self._attempts.get(row.seq, 0), row.attempts) + 1
-        self._attempts[row.seq] = n
-        row = dataclasses.replace(row, attempts=n)
-        self.outbox.set_attempts(row, n)
-        return row
-
     def _refused(self, row: Row, rc: int, now: float) -> None:
         self.counts["refused"] += 1
         self._refused_s = now
-        row = self._attempt(row)
-        why = f"the broker refused it: PUBACK {puback_reason(rc)}"
-        if row.attempts >= self.cfg.poison_attempts:
-            self._quarantine(row, why)
-            return
-        log.warning("uplink: seq %d on %s: %s (attempt %d of %d)", row.seq, row.topic, why,
-                    row.attempts, self.cfg.poison_attempts)
-        delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (row.attempts - 1))
-        self._retry.append((now + delay, row))
-        self._retry_seqs.add(row.seq)
-
-    def _blame(self, row: Row, why: str) -> None:
-        if self.outbox.is_settled(row.seq):
-            return
-        self.counts["blamed"] += 1
-        row = self._attempt(row)
-        if row.attempts >= self.cfg.poison_attempts:
-            self._quarantine(row, why)
-        else:
-            log.warning("uplink: seq %d on %s: %s (attempt %d of %d)", row.seq, row.topic, why,
-                        row.attempts, self.cfg.poison_attempts)
-
-    def _silent_drop(self, row: Row) -> None:
-        if self.outbox.is_settled(row.seq):
-            return
-        n = self._silent[row.seq] = self._silent.get(row.seq, 0) + 1
-        if n >= SILENT_DROPS_FACTOR * self.cfg.poison_attempts:
-            self.counts["blamed"] += 1
-            self._quarantine(row, f"the broker closed the connection right after it was sent, "
-                                  f"{n} times in a row, and took the next connection at once")
-        else:
-            log.info("uplink: seq %d on %s: the connection dropped right after it was sent "
-                     "(%d in a row; counted as a refusal only at %d)", row.seq, row.topic, n,
-                     SILENT_DROPS_FACTOR * self.cfg.poison_attempts)
-
-    def _quarantine(self, row: Row, why: str) -> None:
-        self.counts["quarantined"] += 1
-        self.outbox.quarantine(row, why)
-        self._suspects.discard(row.seq)
-        self._attempts.pop(row.seq, None)
-        self._silent.pop(row.seq, None)
+        retry = self.poison.attempt(row, f"the broker refused it: PUBACK {puback_reason(rc)}")
+        if retry is not None:
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (retry.attempts - 1))
+            self._retry.append((now + delay, retry))
+            self._retry_seqs.add(retry.seq)
 
     # -- commands -------------------------------------------------------------------------
 
