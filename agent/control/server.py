@@ -43,6 +43,8 @@ from pydantic import ValidationError
 from agent.aio import within
 from agent.control.requests import ARGS, Args, Request, SensorsArgs, TailArgs
 from agent.control.tail import TailHub
+from agent.jsontext import JsonRefused
+from agent.jsontext import parse as parse_json
 from agent.queues import BoundedQueue
 
 log = logging.getLogger(__name__)
@@ -293,8 +295,10 @@ class ControlServer:
         """Answer one request; False when the connection should close afterwards."""
         self.requests += 1
         try:
-            raw = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # Bounded depth and numbers: a line of 10,000 "[" must cost one error reply, not a
+            # RecursionError and the connection.
+            raw = parse_json(line, max_bytes=self.max_request_bytes + 2)
+        except JsonRefused as exc:
             await self._error(client, None, "bad_request", f"request is not valid JSON: {exc}")
             return True
         req_id = raw.get("id") if isinstance(raw, dict) else None
