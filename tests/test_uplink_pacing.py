@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 
 from agent.uplink.backoff import Backoff, ReplayPacer
+from agent.uplink.reach import PortProbe
 
 
 def test_backoff_is_full_jitter_exponential_and_capped() -> None:
@@ -56,3 +58,15 @@ def test_pacer_aimd_on_puback_latency() -> None:
     for k in range(50):
         p.on_failure(t + 2 + k * 2)
     assert p.rate == p.min_rate > 0
+
+
+async def test_port_probe_tells_a_closed_port_from_an_open_one() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        probe = PortProbe("127.0.0.1", port, rng=random.Random(1))
+        assert await probe.check() is None
+    closed = await probe.check()  # the listener is gone
+    assert closed is not None and "refused" in closed.lower() and not probe.dns_failed
+    assert all(0.05 <= probe.interval_s() <= 0.5 for _ in range(100))

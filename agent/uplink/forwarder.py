@@ -137,7 +137,8 @@ class Uplink:
             while True:
                 self._state = "probing"
                 if not await self._reachable():
-                    await asyncio.sleep(self.probe.interval_s())
+                    await asyncio.sleep(self.backoff.next_delay() if self.probe.dns_failed
+                                        else self.probe.interval_s())
                     continue
                 self._state = "connecting"
                 self._stable = False
