@@ -29,9 +29,9 @@ from tests.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
-# Ten outages spread over 1-20 s (57 s in all): short ones, where a grown backoff used to keep
+# Ten outages spread over 1-20 s (47 s in all): short ones, where a grown backoff used to keep
 # the gateway away long after the broker was back, and long ones.
-OUTAGES_S = (1.0, 20.0, 2.0, 6.0, 1.0, 12.0, 3.0, 1.0, 9.0, 2.0)
+OUTAGES_S = (1.0, 20.0, 2.0, 4.0, 1.0, 8.0, 3.0, 1.0, 5.0, 2.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
