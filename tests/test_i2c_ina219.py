@@ -3,15 +3,20 @@ including a brown-out reset and math overflow."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from agent.config.schema import SensorConfig
+from agent.readings import Reading
+from agent.supervisor import SensorSupervisor
 from drivers.base import BuildContext, ConfigurationError
 from drivers.emulated.i2c_setup import emulated_bus
 from drivers.emulated.ina219 import Ina219Emulator, solar_charge
 from drivers.i2c import ina219
 from drivers.i2c.ina219 import Ina219Options, bus_voltage, calibration, shunt_voltage
 from drivers.registry import build_sensor
+from tests.waiting import until
 
 
 def make(ctx: BuildContext, **options: object) -> tuple[ina219.Ina219Sensor, Ina219Emulator]:
@@ -165,3 +170,26 @@ def test_solar_day_shape() -> None:
     assert 12.0 <= night_v < noon_v <= 14.0
     assert night_a < 0 < noon_a
     assert noon_a > 1.0
+
+
+async def test_math_overflow_shows_in_the_sensor_health(ctx: BuildContext) -> None:
+    cfg = SensorConfig(name="pv", driver="ina219", bus="emulated", address=0x40, period_s=0.05)
+    sensor = build_sensor(cfg, ctx)
+    chip = emulated_bus(ctx).chip(0x40)
+    assert isinstance(chip, Ina219Emulator)
+    chip.pin(12.5, 1.0)
+    chip.force_overflow()
+    got: list[Reading] = []
+    sup = SensorSupervisor("pv", "ina219", lambda: sensor, got.append, backoff_initial_s=0.05,
+                           backoff_max_s=0.1, down_after=3, open_timeout_s=2.0)
+    task = asyncio.create_task(sup.run(), name="supervised-pv")
+    try:
+        await until(lambda: sup.snapshot(0.0)["counters"].get("overflow", 0) >= 2, 5,
+                    "overflows counted in health")
+        health = sup.snapshot(0.0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert health["state"] == "up" and health["counters"]["overflow"] >= 2
+    assert {r.quantity for r in got} == {"bus_voltage", "shunt_voltage"}
+    assert "current" not in health["last_values"] and "power" not in health["last_values"]
