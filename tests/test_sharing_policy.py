@@ -525,3 +525,26 @@ def test_every_audience_that_withheld_the_window_withholds_its_forecast_rounded_
     assert partner["speed_next"] == pytest.approx(quantize(13.876, KMH))
     assert partner["speed_next_model"] == pytest.approx(quantize(13.912, KMH))
     assert partner["congestion_level"] == 0.0 and partner["inputs_filled"] == 0.0
+
+
+def test_health_does_not_show_a_forecast_that_the_feed_withheld() -> None:
+    cfg = config({"name": "traffic", "sensors": ["radar"]},  # k = 3, no rounding
+                 models=[{"name": "traffic", "stream": "traffic"}])
+    policy = SharingPolicy(cfg)
+    snap = {"models": {"status": {}, "last": {
+        "traffic": {"version": "v1", "outputs": {"speed_next": 13.876}}}}}
+
+    def health_outputs() -> dict[str, Any]:
+        ((_t, d),) = policy.route("health", "", health_message(GW, snap))
+        out: dict[str, Any] = body(d)["health"]["models"]["last"]["traffic"]["outputs"]
+        return out
+
+    routes(policy, "window", "traffic", window_message(GW, _one_vehicle_window(T0)))
+    assert routes(policy, "inference", "traffic", _forecast(T0)) == {}
+    assert health_outputs() == {}  # the last forecast was withheld: health does not tell it
+    later = T0 + 10**10
+    big = traffic_window(3, 2)
+    routes(policy, "window", "traffic", window_message(GW, Window(
+        "traffic", later, later + 10**10, big.channels, derived=big.derived)))
+    assert routes(policy, "inference", "traffic", _forecast(later))
+    assert health_outputs() == {"speed_next": 13.876}

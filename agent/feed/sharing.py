@@ -322,7 +322,9 @@ class SharingPolicy:
         self._model_stream = {m.name: m.stream for m in cfg.models}
         self._unknown: set[str] = set()
         self._health_value: dict[tuple[str, str], bool] = {}
-        self._health_output: dict[tuple[str, str], bool] = {}
+        self._health_output: dict[tuple[str, str], frozenset[int]] = {}
+        # Per model (":shadow" for a candidate): the routes that withheld its last inference.
+        self._last_withheld: dict[str, frozenset[int]] = {}
         self.health_scrubbed = 0
 
     def route(self, kind: str, stream: str,
@@ -342,7 +344,8 @@ class SharingPolicy:
         name = draft.fields["model"] if kind == "inference" else stream
         counts = state.counts
         out: list[tuple[str, Draft[Any]]] = []
-        for r in state.routes:
+        withheld: set[int] = set()
+        for i, r in enumerate(state.routes):
             if kind not in r.ns.kinds:
                 counts["local"] += 1
                 continue
@@ -364,12 +367,16 @@ class SharingPolicy:
             else:
                 routed = r.inference(draft, edit)
                 if routed is None:
+                    withheld.add(i)
                     counts["suppressed"] += 1
                     continue
             counts["published"] += 1
             counts["redacted"] += edit.withheld
             counts["rounded"] += edit.rounded
             out.append((r.ns.topic(kind, name), routed))
+        if kind == "inference":
+            shadow = ":shadow" if draft.fields.get("shadow") else ""
+            self._last_withheld[f"{name}{shadow}"] = frozenset(withheld)
         return out
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -393,16 +400,18 @@ class SharingPolicy:
         return hit
 
     def _output_shared(self, model: str, output: str) -> bool:
+        """Some namespace published this output of the model's last inference as it is."""
         key = (model, output)
-        hit = self._health_output.get(key)
-        if hit is None:
+        routes = self._health_output.get(key)
+        if routes is None:
             state = self._streams.get(self._model_stream.get(model.partition(":")[0], ""))
             path = f"outputs.{output}"
-            hit = state is not None and any(
-                "inference" in r.ns.kinds and not r.rules.dropped(path)
-                and r.output_step(output) is None for r in state.routes)
-            self._health_output[key] = hit
-        return hit
+            routes = frozenset(
+                i for i, r in enumerate(state.routes if state is not None else ())
+                if "inference" in r.ns.kinds and not r.rules.dropped(path)
+                and r.output_step(output) is None)
+            self._health_output[key] = routes
+        return bool(routes - self._last_withheld.get(model, frozenset()))
 
     def _scrub_sensors(self, sensors: list[Any]) -> list[Any] | None:
         out: list[Any] = []
