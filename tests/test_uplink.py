@@ -300,6 +300,9 @@ async def test_missing_puback_breaks_the_connection_and_the_message_is_resent(
     assert mosq.proc is not None
     async with subscribed(mosq.host, mosq.port) as sub, running(ob, up):
         await wait_until(lambda: up.status()["state"] == "connected")
+        # The birth message is through (the broker forwarded it), so what hangs next is ours.
+        await wait_until(lambda: ("edge/gw-up/status", "online", True) in sub.got
+                         or ("edge/gw-up/status", "online", False) in sub.got)
         os.kill(mosq.proc.pid, signal.SIGSTOP)  # the broker hangs: no PUBACK, socket open
         try:
             seq = ob.put("health", "health", health_message(GW, {"i": 1}))

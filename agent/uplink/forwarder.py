@@ -237,8 +237,12 @@ class Uplink:
                      link.protocol, "on" if self.cfg.tls_enabled() else "off")
             self._begin()
             try:
-                rc = await within(
-                    link.publish(self.topics.status, b"online", retain=True), SETUP_TIMEOUT_S)
+                try:
+                    rc = await within(link.publish(self.topics.status, b"online", retain=True),
+                                      SETUP_TIMEOUT_S)
+                except TimeoutError:
+                    raise LinkError("no PUBACK for the birth message within "
+                                    f"{SETUP_TIMEOUT_S:g} s") from None
                 if rc >= 0x80:
                     log.warning("uplink: birth message refused: %s", puback_reason(rc))
                 if self.commands is not None:
