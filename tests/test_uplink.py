@@ -315,3 +315,23 @@ async def test_missing_puback_breaks_the_connection_and_the_message_is_resent(
     ob.flush()
     assert ob.stats()["rows"] == 0
     ob.close()
+
+
+async def test_backlog_pending_counts_rows_not_a_seq_range(tmp_path: Path,
+                                                           private_broker: Mosquitto) -> None:
+    b = private_broker
+    ob, up = make(tmp_path, mqtt(b, replay_rate=2.0))  # a slow replay: the backlog stays
+    b.stop()
+    for i in range(20):
+        ob.put("health", "health", health_message(GW, {"i": i}))
+    assert ob.flush()
+    async with running(ob, up):
+        await wait_until(lambda: up.status()["state"] in ("probing", "waiting"))
+        assert up.status()["backlog_pending"] == 20
+        b.start()
+        await wait_until(lambda: up.status()["acked"] >= 1, 15)
+        for _ in range(50):
+            st = up.status()
+            assert st["backlog_pending"] == 20 - st["acked"] - st["inflight"]
+            await asyncio.sleep(0.01)
+    ob.close()
