@@ -67,6 +67,7 @@ class TypeScore:
 class SiteScore:
     site: str
     cabinets: int = 0
+    history_faults: int = 0  # labelled faults inside the calibration histories
     normal_days: float = 0.0
     clean_days: float = 0.0
     clean_events: int = 0
@@ -117,20 +118,25 @@ def score_cabinet(score: SiteScore, events: Iterable[Span], faults: list[Fault],
 
 
 def evaluate_site(site: CabinetSite, weeks: float, cabinets: int,
-                  clean: bool = True) -> SiteScore:
+                  clean: bool = True, history_faults: bool = True) -> SiteScore:
     score = SiteScore(site.name)
     days = CALIBRATION_DAYS + 7 * weeks
+    free = 0.0 if history_faults else CALIBRATION_DAYS
     for k in range(cabinets):
         seed = site.seed + 1000 * k
-        run = simulate_cabinet(site, days, fault_free_days=CALIBRATION_DAYS, seed=seed)
-        th = calibrate(run.history(CALIBRATION_DAYS), TARGET_FA_PER_30D)
-        score.thresholds.append(th)
+        run = simulate_cabinet(site, days, fault_free_days=free, seed=seed,
+                               split_days=CALIBRATION_DAYS)
         t0 = float(run.ts_s[0]) + CALIBRATION_DAYS * DAY_S
+        score.history_faults += sum(f.start_s < t0 for f in run.faults)
+        th = calibrate(run.history(CALIBRATION_DAYS), TARGET_FA_PER_30D,
+                       declared_w=site.heater_w + site.fan_w)
+        score.thresholds.append(th)
         t1 = float(run.ts_s[-1]) + 60.0
-        score_cabinet(score, run_monitor(run, th, CALIBRATION_DAYS), run.faults, t0, t1)
+        scored = [f for f in run.faults if f.start_s >= t0]
+        score_cabinet(score, run_monitor(run, th, CALIBRATION_DAYS), scored, t0, t1)
         if clean:
-            twin = simulate_cabinet(site, days, fault_free_days=CALIBRATION_DAYS, seed=seed,
-                                    with_faults=False)
+            twin = simulate_cabinet(site, days, fault_free_days=free, seed=seed,
+                                    with_faults=False, split_days=CALIBRATION_DAYS)
             score.clean_events += len(run_monitor(twin, th, CALIBRATION_DAYS))
             score.clean_days += (t1 - t0) / DAY_S
         score.cabinets += 1

@@ -8,11 +8,11 @@ import pytest
 from agent.anomaly import AnomalyMonitor, History, calibrate
 from agent.anomaly.calibrate import student_t_quantile, tail_limit
 from agent.anomaly.solar import solar_elevation_deg
-from models.anomaly_sim import FOREIGN_SITE, TRAINING_SITE, CabinetSite, simulate_cabinet
+from models.anomaly_sim import FOREIGN_SITES, TRAINING_SITE, CabinetSite, simulate_cabinet
 from models.sun import solar_position
 
 
-@pytest.fixture(scope="module", params=[TRAINING_SITE, FOREIGN_SITE], ids=lambda s: s.name)
+@pytest.fixture(scope="module", params=[TRAINING_SITE, *FOREIGN_SITES], ids=lambda s: s.name)
 def site(request: pytest.FixtureRequest) -> CabinetSite:
     site: CabinetSite = request.param
     return site

@@ -83,10 +83,10 @@ def test_scoring_rules() -> None:
 
 
 def test_cli_json_and_thresholds(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    rc = main(["--site", "berlin", "--weeks", "1", "--cabinets", "1", "--no-clean", "--json",
+    rc = main(["--site", "berlin-street", "--weeks", "1", "--cabinets", "1", "--no-clean", "--json",
                "--write-thresholds", str(tmp_path)])
     out = json.loads(capsys.readouterr().out)
-    assert out[0]["site"] == "berlin" and rc in (0, 1)
+    assert out[0]["site"] == "berlin-street" and rc in (0, 1)
     assert set(out[0]["types"]) == set(EVENT_TYPES)
-    th = Thresholds.from_json((tmp_path / "berlin.json").read_text())
+    th = Thresholds.from_json((tmp_path / "berlin-street.json").read_text())
     assert th.window_s == 60 and th.calibrated_days == 14.0
