@@ -336,7 +336,7 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
         failed[s:s + int(rng.integers(14, 43)) * DAY_S // WINDOW_S] += 1
     working = np.repeat(site.luminaires - np.minimum(failed, site.luminaires), SUB)
     d0, d1 = site.dim_hours
-    dimmed = (hour_sub >= d0) | (hour_sub < d1)
+    dimmed = ((hour_sub >= d0) | (hour_sub < d1)) if d0 > d1 else (hour_sub >= d0) & (hour_sub < d1)
     full_w = working * site.luminaire_w * 1.04  # LED driver losses
     lit_w = full_w * np.where(dimmed, site.dim_level, 1.0)
     lights = np.where(photocell, lit_w, 0.0)

@@ -15,7 +15,7 @@ Faults in the history: nobody can promise two fault-free weeks, so each statisti
 before its tail is fitted. A day whose largest value lies beyond ``TRIM_Z`` robust standard
 deviations of the days' largest values (median and MAD of the daily maxima) holds an episode
 no normal day produces; its values above that cut are dropped (``trim_episodes``). Levels
-learned by hour keep only what at least two days showed (a one-off load is not the cabinet's
+learned by hour keep only what at least three days showed (a one-off load is not the cabinet's
 own), switching elevations far from the rest are dropped, and a frozen meter's exact repeats
 do not count as chance repeats. A fault larger than normal by less than that margin can still
 raise its threshold: the margin is what keeps a rough but normal day in the history.
@@ -57,6 +57,7 @@ GAIN_NOISE_W = 20.0
 NOISE_Z = 3.0
 GAIN_PRIOR = 0.005  # meters of accuracy class 1 rarely differ by more than half a percent
 TRIM_Z = 6.0
+SEEN_DAYS = 3
 EL_OUTLIER_Z = 5.0
 
 
@@ -226,7 +227,7 @@ def _spike(h: History, budget: float) -> SpikeThresholds:
 
 def _drift(h: History, budget: float) -> DriftThresholds:
     check = h.check_w
-    ok = np.isfinite(h.main_w) & np.isfinite(check)
+    ok = meter_alive(h.main_w) & meter_alive(check)  # a dead meter's ratio is not drift
     low = float(np.quantile(check[ok], 0.05)) if ok.any() else 0.0
     min_load = max(20.0, 0.3 * low)
     ok &= check >= min_load
@@ -332,29 +333,49 @@ def circuits(h: History) -> F:
     return np.column_stack([h.lights_w, h.chargers_w])
 
 
+def meter_alive(x: F) -> NDArray[np.bool_]:
+    """Windows where a feed meter plausibly measured: not exactly 0 W, not an exact repeat."""
+    same = np.zeros(len(x), dtype=bool)
+    same[1:] = x[1:] == x[:-1]
+    out: NDArray[np.bool_] = np.isfinite(x) & (x != 0.0) & ~same
+    return out
+
+
 def circuit_gains(h: History, feed: F) -> list[float]:
     """How the feed meter reads each circuit meter's watt, by ridge regression towards 1.
 
     The ridge keeps a circuit that hardly drew anything in the history at gain 1 instead of
-    fitting noise; with a few days of load its data outweighs the prior.
+    fitting noise; with a few days of load its data outweighs the prior. Windows of a dead or
+    frozen meter are left out, and the fit is repeated without the windows it explains worst
+    (a load nobody metered, a drifting meter), so faults in the history do not bend it.
     """
     x = circuits(h)
-    ok = np.isfinite(feed) & np.all(np.isfinite(x), axis=1)
+    ok = meter_alive(feed) & np.all(np.isfinite(x), axis=1)
     x, y = x[ok], feed[ok]
     if len(y) < 100:
         return [1.0] * x.shape[1]
     y = y - x.sum(axis=1)  # deviations from gain 1 are what is fitted
-    xc, yc = x - x.mean(axis=0), y - y.mean()
+    keep = np.ones(len(y), dtype=bool)
+    d = np.zeros(x.shape[1])
     ridge = (GAIN_NOISE_W / GAIN_PRIOR) ** 2
-    d = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+    for _ in range(3):
+        xk, yk = x[keep], y[keep]
+        xc, yc = xk - xk.mean(axis=0), yk - yk.mean()
+        d = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+        res = y - x @ d
+        med = float(np.median(res[keep]))
+        spread = max(1.4826 * float(np.median(np.abs(res[keep] - med))), 1.0)
+        keep = np.abs(res - med) <= 5.0 * spread + 0.01 * np.abs(x).sum(axis=1)
+        if keep.sum() < 100:
+            break
     return [float(1.0 + v) for v in np.clip(d, -0.1, 0.1)]
 
 
 def residuals(h: History, main_gains: list[float], check_gains: list[float]) -> F:
     """``loads.residual`` on both feed meters, the smaller of the two (NaN-aware)."""
     x = circuits(h)
-    rm = h.main_w - x @ np.asarray(main_gains)
-    rc = h.check_w - x @ np.asarray(check_gains)
+    rm = np.where(meter_alive(h.main_w), h.main_w - x @ np.asarray(main_gains), np.nan)
+    rc = np.where(meter_alive(h.check_w), h.check_w - x @ np.asarray(check_gains), np.nan)
     out: F = np.where(np.isnan(rm), rc, np.where(np.isnan(rc), rm, np.minimum(rm, rc)))
     return out
 
@@ -384,19 +405,17 @@ def noise_slope(r: F, metered: F) -> float:
     return max(slope, 0.0)
 
 
-def seen_twice(r: F, bins: F, per_day: int, n_bins: int) -> F:
-    """Per bin, the second-highest daily 99th percentile of ``r``: a level one day alone
-    reached (an unexplained load in the history) is not taken as the cabinet's own."""
+def seen_on_days(r: F, bins: F, per_day: int, n_bins: int) -> F:
+    """Per bin, the ``SEEN_DAYS``-th highest daily 99th percentile of ``r``: a level that one or
+    two days alone reached (unexplained loads in the history) is not the cabinet's own."""
     day = np.arange(len(r)) // per_day
     prof = np.full(n_bins, np.nan)
     for b in range(n_bins):
         sel = np.isfinite(r) & (bins == b)
         levels = [float(np.quantile(r[sel & (day == d)], 0.99))
                   for d in np.unique(day[sel]) if np.count_nonzero(sel & (day == d)) >= 20]
-        if len(levels) >= 2:
-            prof[b] = sorted(levels)[-2]
-        elif levels:
-            prof[b] = levels[0]
+        if levels:
+            prof[b] = sorted(levels)[-min(SEEN_DAYS, len(levels))]
     return prof
 
 
@@ -408,7 +427,7 @@ def _unexplained(h: History, budget: float, declared_w: float = 0.0) -> Unexplai
     allowance = NOISE_Z * noise_slope(residuals(h, gm, gc), metered)
     r = residuals(h, gm, gc) - allowance * metered
     bins = h.local_hour.astype(int) % LOAD_BINS
-    prof = fill_circular(seen_twice(r, bins, _per_day(h), LOAD_BINS))
+    prof = fill_circular(seen_on_days(r, bins, _per_day(h), LOAD_BINS))
     if declared_w > 0:
         # Thermostat loads the history may never have seen running (a heater in a mild
         # fortnight): on top of the quietest level, the cabinet may draw their nameplate.
