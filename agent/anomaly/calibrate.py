@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from agent.anomaly.sample import Sample
 from agent.anomaly.thresholds import (
+    NO_DAWN_BOUND,
     DriftThresholds,
     LampThresholds,
     SpikeThresholds,
@@ -251,6 +252,47 @@ def _switch_elevations(h: History) -> F:
     return h.elevation_deg[edge]
 
 
+def dusk_dawn_pairs(h: History, el_off: float) -> F:
+    """Per night, the elevation where the photocell switched off at dawn minus where it
+    switched on at dusk (the windows where it crossed 0.5, as ``LampDetector`` sees them)."""
+    p = h.photocell
+    on = p >= 0.5
+    ok = np.isfinite(p[1:]) & np.isfinite(p[:-1])
+    rise = np.flatnonzero(ok & on[1:] & ~on[:-1]) + 1
+    fall = np.flatnonzero(ok & ~on[1:] & on[:-1]) + 1
+    memory = round(20 * 3600 / h.window_s)
+    out = []
+    for i in rise:
+        if h.elevation_deg[i] >= el_off:
+            continue
+        j = fall[np.searchsorted(fall, i):][:1]
+        if len(j) and j[0] - i <= memory:
+            out.append(h.elevation_deg[j[0]] - h.elevation_deg[i])
+    return np.asarray(out, dtype=float)
+
+
+def dawn_margin(h: History, el_off: float, budget: float) -> float:
+    """How far above this night's dusk switching elevation the dawn switch may come.
+
+    Bounded like the site-wide band (a prediction interval, one exceedance per ``budget``
+    per 30 dawns), never below what the history showed or the cloud allowance (a dry dusk
+    and an overcast dawn). Where dusk and dawn are unrelated the bound is wide and the
+    site-wide ``el_off`` is the tighter one.
+    """
+    d = dusk_dawn_pairs(h, el_off)
+    if len(d) < 6:
+        return NO_DAWN_BOUND
+    centre = float(np.median(d))
+    d = d[np.abs(d - centre) <= EL_OUTLIER_Z * max(1.4826 * float(np.median(np.abs(d - centre))),
+                                                    0.5)]
+    if len(d) < 6:
+        return NO_DAWN_BOUND
+    t = student_t_quantile(1.0 - min(budget / 30.0, 0.25), len(d) - 1)
+    sd = max(float(np.std(d, ddof=1)), 0.3) * math.sqrt(1.0 + 1.0 / len(d))
+    return max(float(np.mean(d)) + t * sd, float(d.max()) + EL_MARGIN_DEG,
+               CLOUD_ALLOWANCE_DEG + EL_MARGIN_DEG)
+
+
 def _expected(h: History, el_on: float, el_off: float) -> tuple[F, NDArray[np.bool_]]:
     """Vectorised ``loads.expected_lit`` plus the settled mask (same state as the window before)."""
     p = h.photocell
@@ -324,8 +366,9 @@ def _lamps(h: History, budget: float) -> LampThresholds:
     top = float(prof.max()) if len(prof) else 0.0
     lit_w = float(max(robust_limit(h, day, budget, 0.01 * top + 1.0), 0.0) + 0.1 * top)
     return LampThresholds(profile_w=[float(v) for v in prof], dark_ratio=dark_ratio, lit_w=lit_w,
-                          el_on_deg=el_on, el_off_deg=el_off, confirm_windows=CONFIRM,
-                          clear_windows=CLEAR)
+                          el_on_deg=el_on, el_off_deg=el_off,
+                          dawn_margin_deg=dawn_margin(h, el_off, budget),
+                          confirm_windows=CONFIRM, clear_windows=CLEAR)
 
 
 def circuits(h: History) -> F:
