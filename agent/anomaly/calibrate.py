@@ -471,17 +471,19 @@ def _unexplained(h: History, budget: float, declared_w: float = 0.0) -> Unexplai
     r = residuals(h, gm, gc) - allowance * metered
     bins = h.local_hour.astype(int) % LOAD_BINS
     prof = fill_circular(seen_on_days(r, bins, _per_day(h), LOAD_BINS))
-    if declared_w > 0:
-        # Thermostat loads the history may never have seen running (a heater in a mild
-        # fortnight): on top of the quietest level, the cabinet may draw their nameplate.
-        prof = np.maximum(prof, float(np.nanquantile(r, 0.01)) + declared_w)
     # Thermostat loads (heater, fan) do not keep to the clock: let each hour borrow the highest
     # level seen within two hours of it.
     wide = np.array([prof[[(b + d) % LOAD_BINS for d in range(-2, 3)]].max()
                      for b in range(LOAD_BINS)])
+    # The margin is the noise around the levels the history showed (charging included); a
+    # declared load adds a level, and the same noise rides on it.
     excess = run_min(r - wide[bins], CONFIRM)
     margin = robust_limit(h, excess, budget, 10.0)
     margin = float(max(margin, 50.0))
+    if declared_w > 0:
+        # Thermostat loads the history may never have seen running (a heater in a mild
+        # fortnight): on top of the quietest level, the cabinet may draw their nameplate.
+        wide = np.maximum(wide, float(np.nanquantile(r, 0.01)) + declared_w)
     return UnexplainedThresholds(limit_w=[float(v) + margin for v in wide], main_gains=gm,
                                  check_gains=gc, load_allowance=allowance,
                                  confirm_windows=CONFIRM, clear_windows=CLEAR)
