@@ -112,7 +112,9 @@ def read_history(path: str | Path, site: SiteInfo, *, window_s: int = 60,
         raise HistoryCsvError(f"{site.timezone!r} is not a known IANA time zone") from None
     if not (-90 <= site.lat_deg <= 90 and -180 <= site.lon_deg <= 180):
         raise HistoryCsvError(f"position {site.lat_deg}, {site.lon_deg} is not on Earth")
-    span = min(days if days is not None else MAX_DAYS, MAX_DAYS)
+    if days is not None and not MIN_DAYS <= days <= MAX_DAYS:
+        raise HistoryCsvError(f"days {days}: expected {MIN_DAYS:g} to {MAX_DAYS:g}")
+    span = MAX_DAYS if days is None else days
     rows: dict[int, list[float]] = {}
     try:
         with path.open(newline="", encoding="utf-8") as fh:

@@ -91,5 +91,9 @@ def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
         read_history(path, INFO)
     with pytest.raises(HistoryCsvError, match="cannot read"):
         read_history(tmp_path / "absent.csv", INFO)
+    with pytest.raises(HistoryCsvError, match="days nan"):
+        read_history(path, INFO, days=float("nan"))
+    with pytest.raises(HistoryCsvError, match="not on Earth"):
+        read_history(path, SiteInfo(float("nan"), 0.0, "UTC"))
     with pytest.raises(HistoryCsvError, match="time zone"):
         read_history(path, SiteInfo(0.0, 0.0, "Mars/Olympus"))
