@@ -348,6 +348,11 @@ class SkillGuard:
         return self.ledger.evaluations
 
     @property
+    def pending(self) -> int:
+        """Forecasts waiting for their window to be measured."""
+        return len(self._pending)
+
+    @property
     def skill(self) -> float | None:
         """1 - model MAE / persistence MAE over the horizon: > 0 beats persistence."""
         model, persistence = self.model_mae, self.persistence_mae
