@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Final, Literal
 
 Source = Literal["model", "blend", "fallback"]
@@ -202,6 +203,8 @@ class _Budget:
         self.spent: dict[int, float] = {}
         self.persistence: dict[int, float] = {}
         self.newest = 0
+        self._cached_bucket = -1
+        self._cached_room = 0.0
 
     def spend(self, f: _Pending) -> None:
         if f.bucket > self.newest:
@@ -222,18 +225,26 @@ class _Budget:
             self.spent[f.bucket] -= f.worst
 
     def room(self, bucket: int) -> float:
-        """How much a forecast for ``bucket`` may still lose against persistence (>= 0)."""
+        """How much a forecast for ``bucket`` may still lose against persistence (>= 0).
+
+        Every stretch ends with ``bucket``, so what is spent in it counts against every
+        stretch alike: the least over the stretches of the rest is computed once per bucket
+        (older buckets only gain room as their forecasts are scored, so the cached value errs
+        on the safe side until the next bucket)."""
+        if bucket != self._cached_bucket:
+            self._cached_bucket = bucket
+            self._cached_room = self._room_before(bucket)
+        return max(self._cached_room - self.spent.get(bucket, 0.0), 0.0)
+
+    def _room_before(self, bucket: int) -> float:
         n = BUDGET_BUCKETS
-        pers = self.persistence
-        rate = sum(pers.get(i, 0.0) for i in range(bucket - n, bucket)) / n
-        allowance = self.margin * rate
-        spent = self.spent
-        room = math.inf
-        total = 0.0
-        for length in range(1, n + 1):  # every stretch of buckets ending with this one
-            total += spent.get(bucket - length + 1, 0.0)
-            room = min(room, allowance * (n - length) - total)
-        return max(room, 0.0)
+        pers, spent = self.persistence, self.spent
+        allowance = self.margin * sum(pers.get(bucket - i, 0.0) for i in range(1, n + 1)) / n
+        # Stretch of length L (buckets bucket-L+1 .. bucket): allowance for the rest of its
+        # window, minus what the L-1 buckets before this one spent.
+        totals = accumulate((spent.get(bucket - i, 0.0) for i in range(1, n)), initial=0.0)
+        return min(allowance * (n - length) - total
+                   for length, total in enumerate(totals, start=1))
 
 
 class SkillGuard:
