@@ -38,8 +38,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any, Final, Literal
+
+import numpy as np
 
 Source = Literal["model", "blend", "fallback"]
 
@@ -196,33 +197,51 @@ class _Pending:
 class _Budget:
     """Per 300 s bucket of target windows over the last ``BUDGET_S``: ``spent`` = what the
     published forecasts lost against persistence (worst case until scored) minus ``margin``
-    times persistence's error, and persistence's error itself."""
+    times persistence's error, and persistence's error itself. Ring arrays indexed by bucket:
+    a slot is reset when its bucket comes round again."""
+
+    SLOTS: Final = BUDGET_BUCKETS + 4  # a pending forecast is a window old at most
 
     def __init__(self, margin: float) -> None:
         self.margin = margin
-        self.spent: dict[int, float] = {}
-        self.persistence: dict[int, float] = {}
-        self.newest = 0
+        self.spent = np.zeros(self.SLOTS)
+        self.persistence = np.zeros(self.SLOTS)
+        self.ids = np.full(self.SLOTS, -1, dtype=np.int64)
+        self.newest = -1
+        self._rest = np.arange(BUDGET_BUCKETS - 1, -1, -1, dtype=np.float64)  # n-L, L = 1 .. n
         self._cached_bucket = -1
         self._cached_room = 0.0
 
+    def _slot(self, bucket: int) -> int | None:
+        slot = bucket % self.SLOTS
+        return slot if self.ids[slot] == bucket else None
+
+    def _advance(self, bucket: int) -> None:
+        """Make ``bucket`` the newest: reset the slots of the buckets that come round."""
+        if bucket <= self.newest:
+            return
+        for b in range(max(self.newest + 1, bucket - self.SLOTS + 1), bucket + 1):
+            slot = b % self.SLOTS
+            self.ids[slot] = b
+            self.spent[slot] = self.persistence[slot] = 0.0
+        self.newest = bucket
+
     def spend(self, f: _Pending) -> None:
-        if f.bucket > self.newest:
-            self.newest = f.bucket
-            oldest = f.bucket - BUDGET_BUCKETS - 2  # a pending forecast is a window old at most
-            for table in (self.spent, self.persistence):
-                for index in [i for i in table if i < oldest]:
-                    del table[index]
-        self.spent[f.bucket] = self.spent.get(f.bucket, 0.0) + f.worst
+        self._advance(f.bucket)
+        slot = self._slot(f.bucket)
+        if slot is not None:
+            self.spent[slot] += f.worst
 
     def scored(self, f: _Pending, excess: float, e_persistence: float) -> None:
-        if f.bucket in self.spent:
-            self.spent[f.bucket] += excess - f.worst - self.margin * e_persistence
-            self.persistence[f.bucket] = self.persistence.get(f.bucket, 0.0) + e_persistence
+        slot = self._slot(f.bucket)
+        if slot is not None:
+            self.spent[slot] += excess - f.worst - self.margin * e_persistence
+            self.persistence[slot] += e_persistence
 
     def unscored(self, f: _Pending) -> None:
-        if f.bucket in self.spent:
-            self.spent[f.bucket] -= f.worst
+        slot = self._slot(f.bucket)
+        if slot is not None:
+            self.spent[slot] -= f.worst
 
     def room(self, bucket: int) -> float:
         """How much a forecast for ``bucket`` may still lose against persistence (>= 0).
@@ -231,20 +250,28 @@ class _Budget:
         stretch alike: the least over the stretches of the rest is computed once per bucket
         (older buckets only gain room as their forecasts are scored, so the cached value errs
         on the safe side until the next bucket)."""
+        self._advance(bucket)
         if bucket != self._cached_bucket:
             self._cached_bucket = bucket
             self._cached_room = self._room_before(bucket)
-        return max(self._cached_room - self.spent.get(bucket, 0.0), 0.0)
+        slot = self._slot(bucket)
+        spent = float(self.spent[slot]) if slot is not None else 0.0
+        return max(self._cached_room - spent, 0.0)
 
     def _room_before(self, bucket: int) -> float:
+        # Every slot holds one of the SLOTS buckets up to ``bucket`` (see _advance).
         n = BUDGET_BUCKETS
-        pers, spent = self.persistence, self.spent
-        allowance = self.margin * sum(pers.get(bucket - i, 0.0) for i in range(1, n + 1)) / n
-        # Stretch of length L (buckets bucket-L+1 .. bucket): allowance for the rest of its
-        # window, minus what the L-1 buckets before this one spent.
-        totals = accumulate((spent.get(bucket - i, 0.0) for i in range(1, n)), initial=0.0)
-        return min(allowance * (n - length) - total
-                   for length, total in enumerate(totals, start=1))
+        slots = _BEFORE[bucket % self.SLOTS]  # the n buckets before, newest first
+        allowance = self.margin * float(self.persistence[slots].sum()) / n
+        # Stretch of length L (buckets bucket-L+1 .. bucket): the allowance for the rest of its
+        # window, minus what its L-1 buckets before this one spent.
+        totals = np.cumsum(self.spent[slots[:-1]])
+        return min(allowance * (n - 1), float((allowance * self._rest[1:] - totals).min()))
+
+
+# Row r: the ring slots of the BUDGET_BUCKETS buckets before the one in slot r, newest first.
+_BEFORE: Final = ((np.arange(_Budget.SLOTS)[:, None] - np.arange(1, BUDGET_BUCKETS + 1))
+                  % _Budget.SLOTS).astype(np.int16)
 
 
 class SkillGuard:
