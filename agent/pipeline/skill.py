@@ -14,23 +14,25 @@ above persistence's. Two rules keep it:
   and a traffic model trained elsewhere loses on moves of every size. A move is considered
   only when moves of its size have beaten persistence, by ``Z`` standard errors.
 - *How much it may lose.* A published value ``v`` can lose to persistence by at most ``|v -
-  persistence|``, known before it goes out. The guard keeps, per 300 s bucket of target
-  windows, what the published forecasts lost (or won) against persistence and ``margin`` times
-  persistence's error, over the last ``BUDGET_S`` (12 h). Before a forecast goes out it
-  computes the room: the least, over every stretch of buckets ending now, of the allowance for
-  that stretch (``margin`` x persistence's error so far plus the expected rest of a 12 h
-  window at the recent mean rate) minus what published forecasts already lost in it (forecasts
-  not yet scored count at their worst). The move is published whole if it fits in the room,
-  clipped to the room if not (``source = "blend"``: persistence plus a bounded part of the
-  model's move), and not at all when the room is 0. Wins add to the room, so a model that
-  is right makes room for its next large move; losses shrink it at once. Any 24 h is two 12 h
-  windows, each of which stays within its allowance as long as persistence's error over the
-  rest of a window is at least the recent mean; what is left to chance is that assumption.
+  persistence|``, known before it goes out. The guard keeps, per 300 s bucket of target windows,
+  what the published forecasts lost (or won) against persistence and ``margin`` times
+  persistence's error, over the last ``BUDGET_S`` (12 h). Before a forecast goes out it computes
+  the room: the least, over every stretch of buckets ending now, of the allowance for that
+  stretch (``margin`` x persistence's error so far, plus the unmeasured rest of a 12 h window
+  credited at ``CREDIT`` (half) the recent mean rate) minus what published forecasts already
+  lost in it (forecasts not yet scored count at their worst). The move is published whole if it
+  fits in the room, clipped to the room if not (``source = "blend"``: persistence plus a bounded
+  part of the model's move), and not at all when the room is 0. Wins add to the room, so a model
+  that is right makes room for its next large move; losses shrink it at once. Any 24 h is two
+  12 h windows, each of which stays within its allowance as long as persistence's error over the
+  rest of a window is at least the credited rate; what is left to chance is that assumption (a
+  busy afternoon followed by a quiet night can break it, hence only half the rate).
 
 A gateway starts on persistence (no record, no room) and takes the model's moves as they
 prove themselves. Memory is bounded: per size class and for the totals one small bucket per
-300 s of the horizon, 144 budget buckets, and one pending forecast per stream window of one
-model window.
+300 s of the horizon, 148 budget buckets, and one pending forecast per stream window of one
+model window. The room is computed once per 300 s bucket; in between it only shrinks by what
+the bucket spends, so a forecast costs a few microseconds.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ MIN_CLASS_N: Final = 6  # scored moves a size class needs before it can be trust
 CLASS_EDGES: Final = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 BUDGET_S: Final = 12 * 3600  # the loss budget's window: any day is two of them
 BUDGET_BUCKETS: Final = BUDGET_S * 10**9 // BUCKET_NS
+# The rest of a budget window is not measured yet: it is credited at this share of the recent
+# mean rate of persistence's error. Errors follow the time of day (a busy afternoon before a
+# quiet night), so full credit lets single large moves overdraw a quiet stretch.
+CREDIT: Final = 0.5
 MODEL, PERSISTENCE = 0, 1
 
 
@@ -262,7 +268,7 @@ class _Budget:
         # Every slot holds one of the SLOTS buckets up to ``bucket`` (see _advance).
         n = BUDGET_BUCKETS
         slots = _BEFORE[bucket % self.SLOTS]  # the n buckets before, newest first
-        allowance = self.margin * float(self.persistence[slots].sum()) / n
+        allowance = CREDIT * self.margin * float(self.persistence[slots].sum()) / n
         # Stretch of length L (buckets bucket-L+1 .. bucket): the allowance for the rest of its
         # window, minus what its L-1 buckets before this one spent.
         totals = np.cumsum(self.spent[slots[:-1]])
