@@ -22,6 +22,7 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+import pytest
 
 from agent.readings import Reading
 from models.csvdata import SiteData
@@ -29,6 +30,7 @@ from models.simulate import simulate_site
 from models.sites import preset
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until
+from tests.test_cli_control import run_in_thread
 
 S = 10**9
 WINDOW_S = 300
@@ -147,7 +149,7 @@ def day_scores(inbox: Inbox, model: str, stream: str, output: str, actual: str
 
 
 async def test_a_foreign_sites_day_is_published_no_worse_than_persistence(
-        tmp_path: Path, broker: Mosquitto) -> None:
+        tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]) -> None:
     data = simulate_site(preset("chicago-arterial", days=1, seed=101, start="2025-03-01"))
     rows = len(data.ts_s)
     assert rows == 86_400 // WINDOW_S
@@ -181,6 +183,9 @@ async def test_a_foreign_sites_day_is_published_no_worse_than_persistence(
                     "a day of windows and inferences at the broker")
         assert agent.infer is not None
         status = agent.infer.status()["models"]
+        # What a technician sees: `edge-agent status` over the control socket.
+        assert await run_in_thread(["status", "--socket", config["control"]["socket"]]) == 0
+        screen = capsys.readouterr().out
 
     for model, stream, output, actual in (("traffic", "traffic", "speed_next", "speed_mean"),
                                           ("energy", "cabinet", "power_next_w",
@@ -196,6 +201,10 @@ async def test_a_foreign_sites_day_is_published_no_worse_than_persistence(
             # The model alone fails at this site; what was published did not.
             assert own > 1.5 * persistence, (own, persistence)
             assert guard["skill"] < 0
+    line = next(x for x in screen.splitlines() if x.startswith("traffic "))
+    traffic = status["traffic"]["guard"]
+    shown = f"{traffic['last_source']} {traffic['skill']:+.0%}"
+    assert shown in line, (shown, line)
     inferences = inbox.of("inference", "traffic")
     assert all(b["source"] in ("model", "blend", "fallback") for b in inferences)
     assert isinstance(inferences[-1]["skill"], float)
