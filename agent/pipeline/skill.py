@@ -28,11 +28,12 @@ above persistence's. Two rules keep it:
   rest of a window is at least the credited rate; what is left to chance is that assumption (a
   busy afternoon followed by a quiet night can break it, hence only half the rate).
 
-A gateway starts on persistence (no record, no room) and takes the model's moves as they
-prove themselves. Memory is bounded: per size class and for the totals one small bucket per
-300 s of the horizon, 148 budget buckets, and one pending forecast per stream window of one
-model window. The room is computed once per 300 s bucket; in between it only shrinks by what
-the bucket spends, so a forecast costs a few microseconds.
+A gateway starts on persistence (no record, no room) and takes the model's moves as they prove
+themselves. Memory is bounded: per size class and for the published excess one small bucket per
+hour of the horizon, for the model's and persistence's errors one per 300 s, 148 budget buckets,
+and one pending forecast per stream window of one model window. The room is computed once per
+300 s bucket; in between it only shrinks by what the bucket spends, so a forecast costs a few
+microseconds.
 """
 
 from __future__ import annotations
@@ -152,16 +153,19 @@ class ErrorLedger:
 
 
 class _Mean:
-    """Mean and standard error of one quantity over the 300 s buckets of the last ``horizon_s``."""
+    """Mean and standard error of one quantity over the last ``horizon_s``, kept in hourly
+    buckets (a week's record needs no finer steps; 168 small buckets)."""
+
+    BUCKET_NS: Final = 3600 * 10**9
 
     def __init__(self, horizon_s: float) -> None:
-        self.horizon_buckets = int(horizon_s * 1e9) // BUCKET_NS
+        self.horizon_buckets = max(int(horizon_s * 1e9) // self.BUCKET_NS, 1)
         self._buckets: deque[list[float]] = deque()  # [index, sum, sum of squares, n]
         self.sum = self.sum2 = 0.0
         self.n = 0
 
     def add(self, end_ns: int, value: float) -> None:
-        index = end_ns // BUCKET_NS
+        index = end_ns // self.BUCKET_NS
         buckets = self._buckets
         if not buckets or buckets[-1][0] != index:
             buckets.append([index, 0.0, 0.0, 0])
