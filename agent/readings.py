@@ -79,6 +79,6 @@ class Inference:
     latency_ms: float
     stream: str = ""
     shadow: bool = False
-    source: str = "model"  # "fallback": the published forecast is persistence (skill guard)
+    source: str = "model"  # or "fallback" (persistence) / "blend" (clipped move): skill guard
     skill: float | None = None  # 1 - model MAE / persistence MAE at this site, running
     out_of_range: tuple[str, ...] = ()  # inputs outside the span of the training data

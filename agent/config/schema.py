@@ -258,17 +258,18 @@ class ModelConfig(_Frozen):
     enabled: bool = True
     """A disabled model is not loaded."""
     guard: bool = True
-    """Skill guard: publish persistence (the current window's value) instead of the model's
-    forecast while the model does worse than persistence at this site."""
+    """Skill guard: publish the model's forecast only where its moves away from persistence (the
+    current window's value) have beaten persistence at this site, and only as far as an error
+    budget allows; otherwise persistence."""
     guard_horizon_s: Annotated[float, Field(gt=0, le=60 * 86_400)] = 7 * 86_400.0
-    """Seconds of scored forecasts kept per hour of the day, over which the model's and
-    persistence's errors are compared (a week: seven of each hour)."""
+    """Seconds of scored forecasts over which the model's record against persistence is kept,
+    per size of move away from persistence."""
     guard_margin: Annotated[float, Field(ge=0, lt=1)] = 0.02
-    """In an hour of the day, the model must beat persistence's error by this fraction (beyond
-    the noise of the record) before its forecast is published in that hour."""
+    """The published forecasts may do at most this fraction worse than persistence over any
+    12 h (so over any day): the guard's error budget."""
     guard_min_s: Annotated[float, Field(ge=0, le=60 * 86_400)] = 3_600.0
-    """Seconds of scored forecasts an hour of the day needs before the model can be published
-    in it (3600: one day's worth of that hour)."""
+    """Seconds of scored forecasts the guard needs before any of the model's forecasts can be
+    published."""
     activate_margin: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """A shadow candidate is activated only if its error on the live windows is below both the
     active model's and persistence's by this fraction (`--force` overrides)."""
