@@ -15,6 +15,12 @@ the current window's statistics. At most ``max_open`` windows are open per strea
 that needs one more closes the oldest early (flag ``partial``), which bounds memory whatever
 the timestamps.
 
+Energy: the trapezoid between two power samples is split at window boundaries and each window
+gets exactly its own part. So that the part after a window's last sample reaches it, a window
+stays open past ``end + grace`` until the power channels' next sample arrives, at most until the
+gap limit (``GAP_PERIODS`` sensor periods) after their last one, beyond which no trapezoid is
+bridged: windows of a power stream are published at most one gap limit late, each once.
+
 Clock: readings flagged ``clock_unsynced`` are held back (at most ``hold_s`` and ``hold_max``
 readings) instead of going into windows keyed on a wall clock that is about to move. When the
 clock syncs they are re-stamped from their monotonic time (``restamp``) and windowed with the
@@ -222,23 +228,43 @@ class _Stream:
             acc.area += (v0 + v) * 0.5 * dt
             acc.covered += dt
             return
-        # The trapezoid crosses into this window: each window gets its own part, and a part
-        # whose window is gone (closed, or never opened) goes to this one so no energy is lost.
+        # The trapezoid crosses into this window: each window gets exactly its own part. Earlier
+        # windows are still open (``_awaits_power`` holds them for this sample); a window with
+        # no reading of its own under the trapezoid is opened for its part. A part whose window
+        # is already closed is not credited anywhere else: a published window is final.
         slope = (v - v0) / dt
         vb = v0 + slope * (w.start - t0)
         acc.area += (vb + v) * 0.5 * (ts - w.start)
         acc.covered += ts - w.start
         ws = t0 - t0 % self.window_ns
         while ws < w.start:
-            a = max(t0, ws)
-            b = min(ws + self.window_ns, w.start)
-            target = acc
             earlier = self.open.get(ws)
+            if earlier is None and (self.closed_end is None or ws >= self.closed_end) \
+                    and len(self.open) < self.max_open:
+                earlier = self.open[ws] = _Open(ws, ws + self.window_ns)
             if earlier is not None:
-                target = earlier.chans.get(sensor, {}).get(quantity, acc)
-            target.area += (2.0 * v0 + slope * (a - t0 + b - t0)) * 0.5 * (b - a)
-            target.covered += b - a
+                eq = earlier.chans.get(sensor)
+                if eq is None:
+                    eq = earlier.chans[sensor] = {}
+                target = eq.get(quantity)
+                if target is None:
+                    target = eq[quantity] = _Acc(r.unit)
+                a = max(t0, ws)
+                b = min(ws + self.window_ns, w.start)
+                target.area += (2.0 * v0 + slope * (a - t0 + b - t0)) * 0.5 * (b - a)
+                target.covered += b - a
             ws += self.window_ns
+
+    def _awaits_power(self, w: _Open, now_ns: int, grace_ns: int) -> bool:
+        """Whether ``w`` must stay open for the next sample of a power channel: the trapezoid to
+        it may cross ``w``'s end, and its part in ``w`` belongs to ``w``. The wait is bounded
+        by the gap limit: a sample further away would not be bridged anyway."""
+        for sensor, by_q in self.carry.items():
+            gap = self.max_gap_ns[sensor]
+            for c in by_q.values():
+                if w.start - gap < c.t < w.end and now_ns < c.t + gap + grace_ns:
+                    return True
+        return False
 
     def _close(self, w: _Open) -> _Open:
         if self.closed_end is None or w.end > self.closed_end:
@@ -256,6 +282,10 @@ class _Stream:
         if self.open:
             due = sorted(s for s, w in self.open.items() if w.end + grace_ns <= now_ns)
             for s in due:
+                # In order: a window held for a power sample holds the later ones too, or
+                # closing them would make its readings late.
+                if self.carry and self._awaits_power(self.open[s], now_ns, grace_ns):
+                    break
                 w = self.open.pop(s)
                 self._close(w)
                 out.append(self._finish(w, None))
