@@ -2,8 +2,8 @@
 
 For each reading, in order:
 
-1. duplicate: the same channel with the same timestamp as its previous reading is dropped
-   (``process`` returns None);
+1. duplicate: the same channel with the same timestamp as one of its last
+   ``DEDUP_HISTORY`` readings is dropped and counted (``process`` returns None);
 2. unit: a known non-canonical unit (hPa, mV, km/h, degF...) is converted; a unit that cannot
    be brought to the quantity's canonical unit is bad (``unit``);
 3. ``not_finite`` (bad): NaN or inf;
@@ -16,8 +16,11 @@ For each reading, in order:
 
 Bad and out-of-range values go no further (they would poison the spike window). Staleness is a
 state, not a flag: no reading arrives to carry it, so ``stale(now_mono_ns)`` lists the channels
-silent for longer than their ``stale_factor`` x the sensor period. After such a gap the spike
-and rate history is forgotten, since the old level says nothing about the new one.
+silent for longer than their ``stale_factor`` x the sensor period. After a gap longer than half
+the spike window (in sensor periods, and than the stale limit) the spike and rate history is
+forgotten, since the old level says nothing about the new one. Across a shorter gap the old
+median is still a fair reference (it lags half a window behind the signal anyway), so a spike
+just after the gap is caught.
 
 A reading whose flags and value are unchanged is returned as is; otherwise a new Reading is
 made with ``dataclasses.replace``, so the common path allocates nothing.
@@ -29,7 +32,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import Final, TypedDict
 
 from agent.clock import Clock
 from agent.config.cleaning import ChannelPolicy, resolve
@@ -54,6 +57,10 @@ from agent.readings import UNITS, Quality, Reading
 
 log = logging.getLogger(__name__)
 
+# Timestamps remembered per channel to catch repeats: a bridge or a driver that re-sends a
+# block after a retry repeats readings some way back, not only the previous one.
+DEDUP_HISTORY: Final = 128
+
 _RANK: dict[str, int] = {"good": 0, "suspect": 1, "bad": 2}
 
 
@@ -69,8 +76,8 @@ class ChannelCounters(TypedDict):
 class _Channel:
     """Everything the cleaner keeps about one channel, allocated once."""
 
-    __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "last_ts", "name", "policy",
-                 "rate", "reasons", "stuck", "suspect")
+    __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "name", "policy", "rate",
+                 "reasons", "seen", "seen_head", "seen_ring", "stuck", "suspect")
 
     def __init__(self, name: str, policy: ChannelPolicy) -> None:
         self.name = name
@@ -79,7 +86,9 @@ class _Channel:
                        if policy.hampel_window is not None else None)
         self.rate = RateLimit(policy.max_rate) if policy.max_rate is not None else None
         self.stuck = Stuck(policy.stuck_count) if policy.stuck_count is not None else None
-        self.last_ts: int | None = None
+        self.seen: set[int] = set()  # the timestamps in seen_ring
+        self.seen_ring: list[int] = []
+        self.seen_head = 0
         self.last_mono: int | None = None
         self.good = 0
         self.suspect = 0
@@ -131,16 +140,28 @@ class Cleaner:
         ch = by_q.get(r.quantity) if by_q is not None else None
         if ch is None:
             ch = self._new_channel(r.sensor, r.quantity)
-        if r.ts_ns == ch.last_ts:
+        ts = r.ts_ns
+        seen = ch.seen
+        if ts in seen:
             ch.dropped[DUPLICATE] = ch.dropped.get(DUPLICATE, 0) + 1
             return None
-        ch.last_ts = r.ts_ns
+        ring = ch.seen_ring
+        if len(ring) < DEDUP_HISTORY:
+            ring.append(ts)
+        else:
+            head = ch.seen_head
+            seen.discard(ring[head])
+            ring[head] = ts
+            ch.seen_head = head + 1 if head + 1 < DEDUP_HISTORY else 0
+        seen.add(ts)
         mono = r.mono_ns
         p = ch.policy
-        if (ch.last_mono is not None and p.stale_ns is not None
-                and mono - ch.last_mono > p.stale_ns):
-            ch.forget_history()
-        ch.last_mono = mono
+        last_mono = ch.last_mono
+        if last_mono is None or mono > last_mono:
+            if (last_mono is not None and p.forget_ns is not None
+                    and mono - last_mono > p.forget_ns):
+                ch.forget_history()
+            ch.last_mono = mono
 
         value = r.value
         unit = r.unit

@@ -139,7 +139,7 @@ class ClockSync:
         self._detect = detector if detector is not None else SyncDetector()
         self._wall = wall
         self._mono = mono
-        self._interval_ns = int(check_interval_s * 1e9)
+        self._interval_ns = round(check_interval_s * 1e9)
         now_mono = mono()
         now_wall = wall()
         self._offset = now_wall - now_mono

@@ -198,13 +198,18 @@ class RateLimit:
     def too_fast(self, value: float, mono_ns: int) -> bool:
         if not self.has_ref:
             return False
-        dt = mono_ns - self.ref_mono_ns
-        if dt <= 0:
+        # A reading older than the reference (delivered out of order) is judged on the same
+        # terms: the time between them bounds the change.
+        dt = abs(mono_ns - self.ref_mono_ns)
+        if dt == 0:
             return value != self.ref_value
         return abs(value - self.ref_value) > self.max_rate_per_ns * dt
 
     def accept(self, value: float, mono_ns: int) -> None:
-        """Make ``value`` the reference; called for readings that passed every check."""
+        """Make ``value`` the reference, unless an accepted reading is newer; called for
+        readings that passed every check."""
+        if self.has_ref and mono_ns < self.ref_mono_ns:
+            return
         self.has_ref = True
         self.ref_value = value
         self.ref_mono_ns = mono_ns
