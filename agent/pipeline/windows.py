@@ -13,7 +13,8 @@ for a window that is already closed is *late*: it is counted and dropped, not mo
 current window, because its value belongs to a time that has been published and would distort
 the current window's statistics. At most ``max_open`` windows are open per stream; a reading
 that needs one more closes the oldest early (flag ``partial``), which bounds memory whatever
-the timestamps.
+the timestamps. Re-stamped readings are placed in time order, so a window they close that way
+ends before the reading that needed room: it is complete and not flagged ``partial``.
 
 Energy: the trapezoid between two power samples is split at window boundaries and each window
 gets exactly its own part. So that the part after a window's last sample reaches it, a window
@@ -145,7 +146,8 @@ class _Stream:
         self.max_open = max_open
         self.open: dict[int, _Open] = {}
         self.cur: _Open | None = None
-        self.ready: list[_Open] = []  # closed early, returned by the next close_due
+        self.ready: list[tuple[_Open, str | None]] = []  # closed early, for the next close_due
+        self.replaying = False  # re-stamped readings are being placed in time order
         self.closed_end: int | None = None  # every window ending by here is closed
         self.synced_end: int | None = None  # the same, counting only windows on synced time
         self.late = 0
@@ -203,7 +205,12 @@ class _Stream:
                 self.late += 1
                 return None
             self.forced += 1
-            self.ready.append(self._close(self.open.pop(oldest)))
+            old = self.open.pop(oldest)
+            # Replayed in time order, a window that ends before this reading has all of its
+            # readings: complete, not partial (unless a power sample may still cross its end).
+            complete = (self.replaying and old.end <= ts
+                        and not (self.carry and self._awaits_power(old, ts, 0)))
+            self.ready.append((self._close(old), None if complete else PARTIAL))
         w = self.open[start] = _Open(start, start + self.window_ns)
         return w
 
@@ -276,8 +283,16 @@ class _Stream:
             self.cur = None
         return w
 
+    def settle(self, upto_ns: int) -> None:
+        """Close, as complete, the windows ending by ``upto_ns`` after a time-ordered replay."""
+        for s in sorted(self.open):
+            w = self.open[s]
+            if w.end > upto_ns or (self.carry and self._awaits_power(w, upto_ns, 0)):
+                break
+            self.ready.append((self._close(self.open.pop(s)), None))
+
     def close_due(self, now_ns: int, grace_ns: int) -> list[Window]:
-        out = [self._finish(w, PARTIAL) for w in self.ready]
+        out = [self._finish(w, extra) for w, extra in self.ready]
         self.ready.clear()
         if self.open:
             due = sorted(s for s, w in self.open.items() if w.end + grace_ns <= now_ns)
@@ -292,7 +307,7 @@ class _Stream:
         return out
 
     def flush(self) -> list[Window]:
-        out = [self._finish(w, PARTIAL) for w in self.ready]
+        out = [self._finish(w, extra) for w, extra in self.ready]
         self.ready.clear()
         for s in sorted(self.open):
             w = self.open.pop(s)
@@ -305,7 +320,7 @@ class _Stream:
         the last window on synced time may open again."""
         for s in sorted(self.open):
             if CLOCK_UNSYNCED in self.open[s].flags:
-                self.ready.append(self._close(self.open.pop(s)))
+                self.ready.append((self._close(self.open.pop(s)), PARTIAL))
         self.closed_end = self.synced_end
 
     def _finish(self, w: _Open, extra: str | None) -> Window:
@@ -464,10 +479,22 @@ class Windower:
         out = [restamp_reading(r, offset_ns) for r in self._held]
         self._held.clear()
         self._unsynced_seen = False
+        # In time order, so that windows the replay has passed are known to be complete.
+        out.sort(key=_stamp)
         for s in self._streams:
             s.resync()
-        for r in out:
-            self._place(r)
+            s.replaying = True
+        try:
+            for r in out:
+                self._place(r)
+        finally:
+            for s in self._streams:
+                s.replaying = False
+        if out:
+            # Readings from now on are newer than the replay: windows it has passed are
+            # complete, and must not wait to be closed early (``partial``) by the next reading.
+            for s in self._streams:
+                s.settle(out[-1].ts_ns)
         self.restamped += len(out)
         if out:
             log.info("re-stamped %d readings held while the clock was not synchronised", len(out))
@@ -495,6 +522,10 @@ def _offset(clock: Clock) -> int:
     if isinstance(clock, ClockSync):
         return clock.offset_ns()
     return clock.wall_ns() - clock.mono_ns()
+
+
+def _stamp(r: Reading) -> int:
+    return r.ts_ns
 
 
 def _order(w: Window) -> tuple[int, int, str]:
