@@ -10,6 +10,8 @@ For each reading, in order:
 4. ``out_of_range`` (bad): outside the physical range of the quantity;
 5. ``rate`` (suspect): changed faster than the quantity can, from the last good value;
 6. ``stuck`` (suspect): the same value too many times in a row where noise is expected;
+   ``frozen`` (suspect): the same value ``FROZEN_RUN`` times in a row on a channel of a fuse
+   group (``fuse_groups``) while a redundant channel kept changing;
 7. ``spike`` (suspect): Hampel test against the median of the recent values (not run on a
    stuck value, which stays out of the spike window);
 8. ``clock_unsynced`` (suspect): stamped before the wall clock was synchronised.
@@ -36,12 +38,13 @@ from typing import Final, TypedDict
 
 from agent.clock import Clock
 from agent.config.cleaning import ChannelPolicy, resolve
-from agent.config.schema import SensorConfig
+from agent.config.schema import SensorConfig, StreamConfig
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.filters import (
     BAD_REASONS,
     CLOCK_UNSYNCED,
     DUPLICATE,
+    FROZEN,
     NOT_FINITE,
     OUT_OF_RANGE,
     RATE,
@@ -60,6 +63,11 @@ log = logging.getLogger(__name__)
 # Timestamps remembered per channel to catch repeats: a bridge or a driver that re-sends a
 # block after a retry repeats readings some way back, not only the previous one.
 DEDUP_HISTORY: Final = 128
+# Identical readings in a row after which a channel with redundant peers is ``frozen``, when one
+# of the peers changed at least FROZEN_PEER_CHANGES times meanwhile. Much shorter than the
+# ``stuck`` count, which has no second opinion and must tolerate a still environment.
+FROZEN_RUN: Final = 10
+FROZEN_PEER_CHANGES: Final = 5
 
 _RANK: dict[str, int] = {"good": 0, "suspect": 1, "bad": 2}
 
@@ -76,8 +84,9 @@ class ChannelCounters(TypedDict):
 class _Channel:
     """Everything the cleaner keeps about one channel, allocated once."""
 
-    __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "name", "policy", "rate",
-                 "reasons", "seen", "seen_head", "seen_ring", "stuck", "suspect")
+    __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "name", "peers",
+                 "policy", "rate", "reasons", "seen", "seen_head", "seen_ring", "snap", "stuck",
+                 "suspect")
 
     def __init__(self, name: str, policy: ChannelPolicy) -> None:
         self.name = name
@@ -86,6 +95,8 @@ class _Channel:
                        if policy.hampel_window is not None else None)
         self.rate = RateLimit(policy.max_rate) if policy.max_rate is not None else None
         self.stuck = Stuck(policy.stuck_count) if policy.stuck_count is not None else None
+        self.peers: list[_Channel] = []  # redundant channels of the same quantity
+        self.snap: list[int] = []  # the peers' changes when the current run of repeats began
         self.seen: set[int] = set()  # the timestamps in seen_ring
         self.seen_ring: list[int] = []
         self.seen_head = 0
@@ -103,6 +114,29 @@ class _Channel:
             self.rate.reset()
 
 
+def fuse_groups(streams: Sequence[StreamConfig]) -> list[list[str]]:
+    """The channels of every fuse group of ``streams``: the redundant sets ``Cleaner`` compares
+    for frozen sensors."""
+    return [list(g.channels) for st in streams for g in st.fuse]
+
+
+def _frozen(ch: _Channel, run: int) -> bool:
+    """Whether a run of ``run`` identical values is a frozen sensor: long enough, while a
+    redundant sensor of the same quantity kept changing (a still environment repeats itself
+    on every sensor, and says nothing)."""
+    if run == 2:
+        ch.snap = [_changes(p) for p in ch.peers]
+        return False
+    if run < FROZEN_RUN:
+        return False
+    return any(_changes(p) - before >= FROZEN_PEER_CHANGES
+               for p, before in zip(ch.peers, ch.snap, strict=False))
+
+
+def _changes(ch: _Channel) -> int:
+    return ch.stuck.changes if ch.stuck is not None else 0
+
+
 class Cleaner:
     """Checks and flags readings channel by channel (see the module docstring).
 
@@ -110,11 +144,16 @@ class Cleaner:
     answers per reading from its ``mono_ns``; any other Clock by its current ``synced()``.
     """
 
-    def __init__(self, sensors: Sequence[SensorConfig], clock: Clock) -> None:
+    def __init__(self, sensors: Sequence[SensorConfig], clock: Clock,
+                 fuse_groups: Sequence[Sequence[str]] = ()) -> None:
         self._sensors = {s.name: s for s in sensors}
         self._clock = clock
         self._sync = clock if isinstance(clock, ClockSync) else None
         self._channels: dict[str, dict[str, _Channel]] = {}
+        self._groups: dict[str, list[str]] = {}  # channel -> its redundant peers
+        for group in fuse_groups:
+            for name in group:
+                self._groups.setdefault(name, []).extend(c for c in group if c != name)
         for s in sensors:
             for quantity, opts in s.clean.items():
                 p = resolve(quantity, s.period_s, opts)
@@ -132,6 +171,12 @@ class Cleaner:
                          cfg.clean.get(quantity) if cfg else None)
         ch = _Channel(f"{sensor}.{quantity}", policy)
         self._channels.setdefault(sensor, {})[quantity] = ch
+        for peer_name in self._groups.get(ch.name, ()):
+            peer_sensor, _, peer_quantity = peer_name.partition(".")
+            peer = self._channels.get(peer_sensor, {}).get(peer_quantity)
+            if peer is not None:
+                ch.peers.append(peer)
+                peer.peers.append(ch)
         return ch
 
     def process(self, r: Reading) -> Reading | None:
@@ -212,10 +257,13 @@ class Cleaner:
         rate = ch.rate
         if rate is not None and rate.too_fast(value, mono):
             reasons = (RATE,)
-        if ch.stuck is not None and ch.stuck.is_stuck(value):
+        stuck = ch.stuck
+        if stuck is not None and stuck.is_stuck(value):
             # A frozen value is not a measurement: kept out of the spike window, it cannot
             # shrink the spread there and make the resumed signal look like a spike.
             reasons += (STUCK,)
+        elif stuck is not None and ch.peers and stuck.run > 1 and _frozen(ch, stuck.run):
+            reasons += (FROZEN,)
         elif ch.hampel is not None and ch.hampel.is_spike(value):
             reasons += (SPIKE,)
         if rate is not None and not reasons:

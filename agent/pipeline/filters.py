@@ -157,7 +157,7 @@ class Hampel:
 class Stuck:
     """Flags a channel whose value repeats exactly ``count`` times in a row (and after)."""
 
-    __slots__ = ("count", "last", "run")
+    __slots__ = ("changes", "count", "last", "run")
 
     def __init__(self, count: int) -> None:
         if count < 2:
@@ -165,6 +165,7 @@ class Stuck:
         self.count = count
         self.last = math.nan
         self.run = 0
+        self.changes = 0  # values that differed from the previous one
 
     def is_stuck(self, value: float) -> bool:
         if value == self.last:
@@ -172,6 +173,7 @@ class Stuck:
         else:
             self.last = value
             self.run = 1
+            self.changes += 1
         return self.run >= self.count
 
 
@@ -223,6 +225,7 @@ UNIT: Final = "unit"
 RATE: Final = "rate"
 SPIKE: Final = "spike"
 STUCK: Final = "stuck"
+FROZEN: Final = "frozen"
 STALE: Final = "stale"  # a channel state (Cleaner.stale), not a flag: no reading carries it
 DUPLICATE: Final = "duplicate"
 CLOCK_UNSYNCED: Final = "clock_unsynced"

@@ -19,7 +19,7 @@ theirs; ``std`` is the 1-sigma uncertainty of the fused mean (not a spread of re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.readings import ChannelStats
@@ -71,21 +71,36 @@ def _variances(stats: Sequence[tuple[Member, ChannelStats]]) -> list[float]:
 
 
 def fuse(group: str, members: Sequence[Member], channels: dict[str, ChannelStats],
-         k: float = DEFAULT_K) -> Fused:
-    """Fuse the members' window statistics (``channels``, keyed by channel name)."""
+         k: float = DEFAULT_K, *, inflate: Mapping[str, float] | None = None,
+         exclude: Collection[str] = ()) -> Fused:
+    """Fuse the members' window statistics (``channels``, keyed by channel name).
+
+    ``inflate`` multiplies the variance of channels (down-weights them) and ``exclude`` leaves
+    channels out, as the cross-window drift monitor decides; an exclusion that would leave no
+    channel is ignored.
+    """
     present = [(m, channels[m.channel]) for m in members if m.channel in channels]
     suspect = sum(st.suspect for _, st in present)
     bad = sum(st.bad for _, st in present)
     usable = [(m, st) for m, st in present if st.count > 0 and math.isfinite(st.mean)]
+    dropped: list[str] = []
+    if exclude:
+        kept = [(m, st) for m, st in usable if m.channel not in exclude]
+        if kept:
+            dropped = [m.channel for m, _ in usable if m.channel in exclude]
+            usable = kept
     unit = present[0][1].unit if present else ""
     if not usable:
         empty = ChannelStats(0, _NAN, _NAN, _NAN, _NAN, _NAN, unit, suspect, bad)
         return Fused(empty, (), ())
 
     variances = _variances(usable)
+    if inflate:
+        variances = [v * inflate.get(m.channel, 1.0)
+                     for (m, _), v in zip(usable, variances, strict=True)]
     items = [(m.channel, st.mean, var) for (m, st), var in zip(usable, variances, strict=True)]
     flags: list[str] = []
-    excluded: list[str] = []
+    excluded: list[str] = dropped
     while len(items) >= 3:
         worst_i, worst_z = -1, k
         for i, (_, mean, var) in enumerate(items):

@@ -35,7 +35,6 @@ synced time, so a start may be published twice, once under each flag.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -46,8 +45,10 @@ from agent.config.schema import SensorConfig, StreamConfig
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.clocksync import restamp as restamp_reading
 from agent.pipeline.derived import DRIVER_QUANTITIES, NS_PER_HOUR, POWER, PowerIntegral, derive
+from agent.pipeline.drift import DriftMonitor
 from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, value_usable
 from agent.pipeline.fuse import Member, fuse
+from agent.pipeline.window_state import ChannelAcc, OpenWindow, PowerCarry
 from agent.readings import ChannelStats, Reading, Window
 
 log = logging.getLogger(__name__)
@@ -57,81 +58,6 @@ DEFAULT_HOLD_S: Final = 300.0
 DEFAULT_HOLD_MAX: Final = 50_000
 PARTIAL: Final = "partial"
 GAP_PERIODS: Final = 3  # power samples further apart than this many periods are not bridged
-_NAN = math.nan
-
-
-class _Acc:
-    """Running aggregates of one channel in one window. Sums are kept relative to the first
-    value, so the variance of a large, steady signal (pressure in Pa) does not cancel away."""
-
-    __slots__ = ("area", "bad", "covered", "last", "last_ts", "max", "min", "n", "s1", "s2",
-                 "shift", "suspect", "unit")
-
-    def __init__(self, unit: str) -> None:
-        self.unit = unit
-        self.n = 0
-        self.shift = 0.0
-        self.s1 = 0.0
-        self.s2 = 0.0
-        self.min = math.inf
-        self.max = -math.inf
-        self.last = _NAN
-        self.last_ts = -(1 << 62)
-        self.suspect = 0
-        self.bad = 0
-        self.area = 0.0  # power x time, W ns
-        self.covered = 0  # ns bridged by the integral
-
-    def add(self, v: float, ts: int) -> None:
-        n = self.n
-        if n == 0:
-            self.shift = v
-        d = v - self.shift
-        self.s1 += d
-        self.s2 += d * d
-        self.n = n + 1
-        # Branches, not min()/max(): a call costs more on the per-reading path.
-        if v < self.min:  # noqa: PLR1730
-            self.min = v
-        if v > self.max:  # noqa: PLR1730
-            self.max = v
-        if ts >= self.last_ts:
-            self.last = v
-            self.last_ts = ts
-
-    def stats(self) -> ChannelStats:
-        n = self.n
-        if n == 0:
-            return ChannelStats(0, _NAN, _NAN, _NAN, _NAN, _NAN, self.unit, self.suspect, self.bad)
-        mean = self.shift + self.s1 / n
-        if self.min <= self.max:
-            mean = min(max(mean, self.min), self.max)
-        std = 0.0
-        if n > 1:
-            var = (self.s2 - self.s1 * self.s1 / n) / (n - 1)
-            std = math.sqrt(var) if var > 0.0 else (_NAN if math.isnan(var) else 0.0)
-        return ChannelStats(n, mean, self.min, self.max, self.last, std, self.unit,
-                            self.suspect, self.bad)
-
-
-class _Carry:
-    """The last usable power sample of a channel, the left end of the next trapezoid."""
-
-    __slots__ = ("t", "v")
-
-    def __init__(self, t: int, v: float) -> None:
-        self.t = t
-        self.v = v
-
-
-class _Open:
-    __slots__ = ("chans", "end", "flags", "start")
-
-    def __init__(self, start: int, end: int) -> None:
-        self.start = start
-        self.end = end
-        self.chans: dict[str, dict[str, _Acc]] = {}
-        self.flags: set[str] = set()
 
 
 class _Stream:
@@ -143,17 +69,18 @@ class _Stream:
         self.window_s = cfg.window_s
         self.window_ns = round(cfg.window_s * 1e9)
         self.groups = groups
+        self.monitors = {name: DriftMonitor(name, members) for name, members in groups}
         self.max_open = max_open
-        self.open: dict[int, _Open] = {}
-        self.cur: _Open | None = None
-        self.ready: list[tuple[_Open, str | None]] = []  # closed early, for the next close_due
+        self.open: dict[int, OpenWindow] = {}
+        self.cur: OpenWindow | None = None
+        self.ready: list[tuple[OpenWindow, str | None]] = []  # closed early, for the next close_due
         self.replaying = False  # re-stamped readings are being placed in time order
         self.closed_end: int | None = None  # every window ending by here is closed
         self.synced_end: int | None = None  # the same, counting only windows on synced time
         self.late = 0
         self.forced = 0
         self.max_gap_ns = {n: round(GAP_PERIODS * sensors[n].period_s * 1e9) for n in cfg.sensors}
-        self.carry: dict[str, dict[str, _Carry]] = {}
+        self.carry: dict[str, dict[str, PowerCarry]] = {}
         self.quantities: set[str] = set()
         for n in cfg.sensors:
             self.quantities |= DRIVER_QUANTITIES.get(sensors[n].driver, frozenset())
@@ -171,7 +98,7 @@ class _Stream:
             by_q = w.chans[r.sensor] = {}
         acc = by_q.get(r.quantity)
         if acc is None:
-            acc = by_q[r.quantity] = _Acc(r.unit)
+            acc = by_q[r.quantity] = ChannelAcc(r.unit)
             self.quantities.add(r.quantity)
         reasons = r.reasons
         if reasons:
@@ -191,7 +118,7 @@ class _Stream:
         else:
             acc.suspect += 1
 
-    def _window_for(self, ts: int) -> _Open | None:
+    def _window_for(self, ts: int) -> OpenWindow | None:
         start = ts - ts % self.window_ns
         w = self.open.get(start)
         if w is not None:
@@ -211,17 +138,17 @@ class _Stream:
             complete = (self.replaying and old.end <= ts
                         and not (self.carry and self._awaits_power(old, ts, 0)))
             self.ready.append((self._close(old), None if complete else PARTIAL))
-        w = self.open[start] = _Open(start, start + self.window_ns)
+        w = self.open[start] = OpenWindow(start, start + self.window_ns)
         return w
 
-    def _integrate(self, w: _Open, acc: _Acc, r: Reading) -> None:
+    def _integrate(self, w: OpenWindow, acc: ChannelAcc, r: Reading) -> None:
         sensor, quantity, ts, v = r.sensor, r.quantity, r.ts_ns, r.value
         by_q = self.carry.get(sensor)
         if by_q is None:
             by_q = self.carry[sensor] = {}
         c = by_q.get(quantity)
         if c is None:
-            by_q[quantity] = _Carry(ts, v)
+            by_q[quantity] = PowerCarry(ts, v)
             return
         t0, v0 = c.t, c.v
         if ts <= t0:
@@ -248,21 +175,21 @@ class _Stream:
             earlier = self.open.get(ws)
             if earlier is None and (self.closed_end is None or ws >= self.closed_end) \
                     and len(self.open) < self.max_open:
-                earlier = self.open[ws] = _Open(ws, ws + self.window_ns)
+                earlier = self.open[ws] = OpenWindow(ws, ws + self.window_ns)
             if earlier is not None:
                 eq = earlier.chans.get(sensor)
                 if eq is None:
                     eq = earlier.chans[sensor] = {}
                 target = eq.get(quantity)
                 if target is None:
-                    target = eq[quantity] = _Acc(r.unit)
+                    target = eq[quantity] = ChannelAcc(r.unit)
                 a = max(t0, ws)
                 b = min(ws + self.window_ns, w.start)
                 target.area += (2.0 * v0 + slope * (a - t0 + b - t0)) * 0.5 * (b - a)
                 target.covered += b - a
             ws += self.window_ns
 
-    def _awaits_power(self, w: _Open, now_ns: int, grace_ns: int) -> bool:
+    def _awaits_power(self, w: OpenWindow, now_ns: int, grace_ns: int) -> bool:
         """Whether ``w`` must stay open for the next sample of a power channel: the trapezoid to
         it may cross ``w``'s end, and its part in ``w`` belongs to ``w``. The wait is bounded
         by the gap limit: a sample further away would not be bridged anyway."""
@@ -273,7 +200,7 @@ class _Stream:
                     return True
         return False
 
-    def _close(self, w: _Open) -> _Open:
+    def _close(self, w: OpenWindow) -> OpenWindow:
         if self.closed_end is None or w.end > self.closed_end:
             self.closed_end = w.end
         if CLOCK_UNSYNCED not in w.flags and (self.synced_end is None
@@ -323,7 +250,7 @@ class _Stream:
                 self.ready.append((self._close(self.open.pop(s)), PARTIAL))
         self.closed_end = self.synced_end
 
-    def _finish(self, w: _Open, extra: str | None) -> Window:
+    def _finish(self, w: OpenWindow, extra: str | None) -> Window:
         channels: dict[str, ChannelStats] = {}
         integrals: dict[str, PowerIntegral] = {}
         for sensor, by_q in w.chans.items():
@@ -338,8 +265,11 @@ class _Stream:
         fused: dict[str, ChannelStats] = {}
         for name, members in self.groups:
             if any(m.channel in channels for m in members):
-                result = fuse(name, members, channels)
+                verdict = self.monitors[name].update(channels)
+                result = fuse(name, members, channels, inflate=verdict.inflate,
+                              exclude=verdict.exclude)
                 fused[name] = result.stats
+                flags.extend(verdict.flags)
                 flags.extend(result.flags)
         derived = derive(self.window_s, channels, integrals, self.quantities)
         return Window(self.name, w.start, w.end, channels, fused, derived, tuple(flags))
