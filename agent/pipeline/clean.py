@@ -42,6 +42,12 @@ from agent.config.schema import SensorConfig, StreamConfig
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.filters import (
     BAD_REASONS,
+    Hampel,
+    RateLimit,
+    Stuck,
+    unit_conversion,
+)
+from agent.quality import (
     CLOCK_UNSYNCED,
     DUPLICATE,
     FROZEN,
@@ -51,10 +57,6 @@ from agent.pipeline.filters import (
     SPIKE,
     STUCK,
     UNIT,
-    Hampel,
-    RateLimit,
-    Stuck,
-    unit_conversion,
 )
 from agent.readings import UNITS, Quality, Reading
 

@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, TIME_REASONS
+from agent.pipeline.filters import TIME_REASONS
+from agent.quality import CLOCK_UNSYNCED, RESTAMPED
 from agent.readings import Quality, Reading
 
 log = logging.getLogger(__name__)

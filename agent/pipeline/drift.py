@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from agent.pipeline.fuse import Member
+from agent.quality import DOWNWEIGHTED, DRIFT
 from agent.readings import ChannelStats
 
 SCALE_FRACTION: Final = 0.1  # a departure of this fraction of the floors is one unit
@@ -35,8 +36,6 @@ CUSUM_H: Final = 6.0  # decision level: drift
 SUSPECT_S: Final = 2.0  # down-weighting starts here; an excluded channel returns below it
 BASELINE_ALPHA: Final = 1.0 / 64.0  # per window: the usual difference follows in ~64 windows
 
-DRIFT_PREFIX: Final = "drift:"
-DOWNWEIGHTED_PREFIX: Final = "downweighted:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +138,7 @@ class DriftMonitor:
         flags: list[str] = []
         if len(present) == 2:
             if pair_level >= CUSUM_H:
-                flags.append(DRIFT_PREFIX + self.group)
+                flags.append(DRIFT + self.group)
             return Verdict({}, frozenset(), tuple(flags)) if flags else _NONE
         for i in list(self.excluded):
             if levels.get(i, self.cusum[i].level()) < SUSPECT_S:
@@ -155,10 +154,10 @@ class DriftMonitor:
         for i in present:
             name = self.names[i]
             if name in exclude:
-                flags.append(DRIFT_PREFIX + name)
+                flags.append(DRIFT + name)
             elif levels[i] >= SUSPECT_S:
                 inflate[name] = (levels[i] / SUSPECT_S) ** 2
-                flags.append(DOWNWEIGHTED_PREFIX + name)
+                flags.append(DOWNWEIGHTED + name)
         if not flags:
             return _NONE
         return Verdict(inflate, exclude, tuple(flags))

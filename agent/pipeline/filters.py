@@ -12,6 +12,8 @@ import math
 from bisect import bisect_left, insort
 from typing import Final
 
+from agent.quality import CLOCK_UNSYNCED, NOT_FINITE, OUT_OF_RANGE, RESTAMPED, UNIT
+
 # Unit spellings drivers or bridges may use -> (canonical unit, scale, offset): v * scale + offset.
 UNIT_CONVERSIONS: Final[dict[str, tuple[str, float, float]]] = {
     "°C": ("degC", 1.0, 0.0),
@@ -217,19 +219,8 @@ class RateLimit:
         self.ref_mono_ns = mono_ns
 
 
-# Reason codes. Bad: the value is wrong. Suspect: the value may be wrong. Time reasons say
-# nothing about the value, only about its timestamp.
-NOT_FINITE: Final = "not_finite"
-OUT_OF_RANGE: Final = "out_of_range"
-UNIT: Final = "unit"
-RATE: Final = "rate"
-SPIKE: Final = "spike"
-STUCK: Final = "stuck"
-FROZEN: Final = "frozen"
-STALE: Final = "stale"  # a channel state (Cleaner.stale), not a flag: no reading carries it
-DUPLICATE: Final = "duplicate"
-CLOCK_UNSYNCED: Final = "clock_unsynced"
-RESTAMPED: Final = "restamped"
+# Reason codes (``agent.quality``). Bad: the value is wrong. Suspect: the value may be wrong.
+# Time reasons say nothing about the value, only about its timestamp.
 
 BAD_REASONS: Final = frozenset({NOT_FINITE, OUT_OF_RANGE, UNIT})
 TIME_REASONS: Final = frozenset({CLOCK_UNSYNCED, RESTAMPED})

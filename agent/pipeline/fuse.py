@@ -22,6 +22,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from agent.quality import DISAGREEMENT, INCONSISTENT
 from agent.readings import ChannelStats
 
 DEFAULT_K = 3.0
@@ -112,11 +113,11 @@ def fuse(group: str, members: Sequence[Member], channels: dict[str, ChannelStats
             break
         channel = items.pop(worst_i)[0]
         excluded.append(channel)
-        flags.append(f"inconsistent:{channel}")
+        flags.append(INCONSISTENT + channel)
     if len(items) == 2:
         (_, m1, v1), (_, m2, v2) = items
         if abs(m1 - m2) > k * math.sqrt(v1 + v2):
-            flags.append(f"disagreement:{group}")
+            flags.append(DISAGREEMENT + group)
 
     mean, var = _weighted(items)
     used = {c for c, _, _ in items}

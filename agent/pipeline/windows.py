@@ -46,9 +46,10 @@ from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.clocksync import restamp as restamp_reading
 from agent.pipeline.derived import DRIVER_QUANTITIES, NS_PER_HOUR, POWER, PowerIntegral, derive
 from agent.pipeline.drift import DriftMonitor
-from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, value_usable
+from agent.pipeline.filters import value_usable
 from agent.pipeline.fuse import Member, fuse
 from agent.pipeline.window_state import ChannelAcc, OpenWindow, PowerCarry
+from agent.quality import CLOCK_UNSYNCED, PARTIAL, RESTAMPED
 from agent.readings import ChannelStats, Reading, Window
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OPEN: Final = 4
 DEFAULT_HOLD_S: Final = 300.0
 DEFAULT_HOLD_MAX: Final = 50_000
-PARTIAL: Final = "partial"
 GAP_PERIODS: Final = 3  # power samples further apart than this many periods are not bridged
 
 
