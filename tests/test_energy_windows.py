@@ -3,12 +3,20 @@ against the exact integral of the signal (numpy polynomial integration)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from agent.clock import SystemClock
+from agent.config.load import load_config
 from agent.config.schema import SensorConfig, StreamConfig
+from agent.pipeline.clean import Cleaner
 from agent.pipeline.windows import GAP_PERIODS, Windower
 from agent.readings import Reading, Window
+from drivers.emulated.pzem004t import EV_POWER_W, EmulatedMeter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 S = 10**9
 T0 = 1_800_000_000 * S
@@ -108,3 +116,37 @@ def test_a_window_shorter_than_the_period_gets_its_part_too() -> None:
     assert len(full) >= 20
     for x, _ in full:
         assert x.derived["energy_wh"] == pytest.approx(2000.0 / 3600, rel=1e-3)
+
+
+def test_the_demo_charger_shows_a_steady_energy_per_window() -> None:
+    """The demo's charger meter (its emulator's load at the demo's period) through the demo's
+    cleaner and energy stream, closing windows as readings arrive: while it charges at full
+    power, every window shows the same energy."""
+    cfg = load_config(ROOT / "agent" / "examples" / "demo.toml", env={})
+    charger = next(s for s in cfg.sensors if s.name == "charger")
+    stream = next(st for st in cfg.streams if "charger" in st.sensors)
+    emu = charger.options["emulator"]
+    meter = EmulatedMeter(charger.address or 1, emu["profile"], lambda: 0.0,
+                          int(emu.get("seed", 0)))
+    period_ns = round(charger.period_s * S)
+    # The first minute of full power in the emulator's sessions.
+    t_ns = 0
+    while not all(meter.load((t_ns + k * period_ns) / S)[0] == EV_POWER_W for k in range(40)):
+        t_ns += 60 * S
+    cleaner = Cleaner(cfg.sensors, SystemClock())
+    windower = Windower([stream], cfg.sensors)
+    out: list[Window] = []
+    for k in range(40):
+        t = t_ns + k * period_ns
+        r = cleaner.process(Reading("charger", "active_power", meter.load(t / S)[0], "W",
+                                    T0 + t, t))
+        assert r is not None and r.quality == "good"
+        windower.add(r)
+        # The agent closes due windows on every batch, between samples too.
+        for tick in range(DELAY_NS, period_ns + DELAY_NS, TICK_NS):
+            out += windower.close_due(T0 + t + tick, GRACE_NS)
+    full = [x for x in out if x.start_ns >= T0 + t_ns
+            and x.end_ns <= T0 + t_ns + 39 * period_ns]
+    assert len(full) >= 10
+    energies = {round(x.derived["energy_wh"], 6) for x in full}
+    assert energies == {round(EV_POWER_W * stream.window_s / 3600, 6)}
