@@ -86,8 +86,8 @@ class ChannelCounters(TypedDict):
 class _Channel:
     """Everything the cleaner keeps about one channel, allocated once."""
 
-    __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "name", "peers",
-                 "policy", "rate", "reasons", "seen", "seen_head", "seen_ring", "snap", "stuck",
+    __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "name", "newest_ts", "peers",
+                 "policy", "rate", "reasons", "seen_head", "seen_ring", "snap", "stuck",
                  "suspect")
 
     def __init__(self, name: str, policy: ChannelPolicy) -> None:
@@ -99,8 +99,8 @@ class _Channel:
         self.stuck = Stuck(policy.stuck_count) if policy.stuck_count is not None else None
         self.peers: list[_Channel] = []  # redundant channels of the same quantity
         self.snap: list[int] = []  # the peers' changes when the current run of repeats began
-        self.seen: set[int] = set()  # the timestamps in seen_ring
-        self.seen_ring: list[int] = []
+        self.newest_ts = -(1 << 63)
+        self.seen_ring: list[int] = []  # the last DEDUP_HISTORY timestamps
         self.seen_head = 0
         self.last_mono: int | None = None
         self.good = 0
@@ -188,19 +188,18 @@ class Cleaner:
         if ch is None:
             ch = self._new_channel(r.sensor, r.quantity)
         ts = r.ts_ns
-        seen = ch.seen
-        if ts in seen:
+        ring = ch.seen_ring
+        if ts > ch.newest_ts:
+            ch.newest_ts = ts  # newer than all: no repeat, and no search on the common path
+        elif ts in ring:
             ch.dropped[DUPLICATE] = ch.dropped.get(DUPLICATE, 0) + 1
             return None
-        ring = ch.seen_ring
-        if len(ring) < DEDUP_HISTORY:
-            ring.append(ts)
-        else:
-            head = ch.seen_head
-            seen.discard(ring[head])
+        head = ch.seen_head
+        if head < len(ring):
             ring[head] = ts
-            ch.seen_head = head + 1 if head + 1 < DEDUP_HISTORY else 0
-        seen.add(ts)
+        else:
+            ring.append(ts)  # filling up, once
+        ch.seen_head = head + 1 if head + 1 < DEDUP_HISTORY else 0
         mono = r.mono_ns
         p = ch.policy
         last_mono = ch.last_mono

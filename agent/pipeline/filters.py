@@ -204,9 +204,11 @@ class RateLimit:
             return False
         # A reading older than the reference (delivered out of order) is judged on the same
         # terms: the time between them bounds the change.
-        dt = abs(mono_ns - self.ref_mono_ns)
-        if dt == 0:
-            return value != self.ref_value
+        dt = mono_ns - self.ref_mono_ns
+        if dt <= 0:
+            if dt == 0:
+                return value != self.ref_value
+            dt = -dt
         return abs(value - self.ref_value) > self.max_rate_per_ns * dt
 
     def accept(self, value: float, mono_ns: int) -> None:
