@@ -205,3 +205,37 @@ def test_the_windows_run_the_drift_monitor_on_their_fuse_groups() -> None:
     flagged = [k for k, win in enumerate(out) if "drift:bme0.temperature" in win.flags]
     assert flagged and flagged[0] - start < 5
     assert all(not math.isnan(win.fused["t"].mean) for win in out)
+
+
+def test_huge_and_odd_windows_neither_raise_nor_blind_the_monitor() -> None:
+    members = [Member(c, SIGMA) for c in names(3)]
+    monitor = DriftMonitor("t", members)
+    odd = [1e308, -1e308, math.inf, math.nan, 0.0]
+    for k, v in enumerate(odd * 4):
+        channels = {c: ChannelStats(10, v if i == k % 3 else 20.0, v, v, v,
+                                    1e300 if k % 2 else math.nan, "degC")
+                    for i, c in enumerate(names(3))}
+        verdict = monitor.update(channels)
+        fuse("t", members, channels, inflate=verdict.inflate, exclude=verdict.exclude)
+    # Healthy windows afterwards, then a drift: still caught.
+    start, n = 60, 80
+    x = simulate(3, n, 7, drifting(3, n, start, 0.1))
+    stats = window_stats(x)
+    first = None
+    for k in range(n):
+        verdict = monitor.update({c: stats[i][k] for i, c in enumerate(names(3))})
+        if first is None and "drift:bme0.temperature" in verdict.flags:
+            first = k
+    assert first is not None and start <= first < start + 5
+
+
+def test_a_sensor_back_in_line_is_trusted_again() -> None:
+    n = 160
+    off = drifting(3, n, 40, 0.1)
+    off[0, 60:] = 0.0  # replaced after 20 windows of drift
+    results = run_fusion(simulate(3, n, 8, off))
+    flagged = [k for k, (flags, _) in enumerate(results)
+               if any(f.endswith("bme0.temperature") for f in flags)]
+    assert flagged and flagged[0] < 45
+    # Trusted again within the CUSUM's cap (12 windows) and a few more.
+    assert max(flagged) < 60 + 16

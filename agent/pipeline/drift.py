@@ -12,7 +12,9 @@ smallest size among its pairs, and only when all its pairs depart the same way: 
 channel departs from every other, while its peers depart only from it. A suspect channel
 (CUSUM at ``SUSPECT_S``) is down-weighted in fusion (its variance times ``(S / SUSPECT_S)**2``,
 flag ``downweighted:<channel>``); at ``CUSUM_H`` it is excluded (``drift:<channel>``) until its
-CUSUM falls back below ``SUSPECT_S``. At most all but two present channels are excluded.
+CUSUM falls back below ``SUSPECT_S``. At most all but two present channels are excluded. One
+window counts at most ``Z_CAP`` units; a departure beyond ``Z_REBASE`` units is a break, not a
+drift (the per-window check flags it), and the pair's history starts again.
 Two channels cannot be told apart: the pair's own CUSUM flags ``drift:<group>``, both are kept.
 
 A frozen sensor is caught per reading by the cleaner (reason ``frozen``); one that froze while
@@ -33,8 +35,11 @@ from agent.readings import ChannelStats
 SCALE_FRACTION: Final = 0.1  # a departure of this fraction of the floors is one unit
 CUSUM_K: Final = 1.0  # allowance per window, in units: noise below it never accumulates
 CUSUM_H: Final = 6.0  # decision level: drift
+CUSUM_MAX: Final = 2 * CUSUM_H  # a channel back in line is trusted again within ~12 windows
 SUSPECT_S: Final = 2.0  # down-weighting starts here; an excluded channel returns below it
 BASELINE_ALPHA: Final = 1.0 / 64.0  # per window: the usual difference follows in ~64 windows
+Z_CAP: Final = 10.0  # one window adds at most this much: a single odd window flags, then fades
+Z_REBASE: Final = 1000.0  # a departure this large is a break, not a drift: history restarts
 
 
 
@@ -58,8 +63,10 @@ class _Cusum:
         self.down = 0.0
 
     def step(self, z: float) -> float:
-        self.up = max(0.0, self.up + z - CUSUM_K)
-        self.down = max(0.0, self.down - z - CUSUM_K)
+        # Capped, so that a channel that comes back is trusted again within a few windows
+        # however long it was off.
+        self.up = min(max(0.0, self.up + z - CUSUM_K), CUSUM_MAX)
+        self.down = min(max(0.0, self.down - z - CUSUM_K), CUSUM_MAX)
         return self.level()
 
     def level(self) -> float:
@@ -96,10 +103,20 @@ class DriftMonitor:
             if i not in means or j not in means:
                 continue
             diff = means[i] - means[j]
-            base = self.base.setdefault(p, diff)
+            if not math.isfinite(diff):
+                continue  # two huge means: no evidence either way
+            base = self.base.get(p)
+            if base is None:
+                base = self.base[p] = diff
             fi, fj = SCALE_FRACTION * self.floors[i], SCALE_FRACTION * self.floors[j]
             scale = math.sqrt(fi * fi + fj * fj + spread[i] + spread[j])
-            z[p] = (diff - base) / scale if scale > 0.0 else 0.0
+            zp = (diff - base) / scale if scale > 0.0 else 0.0
+            if not math.isfinite(zp) or abs(zp) > Z_REBASE:
+                # No drift moves this far: a broken reading or a swapped sensor, which the
+                # per-window check flags. Start the pair's history again from here.
+                self.base[p] = diff
+                continue
+            z[p] = max(-Z_CAP, min(zp, Z_CAP))
         levels = self._channel_levels(present, z)
         pair_level = 0.0
         for p, zp in z.items():
@@ -115,7 +132,11 @@ class DriftMonitor:
         if len(present) < 3:
             return {i: self.cusum[i].level() for i in present}
         for i in present:
-            steps = [(z[(i, j)] if i < j else -z[(j, i)]) for j in present if j != i]
+            steps = [(z[(i, j)] if i < j else -z[(j, i)]) for j in present
+                     if j != i and ((i, j) in z or (j, i) in z)]
+            if not steps:
+                levels[i] = self.cusum[i].level()
+                continue
             if all(s > 0.0 for s in steps):
                 step = min(steps)
             elif all(s < 0.0 for s in steps):
@@ -166,5 +187,7 @@ class DriftMonitor:
 def _mean_var(st: ChannelStats) -> float:
     """Variance of a window mean from its readings' spread (0 when unknown)."""
     if st.count > 1 and math.isfinite(st.std):
-        return st.std * st.std / st.count
+        var = st.std * st.std / st.count
+        if math.isfinite(var):
+            return var
     return 0.0

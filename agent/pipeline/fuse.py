@@ -56,6 +56,7 @@ def _weighted(items: Sequence[tuple[str, float, float]]) -> tuple[float, float]:
 
 
 VAR_MIN = 1e-30  # far below any sensor's accuracy, far above float underflow
+VAR_MAX = 1e300  # its inverse is still a positive weight
 
 
 def _variances(stats: Sequence[tuple[Member, ChannelStats]]) -> list[float]:
@@ -99,6 +100,8 @@ def fuse(group: str, members: Sequence[Member], channels: dict[str, ChannelStats
     if inflate:
         variances = [v * inflate.get(m.channel, 1.0)
                      for (m, _), v in zip(usable, variances, strict=True)]
+    # A huge spread (values near the float limit) would give a zero weight to every channel.
+    variances = [v if v <= VAR_MAX else VAR_MAX for v in variances]
     items = [(m.channel, st.mean, var) for (m, st), var in zip(usable, variances, strict=True)]
     flags: list[str] = []
     excluded: list[str] = dropped
