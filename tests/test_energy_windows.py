@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.clock import SystemClock
 from agent.config.load import load_config
@@ -96,6 +98,20 @@ def test_a_ramp_matches_the_exact_integral_in_every_window(
         exact = exact_wh(power, x)
         assert x.derived["energy_wh"] == pytest.approx(exact, rel=5e-3)
         assert x.derived["power_mean_w"] == pytest.approx(exact * 3600 / window_s, rel=5e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([0.3, 1.0, 2.0, 3.0]), st.sampled_from([5.0, 10.0]),
+       st.floats(0.0, 0.999))
+def test_any_phase_gives_each_window_its_exact_energy(period_s: float, window_s: float,
+                                                      phase_frac: float) -> None:
+    phase = phase_frac * period_s
+    power = np.polynomial.Polynomial([800.0, 25.0])
+    out = run(period_s, window_s, phase, power, 6 * window_s)
+    full = full_windows(out, phase, period_s, 6 * window_s)
+    assert len(full) >= 4
+    for x, _ in full:
+        assert x.derived["energy_wh"] == pytest.approx(exact_wh(power, x), rel=1e-9)
 
 
 def test_nothing_is_counted_twice_and_windows_close_in_order() -> None:
