@@ -9,7 +9,8 @@ Consistency: with three or more channels, each is compared with the fused estima
 others; the worst one further than ``k`` combined sigmas is excluded and flagged
 ``inconsistent:<channel>``, and the test repeats on the rest while three or more remain. Two
 channels that disagree cannot be told apart: both are kept and the group is flagged
-``disagreement:<group>``.
+``disagreement:<group>``. Across windows, ``agent.pipeline.drift`` watches each group for slow
+drift and tells ``fuse`` which channels to down-weight or leave out before this check runs.
 
 The fused ``ChannelStats`` counts the readings of the channels it used; ``min``/``max`` span
 theirs; ``std`` is the 1-sigma uncertainty of the fused mean (not a spread of readings);
