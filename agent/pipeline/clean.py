@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import Final, TypedDict
 
@@ -87,7 +88,7 @@ class _Channel:
     """Everything the cleaner keeps about one channel, allocated once."""
 
     __slots__ = ("bad", "dropped", "good", "hampel", "last_mono", "name", "newest_ts", "peers",
-                 "policy", "rate", "reasons", "seen_head", "seen_ring", "snap", "stuck",
+                 "policy", "rate", "reasons", "seen_ring", "snap", "stuck",
                  "suspect")
 
     def __init__(self, name: str, policy: ChannelPolicy) -> None:
@@ -100,8 +101,7 @@ class _Channel:
         self.peers: list[_Channel] = []  # redundant channels of the same quantity
         self.snap: list[int] = []  # the peers' changes when the current run of repeats began
         self.newest_ts = -(1 << 63)
-        self.seen_ring: list[int] = []  # the last DEDUP_HISTORY timestamps
-        self.seen_head = 0
+        self.seen_ring: deque[int] = deque(maxlen=DEDUP_HISTORY)  # the latest timestamps
         self.last_mono: int | None = None
         self.good = 0
         self.suspect = 0
@@ -194,12 +194,7 @@ class Cleaner:
         elif ts in ring:
             ch.dropped[DUPLICATE] = ch.dropped.get(DUPLICATE, 0) + 1
             return None
-        head = ch.seen_head
-        if head < len(ring):
-            ring[head] = ts
-        else:
-            ring.append(ts)  # filling up, once
-        ch.seen_head = head + 1 if head + 1 < DEDUP_HISTORY else 0
+        ring.append(ts)  # the oldest falls out
         mono = r.mono_ns
         p = ch.policy
         last_mono = ch.last_mono
@@ -263,7 +258,7 @@ class Cleaner:
             # A frozen value is not a measurement: kept out of the spike window, it cannot
             # shrink the spread there and make the resumed signal look like a spike.
             reasons += (STUCK,)
-        elif stuck is not None and ch.peers and stuck.run > 1 and _frozen(ch, stuck.run):
+        elif stuck is not None and stuck.run > 1 and ch.peers and _frozen(ch, stuck.run):
             reasons += (FROZEN,)
         elif ch.hampel is not None and ch.hampel.is_spike(value):
             reasons += (SPIKE,)

@@ -55,122 +55,131 @@ class Verdict:
 _NONE: Final = Verdict({}, frozenset(), ())
 
 
-class _Cusum:
-    __slots__ = ("down", "up")
-
-    def __init__(self) -> None:
-        self.up = 0.0
-        self.down = 0.0
-
-    def step(self, z: float) -> float:
-        # Capped, so that a channel that comes back is trusted again within a few windows
-        # however long it was off.
-        self.up = min(max(0.0, self.up + z - CUSUM_K), CUSUM_MAX)
-        self.down = min(max(0.0, self.down - z - CUSUM_K), CUSUM_MAX)
-        return self.level()
-
-    def level(self) -> float:
-        return max(self.up, self.down)
+def _step(up: float, down: float, z: float) -> tuple[float, float]:
+    """One two-sided CUSUM step, capped so that a channel that comes back is trusted again
+    within a few windows however long it was off."""
+    up += z - CUSUM_K
+    down -= z + CUSUM_K
+    return (0.0 if up < 0.0 else min(up, CUSUM_MAX),
+            0.0 if down < 0.0 else min(down, CUSUM_MAX))
 
 
 class DriftMonitor:
-    """The cross-window state of one fuse group; ``update`` once per window, in time order."""
+    """The cross-window state of one fuse group; ``update`` once per window, in time order.
+
+    State lives in flat lists indexed by channel and by pair: this runs for every group on
+    every window, beside the readings' hot path."""
 
     def __init__(self, group: str, members: Sequence[Member]) -> None:
         self.group = group
         self.names = [m.channel for m in members]
-        self.floors = [m.sigma_floor for m in members]
         n = len(members)
+        self.n = n
         self.pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-        self.base: dict[tuple[int, int], float] = {}
-        self.pair_cusum = {p: _Cusum() for p in self.pairs}
-        self.cusum = [_Cusum() for _ in range(n)]
+        # The floors' part of each pair's scale (squared): it does not change.
+        self.pair_floor2 = [(SCALE_FRACTION * members[i].sigma_floor) ** 2
+                            + (SCALE_FRACTION * members[j].sigma_floor) ** 2
+                            for i, j in self.pairs]
+        # Channel -> (pair index, +1 when it is the pair's first channel, else -1).
+        self.chan_pairs: list[list[tuple[int, float]]] = [
+            [(k, 1.0 if a == i else -1.0) for k, (a, b) in enumerate(self.pairs) if i in (a, b)]
+            for i in range(n)]
+        self.base: list[float | None] = [None] * len(self.pairs)
+        self.pair_up = [0.0] * len(self.pairs)
+        self.pair_down = [0.0] * len(self.pairs)
+        self.up = [0.0] * n
+        self.down = [0.0] * n
         self.excluded: set[int] = set()
 
+    def level(self, i: int) -> float:
+        """The CUSUM level of channel ``i`` (index in the group)."""
+        return max(self.up[i], self.down[i])
+
     def update(self, channels: Mapping[str, ChannelStats]) -> Verdict:
+        n = self.n
+        means: list[float | None] = [None] * n
+        spread = [0.0] * n
         present: list[int] = []
         for i, name in enumerate(self.names):
             st = channels.get(name)
             if st is not None and st.count > 0 and math.isfinite(st.mean):
                 present.append(i)
+                means[i] = st.mean
+                spread[i] = _mean_var(st)
         if len(present) < 2:
             return _NONE
-        means = {i: channels[self.names[i]].mean for i in present}
-        spread = {i: _mean_var(channels[self.names[i]]) for i in present}
-        z: dict[tuple[int, int], float] = {}
-        for p in self.pairs:
-            i, j = p
-            if i not in means or j not in means:
+        z: list[float | None] = [None] * len(self.pairs)
+        for k, (i, j) in enumerate(self.pairs):
+            mi, mj = means[i], means[j]
+            if mi is None or mj is None:
                 continue
-            diff = means[i] - means[j]
-            if not math.isfinite(diff):
-                continue  # two huge means: no evidence either way
-            base = self.base.get(p)
+            diff = mi - mj
+            base = self.base[k]
             if base is None:
-                base = self.base[p] = diff
-            fi, fj = SCALE_FRACTION * self.floors[i], SCALE_FRACTION * self.floors[j]
-            scale = math.sqrt(fi * fi + fj * fj + spread[i] + spread[j])
+                base = self.base[k] = diff
+            scale = math.sqrt(self.pair_floor2[k] + spread[i] + spread[j])
             zp = (diff - base) / scale if scale > 0.0 else 0.0
-            if not math.isfinite(zp) or abs(zp) > Z_REBASE:
+            if not (-Z_REBASE <= zp <= Z_REBASE):  # NaN too
                 # No drift moves this far: a broken reading or a swapped sensor, which the
                 # per-window check flags. Start the pair's history again from here.
-                self.base[p] = diff
+                self.base[k] = diff if math.isfinite(diff) else None
                 continue
-            z[p] = max(-Z_CAP, min(zp, Z_CAP))
-        levels = self._channel_levels(present, z)
-        pair_level = 0.0
-        for p, zp in z.items():
-            level = self.pair_cusum[p].step(zp)
-            if len(present) == 2:
-                pair_level = level
+            zk = Z_CAP if zp > Z_CAP else (-Z_CAP if zp < -Z_CAP else zp)
+            z[k] = zk
+            self.pair_up[k], self.pair_down[k] = _step(self.pair_up[k], self.pair_down[k], zk)
+        if len(present) >= 3:
+            self._channel_steps(present, z)
         self._follow_baselines(z, means)
-        return self._verdict(present, levels, pair_level)
+        return self._verdict(present, z)
 
-    def _channel_levels(self, present: list[int],
-                        z: dict[tuple[int, int], float]) -> dict[int, float]:
-        levels: dict[int, float] = {}
-        if len(present) < 3:
-            return {i: self.cusum[i].level() for i in present}
+    def _channel_steps(self, present: list[int], z: list[float | None]) -> None:
+        """A channel's step: its pair departure of smallest size, when all its pairs depart the
+        same way (a drifting channel departs from every other; its peers only from it)."""
         for i in present:
-            steps = [(z[(i, j)] if i < j else -z[(j, i)]) for j in present
-                     if j != i and ((i, j) in z or (j, i) in z)]
-            if not steps:
-                levels[i] = self.cusum[i].level()
+            lo = math.inf
+            hi = -math.inf
+            for k, sign in self.chan_pairs[i]:
+                zk = z[k]
+                if zk is None:
+                    continue
+                s = zk * sign
+                lo = min(lo, s)
+                hi = max(hi, s)
+            if lo == math.inf:
                 continue
-            if all(s > 0.0 for s in steps):
-                step = min(steps)
-            elif all(s < 0.0 for s in steps):
-                step = max(steps)
-            else:
-                step = 0.0
-            levels[i] = self.cusum[i].step(step)
-        return levels
+            step = lo if lo > 0.0 else (hi if hi < 0.0 else 0.0)
+            self.up[i], self.down[i] = _step(self.up[i], self.down[i], step)
 
-    def _follow_baselines(self, z: dict[tuple[int, int], float],
-                          means: dict[int, float]) -> None:
-        for (i, j) in z:
-            if self.cusum[i].level() < SUSPECT_S and self.cusum[j].level() < SUSPECT_S \
-                    and self.pair_cusum[(i, j)].level() < SUSPECT_S:
-                base = self.base[(i, j)]
-                self.base[(i, j)] = base + BASELINE_ALPHA * (means[i] - means[j] - base)
+    def _follow_baselines(self, z: list[float | None], means: list[float | None]) -> None:
+        for k, (i, j) in enumerate(self.pairs):
+            mi, mj, base = means[i], means[j], self.base[k]
+            if z[k] is None or mi is None or mj is None or base is None:
+                continue
+            if self.level(i) < SUSPECT_S and self.level(j) < SUSPECT_S \
+                    and max(self.pair_up[k], self.pair_down[k]) < SUSPECT_S:
+                self.base[k] = base + BASELINE_ALPHA * (mi - mj - base)
 
-    def _verdict(self, present: list[int], levels: dict[int, float],
-                 pair_level: float) -> Verdict:
-        flags: list[str] = []
+    def _verdict(self, present: list[int], z: list[float | None]) -> Verdict:
         if len(present) == 2:
-            if pair_level >= CUSUM_H:
-                flags.append(DRIFT + self.group)
-            return Verdict({}, frozenset(), tuple(flags)) if flags else _NONE
+            i, j = present
+            k = self.pairs.index((i, j))
+            if z[k] is not None and max(self.pair_up[k], self.pair_down[k]) >= CUSUM_H:
+                return Verdict({}, frozenset(), (DRIFT + self.group,))
+            return _NONE
+        levels = {i: self.level(i) for i in present}
+        if not self.excluded and max(levels.values()) < SUSPECT_S:
+            return _NONE  # the common case: every channel in line
         for i in list(self.excluded):
-            if levels.get(i, self.cusum[i].level()) < SUSPECT_S:
+            if self.level(i) < SUSPECT_S:
                 self.excluded.discard(i)
-        for i in sorted(present, key=lambda c: -levels[c]):
+        worst_first = sorted(present, key=lambda c: -levels[c])
+        for i in worst_first:
             if levels[i] >= CUSUM_H:
                 self.excluded.add(i)
         # Keep at least two channels: exclude the worst first.
-        kept_out = [i for i in sorted(present, key=lambda c: -levels[c]) if i in self.excluded]
-        kept_out = kept_out[:max(0, len(present) - 2)]
+        kept_out = [i for i in worst_first if i in self.excluded][:max(0, len(present) - 2)]
         exclude = frozenset(self.names[i] for i in kept_out)
+        flags: list[str] = []
         inflate: dict[str, float] = {}
         for i in present:
             name = self.names[i]
