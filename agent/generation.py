@@ -25,7 +25,7 @@ from agent.feed.sharing import SharingPolicy
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage
-from agent.pipeline.clean import Cleaner
+from agent.pipeline.clean import Cleaner, fuse_groups
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.infer import InferenceStage
 from agent.pipeline.windows import Windower
@@ -89,7 +89,7 @@ class Pipeline:
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size,
                                                             "drop_oldest")
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
-        self.cleaner = Cleaner(cfg.sensors, self.clock)
+        self.cleaner = Cleaner(cfg.sensors, self.clock, fuse_groups=fuse_groups(cfg.streams))
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
         self.anomalies = AnomalyStage(cfg)
         models = [m for m in cfg.models if m.enabled]

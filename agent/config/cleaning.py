@@ -133,6 +133,7 @@ class ChannelPolicy:
     noise: float
     stuck_count: int | None
     stale_ns: int | None
+    forget_ns: int | None  # a gap longer than this makes the spike and rate history void
     fuse_sigma: float
     enabled: bool
 
@@ -152,8 +153,13 @@ def resolve(quantity: str, period_s: float | None, opts: CleanOptions | None) ->
     stuck = o.stuck_count if o.stuck_count is not None else d.stuck_count
     factor = pick(o.stale_factor, d.stale_factor)
     stale_ns = None
+    forget_ns = None
     if factor is not None and period_s is not None and "stale" not in skip:
-        stale_ns = int(factor * period_s * 1e9)
+        # Rounded: 3 x 0.3 s is 0.8999999999999999e9 in floating point.
+        stale_ns = round(factor * period_s * 1e9)
+        # The spike window's median lags half a window behind the signal anyway; a gap up to
+        # that long at most doubles the lag, so the old reference still holds.
+        forget_ns = max(stale_ns, round((window or 0) * period_s * 0.5e9))
     ranged = "range" not in skip
     return ChannelPolicy(
         unit=d.unit,
@@ -165,6 +171,7 @@ def resolve(quantity: str, period_s: float | None, opts: CleanOptions | None) ->
         noise=o.noise if o.noise is not None else d.noise,
         stuck_count=None if "stuck" in skip else stuck,
         stale_ns=stale_ns,
+        forget_ns=forget_ns,
         fuse_sigma=o.fuse_sigma if o.fuse_sigma is not None else d.fuse_sigma,
         enabled=o.enabled,
     )
