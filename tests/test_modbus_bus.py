@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 import pytest
 from pymodbus.client.mixin import ModbusClientMixin
 
-from agent.clock import SystemClock
 from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from agent.supervisor import SensorSupervisor
@@ -71,8 +71,7 @@ class Rig:
         return server
 
     def polls(self, name: str) -> list[list[Reading]]:
-        n = len(self.sensors[name].requests and
-                [p for r in self.sensors[name].requests for p in r.points])
+        n = sum(len(r.points) for r in self.sensors[name].requests)
         rs = self.out[name]
         return [rs[i:i + n] for i in range(0, len(rs) - n + 1, n)]
 
@@ -125,7 +124,7 @@ def check_exact(r: Rig, name: str, served: list[tuple[int, int, int, int, tuple[
 def assert_every_poll(r: Rig, name: str, seconds: float) -> None:
     starts = [poll[0].mono_ns for poll in r.polls(name)]
     assert len(starts) >= int(seconds), (name, len(starts))
-    gaps = [(b - a) / 1e9 for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(starts)]
     assert max(gaps) < 1.5, (name, max(gaps))  # a missed 1 Hz poll shows as a 2 s gap
 
 
@@ -241,9 +240,3 @@ async def test_a_tcp_unit_that_never_answers_delays_no_other(ctx: BuildContext) 
         await slow
     await a.close()
     await b.close()
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[BuildContext]:
-    async with contextlib.AsyncExitStack() as stack:
-        yield BuildContext(SystemClock(), stack)

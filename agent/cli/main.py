@@ -32,6 +32,7 @@ PLUGIN_MODULES = (
     "agent.cli.control",
     "drivers.i2c.cli",
     "drivers.serial.cli",
+    "drivers.modbus.cli",
     "models.cli",
     "firmware_bridge.cli",
     "agent.cli.service",
