@@ -263,10 +263,10 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
     print(f"  document: {prof.document}")
     print(f"  line: {prof.baudrate} baud 8{prof.parity}{prof.stopbits}, "
           f"up to {prof.max_registers} registers a request")
-    for p in loaded.points:
-        bits = f" bits {p.bit}..{p.bit + p.width - 1}" if p.bit is not None else ""
-        print(f"  {p.table:<8} {p.address:#06x} {p.type:<4} {p.order}{bits:<10} "
-              f"x{p.scale:g}{p.offset:+g} {p.device_unit:>6} -> {p.quantity} [{p.unit}]")
+    for pt in loaded.points:
+        bits = f" bits {pt.bit}..{pt.bit + pt.width - 1}" if pt.bit is not None else ""
+        print(f"  {pt.table:<8} {pt.address:#06x} {pt.type:<4} {pt.order}{bits:<10} "
+              f"x{pt.scale:g}{pt.offset:+g} {pt.device_unit:>6} -> {pt.quantity} [{pt.unit}]")
     print(f"  {len(reqs)} request(s) a poll: "
           + ", ".join(f"{r.table} {r.start:#06x}+{r.count}" for r in reqs))
     return 0
