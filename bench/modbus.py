@@ -11,7 +11,9 @@ Rows printed:
 
   line-rate limit       (baud / 10) bytes/s / the bytes one round of polls puts on the wire
                         (requests + replies; the 3.5-character silences excluded)
-  limit with silences   the same with the 3.5-character gap Modbus demands before each frame
+  limit with silences   the same with the 3.5-character silence the driver keeps before each
+                        request (the emulator adds none before its replies; a real device
+                        must, so a real line is slower still)
   edge-agent driver     measured polls/s, and its ratio to the line-rate limit
   pymodbus client       the same requests through pymodbus's async serial client, same line
 
@@ -108,7 +110,7 @@ async def main() -> None:
 
     per_round = [plan_for(PROFILES[i % 3]) for i in range(args.units)]
     round_bytes = sum(wire_bytes(r) for r in per_round)
-    frames = sum(2 * len(r) for r in per_round)
+    frames = sum(len(r) for r in per_round)
     bytes_per_s = args.baud / BITS_PER_BYTE
     limit = bytes_per_s / round_bytes * args.units
     limit_gaps = bytes_per_s / (round_bytes + 3.5 * frames) * args.units
@@ -128,7 +130,7 @@ async def main() -> None:
           f"per round of polls; emulator paced to the baud rate, {args.seconds:g} s each")
     print(f"  {'line-rate limit':<24} {limit:8.2f} polls/s")
     print(f"  {'limit with silences':<24} {limit_gaps:8.2f} polls/s  (3.5 chars before "
-          f"each of {frames} frames)")
+          f"each of {frames} requests)")
     print(f"  {'edge-agent driver':<24} {ours:8.2f} polls/s  ratio {ours / limit:.2f} "
           f"({polls} polls)")
     print(f"  {'pymodbus client':<24} {theirs:8.2f} polls/s  ratio {theirs / limit:.2f}")

@@ -102,6 +102,15 @@ def build(cfg: Any, ctx: BuildContext) -> ModbusSensor:
     if not isinstance(link, (RtuLine, TcpLink)):
         raise ConfigurationError(f"port {path} is already used by another kind of driver",
                                  where=where)
+    if isinstance(link, RtuLine):
+        have = (link.port.baudrate, link.port.parity, link.port.stopbits)
+        want = (spec.baudrate, spec.parity, spec.stopbits)
+        if have != want:
+            raise ConfigurationError(
+                f"port {path} runs at {have[0]} baud 8{have[1]}{have[2]} for the units already "
+                f"on it; this unit asks for {want[0]} baud 8{want[1]}{want[2]} (set the "
+                "`baudrate`, `parity`, `stopbits` options: every unit on a line shares them)",
+                where=where)
     requests = plan(spec.points, spec.max_registers, spec.max_gap)
     return ModbusSensor(cfg.name, ctx.clock, cfg.period_s, link, unit=unit, requests=requests,
                         timeout_s=cfg.timeout_s, retries=spec.options.retries)
