@@ -17,7 +17,7 @@ from pymodbus.client.mixin import ModbusClientMixin
 from agent.config.schema import SensorConfig
 from agent.readings import Reading
 from agent.supervisor import SensorSupervisor
-from drivers.base import BuildContext, DeviceNotReady, ProtocolError
+from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, ProtocolError
 from drivers.emulated.modbus import ModbusRtuLine, ModbusTcpServer
 from drivers.modbus.decode import physical
 from drivers.modbus.profile import BIT_TABLES, ResolvedPoint
@@ -48,7 +48,8 @@ def oracle(p: ResolvedPoint, words: tuple[int, ...]) -> float:
 def modbus_cfg(name: str, profile: str, unit: int, transport: str = "rtu") -> SensorConfig:
     return SensorConfig(name=name, driver="modbus", port="emulated", address=unit,
                         period_s=1.0, timeout_s=0.2,
-                        options={"profile": profile, "retries": 1,
+                        # One rate for every unit on the line (the SDM120 ships at 2400).
+                        options={"profile": profile, "retries": 1, "baudrate": 9600,
                                  "emulator": {"bus": "rs485", "transport": transport}})
 
 
@@ -223,6 +224,14 @@ async def test_tcp_reconnects_after_the_server_vanishes(ctx: BuildContext) -> No
     assert ok
     assert s.link.connects == 2  # type: ignore[attr-defined]
     await s.close()
+
+
+async def test_units_at_different_rates_cannot_share_a_line(ctx: BuildContext) -> None:
+    build_sensor(modbus_cfg("a", "eastron-sdm630", 1), ctx)
+    slow = modbus_cfg("b", "eastron-sdm120", 2)
+    slow = slow.model_copy(update={"options": {**slow.options, "baudrate": 2400}})
+    with pytest.raises(ConfigurationError, match=r"runs at 9600 baud 8N1.*asks for 2400"):
+        build_sensor(slow, ctx)
 
 
 async def test_a_tcp_unit_that_never_answers_delays_no_other(ctx: BuildContext) -> None:
