@@ -36,6 +36,7 @@ class DriverInfo:
     addresses: tuple[int, ...] = ()  # I2C addresses the chip can be strapped to
     emulator: str = ""  # module with ``emulate(cfg, ctx)`` for an "emulated" port or bus
     options: str = ""  # "module:function" returning the problems of a sensor's options
+    clean: str = ""  # "module:function" returning per-quantity cleaning defaults of a sensor
     origin: str = "built-in"
 
 
@@ -60,7 +61,8 @@ DRIVERS: dict[str, DriverInfo] = {
     "modbus": DriverInfo("drivers.modbus.sensor", "serial",
                          "Any Modbus RTU/TCP device from a profile or inline points",
                          emulator="drivers.emulated.modbus",
-                         options="drivers.modbus.options:problems"),
+                         options="drivers.modbus.options:problems",
+                         clean="drivers.modbus.options:clean_defaults"),
     "bridge": DriverInfo("firmware_bridge.sensor", "bridge", "Sensor microcontroller over UART"),
     "synthetic": DriverInfo("drivers.synthetic", "virtual",
                             "Generated signal, for tests and demos"),
@@ -136,6 +138,18 @@ def options_problems(driver: str, options: dict[str, Any]) -> list[str]:
                 f"{str(e['msg']).removeprefix('Value error, ')}"
                 for e in exc.errors(include_url=False)]
     return []
+
+
+def clean_defaults(driver: str, options: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Cleaning defaults a driver derives from a sensor's options (a Modbus profile's points):
+    quantity -> (where they are written, `[sensors.clean.<quantity>]` keys)."""
+    info_ = DRIVERS.get(driver)
+    if info_ is None or not info_.clean:
+        return {}
+    module, _, func = info_.clean.partition(":")
+    hook: Callable[[dict[str, Any]], dict[str, tuple[str, dict[str, Any]]]] = getattr(
+        importlib.import_module(module), func)
+    return hook(options)
 
 
 def builder(driver: str) -> Callable[..., Sensor]:

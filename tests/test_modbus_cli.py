@@ -161,3 +161,30 @@ def test_read_decodes_a_block_every_way(line: ModbusRtuLine,
                  "--count", "126"]) == 2
     assert main(["modbus", "read", line.path, "--unit", "9", "--address", "0", "--count", "2",
                  "--timeout", "0.05"]) == 1
+
+
+def test_profile_points_carry_cleaning_defaults_the_sensor_can_override(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.config.cleaning import resolve as policy
+    from agent.config.load import load_config
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[gateway]\nid = "gw"\n[[sensors]]\nname = "m"\ndriver = "modbus"\n'
+                   'port = "/dev/ttyUSB0"\naddress = 1\n'
+                   f'options = {{ profile = "eastron-sdm630", profiles_dir = "{tmp_path}" }}\n'
+                   '[sensors.clean.active_power]\nmax = 50000.0\n')
+    s = load_config(cfg).sensor("m")
+    total = policy("active_power", 1.0, s.clean["active_power"])
+    assert (total.min, total.max) == (-70000.0, 50000.0)  # profile's min, sensor's max
+    assert policy("power_factor_l2", 1.0, s.clean.get("power_factor_l2")).min == -1.0
+    assert policy("voltage_l1", 1.0, s.clean.get("voltage_l1")).max == 300.0  # as `voltage`
+    (tmp_path / "bad.toml").write_text(profile_text(
+        'quantity = "current"\naddress = 6\ntype = "f32"\nunit = "A"\n'
+        'clean = { min = 5.0, max = 1.0, colour = "red" }\n'))
+    cfg.write_text('[gateway]\nid = "gw"\n[[sensors]]\nname = "m"\ndriver = "modbus"\n'
+                   'port = "/dev/ttyUSB0"\naddress = 1\n'
+                   f'options = {{ profile = "bad", profiles_dir = "{tmp_path}" }}\n')
+    assert main(["config", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "bad.toml") in err and "point current" in err
+    assert "key clean.colour" in err

@@ -19,9 +19,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.anomaly.thresholds import ThresholdsError, load_thresholds
+from agent.config.cleaning import CleanOptions
 from agent.config.env import apply_env
 from agent.config.schema import AgentConfig, SensorConfig, StreamConfig, is_loopback
-from drivers.registry import DRIVERS, kind_of
+from drivers.registry import DRIVERS, clean_defaults, kind_of
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,35 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
     except ValidationError as exc:
         raise ConfigError(source, _problems(exc) + _partial_checks(data)) from None
     problems = _cross_check(cfg)
+    sensors, clean_problems = _with_driver_cleaning(cfg)
+    problems += clean_problems
     if problems:
         raise ConfigError(source, problems)
-    return cfg
+    return cfg.model_copy(update={"sensors": sensors}) if sensors != cfg.sensors else cfg
+
+
+def _with_driver_cleaning(cfg: AgentConfig) -> tuple[list[SensorConfig], list[Problem]]:
+    """Sensors with the cleaning defaults their driver derives (a Modbus profile's points)
+    merged under their own `[sensors.clean.<quantity>]` keys, which win."""
+    out: list[SensorConfig] = []
+    problems: list[Problem] = []
+    for i, s in enumerate(cfg.sensors):
+        derived = clean_defaults(s.driver, s.options)
+        if not derived:
+            out.append(s)
+            continue
+        merged = dict(s.clean)
+        for quantity, (where, keys) in derived.items():
+            own = s.clean.get(quantity)
+            data = {**keys, **(own.model_dump(exclude_unset=True) if own else {})}
+            try:
+                merged[quantity] = CleanOptions.model_validate(data)
+            except ValidationError as exc:
+                for p in _problems(exc):
+                    problems.append(Problem(f"sensors[{i}]", "",
+                                            f"{where}: key clean.{p.path}: {p.reason}"))
+        out.append(s.model_copy(update={"clean": merged}))
+    return out, problems
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:

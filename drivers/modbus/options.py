@@ -110,7 +110,8 @@ def resolve(options: dict[str, Any]) -> Spec:
 def _as_point(r: ResolvedPoint) -> Point:
     return Point(quantity=r.quantity, address=r.address, table=r.table,  # type: ignore[arg-type]
                  type=r.type, order=r.order, bit=r.bit,  # type: ignore[arg-type]
-                 width=r.width, scale=r.scale, offset=r.offset, unit=r.device_unit)
+                 width=r.width, scale=r.scale, offset=r.offset, unit=r.device_unit,
+                 clean=dict(r.clean))
 
 
 def problems(options: dict[str, Any]) -> list[str]:
@@ -120,6 +121,22 @@ def problems(options: dict[str, Any]) -> list[str]:
     except ProfileError as exc:
         return [str(exc)]
     return []
+
+
+def clean_defaults(options: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Per quantity, (where it is written, the cleaning defaults its point carries)."""
+    try:
+        spec = resolve(options)
+    except ProfileError:
+        return {}  # reported by ``problems``
+    where = spec.profile.path if spec.profile else "options"
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    own = {p.quantity for p in spec.options.points}
+    for p in spec.points:
+        if p.clean:
+            source = "options" if p.quantity in own else where
+            out[p.quantity] = (f"{source}: point {p.quantity}", dict(p.clean))
+    return out
 
 
 def tcp_target(port: str) -> tuple[str, int] | None:

@@ -61,6 +61,9 @@ class Point(_Frozen):
     offset: Finite = 0.0
     unit: str = "1"
     description: str = ""
+    clean: dict[str, Any] = Field(default_factory=dict)
+    """Cleaning defaults of this point's quantity, as `[sensors.clean.<quantity>]` takes them
+    (canonical units); a sensor's own `[sensors.clean.<quantity>]` keys override them."""
 
     @field_validator("type", mode="before")
     @classmethod
@@ -112,6 +115,7 @@ class ResolvedPoint:
     unit: str  # canonical
     factor: float  # device unit -> canonical unit
     device_unit: str
+    clean: tuple[tuple[str, Any], ...] = ()
 
     @property
     def span(self) -> int:
@@ -186,7 +190,8 @@ def resolve_points(points: Sequence[Point], table: str, order: str, max_register
         unit, factor = canonical(p.unit)
         tab = p.table or table
         r = ResolvedPoint(p.quantity, tab, p.address, p.type, p.order or order, p.bit,
-                          p.width, p.scale, p.offset, unit, factor, p.unit)
+                          p.width, p.scale, p.offset, unit, factor, p.unit,
+                          tuple(sorted(p.clean.items())))
         if p.quantity in seen:
             problems.append(f"{label}: key quantity: {p.quantity!r} is already {seen[p.quantity]}")
         seen.setdefault(p.quantity, label)
