@@ -191,6 +191,9 @@ async def test_exception_and_crc_faults_are_retried_and_counted(ctx: BuildContex
     unit.inject_corrupt(1)
     assert len(await s.sample()) == 28
     assert s.counters["crc_errors"] >= 1 and s.counters["retries"] == 2
+    line.inject("garbage", 1)  # noise on the line before a reply: resynchronised, no retry
+    assert len(await s.sample()) == 28
+    assert s.counters["garbage_bytes"] >= 16 and s.counters["retries"] == 2
     unit.inject_exception(0x02)  # illegal data address: the request is wrong, no retry
     with pytest.raises(ProtocolError, match="illegal data address"):
         await s.sample()
