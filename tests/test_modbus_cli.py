@@ -180,7 +180,7 @@ def test_profile_points_carry_cleaning_defaults_the_sensor_can_override(
     assert policy("voltage_l1", 1.0, s.clean.get("voltage_l1")).max == 300.0  # as `voltage`
     (tmp_path / "bad.toml").write_text(profile_text(
         'quantity = "current"\naddress = 6\ntype = "f32"\nunit = "A"\n'
-        'clean = { min = 5.0, max = 1.0, colour = "red" }\n'))
+        'clean = { min = 5.0, max = 1.0, colour = 1.0 }\n'))
     cfg.write_text('[gateway]\nid = "gw"\n[[sensors]]\nname = "m"\ndriver = "modbus"\n'
                    'port = "/dev/ttyUSB0"\naddress = 1\n'
                    f'options = {{ profile = "bad", profiles_dir = "{tmp_path}" }}\n')

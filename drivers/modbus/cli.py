@@ -205,11 +205,11 @@ def cmd_read(args: argparse.Namespace) -> int:
           f"{args.address + len(regs) - 1:#06x}")
     cols = [(t, o) for t, orders in table.items() for o in orders]
     for group in (cols[:4], cols[4:12], cols[12:16], cols[16:]):
-        head = "addr    hex   " + "".join(f"{t + ' ' + o:>14}" for t, o in group)
-        print(head)
+        w = 2 + max(14, *(len(_fmt(v)) for t, o in group for v in table[t][o]))
+        print("addr    hex  " + "".join(f"{t + ' ' + o:>{w}}" for t, o in group))
         for i, r in enumerate(regs):
-            cells = "".join(f"{_fmt(table[t][o][i]):>14}" for t, o in group)
-            print(f"{args.address + i:#06x} {r:04x}  {cells}")
+            cells = "".join(f"{_fmt(table[t][o][i]):>{w}}" for t, o in group)
+            print(f"{args.address + i:#06x} {r:04x} {cells}")
         print()
     return 0
 

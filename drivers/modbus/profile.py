@@ -87,6 +87,18 @@ class Point(_Frozen):
                              f"{', '.join(sorted(u for u in UNIT_MAP if u))})")
         return v
 
+    @field_validator("clean")
+    @classmethod
+    def _clean(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # The keys are checked against the cleaning options when a config loads the profile.
+        for key, value in v.items():
+            scalar = isinstance(value, (bool, int, float))
+            names = isinstance(value, list) and all(isinstance(x, str) for x in value)
+            if not (scalar or names):
+                raise ValueError(f"{key}: a cleaning value is a number, true/false or a list "
+                                 "of check names")
+        return v
+
     @field_validator("scale")
     @classmethod
     def _scale(cls, v: float) -> float:
