@@ -98,7 +98,11 @@ def test_plugin_options_are_validated_by_its_own_model(
     assert main(["config", "check", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "sensors[0]" in err and "options.step" in err and "options.colour" in err
-    assert "sensors[1]" not in err  # a plugin that cannot load is reported when it runs
+    assert "sensors[1]" not in err  # a plugin that cannot load does not make the file invalid
+    cfg.write_text('[gateway]\nid = "gw"\n[[sensors]]\nname = "b"\ndriver = "broken"\n')
+    assert main(["config", "check", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: sensors[0] (b)" in err and "libfoo" in err
     cfg.write_text('[gateway]\nid = "gw"\n[[sensors]]\nname = "c"\ndriver = "hello"\n'
                    'options = { step = 2.5 }\n')
     assert main(["config", "check", str(cfg)]) == 0
