@@ -17,7 +17,8 @@ BAD: Final = "bad"
 
 # Canonical units; drivers convert to these before building a Reading.
 UNITS: Final = frozenset(
-    {"degC", "Pa", "%RH", "V", "A", "W", "Wh", "Hz", "m/s", "ug/m3", "count", "1", "s", "veh/h"}
+    {"degC", "Pa", "%RH", "V", "A", "W", "Wh", "Hz", "m/s", "ug/m3", "count", "1", "s", "veh/h",
+     "var", "VA", "varh", "VAh", "deg"}
 )
 
 

@@ -98,6 +98,11 @@ DEFAULTS: Final[dict[str, QuantityDefaults]] = {
     "energy": QuantityDefaults("Wh", 0.0, 1e7),
     "frequency": QuantityDefaults("Hz", 40.0, 70.0, 2.0, noise=0.1, fuse_sigma=0.1),
     "power_factor": QuantityDefaults("1", 0.0, 1.0),
+    # Modbus energy meters (Eastron SDM120/SDM630): signed where power can flow both ways.
+    "apparent_power": QuantityDefaults("VA", 0.0, 1e6, noise=0.1),
+    "reactive_power": QuantityDefaults("var", -1e6, 1e6, noise=0.1),
+    "reactive_energy": QuantityDefaults("varh", 0.0, 1e10),
+    "phase_angle": QuantityDefaults("deg", -180.0, 360.0),
     "alarm": QuantityDefaults("1", 0.0, 1.0),
     "speed_in": QuantityDefaults("m/s", 0.0, 90.0, stale_factor=None),
     "speed_out": QuantityDefaults("m/s", 0.0, 90.0, stale_factor=None),
@@ -138,9 +143,24 @@ class ChannelPolicy:
     enabled: bool
 
 
+def defaults_for(quantity: str) -> QuantityDefaults:
+    """The defaults of ``quantity``, or of the longest known quantity it extends with ``_...``
+    (a meter's `voltage_l1`, `energy_export`, `power_factor_l2` are checked as voltage,
+    energy, power factor)."""
+    d = DEFAULTS.get(quantity)
+    if d is not None:
+        return d
+    parts = quantity.split("_")
+    for n in range(len(parts) - 1, 0, -1):
+        d = DEFAULTS.get("_".join(parts[:n]))
+        if d is not None:
+            return d
+    return GENERIC
+
+
 def resolve(quantity: str, period_s: float | None, opts: CleanOptions | None) -> ChannelPolicy:
     """Merge a channel's overrides with the defaults of its quantity."""
-    d = DEFAULTS.get(quantity, GENERIC)
+    d = defaults_for(quantity)
     o = opts if opts is not None else CleanOptions()
     skip = o.skip
 

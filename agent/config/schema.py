@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from agent.config.cleaning import CleanOptions
-from drivers.registry import DRIVERS
+from drivers import registry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -59,13 +59,15 @@ class SensorConfig(_Frozen):
     name: Name
     """Unique name; readings are keyed `name.quantity`."""
     driver: str
-    """One of the known drivers (`edge-agent sensors drivers` lists them)."""
+    """One of the known drivers, built in or from a plugin package (`edge-agent sensors
+    drivers` lists them)."""
     bus: int | Literal["emulated"] | None = None
     """I2C bus number N (`/dev/i2c-N`), or `"emulated"`. I2C drivers only."""
     port: str | None = None
-    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only."""
+    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only;
+    `modbus` also takes `tcp://HOST:PORT` for Modbus TCP."""
     address: int | None = None
-    """7-bit I2C address (e.g. `0x76`), or the Modbus address of a PZEM meter."""
+    """7-bit I2C address (e.g. `0x76`), or the Modbus unit id (`modbus`, `pzem004t`)."""
     period_s: PositiveSeconds = 1.0
     """Seconds between polls (polled drivers) or the expected report interval (streaming)."""
     timeout_s: PositiveSeconds = 2.0
@@ -73,16 +75,25 @@ class SensorConfig(_Frozen):
     enabled: bool = True
     """A disabled sensor is kept in the file but not started."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Driver-specific options (see the driver's documentation)."""
+    """Driver-specific options (see the driver's documentation), checked by the driver's own
+    rules: `modbus` loads its profile here, a plugin validates them with its pydantic model."""
     clean: dict[str, CleanOptions] = Field(default_factory=dict)
     """Cleaning overrides by quantity, e.g. `[sensors.clean.temperature] max = 60`."""
 
     @field_validator("driver")
     @classmethod
     def _known_driver(cls, v: str) -> str:
-        if v not in DRIVERS:
-            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(sorted(DRIVERS))})")
+        known = registry.known()
+        if v not in known:
+            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(known)})")
         return v
+
+    @model_validator(mode="after")
+    def _driver_options(self) -> SensorConfig:
+        problems = registry.options_problems(self.driver, self.options)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("address", mode="before")
     @classmethod
