@@ -27,6 +27,7 @@ from agent.control.server import ControlServer, ControlSocketError
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage
 from agent.sdnotify import Notifier
+from agent.web.server import WebConfigError, WebServer
 from drivers.base import BuildContext
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Agent:
         self.ready = asyncio.Event()
         self.control: ControlServer | None = None
         self.infer: InferenceStage | None = None
+        self.web: WebServer | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -103,11 +105,15 @@ class Agent:
         self.control = ControlServer(self.cfg.control.socket, self,
                                      export_dir=Path(self.cfg.outbox.path).parent)
         control_task = asyncio.create_task(self._serve_control(), name="control")
+        web_task = self._start_web()
         try:
             return await self._generations()
         finally:
-            control_task.cancel()
-            await asyncio.gather(control_task, return_exceptions=True)
+            for task in (control_task, web_task):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (control_task, web_task) if t is not None),
+                                 return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             if self.infer is not None:
@@ -122,6 +128,24 @@ class Agent:
             # The pipeline matters more than the technician's socket: run on without it.
             log.error("control socket %s unavailable: %s", self.cfg.control.socket, exc)
 
+    def _start_web(self) -> asyncio.Task[None] | None:
+        """The status page and /metrics, when configured; they live across reloads (a change
+        to ``[web]`` takes effect on restart)."""
+        if not self.cfg.web.enabled():
+            return None
+        try:
+            self.web = WebServer(self.cfg.web, self)
+        except WebConfigError as exc:
+            log.error("status page and metrics off: %s", exc)
+            return None
+        return asyncio.create_task(self._serve_web(self.web), name="web")
+
+    async def _serve_web(self, web: WebServer) -> None:
+        try:
+            await web.serve()
+        except (WebConfigError, OSError) as exc:
+            log.error("status page and metrics off: %s", exc)
+
     async def _generations(self) -> int:
         while True:
             self.generation += 1
@@ -131,6 +155,8 @@ class Agent:
             pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,
                                 infer=self.infer)
             self.pipeline = pipeline
+            if self.web is not None:
+                self.web.attach(pipeline)
             gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
             stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
             reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")

@@ -345,6 +345,31 @@ class ControlConfig(_Frozen):
     """Unix socket of the local control interface used by the CLI."""
 
 
+class WebConfig(_Frozen):
+    page: bool = False
+    """Serve the read-only status page (`/`) with live updates."""
+    metrics: bool = False
+    """Serve Prometheus / OpenMetrics text on `/metrics` (on its own or beside the page)."""
+    bind: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback needs `token_file`."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    """TCP port of the page and `/metrics` (0: any free port, logged at start)."""
+    token_file: str = ""
+    """File whose first line is the access token (HTTP Basic password or Bearer token);
+    required for a non-loopback `bind`, optional on loopback."""
+    max_clients: Annotated[int, Field(ge=1, le=64)] = 8
+    """Connections served at once (live pages included); more are refused with 503."""
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> WebConfig:
+        if (self.page or self.metrics) and not is_loopback(self.bind) and not self.token_file:
+            raise ValueError(f"bind {self.bind!r} is not loopback: set web.token_file")
+        return self
+
+    def enabled(self) -> bool:
+        return self.page or self.metrics
+
+
 class RuntimeConfig(_Frozen):
     queue_size: Annotated[int, Field(ge=16)] = 4096
     """Readings queued between acquisition and cleaning; the oldest are dropped past it."""
@@ -382,6 +407,8 @@ class AgentConfig(_Frozen):
     """The local control socket."""
     runtime: RuntimeConfig = RuntimeConfig()
     """Queues, supervision and shutdown."""
+    web: WebConfig = WebConfig()
+    """The local status page and the Prometheus endpoint (both off by default)."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:

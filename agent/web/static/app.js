@@ -1,0 +1,225 @@
+// The status page: one fetch of the last hour, then server-sent events. Plain DOM and SVG,
+// no framework, no build step, nothing from the network but this agent.
+"use strict";
+
+const HOUR_S = 3600;
+const MAX_POINTS = 3600;
+const state = { summary: null, series: {}, outputs: {}, outboxRows: [], uplink: [],
+                windows: {}, warnings: [] };
+const built = { sensors: {}, models: {} };
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function fmt(v, unit) {
+  if (v === null || v === undefined) return "–";
+  if (typeof v !== "number") return String(v);
+  const a = Math.abs(v);
+  if (unit === "1") unit = "";
+  const s = Number.isInteger(v) ? String(v) : a >= 1000 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(2);
+  return unit ? `${s} ${unit}` : s;
+}
+
+function push(arr, t, v) {
+  if (typeof v !== "number" || !isFinite(v)) return;
+  if (arr.length && t < arr[arr.length - 1][0]) return;
+  arr.push([t, v]);
+  const cutoff = Date.now() / 1000 - HOUR_S;
+  while (arr.length && (arr[0][0] < cutoff || arr.length > MAX_POINTS)) arr.shift();
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function sparkline(svg, points) {
+  svg.replaceChildren();
+  svg.classList.toggle("empty", points.length < 2);
+  if (points.length < 2) return;
+  const t0 = points[0][0], t1 = points[points.length - 1][0];
+  let lo = Infinity, hi = -Infinity;
+  for (const [, v] of points) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  const span = hi - lo || 1, w = t1 - t0 || 1;
+  const pts = points.map(([t, v]) =>
+    `${(100 * (t - t0) / w).toFixed(2)},${(24 - 22 * (v - lo) / span).toFixed(2)}`).join(" ");
+  const line = document.createElementNS(SVG_NS, "polyline");
+  line.setAttribute("points", pts);
+  line.setAttribute("vector-effect", "non-scaling-stroke");
+  svg.append(line);
+}
+
+function sparkSvg(key) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("class", "spark empty");
+  svg.setAttribute("viewBox", "0 0 100 26");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.dataset.series = key;
+  return svg;
+}
+
+function renderSensors() {
+  const root = document.getElementById("sensors");
+  for (const s of state.summary.sensors) {
+    let card = built.sensors[s.name];
+    if (!card) {
+      card = el("div", { class: "sensor", "data-sensor": s.name },
+        el("div", { class: "head" }, el("span", { class: "name" }, s.name),
+           el("span", { class: "driver" }, s.driver), el("span", { class: "badge state" })),
+        el("div", { class: "quantities" }), el("div", { class: "muted error" }));
+      root.append(card);
+      built.sensors[s.name] = card;
+    }
+    const badge = card.querySelector(".state");
+    badge.textContent = s.state; badge.className = `badge state ${s.state}`;
+    card.querySelector(".error").textContent = s.state === "up" ? "" : (s.last_error || "");
+    const quantities = new Set(Object.keys(s.last_values || {}));
+    for (const ch of Object.keys(state.series))
+      if (ch.startsWith(s.name + ".")) quantities.add(ch.slice(s.name.length + 1));
+    const box = card.querySelector(".quantities");
+    for (const q of [...quantities].sort()) {
+      const ch = `${s.name}.${q}`;
+      let row = box.querySelector(`[data-channel="${CSS.escape(ch)}"]`);
+      if (!row) {
+        row = el("div", { class: "q", "data-channel": ch }, el("span", { class: "label" }, q),
+                 el("span", { class: "value" }), sparkSvg(ch));
+        box.append(row);
+      }
+      const last = (s.last_values || {})[q];
+      const live = state.series[ch] || [];
+      const value = last ? last.value : (live.length ? live[live.length - 1][1] : null);
+      row.querySelector(".value").textContent = fmt(value, last ? last.unit : "");
+      sparkline(row.querySelector("svg"), live);
+    }
+  }
+}
+
+function renderModels() {
+  const root = document.getElementById("models");
+  const models = state.summary.models || {};
+  if (!Object.keys(models).length) root.textContent = "No model configured.";
+  for (const [name, m] of Object.entries(models)) {
+    let box = built.models[name];
+    if (!box) {
+      box = el("div", { class: "model", "data-model": name });
+      root.append(box);
+      built.models[name] = box;
+    }
+    const rows = [el("tr", {}, el("th", {}, name),
+      el("td", {}, el("span", { class: `badge ${m.source || ""}` }, m.source || "–")),
+      el("td", {}, `skill ${fmt(m.skill)}`), el("td", {}, `${fmt(m.latency_ms, "ms")}`),
+      el("td", { class: "muted" }, (m.version || "").slice(0, 10)))];
+    for (const [out, v] of Object.entries(m.last_outputs || {})) {
+      const key = `${name}.${out}`;
+      const spark = sparkSvg(key);
+      sparkline(spark, state.outputs[key] || []);
+      rows.push(el("tr", { class: "output" }, el("td", {}, out), el("td", { class: "num" }, fmt(v)),
+                   el("td", { colspan: "3" }, spark)));
+    }
+    box.replaceChildren(el("table", {}, ...rows));
+  }
+}
+
+function renderOutbox() {
+  const ob = state.summary.outbox || {}, up = state.summary.uplink || {};
+  const spark = sparkSvg("outbox.rows");
+  sparkline(spark, state.outboxRows);
+  const strip = el("div", { class: "strip", title: "uplink state, last hour" },
+    ...state.uplink.slice(-120).map(([, s]) => el("span", { class: s })));
+  const drops = Object.entries(ob.drops || {}).map(([k, v]) => `${k} ${v}`).join(", ") || "none";
+  document.getElementById("outbox").replaceChildren(
+    el("table", {},
+      el("tr", {}, el("td", {}, "stored"), el("td", { class: "num", id: "outbox-rows" },
+                                           fmt(ob.rows)), el("td", {}, "messages")),
+      el("tr", {}, el("td", {}, "size"), el("td", { class: "num" }, fmt(ob.bytes)),
+         el("td", {}, "bytes")),
+      el("tr", {}, el("td", {}, "oldest"), el("td", { class: "num" }, fmt(ob.oldest_age_s)),
+         el("td", {}, "s")),
+      el("tr", {}, el("td", {}, "dropped"), el("td", { colspan: "2" }, drops)),
+      el("tr", {}, el("td", {}, "quarantined"), el("td", { class: "num" }, fmt(ob.quarantine_rows)),
+         el("td", {}, ""))),
+    spark,
+    el("p", {}, "uplink ", el("span", { class: `badge ${up.state}`, id: "uplink-state" }, up.state || "–"),
+       ` ${up.broker || ""} · PUBACK ${fmt(up.puback_latency_ms, "ms")} · reconnects ${fmt(up.reconnects)}`),
+    strip);
+}
+
+function renderWindows() {
+  const rows = [];
+  for (const [stream, w] of Object.entries(state.windows)) {
+    const end = new Date(w.end_ns / 1e6).toLocaleTimeString();
+    rows.push(el("tr", {}, el("th", { colspan: "3" }, `${stream} · ${end}`)));
+    for (const [ch, c] of Object.entries(w.channels || {}))
+      rows.push(el("tr", {}, el("td", {}, ch), el("td", { class: "num" }, fmt(c.mean, c.unit)),
+                   el("td", { class: "num muted" }, `n=${c.count}`)));
+  }
+  document.getElementById("windows").replaceChildren(
+    rows.length ? el("table", {}, ...rows) : "No window closed yet.");
+}
+
+function renderWarnings() {
+  const items = state.warnings.slice(-20).reverse().map(w =>
+    el("li", { class: w.level }, `${new Date(w.ts * 1000).toLocaleTimeString()} ${w.logger}: ${w.message}`));
+  document.getElementById("warnings").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "none")]));
+}
+
+function render() {
+  if (!state.summary) return;
+  const a = state.summary.agent || {};
+  document.getElementById("gateway").textContent = a.gateway || "";
+  document.getElementById("version").textContent = a.version ? `v${a.version}` : "";
+  document.getElementById("uptime").textContent = a.uptime_s ? `up ${fmt(a.uptime_s)} s` : "";
+  renderSensors(); renderModels(); renderOutbox(); renderWindows(); renderWarnings();
+}
+
+let pending = false;
+function schedule() {
+  if (pending) return;
+  pending = true;
+  requestAnimationFrame(() => { pending = false; render(); });
+}
+
+function onStatus(summary) {
+  state.summary = summary;
+  if (summary.warnings) state.warnings = summary.warnings;
+  const now = Date.now() / 1000;
+  push(state.outboxRows, now, summary.outbox.rows);
+  if (summary.uplink.state) state.uplink.push([now, summary.uplink.state]);
+  schedule();
+}
+
+function onUpdate(u) {
+  for (const [ch, [t, v, unit, quality]] of Object.entries(u.readings || {})) {
+    push(state.series[ch] ||= [], t, v);
+    const [sensor, q] = [ch.slice(0, ch.indexOf(".")), ch.slice(ch.indexOf(".") + 1)];
+    const s = state.summary && state.summary.sensors.find(x => x.name === sensor);
+    if (s) (s.last_values ||= {})[q] = { value: v, unit, quality };
+  }
+  for (const w of u.windows || []) state.windows[w.name] = w;
+  for (const inf of u.inferences || []) {
+    if (inf.shadow) continue;
+    for (const [out, v] of Object.entries(inf.outputs || {})) {
+      push(state.outputs[`${inf.name}.${out}`] ||= [], Date.now() / 1000, v);
+      const m = state.summary && state.summary.models[inf.name];
+      if (m) (m.last_outputs ||= {})[out] = v;
+    }
+  }
+  schedule();
+}
+
+async function start() {
+  const r = await fetch("/api/status", { cache: "no-store" });
+  const body = await r.json();
+  const h = body.history;
+  state.series = h.channels; state.outputs = h.outputs; state.outboxRows = h.outbox_rows;
+  state.uplink = h.uplink; state.windows = h.windows; state.warnings = h.warnings;
+  onStatus(body.summary);
+  const live = document.getElementById("live");
+  const es = new EventSource("/events");
+  es.onopen = () => { live.textContent = "live"; live.className = "badge on"; };
+  es.onerror = () => { live.textContent = "offline"; live.className = "badge off"; };
+  es.addEventListener("status", e => onStatus(JSON.parse(e.data)));
+  es.addEventListener("update", e => onUpdate(JSON.parse(e.data)));
+}
+
+start();
