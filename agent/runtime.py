@@ -105,7 +105,7 @@ class Agent:
         self.control = ControlServer(self.cfg.control.socket, self,
                                      export_dir=Path(self.cfg.outbox.path).parent)
         control_task = asyncio.create_task(self._serve_control(), name="control")
-        web_task = self._start_web()
+        web_task = await self._start_web()
         try:
             return await self._generations()
         finally:
@@ -128,23 +128,20 @@ class Agent:
             # The pipeline matters more than the technician's socket: run on without it.
             log.error("control socket %s unavailable: %s", self.cfg.control.socket, exc)
 
-    def _start_web(self) -> asyncio.Task[None] | None:
+    async def _start_web(self) -> asyncio.Task[None] | None:
         """The status page and /metrics, when configured; they live across reloads (a change
-        to ``[web]`` takes effect on restart)."""
+        to ``[web]`` takes effect on restart). The pipeline matters more: a web server that
+        cannot start is logged and the agent runs on without it."""
         if not self.cfg.web.enabled():
             return None
         try:
-            self.web = WebServer(self.cfg.web, self)
+            web = WebServer(self.cfg.web, self)
+            await web.start()
         except WebConfigError as exc:
             log.error("status page and metrics off: %s", exc)
             return None
-        return asyncio.create_task(self._serve_web(self.web), name="web")
-
-    async def _serve_web(self, web: WebServer) -> None:
-        try:
-            await web.serve()
-        except (WebConfigError, OSError) as exc:
-            log.error("status page and metrics off: %s", exc)
+        self.web = web
+        return asyncio.create_task(web.serve(), name="web")
 
     async def _generations(self) -> int:
         while True:

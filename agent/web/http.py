@@ -144,6 +144,7 @@ class HttpServer:
         self.unauthorized = 0
         self.bad_requests = 0
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port,
@@ -151,17 +152,27 @@ class HttpServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop listening and end every open connection (live pages included)."""
         if self._server is not None:
             self._server.close()
-            # Streaming clients are cancelled with their tasks; do not wait for them forever.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2.0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         self.clients += 1
         try:
             if self.clients > self.max_clients:
                 self.refused += 1
+                # Read the head first (briefly): closing on unread bytes resets the connection
+                # and the client would never see the 503.
+                with contextlib.suppress(BadRequest, TimeoutError):
+                    await asyncio.wait_for(read_request(reader), 1.0)
                 await self._send(writer, Response(503, b"too many clients\n"), head=False)
                 return
             try:
@@ -176,6 +187,11 @@ class HttpServer:
             await self._send(writer, await self._respond(req), head=req.method == "HEAD")
         except (ConnectionError, TimeoutError):
             pass  # the client went away; nothing of the agent's is lost
+        except asyncio.CancelledError:
+            # Closing ends open streams by cancelling their handlers. A handler must not end
+            # cancelled: asyncio's stream server (3.11) calls task.exception() on it and logs
+            # the CancelledError as an error. Nothing awaits this task, so ending it is enough.
+            pass
         finally:
             self.clients -= 1
             writer.close()

@@ -151,8 +151,8 @@ class WebServer:
             return None, None
         return p.outbox.stats().get("rows"), p.uplink.status().get("state")
 
-    async def serve(self) -> None:
-        """Listen until cancelled."""
+    async def start(self) -> None:
+        """Listen; raise WebConfigError when the address cannot be had."""
         try:
             await self.http.start()
         except OSError as exc:
@@ -162,6 +162,9 @@ class WebServer:
             logging.getLogger().addHandler(self._warnings)
         log.info("web: listening on %s:%d (page %s, metrics %s)", self.cfg.bind, self.port,
                  "on" if self.cfg.page else "off", "on" if self.cfg.metrics else "off")
+
+    async def serve(self) -> None:
+        """Serve (after ``start``) until cancelled, then close every connection."""
         try:
             await asyncio.Event().wait()
         finally:

@@ -40,9 +40,11 @@ function sparkline(svg, points) {
   const t0 = points[0][0], t1 = points[points.length - 1][0];
   let lo = Infinity, hi = -Infinity;
   for (const [, v] of points) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
-  const span = hi - lo || 1, w = t1 - t0 || 1;
+  const span = hi - lo, w = t1 - t0 || 1;
+  // A constant series is drawn mid-height, not along the bottom edge.
+  const y = v => span ? 24 - 22 * (v - lo) / span : 13;
   const pts = points.map(([t, v]) =>
-    `${(100 * (t - t0) / w).toFixed(2)},${(24 - 22 * (v - lo) / span).toFixed(2)}`).join(" ");
+    `${(100 * (t - t0) / w).toFixed(2)},${y(v).toFixed(2)}`).join(" ");
   const line = document.createElementNS(SVG_NS, "polyline");
   line.setAttribute("points", pts);
   line.setAttribute("vector-effect", "non-scaling-stroke");
