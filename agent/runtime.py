@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clock import Clock
@@ -27,8 +27,10 @@ from agent.control.server import ControlServer, ControlSocketError
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage
 from agent.sdnotify import Notifier
-from agent.web.server import WebConfigError, WebServer
 from drivers.base import BuildContext
+
+if TYPE_CHECKING:
+    from agent.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,9 @@ class Agent:
         cannot start is logged and the agent runs on without it."""
         if not self.cfg.web.enabled():
             return None
+        # Imported here: with the page and metrics off, the agent loads none of it.
+        from agent.web.server import WebConfigError, WebServer
+
         try:
             web = WebServer(self.cfg.web, self)
             await web.start()
