@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -54,7 +55,7 @@ def extract(rev: str, dest: Path) -> Path:
     archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
                              capture_output=True).stdout
     dest.mkdir(parents=True)
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
     return dest
 
@@ -98,7 +99,7 @@ async def window(pid: int, seconds: float) -> tuple[float, float]:
 async def measure(seconds: float, rev: str, tmp: Path) -> dict[str, Any]:
     broker = Mosquitto(tmp / "mosq")
     broker.start()
-    out: dict[str, Any] = {"seconds": seconds, "before": rev}
+    out: dict[str, Any] = {"seconds": seconds}
     try:
         old = extract(rev, tmp / "before-tree")
         base = python_child(IDLE_BASELINE)
@@ -137,10 +138,9 @@ async def measure(seconds: float, rev: str, tmp: Path) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> list[str]:
-    before = r["before"]
     lines = [f"{'idle agent, 10 sensors at 1 Hz':34} {'CPU % core':>10} {'vs before':>9} "
              f"{'RSS MiB':>8} {'vs before':>9}"]
-    ref = r["before"] if isinstance(before, dict) else r["page_off"]
+    ref = r["before"]
     for key, label in (("before", "before the page (raw baseline)"), ("page_off", "page off"),
                        ("page_on_idle", "page + metrics on, nobody looks"),
                        ("page_on_watched", "page on, one Chromium watching"),
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     rev = args.before or before_rev()
     with tempfile.TemporaryDirectory(prefix="bench-web-") as d:
         r = asyncio.run(measure(args.seconds, rev, Path(d)))
-    r["before_rev"] = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT,
+    r["before_rev"] = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
                                      capture_output=True, text=True).stdout.strip()
     print(f"before = {rev} ({r['before_rev']}), {args.seconds:.0f} s windows")
-    for line in table({**r, "before": r["before"]}):
+    for line in table(r):
         print(line)
     if args.json:
         print(json.dumps(r, indent=1))
