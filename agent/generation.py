@@ -121,6 +121,7 @@ class Pipeline:
         self.raw_streams = {s.name for s in cfg.streams if s.raw}
         self.tail = TailHub()
         # Called with every published window / inference (the status page's history).
+        self.reading_listeners: list[Callable[[Reading], None]] = []
         self.window_listeners: list[Callable[[Window], None]] = []
         self.inference_listeners: list[Callable[[Inference], None]] = []
 
@@ -180,6 +181,8 @@ class Pipeline:
         if cleaned is None:
             return
         self.windower.add(cleaned)
+        for listener in self.reading_listeners:
+            listener(cleaned)
         if self.tail.active:
             self.tail.publish("reading", cleaned.sensor, {
                 "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,

@@ -30,6 +30,7 @@ from agent.sdnotify import Notifier
 from drivers.base import BuildContext
 
 if TYPE_CHECKING:
+    from agent.sparkplug.session import SparkplugSession
     from agent.web.server import WebServer
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Agent:
         self.control: ControlServer | None = None
         self.infer: InferenceStage | None = None
         self.web: WebServer | None = None
+        self.sparkplug: SparkplugSession | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -108,14 +110,14 @@ class Agent:
                                      export_dir=Path(self.cfg.outbox.path).parent)
         control_task = asyncio.create_task(self._serve_control(), name="control")
         web_task = await self._start_web()
+        spb_task = self._start_sparkplug()
+        tasks = [t for t in (control_task, web_task, spb_task) if t is not None]
         try:
             return await self._generations()
         finally:
-            for task in (control_task, web_task):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(*(t for t in (control_task, web_task) if t is not None),
-                                 return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             if self.infer is not None:
@@ -148,6 +150,20 @@ class Agent:
         self.web = web
         return asyncio.create_task(web.serve(), name="web")
 
+    def _start_sparkplug(self) -> asyncio.Task[None] | None:
+        """The Sparkplug edge node, when configured; like the control socket it lives across
+        reloads, so bdSeq and seq run on (a change to ``[sparkplug]`` takes effect on
+        restart)."""
+        cfg = self.cfg.sparkplug
+        if not cfg.enabled:
+            return None
+        from agent.sparkplug.session import SparkplugSession
+
+        state = Path(cfg.state_file or Path(self.cfg.outbox.path).parent / "sparkplug.bdseq")
+        self.sparkplug = SparkplugSession(cfg, self.cfg.mqtt, self.cfg.gateway.id, __version__,
+                                          state)
+        return asyncio.create_task(self.sparkplug.run(), name="sparkplug")
+
     async def _generations(self) -> int:
         while True:
             self.generation += 1
@@ -159,6 +175,8 @@ class Agent:
             self.pipeline = pipeline
             if self.web is not None:
                 self.web.attach(pipeline)
+            if self.sparkplug is not None:
+                pipeline.reading_listeners.append(self.sparkplug.on_reading)
             gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
             stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
             reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
@@ -214,4 +232,5 @@ class Agent:
                 "last_reload_error": self.last_reload_error,
             },
             **(p.snapshot() if p is not None else {}),
+            **({"sparkplug": self.sparkplug.status()} if self.sparkplug is not None else {}),
         }

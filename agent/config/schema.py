@@ -370,6 +370,27 @@ class WebConfig(_Frozen):
         return self.page or self.metrics
 
 
+SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$")]
+
+
+class SparkplugConfig(_Frozen):
+    enabled: bool = False
+    """Publish every sensor as a Sparkplug B 3.0 device of this edge node (docs/sparkplug.md),
+    on the `[mqtt]` broker, beside the agent's own feed."""
+    group_id: SparkplugId = "edge"
+    """Sparkplug group id: topics are `spBv1.0/{group_id}/...`."""
+    node_id: SparkplugId | Literal[""] = ""
+    """Edge node id; empty: the gateway id."""
+    interval_s: Annotated[float, Field(ge=0.01, le=3600)] = 1.0
+    """Each device's readings are sent in one DDATA at most this often (every reading is in
+    it, each with its own timestamp)."""
+    backlog_max: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    """DDATA payloads kept in memory while the broker is away, replayed as historical; the
+    oldest are dropped (and counted) past it."""
+    state_file: str = ""
+    """File that keeps bdSeq across restarts; empty: `sparkplug.bdseq` beside the outbox."""
+
+
 class RuntimeConfig(_Frozen):
     queue_size: Annotated[int, Field(ge=16)] = 4096
     """Readings queued between acquisition and cleaning; the oldest are dropped past it."""
@@ -409,6 +430,8 @@ class AgentConfig(_Frozen):
     """Queues, supervision and shutdown."""
     web: WebConfig = WebConfig()
     """The local status page and the Prometheus endpoint (both off by default)."""
+    sparkplug: SparkplugConfig = SparkplugConfig()
+    """The Sparkplug B output profile (off by default)."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
