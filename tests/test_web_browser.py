@@ -69,6 +69,12 @@ async def test_every_sensor_live_with_a_sparkline_and_the_panels(
         await page.wait_for_selector('[data-model="energy"] tr.output svg', state="attached",
                                      timeout=BOUND_S)
         assert "energy" in await page.locator("#models-panel").inner_text()
+        # The forecast is drawn against the actual value of each window.
+        await page.wait_for_selector(
+            '[data-model="energy"] tr.forecast svg polyline.actual', state="attached",
+            timeout=BOUND_S)
+        assert "power_next_w vs actual" in await page.locator(
+            '[data-model="energy"] tr.forecast').inner_text()
         rows = await page.locator("#outbox-rows").inner_text()
         assert rows.replace(".", "").isdigit()
         assert await page.locator("#uplink-state").inner_text() == "connected"

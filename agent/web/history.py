@@ -78,14 +78,23 @@ class History:
             if state is not None:
                 self.uplink.append((now, state))
 
-    def on_inference(self, inf: Inference) -> None:
+    def on_inference(self, inf: Inference, model: dict[str, Any] | None = None) -> None:
+        """``model`` is the model's status: the forecast output is drawn at the window it
+        forecasts, beside the actual value of each window (``<model>.<output>:actual``)."""
         if inf.shadow:
             return
         t = inf.window_start_ns / 1e9
+        model = model or {}
+        forecast = model.get("forecast_output")
+        ahead = float(model.get("window_s") or 0)
         for out, v in inf.outputs.items():
             if isinstance(v, (int, float)) and (s := self._series(
                     self.outputs, f"{inf.model}.{out}")) is not None:
-                s.add(t, float(v))
+                s.add(t + ahead if out == forecast else t, float(v))
+        actual = model.get("last_actual")
+        if forecast and isinstance(actual, (int, float)) and (s := self._series(
+                self.outputs, f"{inf.model}.{forecast}:actual")) is not None:
+            s.add(t, float(actual))
 
     def view(self) -> dict[str, Any]:
         now = time.time()

@@ -51,6 +51,9 @@ class PipelineLike(Protocol):
     window_listeners: list[Callable[[Window], None]]
     inference_listeners: list[Callable[[Inference], None]]
 
+    @property
+    def infer(self) -> Any: ...
+
 
 class AgentLike(Protocol):
     def snapshot(self) -> dict[str, Any]: ...
@@ -106,7 +109,11 @@ def summary(snap: dict[str, Any]) -> dict[str, Any]:
                           "latency_ms": m.get("last_latency_ms"),
                           "source": (m.get("guard") or {}).get("source"),
                           "skill": (m.get("guard") or {}).get("skill"),
-                          "out_of_range": m.get("out_of_range")}
+                          "out_of_range": m.get("out_of_range"),
+                          "window_start_ns": m.get("last_window_start_ns"),
+                          "window_s": m.get("window_s"),
+                          "forecast_output": m.get("forecast_output"),
+                          "last_actual": m.get("last_actual")}
                    for name, m in models.items()},
         "clock": snap.get("clock"),
     })
@@ -141,8 +148,14 @@ class WebServer:
         """Feed the history from a new pipeline generation (called on start and reload)."""
         if self.history is None:
             return
-        pipeline.window_listeners.append(self.history.on_window)
-        pipeline.inference_listeners.append(self.history.on_inference)
+        history = self.history
+        pipeline.window_listeners.append(history.on_window)
+
+        def on_inference(inf: Inference) -> None:
+            models = pipeline.infer.status().get("models", {})
+            history.on_inference(inf, models.get(inf.model))
+
+        pipeline.inference_listeners.append(on_inference)
         self._attached = pipeline
 
     def _status_sample(self) -> tuple[int | None, str | None]:

@@ -7,6 +7,7 @@ const MAX_POINTS = 3600;
 const state = { summary: null, series: {}, outputs: {}, outboxRows: [], uplink: [],
                 windows: {}, warnings: [] };
 const built = { sensors: {}, models: {} };
+const seenWindow = {};
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -33,22 +34,29 @@ function push(arr, t, v) {
 }
 
 const SVG_NS = "http://www.w3.org/2000/svg";
-function sparkline(svg, points) {
+// One or more series on a shared scale: the first is the main line, a second (an actual
+// value beside a forecast) is drawn in the "actual" style.
+function sparkline(svg, points, ...others) {
   svg.replaceChildren();
+  const all = [points, ...others].filter(p => p && p.length);
   svg.classList.toggle("empty", points.length < 2);
   if (points.length < 2) return;
-  const t0 = points[0][0], t1 = points[points.length - 1][0];
-  let lo = Infinity, hi = -Infinity;
-  for (const [, v] of points) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  let t0 = Infinity, t1 = -Infinity, lo = Infinity, hi = -Infinity;
+  for (const series of all)
+    for (const [t, v] of series) {
+      t0 = Math.min(t0, t); t1 = Math.max(t1, t); lo = Math.min(lo, v); hi = Math.max(hi, v);
+    }
   const span = hi - lo, w = t1 - t0 || 1;
   // A constant series is drawn mid-height, not along the bottom edge.
   const y = v => span ? 24 - 22 * (v - lo) / span : 13;
-  const pts = points.map(([t, v]) =>
-    `${(100 * (t - t0) / w).toFixed(2)},${y(v).toFixed(2)}`).join(" ");
-  const line = document.createElementNS(SVG_NS, "polyline");
-  line.setAttribute("points", pts);
-  line.setAttribute("vector-effect", "non-scaling-stroke");
-  svg.append(line);
+  all.forEach((series, i) => {
+    const line = document.createElementNS(SVG_NS, "polyline");
+    line.setAttribute("points", series.map(([t, v]) =>
+      `${(100 * (t - t0) / w).toFixed(2)},${y(v).toFixed(2)}`).join(" "));
+    line.setAttribute("vector-effect", "non-scaling-stroke");
+    if (i) line.setAttribute("class", "actual");
+    svg.append(line);
+  });
 }
 
 function sparkSvg(key) {
@@ -114,9 +122,13 @@ function renderModels() {
     for (const [out, v] of Object.entries(m.last_outputs || {})) {
       const key = `${name}.${out}`;
       const spark = sparkSvg(key);
-      sparkline(spark, state.outputs[key] || []);
-      rows.push(el("tr", { class: "output" }, el("td", {}, out), el("td", { class: "num" }, fmt(v)),
-                   el("td", { colspan: "3" }, spark)));
+      const isForecast = out === m.forecast_output;
+      sparkline(spark, state.outputs[key] || [],
+                ...(isForecast ? [state.outputs[`${key}:actual`] || []] : []));
+      const label = isForecast ? el("td", { title: "forecast (blue) against the actual value (grey)" },
+                                    `${out} vs actual`) : el("td", {}, out);
+      rows.push(el("tr", { class: isForecast ? "output forecast" : "output" }, label,
+                   el("td", { class: "num" }, fmt(v)), el("td", { colspan: "3" }, spark)));
     }
     box.replaceChildren(el("table", {}, ...rows));
   }
@@ -187,6 +199,17 @@ function onStatus(summary) {
   const now = Date.now() / 1000;
   push(state.outboxRows, now, summary.outbox.rows);
   if (summary.uplink.state) state.uplink.push([now, summary.uplink.state]);
+  for (const [name, m] of Object.entries(summary.models || {})) {
+    // A new model window: its forecast (drawn at the window it forecasts) and the actual.
+    if (!m.window_start_ns || m.window_start_ns === seenWindow[name]) continue;
+    seenWindow[name] = m.window_start_ns;
+    const t = m.window_start_ns / 1e9;
+    for (const [out, v] of Object.entries(m.last_outputs || {}))
+      push(state.outputs[`${name}.${out}`] ||= [],
+           out === m.forecast_output ? t + (m.window_s || 0) : t, v);
+    if (m.forecast_output && typeof m.last_actual === "number")
+      push(state.outputs[`${name}.${m.forecast_output}:actual`] ||= [], t, m.last_actual);
+  }
   schedule();
 }
 
@@ -200,11 +223,8 @@ function onUpdate(u) {
   for (const w of u.windows || []) state.windows[w.name] = w;
   for (const inf of u.inferences || []) {
     if (inf.shadow) continue;
-    for (const [out, v] of Object.entries(inf.outputs || {})) {
-      push(state.outputs[`${inf.name}.${out}`] ||= [], Date.now() / 1000, v);
-      const m = state.summary && state.summary.models[inf.name];
-      if (m) (m.last_outputs ||= {})[out] = v;
-    }
+    const m = state.summary && state.summary.models[inf.name];
+    if (m) m.last_outputs = { ...(m.last_outputs || {}), ...inf.outputs };
   }
   schedule();
 }
