@@ -89,6 +89,15 @@ def families(snap: Mapping[str, Any]) -> list[Family]:
     _queues_outbox(snap, fam)
     _uplink(snap.get("uplink") or {}, fam)
     _models(snap.get("models") or {}, fam)
+    if isinstance(spb := snap.get("sparkplug"), Mapping):
+        fam("edge_agent_sparkplug_connected", "gauge",
+            "1 while the Sparkplug edge node is connected.").add(spb.get("state") == "connected")
+        fam("edge_agent_sparkplug_backlog_messages", "gauge",
+            "DDATA payloads kept for historical replay.").add(spb.get("backlog"))
+        dropped = fam("edge_agent_sparkplug_dropped_total", "counter",
+                      "Sparkplug data dropped at a bound, by where.")
+        dropped.add(spb.get("backlog_dropped"), where="backlog")
+        dropped.add(spb.get("pending_dropped"), where="pending")
     return list(fams.values())
 
 
