@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.config.load import ConfigError, parse_config
 from agent.readings import Reading
 from agent.sparkplug.codec import (
     DataType,
@@ -19,7 +22,9 @@ from agent.sparkplug.codec import (
     encode,
 )
 from agent.sparkplug.node import BDSEQ, REBIRTH, EdgeNode
+from agent.sparkplug.session import load_bd_seq, save_bd_seq
 from tests import sparkplug_oracle as oracle
+from tests.harness import make_config
 
 U64 = st.integers(0, 2**64 - 1)
 NAMES = st.text(min_size=1, max_size=40)
@@ -174,3 +179,27 @@ def test_births_data_and_death_as_the_protoc_decoder_sees_them() -> None:
     death = oracle.parse(node.death().payload)
     assert oracle.value(oracle.by_name(death)[BDSEQ]) == 255
     assert oracle.value(oracle.parse(node.new_session()).metrics[0]) == 0  # bdSeq wraps too
+
+
+def test_config_refuses_ids_that_break_topics(tmp_path: Path) -> None:
+    base = make_config(tmp_path, 1883)
+    for bad in ("a/b", "a+", "#", "", "x" * 65, "has space"):
+        with pytest.raises(ConfigError) as err:
+            parse_config({**base, "sparkplug": {"enabled": True, "group_id": bad}})
+        assert "sparkplug.group_id" in str(err.value.problems)
+    with pytest.raises(ConfigError):
+        parse_config({**base, "sparkplug": {"interval_s": 0}})
+    cfg = parse_config({**base, "sparkplug": {"enabled": True, "group_id": "city-west"}})
+    assert cfg.sparkplug.node_id == ""
+
+
+def test_bd_seq_state_survives_restarts_and_bad_files(tmp_path: Path) -> None:
+    path = tmp_path / "sparkplug.bdseq"
+    assert load_bd_seq(path) == 0
+    save_bd_seq(path, 17)
+    assert load_bd_seq(path) == 17
+    for junk, want in ((b"\xff\xfe", 0), (b"nan\n", 0), (b"99999999999999999999999\n",
+                                                         99999999999999999999999 % 256),
+                       (b"-1\n", 255), (b"", 0)):
+        path.write_bytes(junk)
+        assert load_bd_seq(path) == want, junk
