@@ -232,5 +232,6 @@ class Agent:
                 "last_reload_error": self.last_reload_error,
             },
             **(p.snapshot() if p is not None else {}),
+            **({"web": self.web.status()} if self.web is not None else {}),
             **({"sparkplug": self.sparkplug.status()} if self.sparkplug is not None else {}),
         }

@@ -16,6 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from agent.control.view import render_text
 from agent.sparkplug.codec import DataType
 from agent.sparkplug.node import BDSEQ, REBIRTH
 from tests import sparkplug_oracle as oracle
@@ -206,6 +207,9 @@ async def test_outage_backlog_arrives_historical(tmp_path: Path) -> None:
                 await until(lambda: any(not s.payload.metrics[0].is_historical
                                         for s in h.seen[h.seen.index(h.kinds("NBIRTH")[-1]):]
                                         if s.kind == "DDATA"), 30, "live data again")
+                line = next(ln for ln in render_text(agent.snapshot()).splitlines()
+                            if ln.startswith("sparkplug "))
+                assert line.startswith(f"sparkplug connected {GROUP}/{NODE}, bdSeq ")
             # A clean stop says goodbye with the will's words: NDEATH with the births' bdSeq.
             last_bd = bd_seq(h.kinds("NBIRTH")[-1])
             await until(lambda: any(bd_seq(s) == last_bd for s in h.kinds("NDEATH")), 20,

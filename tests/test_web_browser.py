@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Error as PlaywrightError
 
+from agent.control.view import render_text
 from tests.broker import Mosquitto
 from tests.harness import running_agent
 from tests.web import SENSORS, chromium, http_get, page_config
@@ -89,6 +90,9 @@ async def test_every_sensor_live_with_a_sparkline_and_the_panels(
         # Everything came from the agent itself: no CDN, no font service, nothing else.
         assert requested and all(u.startswith(base + "/") for u in requested), requested
         assert agent.web.watchers == 1
+        line = next(ln for ln in render_text(agent.snapshot()).splitlines()
+                    if ln.startswith("web "))
+        assert f"page + metrics on http://127.0.0.1:{agent.web.port}/, 1 watching" in line
         await page.close()
 
 
@@ -127,3 +131,5 @@ async def test_off_loopback_the_page_needs_the_token(tmp_path: Path, broker: Mos
         assert status == 401
         status, _, body = await http_get(port, "/metrics", {"Authorization": f"Bearer {token}"})
         assert status == 200 and b"edge_agent_sensor_up" in body
+        web = agent.snapshot()["web"]
+        assert web["token"] is True and web["unauthorized"] >= 7

@@ -142,6 +142,14 @@ class WebServer:
     def port(self) -> int:
         return self.http.port
 
+    def status(self) -> dict[str, Any]:
+        host = self.cfg.bind if ":" not in self.cfg.bind else f"[{self.cfg.bind}]"
+        return {"page": self.cfg.page, "metrics": self.cfg.metrics,
+                "url": f"http://{host}:{self.port}/", "token": self.token is not None,
+                "watchers": self.watchers, "requests": self.http.requests,
+                "unauthorized": self.http.unauthorized, "bad_requests": self.http.bad_requests,
+                "refused": self.http.refused}
+
     # -- the agent side -------------------------------------------------------------------
 
     def attach(self, pipeline: PipelineLike) -> None:
