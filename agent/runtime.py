@@ -159,7 +159,7 @@ class Agent:
             return None
         from agent.sparkplug.session import SparkplugSession
 
-        state = Path(cfg.state_file or Path(self.cfg.outbox.path).parent / "sparkplug.bdseq")
+        state = Path(cfg.state_dir or Path(self.cfg.outbox.path).parent)
         self.sparkplug = SparkplugSession(cfg, self.cfg.mqtt, self.cfg.gateway.id, __version__,
                                           state)
         return asyncio.create_task(self.sparkplug.run(), name="sparkplug")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -232,6 +233,59 @@ async def test_outage_backlog_arrives_historical(tmp_path: Path) -> None:
                 and not s.payload.metrics[0].is_historical]
         assert live and live[0] > after.index(historical[-1])
         check_order(after)
-        assert spb.counts["historical"] >= 10 and spb.counts["backlog_dropped"] == 0
+        assert spb.counts["historical"] >= 10 and spb.status()["backlog_dropped"] == 0
+    finally:
+        broker.stop()
+
+
+async def test_backlog_survives_kill_9_during_an_outage(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "mosq", extra_conf="queue_qos0_messages true\n")
+    broker.start()
+    data = spb_config(tmp_path, broker.port, interval_s=0.2, env_period_s=0.2)
+    data["mqtt"]["reconnect_max_s"] = 1.0
+    cfg = write_toml(tmp_path / "agent.toml", data)
+    backlog_db = tmp_path / "sparkplug-backlog.db"
+
+    def stored() -> int:
+        try:
+            with contextlib.closing(sqlite3.connect(backlog_db)) as db:
+                return int(db.execute("SELECT count(*) FROM backlog").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    try:
+        async with host(broker, persistent=True) as h:
+            proc = start_agent_process(cfg, log=tmp_path / "agent-1.log")
+            try:
+                await until(lambda: bool(h.kinds("DDATA")), 30, "live DDATA")
+                first_bd = bd_seq(h.kinds("NBIRTH")[0])
+                broker.stop()
+                t_down = time.time() * 1000
+                await until(lambda: stored() >= 10, 30, "rows in the backlog file")
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+            kept = stored()
+            t_killed = time.time() * 1000
+            broker.start()
+            proc = start_agent_process(cfg, log=tmp_path / "agent-2.log")
+            try:
+                await until(lambda: len([s for s in h.kinds("DDATA") if s.at * 1000 > t_killed
+                                         and s.payload.metrics[0].is_historical]) >= kept,
+                            30, "the stored rows, historical")
+                await until(lambda: stored() == 0, 30, "the backlog emptied")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
+        after = [s for s in h.seen if s.at * 1000 > t_killed]
+        births = [s for s in after if s.kind == "NBIRTH"]
+        assert births and bd_seq(births[0]) != first_bd  # bdSeq went on across the restart
+        historical = [s for s in after if s.kind == "DDATA"
+                      and s.payload.metrics[0].is_historical]
+        for s in historical:
+            assert all(m.is_historical and t_down - 2000 <= m.timestamp <= t_killed
+                       for m in s.payload.metrics)
+        start = after.index(births[0])
+        check_order(after[start:])
     finally:
         broker.stop()

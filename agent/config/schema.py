@@ -384,11 +384,12 @@ class SparkplugConfig(_Frozen):
     interval_s: Annotated[float, Field(ge=0.01, le=3600)] = 1.0
     """Each device's readings are sent in one DDATA at most this often (every reading is in
     it, each with its own timestamp)."""
-    backlog_max: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
-    """DDATA payloads kept in memory while the broker is away, replayed as historical; the
-    oldest are dropped (and counted) past it."""
-    state_file: str = ""
-    """File that keeps bdSeq across restarts; empty: `sparkplug.bdseq` beside the outbox."""
+    backlog_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """DDATA payloads stored while the broker is away (across restarts too), replayed as
+    historical; the oldest are dropped (and counted) past it."""
+    state_dir: str = ""
+    """Directory of `sparkplug.bdseq` (bdSeq across restarts) and `sparkplug-backlog.db`;
+    empty: the outbox's directory."""
 
 
 class RuntimeConfig(_Frozen):

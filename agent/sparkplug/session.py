@@ -3,9 +3,9 @@
 device at most every ``interval_s``, rebirth on command, historical replay after an outage.
 
 QoS follows the specification: births and data at QoS 0, the NDEATH will at QoS 1, not
-retained. Data kept while the broker is away lives in a bounded in-memory backlog: Sparkplug
-is a live view for SCADA hosts, and the agent's own feed (the SQLite outbox) is what keeps
-every accepted window durable.
+retained. Data kept while the broker is away goes to a bounded SQLite backlog
+(``agent.sparkplug.backlog``) that survives restarts; a row is deleted once its DDATA is
+written to the connection (QoS 0 has no acknowledgement to wait for).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.config.schema import MqttConfig, SparkplugConfig
 from agent.readings import Reading
+from agent.sparkplug.backlog import Backlog
 from agent.sparkplug.codec import DataType, SparkplugDecodeError, decode
 from agent.sparkplug.node import REBIRTH, EdgeNode, Outgoing
 from agent.uplink.backoff import Backoff
@@ -59,22 +60,22 @@ def save_bd_seq(path: Path, value: int) -> None:
 
 class SparkplugSession:
     def __init__(self, cfg: SparkplugConfig, mqtt: MqttConfig, gateway: str, version: str,
-                 state_path: Path) -> None:
+                 state_dir: Path) -> None:
         self.cfg = cfg
-        self.state_path = state_path
+        self.state_path = state_dir / "sparkplug.bdseq"
         self.node = EdgeNode(cfg.group_id, cfg.node_id or gateway, version,
-                             load_bd_seq(state_path))
+                             load_bd_seq(self.state_path))
         self.connector = Connector(mqtt, gateway, will_topic=self.node.topic("NDEATH"),
                                    will=self._will, will_retain=False,
                                    client_id=f"{gateway}-sparkplug")
         self.backoff = Backoff(mqtt.reconnect_max_s)
         self._pending: deque[Reading] = deque()
-        self.backlog: deque[tuple[str, list[Reading]]] = deque()
+        self.backlog = Backlog(state_dir / "sparkplug-backlog.db", cfg.backlog_max)
         self._rebirth = asyncio.Event()
         self.state = "idle"
         self.last_error = ""
         self.counts = {"births": 0, "rebirths": 0, "data": 0, "historical": 0,
-                       "pending_dropped": 0, "backlog_dropped": 0, "bad_commands": 0,
+                       "pending_dropped": 0, "bad_commands": 0,
                        "connects": 0}
 
     def _will(self) -> bytes:
@@ -102,10 +103,7 @@ class SparkplugSession:
         the births after the outage name them)."""
         for device, readings in self._take().items():
             self.node.learn(readings)
-            if len(self.backlog) >= self.cfg.backlog_max:
-                self.backlog.popleft()
-                self.counts["backlog_dropped"] += 1
-            self.backlog.append((device, readings))
+            self.backlog.append(device, readings)
 
     # -- the session ------------------------------------------------------------------------
 
@@ -125,6 +123,7 @@ class SparkplugSession:
                 await self._offline_for(self.backoff.next_delay())
         finally:
             self.state = "stopped"
+            self.backlog.close()
 
     def _fail(self, text: str) -> None:
         if text != self.last_error:
@@ -187,21 +186,28 @@ class SparkplugSession:
                 self._send(link, self.node.data(device, readings, historical=False))
             except LinkError:
                 # Not sent: kept, and replayed as historical after the next session's births.
-                self.backlog.extend(taken)
+                for device_readings in taken:
+                    self.backlog.append(*device_readings)
                 raise
             self.counts["data"] += 1
             taken.pop(0)
 
     async def _replay(self, link: Link) -> None:
-        sent = 0
-        while self.backlog:
-            device, readings = self.backlog[0]
-            self._send(link, self.node.data(device, readings, historical=True))
-            self.backlog.popleft()
-            self.counts["historical"] += 1
-            sent += 1
-            if sent % REPLAY_YIELD == 0:
-                await asyncio.sleep(0)
+        """The backlog, oldest first, as historical DDATA; the births name every device in
+        it (its quantities were learned when it was stored, or are learned here after a
+        restart, with a DBIRTH first)."""
+        while rows := self.backlog.oldest(REPLAY_YIELD):
+            sent: list[int] = []
+            try:
+                for row_id, device, readings in rows:
+                    for grown in self.node.learn(readings):
+                        self._send(link, self.node.device_birth(grown))
+                    self._send(link, self.node.data(device, readings, historical=True))
+                    sent.append(row_id)
+                    self.counts["historical"] += 1
+            finally:
+                self.backlog.remove(sent)
+            await asyncio.sleep(0)
 
     async def _commands(self, link: Link) -> None:
         async for msg in link.messages:
@@ -221,4 +227,6 @@ class SparkplugSession:
         return {"state": self.state, "group_id": self.node.group, "node_id": self.node.node,
                 "bd_seq": self.node.bd_seq, "devices": sorted(self.node.units),
                 "backlog": len(self.backlog), "pending": len(self._pending),
+                "backlog_dropped": self.backlog.dropped,
+                "backlog_unreadable": self.backlog.unreadable,
                 "last_error": self.last_error, **self.counts}

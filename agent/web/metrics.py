@@ -93,7 +93,7 @@ def families(snap: Mapping[str, Any]) -> list[Family]:
         fam("edge_agent_sparkplug_connected", "gauge",
             "1 while the Sparkplug edge node is connected.").add(spb.get("state") == "connected")
         fam("edge_agent_sparkplug_backlog_messages", "gauge",
-            "DDATA payloads kept for historical replay.").add(spb.get("backlog"))
+            "DDATA payloads stored for historical replay.").add(spb.get("backlog"))
         dropped = fam("edge_agent_sparkplug_dropped_total", "counter",
                       "Sparkplug data dropped at a bound, by where.")
         dropped.add(spb.get("backlog_dropped"), where="backlog")
