@@ -59,3 +59,32 @@ def test_corrupt_file_moved_aside_and_bad_rows_skipped(tmp_path: Path) -> None:
     rows = b.oldest(10)
     assert len(rows) == 1 and b.unreadable == 4 and len(b) == 1
     b.close()
+
+
+async def test_pending_readings_chunked_and_kept_on_stop(tmp_path: Path) -> None:
+    import asyncio
+
+    from agent.config.schema import MqttConfig, SparkplugConfig
+    from agent.sparkplug.session import METRICS_PER_DDATA, SparkplugSession
+    from tests.broker import free_port
+
+    # No broker on this port: the session only ever waits to reconnect.
+    mqtt = MqttConfig(port=free_port(), reconnect_max_s=60)
+    s = SparkplugSession(SparkplugConfig(enabled=True, interval_s=3600), mqtt, "gw", "1",
+                         tmp_path)
+    for i in range(2 * METRICS_PER_DDATA + 10):
+        s.on_reading(reading(i))
+    s.on_reading(Reading(sensor="air", quantity="pm2_5", value=3.0, unit="ug/m3",
+                         ts_ns=1, mono_ns=1))
+    chunks = s._take()
+    assert [(d, len(rs)) for d, rs in chunks] == [
+        ("env", METRICS_PER_DDATA), ("env", METRICS_PER_DDATA), ("env", 10), ("air", 1)]
+    for r in chunks[0][1]:
+        s.on_reading(r)
+    task = asyncio.create_task(s.run())
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    kept = Backlog(tmp_path / "sparkplug-backlog.db", 100)
+    assert sum(len(rs) for _, _, rs in kept.oldest(100)) == METRICS_PER_DDATA
+    kept.close()

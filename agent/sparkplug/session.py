@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 10.0
 DEATH_TIMEOUT_S = 2.0
 PENDING_MAX = 10_000  # readings waiting for the next tick, all devices together
+METRICS_PER_DDATA = 500
 REPLAY_YIELD = 50  # historical messages sent between two yields to the event loop
 
 
@@ -91,17 +92,21 @@ class SparkplugSession:
             self.counts["pending_dropped"] += 1
         self._pending.append(r)
 
-    def _take(self) -> dict[str, list[Reading]]:
+    def _take(self) -> list[tuple[str, list[Reading]]]:
+        """The pending readings by device, in chunks of at most ``METRICS_PER_DDATA`` (a
+        long interval or a fast sensor must not make one payload the broker refuses)."""
         by_device: dict[str, list[Reading]] = {}
         while self._pending:
             r = self._pending.popleft()
             by_device.setdefault(r.sensor, []).append(r)
-        return by_device
+        return [(device, readings[i:i + METRICS_PER_DDATA])
+                for device, readings in by_device.items()
+                for i in range(0, len(readings), METRICS_PER_DDATA)]
 
     def _stash(self) -> None:
         """Offline: this tick's readings go to the backlog (their quantities are learned, so
         the births after the outage name them)."""
-        for device, readings in self._take().items():
+        for device, readings in self._take():
             self.node.learn(readings)
             self.backlog.append(device, readings)
 
@@ -123,6 +128,7 @@ class SparkplugSession:
                 await self._offline_for(self.backoff.next_delay())
         finally:
             self.state = "stopped"
+            self._stash()  # what a stop caught pending is sent, as historical, next time
             self.backlog.close()
 
     def _fail(self, text: str) -> None:
@@ -177,7 +183,7 @@ class SparkplugSession:
                                            DEATH_TIMEOUT_S)
 
     def _publish(self, link: Link) -> None:
-        taken = list(self._take().items())
+        taken = self._take()
         while taken:
             device, readings = taken[0]
             try:
