@@ -255,3 +255,41 @@ async def test_token_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         await stop(task)
     assert web.http.unauthorized == 3
     assert token not in caplog.text
+
+
+async def test_live_events_follow_a_reload(tmp_path: Path) -> None:
+    from tests.broker import free_port
+    from tests.harness import running_agent, write_toml
+    from tests.waiting import until
+    from tests.web import page_config
+
+    data = page_config(tmp_path, free_port())
+    path = write_toml(tmp_path / "agent.toml", data)
+    async with running_agent(data, config_path=path) as agent:
+        assert agent.web is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.web.port)
+        writer.write(b"GET /events HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+
+        async def next_update() -> dict[str, Any]:
+            while True:
+                event = await asyncio.wait_for(reader.readuntil(b"\n\n"), 15)
+                if event.startswith(b"event: update"):
+                    body: dict[str, Any] = json.loads(event.split(b"data: ", 1)[1])
+                    if "readings" in body:
+                        return body
+
+        sensors = {"env", "lights", "air"}
+        assert {ch.split(".")[0] for ch in (await next_update())["readings"]} <= sensors
+        first = agent.pipeline
+        agent.request_reload()
+        await until(lambda: agent.generation == 2 and agent.pipeline is not first, 20,
+                    "the new generation")
+        # Readings of the new pipeline reach the same open stream.
+        assert agent.pipeline is not None
+        new_tail = agent.pipeline.tail
+        await until(lambda: new_tail.active, 20, "the stream to follow the new pipeline")
+        assert {ch.split(".")[0] for ch in (await next_update())["readings"]} <= sensors
+        assert first is not None and not first.tail.active  # nothing left subscribed to the old one
+        writer.close()
