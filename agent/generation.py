@@ -120,6 +120,10 @@ class Pipeline:
         self._windows_for_stream: dict[str, int] = {}
         self.raw_streams = {s.name for s in cfg.streams if s.raw}
         self.tail = TailHub()
+        # Called with every published window / inference (the status page's history).
+        self.reading_listeners: list[Callable[[Reading], None]] = []
+        self.window_listeners: list[Callable[[Window], None]] = []
+        self.inference_listeners: list[Callable[[Inference], None]] = []
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -130,6 +134,11 @@ class Pipeline:
         self._share("window", w.stream, self._feed.window_message(self.gateway, w))
         self.windows_published += 1
         self.windows_q.put(w)
+        for listener in self.window_listeners:
+            try:
+                listener(w)
+            except Exception:  # an observer's bug must not cost the window
+                self._error("listener", f"a window of {w.stream}")
         try:
             for event in self.anomalies.on_window(w):
                 self._share("anomaly", w.stream, self._feed.anomaly_message(self.gateway, event))
@@ -172,6 +181,8 @@ class Pipeline:
         if cleaned is None:
             return
         self.windower.add(cleaned)
+        for listener in self.reading_listeners:
+            listener(cleaned)
         if self.tail.active:
             self.tail.publish("reading", cleaned.sensor, {
                 "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,
@@ -213,6 +224,11 @@ class Pipeline:
     def _publish_inference(self, inf: Inference) -> None:
         self._share("inference", inf.stream, self._feed.inference_message(self.gateway, inf))
         self.inferences_published += 1
+        for listener in self.inference_listeners:
+            try:
+                listener(inf)
+            except Exception:
+                self._error("listener", f"an inference of {inf.model}")
         if self.tail.active:
             self.tail.publish("inference", inf.model, {
                 "version": inf.version, "outputs": inf.outputs,

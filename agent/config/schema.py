@@ -357,6 +357,53 @@ class ControlConfig(_Frozen):
     """Unix socket of the local control interface used by the CLI."""
 
 
+class WebConfig(_Frozen):
+    page: bool = False
+    """Serve the read-only status page (`/`) with live updates."""
+    metrics: bool = False
+    """Serve Prometheus / OpenMetrics text on `/metrics` (on its own or beside the page)."""
+    bind: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback needs `token_file`."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    """TCP port of the page and `/metrics` (0: any free port, logged at start)."""
+    token_file: str = ""
+    """File whose first line is the access token (HTTP Basic password or Bearer token);
+    required for a non-loopback `bind`, optional on loopback."""
+    max_clients: Annotated[int, Field(ge=1, le=64)] = 8
+    """Connections served at once (live pages included); more are refused with 503."""
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> WebConfig:
+        if (self.page or self.metrics) and not is_loopback(self.bind) and not self.token_file:
+            raise ValueError(f"bind {self.bind!r} is not loopback: set web.token_file")
+        return self
+
+    def enabled(self) -> bool:
+        return self.page or self.metrics
+
+
+SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$")]
+
+
+class SparkplugConfig(_Frozen):
+    enabled: bool = False
+    """Publish every sensor as a Sparkplug B 3.0 device of this edge node (docs/sparkplug.md),
+    on the `[mqtt]` broker, beside the agent's own feed."""
+    group_id: SparkplugId = "edge"
+    """Sparkplug group id: topics are `spBv1.0/{group_id}/...`."""
+    node_id: SparkplugId | Literal[""] = ""
+    """Edge node id; empty: the gateway id."""
+    interval_s: Annotated[float, Field(ge=0.01, le=3600)] = 1.0
+    """Each device's readings are sent in one DDATA at most this often (every reading is in
+    it, each with its own timestamp)."""
+    backlog_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """DDATA payloads stored while the broker is away (across restarts too), replayed as
+    historical; the oldest are dropped (and counted) past it."""
+    state_dir: str = ""
+    """Directory of `sparkplug.bdseq` (bdSeq across restarts) and `sparkplug-backlog.db`;
+    empty: the outbox's directory."""
+
+
 class RuntimeConfig(_Frozen):
     queue_size: Annotated[int, Field(ge=16)] = 4096
     """Readings queued between acquisition and cleaning; the oldest are dropped past it."""
@@ -394,6 +441,10 @@ class AgentConfig(_Frozen):
     """The local control socket."""
     runtime: RuntimeConfig = RuntimeConfig()
     """Queues, supervision and shutdown."""
+    web: WebConfig = WebConfig()
+    """The local status page and the Prometheus endpoint (both off by default)."""
+    sparkplug: SparkplugConfig = SparkplugConfig()
+    """The Sparkplug B output profile (off by default)."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:

@@ -225,6 +225,10 @@ class LoadedModel:
             "version": self.version, "path": str(self.model.path), "stream": self.stream,
             "opset": self.manifest.opset, "runs": self.runs, "failures": self.failures,
             "last_window_start_ns": self.last_window_start_ns,
+            "window_s": self.manifest.window_s,
+            # What the forecast output is scored against, and its value in the last window.
+            "forecast_output": self._forecast.output if self._forecast is not None else None,
+            "last_actual": self.last_persistence,
             "last_latency_ms": None if math.isnan(self.last_latency_ms)
             else round(self.last_latency_ms, 3),
             "last_outputs": dict(self.last_outputs), "inputs_filled": list(self.last_missing),
