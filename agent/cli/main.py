@@ -33,6 +33,7 @@ PLUGIN_MODULES = (
     "drivers.i2c.cli",
     "drivers.serial.cli",
     "models.cli",
+    "agent.cli.models_site",  # joins the `model` group made by models.cli
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",
