@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument("--epochs", type=int, default=0, help="epochs (default: the shipped setting)")
     tr.add_argument("--prior", default="auto",
                     help="simulated preset whose year joins a short --csv history as a prior "
-                         "(auto: the training site's, under 10 weeks of CSV; none)")
+                         "(auto: the training site's, under 5 weeks of CSV; none)")
     tr.set_defaults(func=cmd_train)
 
 

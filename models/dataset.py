@@ -30,7 +30,7 @@ from models.csvdata import SiteData
 WEEK_S = 7 * 86_400
 TEST_WEEKS = (3, 8)
 VAL_WEEKS = (5,)
-SHORT_WEEKS = 10  # less history than this: the short split (no test weeks)
+SHORT_WEEKS = 5  # less history than this has no validation week: the short split
 SHORT_VAL_DAY = 5
 
 TRAFFIC_INPUTS = (

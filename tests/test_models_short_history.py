@@ -12,7 +12,7 @@ from models.train import SITE_WEIGHT, prior_for, scored_rows, with_prior
 
 
 def test_a_fortnight_validates_on_one_day_a_week_and_holds_nothing_out() -> None:
-    ts = np.arange(0, 14 * 86_400, 300) + 1_735_689_600
+    ts = np.arange(0, 14 * 86_400, 300) + 1_735_689_600  # a fortnight
     split = split_of(ts)
     assert not (split == 2).any()
     days = np.unique((ts[split == 1] - ts[0]) // 86_400)
