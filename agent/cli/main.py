@@ -34,6 +34,7 @@ PLUGIN_MODULES = (
     "drivers.serial.cli",
     "drivers.modbus.cli",
     "models.cli",
+    "agent.cli.models_site",  # joins the `model` group made by models.cli
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",

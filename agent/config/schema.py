@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -352,6 +353,17 @@ class OutboxConfig(_Frozen):
     """...or as soon as this many are pending."""
 
 
+class HistoryConfig(_Frozen):
+    enabled: bool = True
+    """Keep a local history of the models' 300 s windows (`edge-agent model history export`
+    writes it as the training CSV, to calibrate the models to this site). Only when models are
+    configured."""
+    path: Annotated[str, Field(max_length=4096)] = ""
+    """SQLite file of the history; empty: `history.db` beside the outbox file."""
+    retention_days: Annotated[float, Field(ge=1, le=400)] = 60.0
+    """Days of model windows kept (60 days of 300 s rows: about 1.5 MB)."""
+
+
 class ControlConfig(_Frozen):
     socket: str = "/run/edge-agent/control.sock"
     """Unix socket of the local control interface used by the CLI."""
@@ -437,6 +449,8 @@ class AgentConfig(_Frozen):
     """The uplink to the cloud."""
     outbox: OutboxConfig = OutboxConfig()
     """The durable store between the pipeline and the uplink."""
+    history: HistoryConfig = HistoryConfig()
+    """The local history of model windows, for site calibration."""
     control: ControlConfig = ControlConfig()
     """The local control socket."""
     runtime: RuntimeConfig = RuntimeConfig()
@@ -451,3 +465,9 @@ class AgentConfig(_Frozen):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def history_path(self) -> str:
+        """Where the model history lives: configured, or beside the outbox file."""
+        if self.history.path:
+            return self.history.path
+        return str(Path(self.outbox.path).with_name("history.db"))

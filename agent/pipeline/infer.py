@@ -42,7 +42,16 @@ from typing import Any
 import numpy as np
 
 from agent.config.schema import ModelConfig
-from agent.pipeline.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
+from agent.pipeline.features import (
+    ENERGY_QUANTITIES,
+    TRAFFIC_QUANTITIES,
+    FeatureBuilder,
+    FeatureError,
+    FeatureRow,
+    FeatureSpec,
+    InputSpec,
+    parse_input,
+)
 from agent.pipeline.skill import GuardSettings, ShadowComparison, SkillGuard, Source
 from agent.readings import Inference, Window
 from models.manifest import (
@@ -426,6 +435,22 @@ class InferenceStage:
         """Persistence's forecast beside the active model's latest one (for evaluation)."""
         slot = self._slots.get(name)
         return slot.active.last_persistence if slot is not None else None
+
+    def history_streams(self) -> tuple[set[str], set[str], int]:
+        """The streams whose windows give traffic and energy inputs, and the model window (s):
+        what a history of model windows records."""
+        traffic: set[str] = set()
+        energy: set[str] = set()
+        window_s = 0
+        for slot in self._slots.values():
+            m = slot.active.manifest
+            bases = {parse_input(i.name)[0] for i in m.inputs}
+            if bases & set(TRAFFIC_QUANTITIES):
+                traffic.add(slot.active.stream)
+            if bases & set(ENERGY_QUANTITIES):
+                energy.add(slot.active.stream)
+            window_s = window_s or m.window_s
+        return traffic, energy, window_s
 
     def versions(self) -> dict[str, str]:
         return {name: s.active.version for name, s in self._slots.items()}
