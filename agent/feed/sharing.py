@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from agent import quality as quality_codes
 from agent.config.schema import AgentConfig, AudienceConfig, StreamConfig
 from agent.feed.fields import (
     VEHICLE_QUANTITIES,
@@ -80,7 +81,7 @@ DEFAULT_MIN_VEHICLES: Final = 3
 DEFAULT_DROP: Final[tuple[str, ...]] = tuple(
     f"channels.*.{q}.{stat}" for q in sorted(VEHICLE_QUANTITIES) for stat in ("min", "max", "last"))
 VALUE_STATS: Final = ("mean", "min", "max", "last", "std")
-REDACTED: Final = "redacted"
+REDACTED: Final = quality_codes.REDACTED
 COUNTERS: Final = ("published", "local", "suppressed", "withheld", "redacted", "rounded")
 SUPPRESSED_KEPT: Final = 1024  # window starts per namespace; inferences follow within seconds
 

@@ -315,15 +315,19 @@ class Link:
 
     # -- what the uplink uses ----------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[int]:
-        """Send a QoS 1 PUBLISH now; the future gets the PUBACK reason code (0 in 3.1.1) and
-        is cancelled if the connection ends first."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                qos: int = 1) -> asyncio.Future[int]:
+        """Send a PUBLISH now; the future gets the PUBACK reason code (0 in 3.1.1; at QoS 0,
+        0 once written) and is cancelled if the connection ends first."""
         if self.lost is not None:
             raise LinkError(f"could not publish on {topic}: {self.lost}")
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise LinkError(f"could not publish on {topic}: {paho.error_string(info.rc)}")
         fut: asyncio.Future[int] = self._loop.create_future()
+        if qos == 0:  # nothing will acknowledge it: paho has it, and that is all there is
+            fut.set_result(0)
+            return fut
         self._acks[info.mid] = fut
         return fut
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import paho.mqtt.client as paho
@@ -44,10 +44,16 @@ def _is_tls_text(text: str) -> bool:
 
 
 class Connector:
-    def __init__(self, cfg: MqttConfig, gateway: str, *, will_topic: str) -> None:
+    def __init__(self, cfg: MqttConfig, gateway: str, *, will_topic: str,
+                 will: Callable[[], bytes] | None = None, will_retain: bool = True,
+                 client_id: str | None = None) -> None:
+        """``will`` makes the last-will payload for each new connection (default
+        ``offline``), e.g. a Sparkplug NDEATH with that connection's bdSeq."""
         self.cfg = cfg
-        self.client_id = cfg.client_id or gateway
+        self.client_id = client_id or cfg.client_id or gateway
         self.will_topic = will_topic
+        self.will = will
+        self.will_retain = will_retain
         self.learned: MQTTProtocolVersion | None = None
         self.where = f"{cfg.host}:{cfg.port}"
         self.probe_timeout_s = PROBE_TIMEOUT_S
@@ -68,7 +74,8 @@ class Connector:
                              reconnect_on_failure=False)
         if creds:
             client.username_pw_set(creds[0], creds[1])
-        client.will_set(self.will_topic, b"offline", qos=1, retain=True)
+        client.will_set(self.will_topic, self.will() if self.will else b"offline", qos=1,
+                        retain=self.will_retain)
         if tls is not None:
             client.tls_set_context(tls)
         # The uplink bounds what is in flight itself; paho's own cap (default 20) must not

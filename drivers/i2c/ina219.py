@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.clock import Clock
+from agent.quality import OVERFLOW
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady, ProtocolError
 from drivers.i2c.bus import AsyncI2CBus
@@ -265,7 +266,7 @@ class Ina219Sensor(I2CSensor):
         the overflow is counted (``overflow``, shown in health). A shunt voltage at the end of
         its range flags shunt, current and power ``overflow`` (``shunt_saturated``)."""
         saturated = shunt_saturated(raw.shunt, self.options.range_mv())
-        reasons: tuple[str, ...] = ("overflow",) if raw.overflow or saturated else ()
+        reasons: tuple[str, ...] = (OVERFLOW,) if raw.overflow or saturated else ()
         out = [
             self.reading("bus_voltage", bus_voltage(raw.bus), "V"),
             self.reading("shunt_voltage", shunt_voltage(raw.shunt), "V", reasons),
