@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from drivers.base import DriverError
+from drivers.modbus.tcp import _parse as modbus_tcp_parse
 from drivers.serial import modbus, pms5003
 from drivers.serial.ops243_reports import PLAUSIBLE_MPS, LineParser, Reply, SpeedReport
 from drivers.serial.pzem004t import INPUT_REGISTERS, Measurement, decode_registers, encode_registers
@@ -141,6 +142,28 @@ def test_modbus_rtu_requests(seed: int, base: bytes) -> None:
     t.assert_clean()
 
 
+modbus_tcp_base = st.one_of(
+    st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=20).map(
+        lambda regs: bytes((ADDRESS, modbus.FC_READ_HOLDING, 2 * len(regs)))
+        + b"".join(r.to_bytes(2, "big") for r in regs)),
+    st.binary(min_size=1, max_size=4).map(
+        lambda b: bytes((ADDRESS, modbus.FC_READ_COILS, len(b))) + b),
+    st.just(bytes((ADDRESS, modbus.FC_READ_HOLDING | 0x80, 0x02))),
+    st.binary(max_size=64))
+
+
+@FUZZ
+@given(st.integers(0, 2**32), modbus_tcp_base, st.integers(1, 20), st.booleans())
+def test_modbus_tcp_reply_pdus(seed: int, base: bytes, count: int, bits: bool) -> None:
+    t = hostile.tally("Modbus TCP reply PDUs")
+    fc = modbus.FC_READ_COILS if bits else modbus.FC_READ_HOLDING
+    for case in cases(seed, base):
+        t.run(lambda c=case: modbus_tcp_parse(c, ADDRESS, fc, count, bits), (DriverError,),
+              check=lambda vals: len(vals) == count
+              and all(0 <= v <= (1 if bits else 0xFFFF) for v in vals))
+    t.assert_clean()
+
+
 # -- PMS5003 -----------------------------------------------------------------------------------
 
 pms_base = st.one_of(
@@ -226,6 +249,7 @@ def test_the_tally_sees_a_foreign_exception_and_junk() -> None:
 
 @pytest.mark.parametrize("target", [
     "OPS243 report lines", "PZEM-004T Modbus RTU replies", "Modbus RTU requests (emulator side)",
+    "Modbus TCP reply PDUs",
     "PMS5003 frames", "firmware bridge COBS -> frames -> msgs",
     "firmware bridge message payloads"])
 def test_parsers_were_clean(target: str) -> None:

@@ -252,3 +252,17 @@ async def test_a_tcp_unit_that_never_answers_delays_no_other(ctx: BuildContext) 
         await slow
     await a.close()
     await b.close()
+
+
+async def test_a_truncated_reply_is_a_protocol_error_not_silence(ctx: BuildContext) -> None:
+    s = await one(ctx)
+    line = s.emulator
+    assert isinstance(line, ModbusRtuLine)
+    line.inject("truncate", 10)  # every attempt of the sample gets a cut-short reply
+    with pytest.raises(ProtocolError, match=r"truncated reply|bytes that are no reply"):
+        await s.sample()
+    assert s.counters.get("timeouts", 0) == 0
+    assert s.counters.get("truncated", 0) + s.counters.get("garbage_replies", 0) >= 1
+    line.faults.truncate = 0
+    assert len(await s.sample()) == 28
+    await s.close()

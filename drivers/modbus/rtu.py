@@ -83,8 +83,8 @@ class RtuLine:
         self._users = 0
         await self.port.close()
 
-    async def _once(self, request: bytes, parser: modbus.ReplyParser,
-                    timeout_s: float) -> modbus.Frame | None:
+    async def _once(self, request: bytes, parser: modbus.ReplyParser, timeout_s: float,
+                    received: bytearray) -> modbus.Frame | None:
         port = self.port
         loop = asyncio.get_running_loop()
         if not port.is_open:
@@ -98,7 +98,10 @@ class RtuLine:
         deadline = loop.time() + timeout_s
         try:
             while (remaining := deadline - loop.time()) > 0:
-                frames = parser.feed(await port.read(remaining))
+                data = await port.read(remaining)
+                if len(received) < 256:
+                    received += data
+                frames = parser.feed(data)
                 if frames:
                     return frames[0]
             return None
@@ -109,8 +112,9 @@ class RtuLine:
                    timeout_s: float, retries: int, on_count: Count = _noop) -> tuple[int, ...]:
         """Registers (or bits as 0/1) ``start .. start+count-1`` of ``unit``.
 
-        Raises DeviceNotReady when nothing answered, ProtocolError when only bad or exception
-        replies came back.
+        Raises DeviceNotReady when nothing answered, ProtocolError when only bad replies came
+        back: a CRC error, an exception, a reply from another unit or to another function, a
+        truncated one, or noise.
         """
         where = f"{self.where} unit {unit}"
         bits = function in (modbus.FC_READ_COILS, modbus.FC_READ_DISCRETE)
@@ -124,10 +128,17 @@ class RtuLine:
                 on_count("retries", 1)
             parser.reset()
             crc_before = tally.crc_errors
+            received = bytearray()
             async with self._lock:
-                frame = await self._once(request, parser, timeout_s)
+                frame = await self._once(request, parser, timeout_s, received)
             if frame is None:
-                if tally.crc_errors > crc_before:
+                if received and tally.crc_errors == crc_before:
+                    key, why = modbus.describe_bad_reply(received, unit, function,
+                                                         parser.normal_length)
+                    on_count(key, 1)
+                    last = ProtocolError(f"{why} to function {function:#04x} at {start:#06x}",
+                                         where=where)
+                elif tally.crc_errors > crc_before:
                     last = ProtocolError(f"reply to function {function:#04x} at {start:#06x} "
                                          "failed its CRC check", where=where)
                 else:
