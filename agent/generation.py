@@ -25,7 +25,7 @@ from agent.feed.sharing import SharingPolicy
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage
-from agent.pipeline.clean import Cleaner
+from agent.pipeline.clean import Cleaner, fuse_groups
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.history import HistoryError, HistoryRecorder
 from agent.pipeline.infer import InferenceStage
@@ -90,7 +90,7 @@ class Pipeline:
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size,
                                                             "drop_oldest")
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
-        self.cleaner = Cleaner(cfg.sensors, self.clock)
+        self.cleaner = Cleaner(cfg.sensors, self.clock, fuse_groups=fuse_groups(cfg.streams))
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
         self.anomalies = AnomalyStage(cfg)
         models = [m for m in cfg.models if m.enabled]
@@ -122,6 +122,10 @@ class Pipeline:
         self._windows_for_stream: dict[str, int] = {}
         self.raw_streams = {s.name for s in cfg.streams if s.raw}
         self.tail = TailHub()
+        # Called with every published window / inference (the status page's history).
+        self.reading_listeners: list[Callable[[Reading], None]] = []
+        self.window_listeners: list[Callable[[Window], None]] = []
+        self.inference_listeners: list[Callable[[Inference], None]] = []
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -152,6 +156,11 @@ class Pipeline:
         self._share("window", w.stream, self._feed.window_message(self.gateway, w))
         self.windows_published += 1
         self.windows_q.put(w)
+        for listener in self.window_listeners:
+            try:
+                listener(w)
+            except Exception:  # an observer's bug must not cost the window
+                self._error("listener", f"a window of {w.stream}")
         try:
             for event in self.anomalies.on_window(w):
                 self._share("anomaly", w.stream, self._feed.anomaly_message(self.gateway, event))
@@ -194,6 +203,8 @@ class Pipeline:
         if cleaned is None:
             return
         self.windower.add(cleaned)
+        for listener in self.reading_listeners:
+            listener(cleaned)
         if self.tail.active:
             self.tail.publish("reading", cleaned.sensor, {
                 "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,
@@ -237,6 +248,11 @@ class Pipeline:
     def _publish_inference(self, inf: Inference) -> None:
         self._share("inference", inf.stream, self._feed.inference_message(self.gateway, inf))
         self.inferences_published += 1
+        for listener in self.inference_listeners:
+            try:
+                listener(inf)
+            except Exception:
+                self._error("listener", f"an inference of {inf.model}")
         if self.tail.active:
             self.tail.publish("inference", inf.model, {
                 "version": inf.version, "outputs": inf.outputs,

@@ -32,6 +32,7 @@ PLUGIN_MODULES = (
     "agent.cli.control",
     "drivers.i2c.cli",
     "drivers.serial.cli",
+    "drivers.modbus.cli",
     "models.cli",
     "agent.cli.models_site",  # joins the `model` group made by models.cli
     "firmware_bridge.cli",
@@ -71,6 +72,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_USAGE
+    from drivers.plugins import failure
+
+    for i, s in enumerate(cfg.sensors):
+        if reason := failure(s.driver):
+            # Not an invalid file: the agent starts, and this sensor fails (and is retried)
+            # in the supervisor while the others run.
+            print(f"{args.file}: warning: sensors[{i}] ({s.name}): {reason}", file=sys.stderr)
     print(f"{args.file}: ok (gateway {cfg.gateway.id}, {len(cfg.sensors)} sensors, "
           f"{len(cfg.streams)} streams, {len(cfg.models)} models)")
     return EXIT_OK

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from agent.config.cleaning import CleanOptions
-from drivers.registry import DRIVERS
+from drivers import registry
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -60,13 +60,15 @@ class SensorConfig(_Frozen):
     name: Name
     """Unique name; readings are keyed `name.quantity`."""
     driver: str
-    """One of the known drivers (`edge-agent sensors drivers` lists them)."""
+    """One of the known drivers, built in or from a plugin package (`edge-agent sensors
+    drivers` lists them)."""
     bus: int | Literal["emulated"] | None = None
     """I2C bus number N (`/dev/i2c-N`), or `"emulated"`. I2C drivers only."""
     port: str | None = None
-    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only."""
+    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only;
+    `modbus` also takes `tcp://HOST:PORT` for Modbus TCP."""
     address: int | None = None
-    """7-bit I2C address (e.g. `0x76`), or the Modbus address of a PZEM meter."""
+    """7-bit I2C address (e.g. `0x76`), or the Modbus unit id (`modbus`, `pzem004t`)."""
     period_s: PositiveSeconds = 1.0
     """Seconds between polls (polled drivers) or the expected report interval (streaming)."""
     timeout_s: PositiveSeconds = 2.0
@@ -74,16 +76,25 @@ class SensorConfig(_Frozen):
     enabled: bool = True
     """A disabled sensor is kept in the file but not started."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Driver-specific options (see the driver's documentation)."""
+    """Driver-specific options (see the driver's documentation), checked by the driver's own
+    rules: `modbus` loads its profile here, a plugin validates them with its pydantic model."""
     clean: dict[str, CleanOptions] = Field(default_factory=dict)
     """Cleaning overrides by quantity, e.g. `[sensors.clean.temperature] max = 60`."""
 
     @field_validator("driver")
     @classmethod
     def _known_driver(cls, v: str) -> str:
-        if v not in DRIVERS:
-            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(sorted(DRIVERS))})")
+        known = registry.known()
+        if v not in known:
+            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(known)})")
         return v
+
+    @model_validator(mode="after")
+    def _driver_options(self) -> SensorConfig:
+        problems = registry.options_problems(self.driver, self.options)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("address", mode="before")
     @classmethod
@@ -259,17 +270,18 @@ class ModelConfig(_Frozen):
     enabled: bool = True
     """A disabled model is not loaded."""
     guard: bool = True
-    """Skill guard: publish persistence (the current window's value) instead of the model's
-    forecast while the model does worse than persistence at this site."""
+    """Skill guard: publish the model's forecast only where its moves away from persistence (the
+    current window's value) have beaten persistence at this site, and only as far as an error
+    budget allows; otherwise persistence."""
     guard_horizon_s: Annotated[float, Field(gt=0, le=60 * 86_400)] = 7 * 86_400.0
-    """Seconds of scored forecasts kept per hour of the day, over which the model's and
-    persistence's errors are compared (a week: seven of each hour)."""
+    """Seconds of scored forecasts over which the model's record against persistence is kept,
+    per size of move away from persistence."""
     guard_margin: Annotated[float, Field(ge=0, lt=1)] = 0.02
-    """In an hour of the day, the model must beat persistence's error by this fraction (beyond
-    the noise of the record) before its forecast is published in that hour."""
+    """The published forecasts may do at most this fraction worse than persistence over any
+    12 h (so over any day): the guard's error budget."""
     guard_min_s: Annotated[float, Field(ge=0, le=60 * 86_400)] = 3_600.0
-    """Seconds of scored forecasts an hour of the day needs before the model can be published
-    in it (3600: one day's worth of that hour)."""
+    """Seconds of scored forecasts the guard needs before any of the model's forecasts can be
+    published."""
     activate_margin: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """A shadow candidate is activated only if its error on the live windows is below both the
     active model's and persistence's by this fraction (`--force` overrides)."""
@@ -357,6 +369,53 @@ class ControlConfig(_Frozen):
     """Unix socket of the local control interface used by the CLI."""
 
 
+class WebConfig(_Frozen):
+    page: bool = False
+    """Serve the read-only status page (`/`) with live updates."""
+    metrics: bool = False
+    """Serve Prometheus / OpenMetrics text on `/metrics` (on its own or beside the page)."""
+    bind: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback needs `token_file`."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    """TCP port of the page and `/metrics` (0: any free port, logged at start)."""
+    token_file: str = ""
+    """File whose first line is the access token (HTTP Basic password or Bearer token);
+    required for a non-loopback `bind`, optional on loopback."""
+    max_clients: Annotated[int, Field(ge=1, le=64)] = 8
+    """Connections served at once (live pages included); more are refused with 503."""
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> WebConfig:
+        if (self.page or self.metrics) and not is_loopback(self.bind) and not self.token_file:
+            raise ValueError(f"bind {self.bind!r} is not loopback: set web.token_file")
+        return self
+
+    def enabled(self) -> bool:
+        return self.page or self.metrics
+
+
+SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$")]
+
+
+class SparkplugConfig(_Frozen):
+    enabled: bool = False
+    """Publish every sensor as a Sparkplug B 3.0 device of this edge node (docs/sparkplug.md),
+    on the `[mqtt]` broker, beside the agent's own feed."""
+    group_id: SparkplugId = "edge"
+    """Sparkplug group id: topics are `spBv1.0/{group_id}/...`."""
+    node_id: SparkplugId | Literal[""] = ""
+    """Edge node id; empty: the gateway id."""
+    interval_s: Annotated[float, Field(ge=0.01, le=3600)] = 1.0
+    """Each device's readings are sent in one DDATA at most this often (every reading is in
+    it, each with its own timestamp)."""
+    backlog_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """DDATA payloads stored while the broker is away (across restarts too), replayed as
+    historical; the oldest are dropped (and counted) past it."""
+    state_dir: str = ""
+    """Directory of `sparkplug.bdseq` (bdSeq across restarts) and `sparkplug-backlog.db`;
+    empty: the outbox's directory."""
+
+
 class RuntimeConfig(_Frozen):
     queue_size: Annotated[int, Field(ge=16)] = 4096
     """Readings queued between acquisition and cleaning; the oldest are dropped past it."""
@@ -396,6 +455,10 @@ class AgentConfig(_Frozen):
     """The local control socket."""
     runtime: RuntimeConfig = RuntimeConfig()
     """Queues, supervision and shutdown."""
+    web: WebConfig = WebConfig()
+    """The local status page and the Prometheus endpoint (both off by default)."""
+    sparkplug: SparkplugConfig = SparkplugConfig()
+    """The Sparkplug B output profile (off by default)."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
