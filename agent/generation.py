@@ -24,7 +24,7 @@ from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
-from agent.pipeline.alarms import AnomalyStage
+from agent.pipeline.alarms import AnomalyStage, channel_map
 from agent.pipeline.clean import Cleaner, fuse_groups
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.history import HistoryError, HistoryRecorder
@@ -132,11 +132,14 @@ class Pipeline:
     def _history_recorder(self) -> HistoryRecorder | None:
         h = self.cfg.history
         traffic, energy, window_s = self.infer.history_streams()
-        if not h.enabled or not (traffic or energy) or not window_s:
+        circuits = {st.name: channel_map(st.anomaly) for st in self.cfg.streams
+                    if st.anomaly is not None}
+        if not h.enabled or not (traffic or energy or circuits):
             return None
         return HistoryRecorder(self.cfg.history_path(), window_s=window_s,
                                traffic_streams=traffic, energy_streams=energy,
-                               retention_days=h.retention_days)
+                               retention_days=h.retention_days, circuits=circuits,
+                               circuit_days=h.circuit_days)
 
     def _open_history(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the model history; one that cannot be opened is reported, never fatal."""

@@ -184,7 +184,9 @@ class AnomalyConfig(_Frozen):
     """Channel of the photocell (1 calls for light, 0 not); empty if none."""
     thresholds: str = ""
     """Thresholds calibrated for this site (JSON); empty for the shipped ones of the training
-    site (`models/anomaly_thresholds.json`)."""
+    site (`agent/anomaly/training_site.json`). Calibrate a site's own from its history:
+    `edge-agent model history export --circuits STREAM`, then `python -m models.anomaly_eval
+    --calibrate`."""
 
 
 class StreamConfig(_Frozen):
@@ -355,13 +357,17 @@ class OutboxConfig(_Frozen):
 
 class HistoryConfig(_Frozen):
     enabled: bool = True
-    """Keep a local history of the models' 300 s windows (`edge-agent model history export`
-    writes it as the training CSV, to calibrate the models to this site). Only when models are
-    configured."""
+    """Keep a local history of the models' 300 s windows and of the anomaly streams' circuits
+    (`edge-agent model history export` writes them as the training and calibration CSVs, to
+    calibrate the models and the anomaly thresholds to this site). Only when models or anomaly
+    tables are configured."""
     path: Annotated[str, Field(max_length=4096)] = ""
     """SQLite file of the history; empty: `history.db` beside the outbox file."""
     retention_days: Annotated[float, Field(ge=1, le=400)] = 60.0
     """Days of model windows kept (60 days of 300 s rows: about 1.5 MB)."""
+    circuit_days: Annotated[float, Field(ge=1, le=120)] = 30.0
+    """Days of circuit windows kept for the streams with an `anomaly` table (their thresholds
+    are calibrated from them; 30 days of 60 s windows: about 3 MB a stream)."""
 
 
 class ControlConfig(_Frozen):
