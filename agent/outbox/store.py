@@ -43,6 +43,7 @@ from agent.clock import Clock, SystemClock
 from agent.config.schema import OutboxConfig
 from agent.feed.messages import Draft, encode
 from agent.outbox.db import OutboxDB
+from agent.outbox.recovery import OutboxPathError
 from agent.outbox.rows import (
     DROP_ORDER,
     KINDS,
@@ -123,6 +124,10 @@ class Outbox:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise OutboxError(f"{self.cfg.path}: cannot open the outbox: {exc}") from exc
+        except OutboxPathError as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise OutboxError(f"{self.cfg.path}: {exc}") from exc
         self._next_seq = info.next_seq
         self._skipped = info.skipped
         self._snap = copy.deepcopy(info.snapshot)
@@ -323,6 +328,8 @@ class Outbox:
             "quarantined": self._quarantined,
             "quarantine_rows": self._snap.quarantined,
             "corrupt_resets": self._snap.corrupt_resets,
+            "salvaged": self._snap.salvaged,
+            "unreadable": self._snap.unreadable,
             "commits": self._commits,
             "commit_errors": self._commit_errors,
             "last_commit_ms": round(self._last_commit_ms, 3),
