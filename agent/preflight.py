@@ -104,8 +104,11 @@ def _socket_problems(path_text: str) -> list[Problem]:
     try:
         st = path.lstat()
     except FileNotFoundError:
-        bad = _nearest_dir(path)
-        return [] if bad is None else [Problem(where, path_text, bad)]
+        # The agent creates the socket's own directory, never the ones above it.
+        if not path.parent.is_dir() and not path.parent.parent.is_dir():
+            return [Problem(where, path_text, f"{path.parent.parent} is not a directory; "
+                                              "the agent creates only the socket's own")]
+        return []
     except OSError as exc:
         return [Problem(where, path_text, exc.strerror or str(exc))]
     if not stat.S_ISSOCK(st.st_mode):
