@@ -48,7 +48,7 @@ class _Frozen(BaseModel):
 
 
 class GatewayConfig(_Frozen):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", max_length=64)]
     """This gateway's identity: used in topics, the MQTT client id and the certificate CN."""
     site: Text = ""
     """Free text: where the cabinet stands."""
