@@ -1,4 +1,4 @@
-"""The outbox's SQLite file: schema, batched commits, bounds, sequence floor, corruption reset.
+"""The outbox's SQLite file: schema, batched commits, bounds, sequence floor, salvage.
 
 Everything here is blocking and runs on the outbox's single worker thread (``agent.outbox.store``
 owns that thread and is the only caller); the connection never leaves it.
@@ -36,7 +36,8 @@ from agent.outbox.recovery import (
     OUTBOX_APP_ID,
     aside_name,
     check_outbox_path,
-    foreign_wal,
+    is_corrupt,
+    keep_foreign_wal,
     move_aside,
     prune_aside,
     salvage,
@@ -57,7 +58,6 @@ SEQ_BLOCK: Final = 10_000  # seqs reserved per side-file write (one fsync per bl
 QUARANTINE_KEEP: Final = 1_000  # newest quarantined rows kept for inspection
 CORRUPT_KEEP: Final = 3  # moved-aside files (damaged or foreign) kept
 ASIDE_MIN_BYTES: Final = 64 * 1024 * 1024  # ...within max(this, max_bytes) bytes in all
-_CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -90,13 +90,6 @@ class OpenInfo:
     snapshot: Snapshot
 
 
-def is_corrupt(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if not isinstance(exc, sqlite3.DatabaseError) or code is None:
-        return False
-    return (code & 0xFF) in _CORRUPT_CODES
-
-
 def kernel_boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
@@ -124,7 +117,8 @@ class OutboxDB:
         """Open or create the outbox; OutboxPathError if the path holds something else."""
         check_outbox_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._check_wal()
+        if keep_foreign_wal(self.path, self._stamp()):  # else SQLite would replay it
+            self._prune()
         try:
             return self._open_once()
         except sqlite3.DatabaseError as exc:
@@ -138,28 +132,11 @@ class OutboxDB:
                 self.snap.last_seq = top
                 self._reserve(top + 1 + SEQ_BLOCK)
             info.snapshot = self.snap
+            self._prune()
             return info
 
     def _stamp(self) -> str:
         return time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._wall_ns() / 1e9))
-
-    def _check_wal(self) -> None:
-        """Keep a WAL that is not this database's out of it: SQLite would replay it."""
-        wal = Path(f"{self.path}-wal")
-        if not wal.exists():
-            return
-        if not self.path.exists():
-            reason: str | None = "there is no database beside it"
-        else:
-            reason = foreign_wal(self.path)
-        if reason is None:
-            return
-        aside = aside_name(self.path, "foreign", self._stamp())
-        moved = move_aside(self.path, aside, ("-wal", "-shm"))
-        log.error("%s: the WAL beside it is not this outbox's (%s): kept aside as %s; the "
-                  "outbox goes on from its own database", self.path, reason,
-                  ", ".join(str(p) for p in moved))
-        self._prune()
 
     def _prune(self) -> None:
         prune_aside(self.path, CORRUPT_KEEP, max(ASIDE_MIN_BYTES, self.max_bytes))

@@ -37,10 +37,19 @@ _APP_ID_OFFSET: Final = 68  # https://www.sqlite.org/fileformat.html#application
 SUFFIXES: Final = ("", "-wal", "-shm")
 ASIDE_LABELS: Final = ("corrupt", "foreign")
 SALVAGE_CHUNK: Final = 256
+_CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 
 
 class OutboxPathError(Exception):
     """The outbox path names a file that is not this kind of outbox: it is left alone."""
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` says the file is damaged (rather than busy, full or unreadable)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(exc, sqlite3.DatabaseError) or code is None:
+        return False
+    return (code & 0xFF) in _CORRUPT_CODES
 
 
 def _ro(path: Path, *, immutable: bool = False) -> sqlite3.Connection:
@@ -121,6 +130,19 @@ def foreign_wal(path: Path) -> str | None:
     if seen != own:
         return f"it carries database {seen or 'none'}, the file is database {own}"
     return None
+
+
+def keep_foreign_wal(path: Path, stamp: str) -> bool:
+    """Move a WAL beside ``path`` that is not its database's aside (logged); True if moved."""
+    if not Path(f"{path}-wal").exists():
+        return False
+    reason = foreign_wal(path) if path.exists() else "there is no database beside it"
+    if reason is None:
+        return False
+    moved = move_aside(path, aside_name(path, "foreign", stamp), ("-wal", "-shm"))
+    log.error("%s: the WAL beside it is not this outbox's (%s): kept aside as %s; the outbox "
+              "goes on from its own database", path, reason, ", ".join(str(p) for p in moved))
+    return True
 
 
 @dataclass
