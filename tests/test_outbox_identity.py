@@ -30,7 +30,7 @@ def _filled(d: Path, n: int, *, close: bool = True) -> tuple[Outbox, list[int]]:
 
 async def test_a_wal_of_another_outbox_is_kept_aside_not_replayed(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    ours, our_seqs = _filled(tmp_path / "ours", 30)
+    _, our_seqs = _filled(tmp_path / "ours", 30)
     other, _ = _filled(tmp_path / "other", 14, close=False)  # its WAL holds its commits
     wal = tmp_path / "other" / "outbox.db-wal"
     stray = wal.read_bytes()
