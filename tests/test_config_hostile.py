@@ -213,3 +213,14 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     f.write_text(valid(tmp_path))
     assert main(["config", "check", "--json", str(f)]) == 0
     assert json.loads(capsys.readouterr().out) == {"file": str(f), "ok": True, "problems": []}
+
+
+@pytest.mark.parametrize("value", ["[" * 10_000 + "]" * 10_000, "9" * 5000, "nan", "\udcdf"])
+def test_hostile_environment_overrides_are_refused_clearly(tmp_path: Path, value: str) -> None:
+    from agent.config.load import ConfigError, load_config
+
+    f = tmp_path / "agent.toml"
+    f.write_text(valid(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        load_config(f, env={"EDGE_AGENT__RUNTIME__QUEUE_SIZE": value})
+    assert [p.path for p in info.value.problems] == ["runtime.queue_size"]
