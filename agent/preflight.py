@@ -7,6 +7,11 @@ bind. ``preflight`` builds every object of a generation the way ``agent.generati
 does, but opens no hardware, writes no file and touches no network, and returns one `Problem`
 per failure with its key path. `edge-agent config check`, `edge-agent run` and a reload
 (SIGHUP, `edge-agent reload`) all call it, so a config that passes is one that runs.
+
+A model file that is there but not a valid model is a `Preflight.warnings` entry: the running
+agent starts without that model, or keeps the version it has loaded (``agent.pipeline.infer``),
+so `run` and a reload go ahead and log it; `config check` counts it as a problem. A model path
+that is not a regular file is an error everywhere: reading it could hang or fill the memory.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config.load import Problem
@@ -57,8 +63,20 @@ def _regular_file(path: Path, limit: int) -> str | None:
     return None
 
 
-def _model_problems(i: int, m: ModelConfig) -> list[Problem]:
-    out: list[Problem] = []
+@dataclass
+class Preflight:
+    errors: list[Problem] = field(default_factory=list)
+    """What `run` and a reload refuse."""
+    warnings: list[Problem] = field(default_factory=list)
+    """What they log and go on without (a model that does not load)."""
+
+    @property
+    def problems(self) -> list[Problem]:
+        """Everything, for `config check`."""
+        return self.errors + self.warnings
+
+
+def _model_problems(i: int, m: ModelConfig, out: Preflight) -> None:
     for key, path in (("path", m.path), ("shadow", m.shadow)):
         if key == "shadow" and not path:
             continue
@@ -66,17 +84,19 @@ def _model_problems(i: int, m: ModelConfig) -> list[Problem]:
         try:
             onnx = resolve(m, path)
         except Exception as exc:  # e.g. no shipped model of that name
-            out.append(Problem(where, repr(path), f"no model file: {exc}"))
+            out.warnings.append(Problem(where, repr(path), f"no model file: {exc}"))
             continue
         bad = _regular_file(onnx, MAX_MODEL_BYTES)
         if bad is not None:
-            out.append(Problem(where, repr(path), bad))
+            if onnx.exists():
+                out.errors.append(Problem(where, repr(path), bad))
+            else:
+                out.warnings.append(Problem(where, repr(path), bad))
             continue
         try:
             feature_spec(verify(onnx).manifest)
         except Exception as exc:  # ModelError, FeatureError, or a manifest that is not one
-            out.append(Problem(where, repr(path), str(exc)))
-    return out
+            out.warnings.append(Problem(where, repr(path), str(exc)))
 
 
 def _nearest_dir(path: Path) -> str | None:
@@ -125,17 +145,19 @@ def _outbox_problems(path_text: str) -> list[Problem]:
     return [] if bad is None else [Problem("outbox.path", path_text, bad)]
 
 
-def preflight(cfg: AgentConfig) -> list[Problem]:
+def preflight(cfg: AgentConfig) -> Preflight:
     """Build what a generation of ``cfg`` would build, without hardware; the problems."""
     clock = ClockSync(lambda _wall_ns: True)
-    out = _built("sensors", lambda: Cleaner(cfg.sensors, clock))
-    out += _built("streams", lambda: Windower(cfg.streams, cfg.sensors, clock=clock))
-    out += _built("streams", lambda: AnomalyStage(cfg))
-    out += _built("streams", lambda: SharingPolicy(cfg))
-    out += _built("mqtt.topic_prefix", lambda: Topics(cfg.mqtt.topic_prefix, cfg.gateway.id))
+    out = Preflight()
+    out.errors += _built("sensors", lambda: Cleaner(cfg.sensors, clock))
+    out.errors += _built("streams", lambda: Windower(cfg.streams, cfg.sensors, clock=clock))
+    out.errors += _built("streams", lambda: AnomalyStage(cfg))
+    out.errors += _built("streams", lambda: SharingPolicy(cfg))
+    out.errors += _built("mqtt.topic_prefix",
+                         lambda: Topics(cfg.mqtt.topic_prefix, cfg.gateway.id))
     for i, m in enumerate(cfg.models):
         if m.enabled:
-            out += _model_problems(i, m)
-    out += _outbox_problems(cfg.outbox.path)
-    out += _socket_problems(cfg.control.socket)
+            _model_problems(i, m, out)
+    out.errors += _outbox_problems(cfg.outbox.path)
+    out.errors += _socket_problems(cfg.control.socket)
     return out

@@ -100,7 +100,7 @@ class Agent:
             return None
         try:
             new = self._loader(self.config_path)
-            problems = preflight(new)
+            checked = preflight(new)
         except ConfigError as exc:
             lines = [str(p) for p in exc.problems]
             self._reject("; ".join(lines), lines)
@@ -110,10 +110,12 @@ class Agent:
             self._reject(f"{self.config_path}: cannot be loaded: {type(exc).__name__}: "
                          f"{str(exc)[:500]}")
             return None
-        if problems:
-            lines = [str(p) for p in problems]
+        if checked.errors:
+            lines = [str(p) for p in checked.errors]
             self._reject("; ".join(lines), lines)
             return None
+        for p in checked.warnings:  # the inference stage keeps what it has loaded
+            log.warning("reload: %s", p)
         self.last_reload_error = ""
         return new
 

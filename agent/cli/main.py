@@ -45,17 +45,23 @@ def _print_config_error(exc: Any) -> None:
         print(f"{exc.source}: {p}", file=sys.stderr)
 
 
-def checked_config(path: str) -> tuple[Any, list[str]]:
+def checked_config(path: str, *, strict: bool = True) -> tuple[Any, list[str]]:
     """The config at ``path`` and the problems `run` would meet, one line each.
 
     Everything `run` checks before it starts (``agent.preflight``), with no hardware opened;
-    whatever the file is, the answer is a list of lines, never an exception."""
+    whatever the file is, the answer is a list of lines, never an exception. ``strict=False``
+    (for `run`) logs what the agent can start without (a model that does not load) instead."""
     from agent.config.load import ConfigError, load_config
     from agent.preflight import preflight
 
     try:
         cfg = load_config(path)
-        return cfg, [f"{path}: {p}" for p in preflight(cfg)]
+        checked = preflight(cfg)
+        if not strict:
+            for p in checked.warnings:
+                log.warning("%s: %s", path, p)
+        found = checked.problems if strict else checked.errors
+        return cfg, [f"{path}: {p}" for p in found]
     except ConfigError as exc:
         return None, [f"{exc.source}: {p}" for p in exc.problems]
     except Exception as exc:  # the promise is a line per problem, not a traceback
@@ -69,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import Agent
 
     logs.setup(args.log_level, args.log_format)
-    cfg, problems = checked_config(args.config)
+    cfg, problems = checked_config(args.config, strict=False)
     if problems or cfg is None:
         for line in problems:
             print(line, file=sys.stderr)
