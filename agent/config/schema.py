@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -125,7 +126,17 @@ class FuseGroup(_Frozen):
     """Redundant channels (`sensor.quantity`) of one quantity to fuse."""
 
 
-RoundStep = Annotated[float, Field(ge=1e-9, le=1e9, allow_inf_nan=False)]
+MIN_ROUND_STEP = 1e-9  # finer than any sensor resolves; 1e-300 would overflow value / step
+
+
+def _round_step(v: float) -> float:
+    if v < MIN_ROUND_STEP:
+        raise ValueError(f"a rounding step must be at least {MIN_ROUND_STEP:g}")
+    return v
+
+
+RoundStep = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False),
+                      AfterValidator(_round_step)]
 
 
 class AudienceConfig(_Frozen):
