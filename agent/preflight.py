@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 MAX_MODEL_BYTES = 256 * 1024 * 1024  # the shipped models are a few KiB
+MAX_SMALL_FILE_BYTES = 1024 * 1024  # a CA bundle, a key, a credentials file
 
 
 def _built(where: str, build: Callable[[], object]) -> list[Problem]:
@@ -99,6 +100,19 @@ def _model_problems(i: int, m: ModelConfig, out: Preflight) -> None:
             out.warnings.append(Problem(where, repr(path), str(exc)))
 
 
+def _mqtt_files(cfg: AgentConfig, out: Preflight) -> None:
+    """The files the uplink reads at each connect: a FIFO or a device there would hang it or
+    fill the memory (refused); a missing one is retried at every connect (warned)."""
+    for key in ("ca_file", "cert_file", "key_file", "credentials_file"):
+        name = getattr(cfg.mqtt, key)
+        if not name:
+            continue
+        bad = _regular_file(Path(name), MAX_SMALL_FILE_BYTES)
+        if bad is not None:
+            target = out.errors if Path(name).exists() else out.warnings
+            target.append(Problem(f"mqtt.{key}", "", bad))
+
+
 def _nearest_dir(path: Path) -> str | None:
     """Why the directory of ``path`` could not be used or created, or None."""
     parent = path.parent
@@ -126,8 +140,8 @@ def _socket_problems(path_text: str) -> list[Problem]:
     except FileNotFoundError:
         # The agent creates the socket's own directory, never the ones above it.
         if not path.parent.is_dir() and not path.parent.parent.is_dir():
-            return [Problem(where, path_text, f"{path.parent.parent} is not a directory; "
-                                              "the agent creates only the socket's own")]
+            return [Problem(where, path_text, f"{path.parent.parent} is not a directory (the "
+                                              "agent creates only the socket's own directory)")]
         return []
     except OSError as exc:
         return [Problem(where, path_text, exc.strerror or str(exc))]
@@ -158,6 +172,7 @@ def preflight(cfg: AgentConfig) -> Preflight:
     for i, m in enumerate(cfg.models):
         if m.enabled:
             _model_problems(i, m, out)
+    _mqtt_files(cfg, out)
     out.errors += _outbox_problems(cfg.outbox.path)
     out.errors += _socket_problems(cfg.control.socket)
     return out

@@ -179,6 +179,9 @@ def test_what_run_would_refuse_is_refused_by_check(
                                        "path": "/dev/zero"}]},
         "outbox.path": {"outbox": {"path": str(foreign)}},
         "control.socket": {"control": {"socket": str(notes / "x" / "c.sock")}},
+        "mqtt.credentials_file": {"mqtt": {"host": "127.0.0.1", "port": 1883,
+                                           "credentials_file": "/dev/zero"}},
+        "mqtt.ca_file": {"mqtt": {"host": "127.0.0.1", "port": 1883, "ca_file": str(tmp_path)}},
     }
     for key, sections in cases.items():
         data = make_config(tmp_path, 1883, sensors=[{"name": "s", "driver": "synthetic"}],
@@ -224,3 +227,19 @@ def test_hostile_environment_overrides_are_refused_clearly(tmp_path: Path, value
     with pytest.raises(ConfigError) as info:
         load_config(f, env={"EDGE_AGENT__RUNTIME__QUEUE_SIZE": value})
     assert [p.path for p in info.value.problems] == ["runtime.queue_size"]
+
+
+def test_a_fifo_as_anomaly_thresholds_does_not_hang_the_check(tmp_path: Path) -> None:
+    fifo = tmp_path / "thresholds.json"
+    os.mkfifo(fifo)
+    data = make_config(tmp_path, 1883, gateway={"id": "gw-1", "latitude": 50.1,
+                                                "longitude": 8.7},
+                       sensors=[{"name": "m", "driver": "synthetic"}],
+                       streams=[{"name": "energy", "sensors": ["m"], "window_s": 60,
+                                 "anomaly": {"main": "m.active_power", "lights": "m.lamps",
+                                             "thresholds": str(fifo)}}])
+    f = write_toml(tmp_path / "agent.toml", data)
+    done = cli("config", "check", str(f))  # a blocked open fails on the timeout
+    assert done.returncode == 2, done
+    assert f"{f}: streams[0].anomaly.thresholds: " in done.stderr
+    assert "not a regular file" in done.stderr and "Traceback" not in done.stderr

@@ -194,6 +194,14 @@ def _anomaly_problems(i: int, st: StreamConfig, cfg: AgentConfig) -> list[Proble
         if channel and channel.partition(".")[0] not in st.sensors:
             out.append(Problem(f"{where}.{key}", repr(channel),
                                "not a channel (sensor.quantity) of this stream's sensors"))
+    if a.thresholds:
+        try:  # a FIFO would block the open below
+            regular = stat.S_ISREG(os.stat(a.thresholds).st_mode)
+        except OSError:
+            regular = True  # load_thresholds names what is wrong with it
+        if not regular:
+            out.append(Problem(f"{where}.thresholds", repr(a.thresholds), "not a regular file"))
+            return out
     try:
         th = load_thresholds(a.thresholds)
     except ThresholdsError as exc:
