@@ -30,8 +30,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Literal, cast
+from typing import IO, Final, Literal, cast
 
+from agent.outbox.export import export_rows
 from agent.outbox.recovery import (
     OUTBOX_APP_ID,
     aside_name,
@@ -476,21 +477,7 @@ class OutboxDB:
     def export_chunk(self, fh: IO[str], table: str, after: int, limit: int) -> tuple[int, int]:
         """Append up to ``limit`` rows of ``table`` after seq ``after`` to ``fh`` as JSON lines;
         returns (rows written, last seq)."""
-        extra = ", reason" if table == "quarantine" else ", NULL"
-        rows = self._c().execute(
-            f"SELECT seq, kind, topic, payload, created_ns, attempts{extra} FROM {table} "
-            "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        for seq, kind, topic, payload, created, attempts, reason in rows:
-            try:
-                message: Any = json.loads(payload)
-            except ValueError:
-                message = {"undecodable": bytes(payload).hex()}
-            line = {"seq": seq, "class": kind, "topic": topic, "created_ns": created,
-                    "attempts": attempts, "message": message}
-            if reason is not None:
-                line["quarantined"] = reason
-            fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-        return len(rows), (rows[-1][0] if rows else after)
+        return export_rows(self._c(), fh, table, after, limit)
 
     def quarantined_rows(self, limit: int) -> list[tuple[int, str, str, int, str]]:
         """Newest quarantined rows: (seq, kind, topic, attempts, reason)."""
