@@ -22,6 +22,8 @@ KEYS: dict[str, list[str]] = {
     "outbox": ["path", "max_bytes", "max_rows", "max_age_s", "commit_interval_ms",
                "commit_batch"],
     "control": ["socket"],
+    "[models]": ["name", "stream", "path", "shadow", "enabled", "guard_horizon_s",
+                 "guard_margin", "activate_min_s"],
     "runtime": ["queue_size", "backoff_initial_s", "backoff_max_s", "down_after",
                 "health_period_s", "stop_timeout_s", "model_watch_s", "clock"],
 }
