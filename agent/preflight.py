@@ -102,15 +102,15 @@ def _model_problems(i: int, m: ModelConfig, out: Preflight) -> None:
 
 def _mqtt_files(cfg: AgentConfig, out: Preflight) -> None:
     """The files the uplink reads at each connect: a FIFO or a device there would hang it or
-    fill the memory (refused); a missing one is retried at every connect (warned)."""
+    fill the memory (refused). A missing one is not a problem here: it may be provisioned
+    after the config, and the uplink names it at every connect until it is there."""
     for key in ("ca_file", "cert_file", "key_file", "credentials_file"):
         name = getattr(cfg.mqtt, key)
-        if not name:
+        if not name or not Path(name).exists():
             continue
         bad = _regular_file(Path(name), MAX_SMALL_FILE_BYTES)
         if bad is not None:
-            target = out.errors if Path(name).exists() else out.warnings
-            target.append(Problem(f"mqtt.{key}", "", bad))
+            out.errors.append(Problem(f"mqtt.{key}", "", bad))
 
 
 def _nearest_dir(path: Path) -> str | None:
