@@ -30,7 +30,7 @@ from agent.config.schema import AgentConfig
 from agent.control.server import ControlServer, ControlSocketError
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage
-from agent.preflight import preflight
+from agent.preflight import Preflight, preflight
 from agent.sdnotify import Notifier
 from drivers.base import BuildContext
 
@@ -93,14 +93,19 @@ class Agent:
         for line in (details or [])[:50]:
             log.error("  %s", line)
 
-    def _try_reload(self) -> AgentConfig | None:
+    def _load_and_check(self, path: str | Path) -> tuple[AgentConfig, Preflight]:
+        new = self._loader(path)
+        return new, preflight(new)
+
+    async def _try_reload(self) -> AgentConfig | None:
         """The new config if it loads, validates and builds; None (counted, logged) if not."""
         if self.config_path is None:
             log.warning("SIGHUP ignored: the agent was not started from a file")
             return None
         try:
-            new = self._loader(self.config_path)
-            checked = preflight(new)
+            # Reading, parsing and building (model files included) off the event loop, which
+            # keeps the running generation going meanwhile.
+            new, checked = await asyncio.to_thread(self._load_and_check, self.config_path)
         except ConfigError as exc:
             lines = [str(p) for p in exc.problems]
             self._reject("; ".join(lines), lines)
@@ -195,7 +200,7 @@ class Agent:
                         raise RuntimeError("pipeline ended on its own")
                     if reload_w in done:
                         self.notifier.reloading()
-                        new_cfg = self._try_reload()
+                        new_cfg = await self._try_reload()
                         self._reload.clear()
                         reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
                         if new_cfg is None:
