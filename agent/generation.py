@@ -25,8 +25,9 @@ from agent.feed.sharing import SharingPolicy
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage
-from agent.pipeline.clean import Cleaner
+from agent.pipeline.clean import Cleaner, fuse_groups
 from agent.pipeline.clocksync import ClockSync
+from agent.pipeline.history import HistoryError, HistoryRecorder
 from agent.pipeline.infer import InferenceStage
 from agent.pipeline.windows import Windower
 from agent.queues import BoundedQueue
@@ -89,7 +90,7 @@ class Pipeline:
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", rt.queue_size,
                                                             "drop_oldest")
         self.windows_q: BoundedQueue[Window] = BoundedQueue("infer", 256, "drop_oldest")
-        self.cleaner = Cleaner(cfg.sensors, self.clock)
+        self.cleaner = Cleaner(cfg.sensors, self.clock, fuse_groups=fuse_groups(cfg.streams))
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
         self.anomalies = AnomalyStage(cfg)
         models = [m for m in cfg.models if m.enabled]
@@ -98,6 +99,7 @@ class Pipeline:
         self.infer = InferenceStage(models) if infer is None else infer
         if infer is not None:
             infer.reload(models)
+        self.history = self._history_recorder()
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
         self.commands = CommandDispatcher(self._command_handlers())
@@ -120,8 +122,32 @@ class Pipeline:
         self._windows_for_stream: dict[str, int] = {}
         self.raw_streams = {s.name for s in cfg.streams if s.raw}
         self.tail = TailHub()
+        # Called with every published window / inference (the status page's history).
+        self.reading_listeners: list[Callable[[Reading], None]] = []
+        self.window_listeners: list[Callable[[Window], None]] = []
+        self.inference_listeners: list[Callable[[Inference], None]] = []
 
     # -- stages ---------------------------------------------------------------------------
+
+    def _history_recorder(self) -> HistoryRecorder | None:
+        h = self.cfg.history
+        traffic, energy, window_s = self.infer.history_streams()
+        if not h.enabled or not (traffic or energy) or not window_s:
+            return None
+        return HistoryRecorder(self.cfg.history_path(), window_s=window_s,
+                               traffic_streams=traffic, energy_streams=energy,
+                               retention_days=h.retention_days)
+
+    def _open_history(self, stack: contextlib.AsyncExitStack) -> None:
+        """Open the model history; one that cannot be opened is reported, never fatal."""
+        assert self.history is not None
+        try:
+            self.history.open()
+        except HistoryError as exc:
+            log.error("model history disabled: %s", exc)
+            self.history = None
+            return
+        stack.callback(self.history.close)
 
     def _emit(self, r: Reading) -> None:
         self.readings.put(r)
@@ -130,6 +156,11 @@ class Pipeline:
         self._share("window", w.stream, self._feed.window_message(self.gateway, w))
         self.windows_published += 1
         self.windows_q.put(w)
+        for listener in self.window_listeners:
+            try:
+                listener(w)
+            except Exception:  # an observer's bug must not cost the window
+                self._error("listener", f"a window of {w.stream}")
         try:
             for event in self.anomalies.on_window(w):
                 self._share("anomaly", w.stream, self._feed.anomaly_message(self.gateway, event))
@@ -172,6 +203,8 @@ class Pipeline:
         if cleaned is None:
             return
         self.windower.add(cleaned)
+        for listener in self.reading_listeners:
+            listener(cleaned)
         if self.tail.active:
             self.tail.publish("reading", cleaned.sensor, {
                 "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,
@@ -201,6 +234,8 @@ class Pipeline:
             batch = await self.windows_q.get_batch(16, timeout_s=0.5)
             for w in batch:
                 try:
+                    if self.history is not None:
+                        self.history.observe(w)
                     results: list[Inference] = await self.infer.on_window(w)
                     for inf in results:
                         self._publish_inference(inf)
@@ -213,6 +248,11 @@ class Pipeline:
     def _publish_inference(self, inf: Inference) -> None:
         self._share("inference", inf.stream, self._feed.inference_message(self.gateway, inf))
         self.inferences_published += 1
+        for listener in self.inference_listeners:
+            try:
+                listener(inf)
+            except Exception:
+                self._error("listener", f"an inference of {inf.model}")
         if self.tail.active:
             self.tail.publish("inference", inf.model, {
                 "version": inf.version, "outputs": inf.outputs,
@@ -268,6 +308,8 @@ class Pipeline:
         async with contextlib.AsyncExitStack() as stack:
             self.outbox.open()
             stack.callback(self.outbox.close)
+            if self.history is not None:
+                self._open_history(stack)
             if self._owns_infer:
                 stack.callback(self.infer.close)
             ctx = BuildContext(clock=self.clock, stack=stack)
@@ -346,11 +388,17 @@ class Pipeline:
             name = args.get("name")
             if not isinstance(name, str):
                 raise ValueError("args.name (the model to activate) is required")
-            self.infer.activate(name)
-            return {"activated": name}
+            force = args.get("force") is True
+            reason = self.activate_model(name, force)
+            return {"activated": name, "force": force, "reason": reason}
 
         return {"config.get": config_get, "sensors.read": sensors_read,
                 "model.activate": model_activate}
+
+    def activate_model(self, name: str, force: bool) -> str:
+        """Promote ``name``'s shadow candidate (refused with the scores unless it won on the
+        live windows, or ``force``); returns how it scored."""
+        return self.infer.activate(name, force=force)
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -371,6 +419,7 @@ class Pipeline:
             "outbox": self.outbox.stats(),
             "sharing": self.sharing.stats(),
             "uplink": self.uplink.status(),
-            "models": {"status": self.infer.status(), "last": self.last_inference},
+            "models": {"status": self.infer.status(), "last": self.last_inference,
+                       "history": self.history.status() if self.history else None},
             "anomalies": self.anomalies.status(),
         }

@@ -17,7 +17,8 @@ BAD: Final = "bad"
 
 # Canonical units; drivers convert to these before building a Reading.
 UNITS: Final = frozenset(
-    {"degC", "Pa", "%RH", "V", "A", "W", "Wh", "Hz", "m/s", "ug/m3", "count", "1", "s", "veh/h"}
+    {"degC", "Pa", "%RH", "V", "A", "W", "Wh", "Hz", "m/s", "ug/m3", "count", "1", "s", "veh/h",
+     "var", "VA", "varh", "VAh", "deg"}
 )
 
 
@@ -79,6 +80,6 @@ class Inference:
     latency_ms: float
     stream: str = ""
     shadow: bool = False
-    source: str = "model"  # "fallback": the published forecast is persistence (skill guard)
+    source: str = "model"  # or "fallback" (persistence) / "blend" (clipped move): skill guard
     skill: float | None = None  # 1 - model MAE / persistence MAE at this site, running
     out_of_range: tuple[str, ...] = ()  # inputs outside the span of the training data

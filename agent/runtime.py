@@ -21,7 +21,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clock import Clock
@@ -33,6 +33,10 @@ from agent.pipeline.infer import InferenceStage
 from agent.preflight import Preflight, preflight
 from agent.sdnotify import Notifier
 from drivers.base import BuildContext
+
+if TYPE_CHECKING:
+    from agent.sparkplug.session import SparkplugSession
+    from agent.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class Agent:
         self._reloading = False
         self.control: ControlServer | None = None
         self.infer: InferenceStage | None = None
+        self.web: WebServer | None = None
+        self.sparkplug: SparkplugSession | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -132,11 +138,15 @@ class Agent:
         self.control = ControlServer(self.cfg.control.socket, self,
                                      export_dir=Path(self.cfg.outbox.path).parent)
         control_task = asyncio.create_task(self._serve_control(), name="control")
+        web_task = await self._start_web()
+        spb_task = self._start_sparkplug()
+        tasks = [t for t in (control_task, web_task, spb_task) if t is not None]
         try:
             return await self._generations()
         finally:
-            control_task.cancel()
-            await asyncio.gather(control_task, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             if self.infer is not None:
@@ -172,6 +182,38 @@ class Agent:
                      f"({type(exc).__name__}: {str(exc)[:500]}); running the previous one again")
         self.cfg = previous
 
+    async def _start_web(self) -> asyncio.Task[None] | None:
+        """The status page and /metrics, when configured; they live across reloads (a change
+        to ``[web]`` takes effect on restart). The pipeline matters more: a web server that
+        cannot start is logged and the agent runs on without it."""
+        if not self.cfg.web.enabled():
+            return None
+        # Imported here: with the page and metrics off, the agent loads none of it.
+        from agent.web.server import WebConfigError, WebServer
+
+        try:
+            web = WebServer(self.cfg.web, self)
+            await web.start()
+        except WebConfigError as exc:
+            log.error("status page and metrics off: %s", exc)
+            return None
+        self.web = web
+        return asyncio.create_task(web.serve(), name="web")
+
+    def _start_sparkplug(self) -> asyncio.Task[None] | None:
+        """The Sparkplug edge node, when configured; like the control socket it lives across
+        reloads, so bdSeq and seq run on (a change to ``[sparkplug]`` takes effect on
+        restart)."""
+        cfg = self.cfg.sparkplug
+        if not cfg.enabled:
+            return None
+        from agent.sparkplug.session import SparkplugSession
+
+        state = Path(cfg.state_dir or Path(self.cfg.outbox.path).parent)
+        self.sparkplug = SparkplugSession(cfg, self.cfg.mqtt, self.cfg.gateway.id, __version__,
+                                          state)
+        return asyncio.create_task(self.sparkplug.run(), name="sparkplug")
+
     async def _generations(self) -> int:
         previous: AgentConfig | None = None  # what to go back to if a reloaded config fails
         while True:
@@ -180,6 +222,10 @@ class Agent:
             self._gen_ready.clear()
             pipeline = self._build(previous)
             self.pipeline = pipeline
+            if self.web is not None:
+                self.web.attach(pipeline)
+            if self.sparkplug is not None:
+                pipeline.reading_listeners.append(self.sparkplug.on_reading)
             gen_task = asyncio.create_task(pipeline.run(), name=f"pipeline-{self.generation}")
             stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
             reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
@@ -251,4 +297,6 @@ class Agent:
                 "last_reload_error": self.last_reload_error,
             },
             **(p.snapshot() if p is not None else {}),
+            **({"web": self.web.status()} if self.web is not None else {}),
+            **({"sparkplug": self.sparkplug.status()} if self.sparkplug is not None else {}),
         }

@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 from agent.clock import SystemClock
 from agent.config.schema import FuseGroup, SensorConfig, StreamConfig
-from agent.pipeline.clean import Cleaner
+from agent.pipeline.clean import Cleaner, fuse_groups
 from agent.pipeline.windows import Windower
 from agent.readings import Reading
 
@@ -78,7 +78,7 @@ def baseline(items: list[Fields]) -> float:
 
 def clean_fuse(items: list[Fields]) -> tuple[float, int, int]:
     sensors, streams = configs()
-    cleaner = Cleaner(sensors, SystemClock())
+    cleaner = Cleaner(sensors, SystemClock(), fuse_groups=fuse_groups(streams))
     windower = Windower(streams, sensors)
     windows = 0
     flagged = 0

@@ -23,6 +23,7 @@ import asyncio
 from typing import Any
 
 from agent.clock import Clock
+from agent.quality import CLOCK_UNSYNCED, OUT_OF_RANGE
 from agent.readings import Quality, Reading
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, Emit, Sensor
 from firmware_bridge.client import DEFAULT_BAUDRATE, ClientConfig
@@ -93,7 +94,7 @@ class BridgeSensor(Sensor):
         reasons: tuple[str, ...] = ()
         mono = report.mono_ns
         if mono is None:
-            mono, reasons = now_mono, ("clock_unsynced",)
+            mono, reasons = now_mono, (CLOCK_UNSYNCED,)
         ts = self.clock.wall_ns() - (now_mono - mono)
         quality: Quality = "suspect" if reasons else "good"
         if rec.kind == ChannelKind.LOOP:
@@ -102,7 +103,7 @@ class BridgeSensor(Sensor):
             occ_quality: Quality = quality
             if not 0.0 <= occ <= 1.0:
                 self.count("occupancy_out_of_range")
-                occ, occ_reasons = min(max(occ, 0.0), 1.0), (*reasons, "out_of_range")
+                occ, occ_reasons = min(max(occ, 0.0), 1.0), (*reasons, OUT_OF_RANGE)
                 occ_quality = "suspect"
             return [
                 Reading(self.name, "occupancy", occ, "1", ts, mono,

@@ -38,6 +38,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from agent.anomaly import History, Sample
+from models.sites import PRESETS, Climate, SiteParams
 from models.sun import day_of_year, solar_position
 from models.weather import simulate_weather
 
@@ -74,19 +75,40 @@ class CabinetSite:
     dim_hours: tuple[int, int] = (23, 5)
     heater_w: float = 200.0
     fan_w: float = 40.0
+    standby_w: float = 8.0  # per charge point
     arrival_scale: float = 1.0  # charging demand per point relative to the training site
-    temp_offset_c: float = 0.0
+    climate: Climate = field(default_factory=Climate)
     faults: FaultRates = field(default_factory=FaultRates)
     seed: int = 7
     start: str = "2025-01-06"
 
 
-TRAINING_SITE = CabinetSite("berlin", 52.5, 13.4, "Europe/Berlin", (11.0, 7.4), 24, 55.0, 45.0)
-FOREIGN_SITE = CabinetSite(
-    "chicago", 41.9, -87.6, "America/Chicago", (7.7, 7.7, 11.5, 19.2), 40, 100.0, 80.0,
-    dim_level=1.0, arrival_scale=0.8, temp_offset_c=-3.0, seed=11,
-)
-SITES = {s.name: s for s in (TRAINING_SITE, FOREIGN_SITE)}
+# Street-lighting schedules are not part of a preset (the traffic and energy models never see
+# them): lit power during the dimming hours and the local hours it applies.
+DIMMING: dict[str, tuple[float, tuple[int, int]]] = {
+    "berlin-street": (0.5, (23, 5)),
+    "chicago-arterial": (1.0, (23, 5)),
+    "seville-suburb": (0.6, (0, 6)),
+    "heldout-ring": (0.7, (0, 5)),
+}
+
+
+def cabinet_site(params: SiteParams) -> CabinetSite:
+    """The cabinet of a ``models.sites`` preset: its place, climate, luminaires and chargers."""
+    cab = params.cabinet
+    dim, hours = DIMMING.get(params.name, (1.0, (23, 5)))
+    return CabinetSite(
+        params.name, params.lat_deg, params.lon_deg, params.timezone, cab.chargers_kw,
+        cab.luminaires, cab.luminaire_w, cab.base_w, dim_level=dim, dim_hours=hours,
+        heater_w=cab.heater_w, fan_w=cab.fan_w, standby_w=cab.standby_w,
+        arrival_scale=cab.ev_arrivals, climate=params.climate, seed=params.seed,
+        start=params.start,
+    )
+
+
+SITES = {name: cabinet_site(p) for name, p in PRESETS.items()}
+TRAINING_SITE = SITES["berlin-street"]
+FOREIGN_SITES = tuple(SITES[n] for n in ("chicago-arterial", "seville-suburb"))
 
 
 @dataclass(frozen=True)
@@ -274,8 +296,12 @@ def _place(sched: _Schedule, rng: np.random.Generator, ts: np.ndarray, min_w: in
 
 
 def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float = 14.0,
-                     with_faults: bool = True, seed: int | None = None) -> CabinetRun:
+                     with_faults: bool = True, seed: int | None = None,
+                     split_days: float | None = None) -> CabinetRun:
     """``days`` of one cabinet at 60 s windows; faults only after ``fault_free_days``.
+
+    No fault spans ``split_days`` (the end of a calibration history), so every labelled fault
+    lies wholly in the history or wholly in the weeks scored after it.
 
     The normal operation (loads, weather, meter noise) comes from its own random streams, so
     the same cabinet with ``with_faults=False`` is the same cabinet without its faults.
@@ -295,8 +321,8 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
     el_sub, _ = solar_position(ts_sub + SUB_S / 2, site.lat_deg, site.lon_deg)
     hour, _, _ = local_time(mid.astype(np.int64), site.timezone)
     hour_sub, dow_sub, day_sub = local_time(ts_sub, site.timezone)
-    wx = simulate_weather(day_of_year(ts), solar_h, WINDOW_S, rng)
-    temperature = wx.temperature + site.temp_offset_c
+    wx = simulate_weather(day_of_year(ts), solar_h, WINDOW_S, rng, site.climate)
+    temperature = wx.temperature
 
     # Photocell: one switching elevation per night (a night keeps its value past midnight).
     night = day_sub - (hour_sub < 12)
@@ -310,7 +336,7 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
         failed[s:s + int(rng.integers(14, 43)) * DAY_S // WINDOW_S] += 1
     working = np.repeat(site.luminaires - np.minimum(failed, site.luminaires), SUB)
     d0, d1 = site.dim_hours
-    dimmed = (hour_sub >= d0) | (hour_sub < d1)
+    dimmed = ((hour_sub >= d0) | (hour_sub < d1)) if d0 > d1 else (hour_sub >= d0) & (hour_sub < d1)
     full_w = working * site.luminaire_w * 1.04  # LED driver losses
     lit_w = full_w * np.where(dimmed, site.dim_level, 1.0)
     lights = np.where(photocell, lit_w, 0.0)
@@ -321,7 +347,7 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
     inside = temperature + 4.0 + 8.0 * np.clip(np.sin(np.radians(elevation)), 0, None)
     cabinet = _thermostats(inside, site.heater_w, site.fan_w)
     # Electronics wander slowly (router traffic, controller duty): AR(1), 6 h, 3 W.
-    cabinet += site.base_w + 8.0 * len(site.chargers_kw) + _ar1(n, 360.0, 3.0, rng)
+    cabinet += site.base_w + site.standby_w * len(site.chargers_kw) + _ar1(n, 360.0, 3.0, rng)
     cabinet += rng.normal(0, 1.0, n)
     outage = np.zeros(n, dtype=bool)
     for s in np.flatnonzero(rng.random(n) < WINDOW_S / (10 * DAY_S)):
@@ -332,6 +358,9 @@ def simulate_cabinet(site: CabinetSite, days: float, *, fault_free_days: float =
     extra = np.zeros(n * SUB)
     t_faults = float(ts[0]) + fault_free_days * DAY_S
     sched = _Schedule(t_faults, float(ts[-1]))
+    if split_days is not None:
+        t_split = float(ts[0]) + split_days * DAY_S
+        sched.take(t_split, t_split)
     weeks = max(days - fault_free_days, 0.0) / 7.0
     if with_faults:
         faults += _lamp_faults(sched, photocell=photocell, lights=lights, full_w=full_w,

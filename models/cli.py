@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument("--out", default="", help="output directory (default: a new ./models-out)")
     tr.add_argument("--models", default="traffic,energy")
     tr.add_argument("--epochs", type=int, default=0, help="epochs (default: the shipped setting)")
+    tr.add_argument("--prior", default="auto",
+                    help="simulated preset whose year joins a short --csv history as a prior "
+                         "(auto: the training site's, under 5 weeks of CSV; none)")
     tr.set_defaults(func=cmd_train)
 
 
@@ -159,4 +162,5 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv += ["--csv", args.csv]
     if args.epochs:
         argv += ["--epochs", str(args.epochs)]
+    argv += ["--prior", args.prior]
     return train_main(argv)

@@ -30,6 +30,8 @@ from models.csvdata import SiteData
 WEEK_S = 7 * 86_400
 TEST_WEEKS = (3, 8)
 VAL_WEEKS = (5,)
+SHORT_WEEKS = 5  # less history than this has no validation week: the short split
+SHORT_VAL_DAY = 5
 
 TRAFFIC_INPUTS = (
     "flow_veh_h", "flow_veh_h_lag1", "flow_veh_h_lag2", "flow_veh_h_lag3",
@@ -95,8 +97,15 @@ def quantities(data: SiteData) -> dict[str, np.ndarray]:
 
 
 def split_of(ts_s: np.ndarray) -> np.ndarray:
-    week = (ts_s - ts_s[0]) // WEEK_S % 10
+    """0 train, 1 validation, 2 test. A year: whole weeks in a repeating pattern of ten. A short
+    history (a site's first weeks, fewer than ``SHORT_WEEKS``): one day a week validates, the
+    rest trains, nothing is held out; its test is the weeks that follow, at the site."""
     out = np.zeros(len(ts_s), dtype=np.int8)
+    if len(ts_s) and ts_s[-1] - ts_s[0] < SHORT_WEEKS * WEEK_S:
+        day = (ts_s - ts_s[0]) // 86_400
+        out[day % 7 == SHORT_VAL_DAY] = 1
+        return out
+    week = (ts_s - ts_s[0]) // WEEK_S % 10
     out[np.isin(week, VAL_WEEKS)] = 1
     out[np.isin(week, TEST_WEEKS)] = 2
     return out

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from models.csvdata import SiteData, SiteDataError, read_csv
-from models.dataset import ModelData, Trained, build
+from models.dataset import SHORT_WEEKS, WEEK_S, ModelData, Trained, build
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ HUBER = 0.05
 # they are the ones operators act on, and few enough that an unweighted fit treats an onset
 # as noise.
 SLOW_WEIGHT = 2.0
+# A site's own rows weigh this much more than the training site's when a short history is
+# trained with the training site as a prior.
+SITE_WEIGHT = 4.0
+PRIOR_SITE = "berlin-street"
 ORIGINAL_HIDDEN = 64
 # Differences the forecaster sees beside its inputs (see ``models.nets.Forecaster``).
 DIFFERENCES = {
@@ -84,6 +88,9 @@ class TrainConfig:
     hidden: int = 96
     depth: int = 3
     seed: int = 7
+    # A short history (a site's first weeks) gives few batches an epoch: train for at least
+    # this many steps. A year of data makes more in its 60 epochs, so it changes nothing there.
+    min_steps: int = 4000
 
 
 def scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -132,10 +139,11 @@ def _fit(net: Any, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
         torch.from_numpy(weight[0].astype(np.float32)).reshape(-1, 1),
         torch.from_numpy(weight[1].astype(np.float32)).reshape(-1, 1))
     steps = max(1, len(x) // cfg.batch)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     best = (float("inf"), 0, {k: v.clone() for k, v in net.state_dict().items()})
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         net.train()
         order = torch.randperm(len(x), generator=gen)
         for s in range(steps):
@@ -206,10 +214,20 @@ def _fit_both(md: ModelData, train_rows: np.ndarray, cfg: TrainConfig, *,
     return net, orig, info
 
 
+def scored_rows(md: ModelData) -> tuple[np.ndarray, str]:
+    """The rows metrics are reported on: the test weeks, or (a short history has none) the
+    validation days."""
+    te: np.ndarray = md.split == 2
+    if te.any():
+        return te, "test weeks"
+    va: np.ndarray = md.split == 1
+    return va, "validation days"
+
+
 def _comparison(md: ModelData, pred: np.ndarray, orig: np.ndarray) -> dict[str, Any]:
-    te = md.split == 2
+    te, split = scored_rows(md)
     return {
-        "split": "test weeks", "rows": int(te.sum()),
+        "split": split, "rows": int(te.sum()),
         "model": scores(pred[te], md.y[te]),
         "persistence": scores(md.persistence[te], md.y[te]),
         "seasonal_naive": scores(md.seasonal[te], md.y[te]),
@@ -246,20 +264,41 @@ def slow_skill(md: ModelData, pred: np.ndarray, rows: np.ndarray) -> dict[str, A
             "persistence_mae": round(base, 4), "skill": round(1 - model / base, 4)}
 
 
-def train_traffic(data: SiteData, cfg: TrainConfig) -> Trained:
+def with_prior(md: ModelData, prior: SiteData | None) -> tuple[ModelData, np.ndarray]:
+    """A short site history with a prior: the training site's rows join the training rows
+    (built with the site's feature spec, each in its own local time), and every site row weighs
+    ``SITE_WEIGHT`` times a prior row. Validation and scores stay the site's own. Returns the
+    rows and their weights."""
+    site_w = np.ones(len(md.y))
+    if prior is None:
+        return md, site_w
+    pr = build(md.name, prior, spec=md.spec)
+    keep = pr.split != 2  # the prior's test weeks stay unseen, as in the shipped training
+    joined = ModelData(
+        md.name, md.spec, np.concatenate([md.x, pr.x[keep]]), np.concatenate([md.y, pr.y[keep]]),
+        np.concatenate([md.split, np.zeros(int(keep.sum()), dtype=md.split.dtype)]),
+        np.concatenate([md.persistence, pr.persistence[keep]]),
+        np.concatenate([md.seasonal, pr.seasonal[keep]]),
+        np.concatenate([md.original_x, pr.original_x[keep]]),
+        np.concatenate([md.labels, pr.labels[keep]]), np.concatenate([md.ts_s, pr.ts_s[keep]]))
+    return joined, np.concatenate([site_w * SITE_WEIGHT, np.ones(int(keep.sum()))])
+
+
+def train_traffic(data: SiteData, cfg: TrainConfig, prior: SiteData | None = None) -> Trained:
     from models.nets import TrafficGraph
 
     torch = require_torch()
     torch.set_num_threads(1)
-    md = build("traffic", data)
-    free_flow = free_flow_speed(md)
-    weight = np.where(slow_rows(md, free_flow), SLOW_WEIGHT, 1.0)
+    site = build("traffic", data)
+    free_flow = free_flow_speed(site)
+    md, rows_w = with_prior(site, prior)
+    weight = np.where(slow_rows(md, free_flow), SLOW_WEIGHT, 1.0) * rows_w
     net, orig, info = _fit_both(md, md.split == 0, cfg,
                                 anchor=md.spec.names.index("speed_mean"), huber=HUBER,
                                 weight=weight)
     pred, opred = _predict(net, md.x), _predict(orig, md.original_x)
     metrics = _comparison(md, pred, opred)
-    te = md.split == 2
+    te, _ = scored_rows(md)
     metrics["slowing_or_congested_next"] = slow_skill(md, pred, te & slow_rows(md, free_flow))
     actual = _levels(md.y[te], free_flow)
     for key, forecast in (("model", pred), ("persistence", md.persistence)):
@@ -284,17 +323,18 @@ def _events(labels: np.ndarray, ts_s: np.ndarray, window_s: int) -> list[np.ndar
     return np.split(idx, breaks)
 
 
-def train_energy(data: SiteData, cfg: TrainConfig) -> Trained:
+def train_energy(data: SiteData, cfg: TrainConfig, prior: SiteData | None = None) -> Trained:
     from models.nets import EnergyGraph
 
     torch = require_torch()
     torch.set_num_threads(1)
-    md = build("energy", data)
+    md, rows_w = with_prior(build("energy", data), prior)
     # Known faults (an ``anomaly`` column) are kept out of the fit, not out of the evaluation.
     # Load is a step signal (chargers start and stop): the net forecasts the change from the
     # current load with an L1-like loss, so unforecastable steps do not pull every forecast.
     net, orig, info = _fit_both(md, (md.split == 0) & (md.labels == 0), cfg,
-                                anchor=md.spec.names.index("power_mean_w"), huber=HUBER)
+                                anchor=md.spec.names.index("power_mean_w"), huber=HUBER,
+                                weight=None if prior is None else rows_w)
     pred, opred = _predict(net, md.x), _predict(orig, md.original_x)
     metrics = _comparison(md, pred, opred)
     resid = md.y - pred
@@ -302,7 +342,7 @@ def train_energy(data: SiteData, cfg: TrainConfig) -> Trained:
     med = float(np.median(resid[va]))
     scale = float(1.4826 * np.median(np.abs(resid[va] - med)))
     threshold = float(np.quantile(np.abs(resid[va]) / scale, ANOMALY_QUANTILE))
-    te = md.split == 2
+    te, _ = scored_rows(md)
     flagged = np.abs(resid) / scale > threshold
     events = _events(md.labels * te, md.ts_s, data.window_s)
     # A one-step forecast residual sees the onset of a fault: count an event as found when one
@@ -325,14 +365,15 @@ def describe(data: SiteData, source: str) -> str:
 
 
 def train_all(data: SiteData, out_dir: Path, cfg: TrainConfig, names: list[str], *, source: str,
-              samples: bool = False) -> dict[str, dict[str, Any]]:
+              samples: bool = False, prior: SiteData | None = None) -> dict[str, dict[str, Any]]:
     from models.calibrate import training_scale
     from models.export import export_trained, write_samples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
-        trained = train_traffic(data, cfg) if name == "traffic" else train_energy(data, cfg)
+        trained = (train_traffic(data, cfg, prior) if name == "traffic"
+                   else train_energy(data, cfg, prior))
         trained.training.update({"config": asdict(cfg), "source": describe(data, source),
                                  "site_scale": asdict(training_scale(data))})
         manifest = export_trained(trained, out_dir)
@@ -341,6 +382,20 @@ def train_all(data: SiteData, out_dir: Path, cfg: TrainConfig, names: list[str],
         results[name] = trained.metrics
         log.info("%s: %s", name, trained.metrics)
     return results
+
+
+def prior_for(data: SiteData, choice: str) -> SiteData | None:
+    """The prior a site history trains with: none for a long history or 'none', else the
+    named simulated preset's year ('auto': the training site's)."""
+    if choice == "none":
+        return None
+    span_s = int(data.ts_s[-1] - data.ts_s[0]) if len(data) else 0
+    if choice == "auto" and span_s >= SHORT_WEEKS * WEEK_S:
+        return None
+    from models.simulate import simulate_site
+    from models.sites import preset
+
+    return simulate_site(preset(PRIOR_SITE if choice == "auto" else choice))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--samples", action="store_true", help="also write sample windows")
+    ap.add_argument("--prior", default="auto",
+                    help="simulated site preset whose year joins a short --csv history as a "
+                         "prior ('auto': the training site's when the CSV spans under "
+                         f"{SHORT_WEEKS} weeks; 'none')")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -378,7 +437,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}")
         return 1 if isinstance(exc, TrainUnavailable) else 2
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
-    results = train_all(data, Path(args.out), cfg, names, source=source, samples=args.samples)
+    try:
+        prior = prior_for(data, args.prior if args.csv else "none")
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}")
+        return 2
+    if prior is not None:
+        source += f", with the simulated {args.prior if args.prior != 'auto' else PRIOR_SITE}"
+        source += " year as a prior"
+    results = train_all(data, Path(args.out), cfg, names, source=source, samples=args.samples,
+                        prior=prior)
     for name, m in results.items():
         print(f"{name}: test rows {m['rows']}")
         for key in ("model", "persistence", "seasonal_naive", "original_mlp"):

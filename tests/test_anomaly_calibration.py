@@ -8,11 +8,11 @@ import pytest
 from agent.anomaly import AnomalyMonitor, History, calibrate
 from agent.anomaly.calibrate import student_t_quantile, tail_limit
 from agent.anomaly.solar import solar_elevation_deg
-from models.anomaly_sim import FOREIGN_SITE, TRAINING_SITE, CabinetSite, simulate_cabinet
+from models.anomaly_sim import FOREIGN_SITES, TRAINING_SITE, CabinetSite, simulate_cabinet
 from models.sun import solar_position
 
 
-@pytest.fixture(scope="module", params=[TRAINING_SITE, FOREIGN_SITE], ids=lambda s: s.name)
+@pytest.fixture(scope="module", params=[TRAINING_SITE, *FOREIGN_SITES], ids=lambda s: s.name)
 def site(request: pytest.FixtureRequest) -> CabinetSite:
     site: CabinetSite = request.param
     return site
@@ -83,3 +83,23 @@ def test_runtime_sun_matches_the_simulation() -> None:
         el, _ = solar_position(ts, lat, lon)
         mine = np.array([solar_elevation_deg(float(t), lat, lon) for t in ts])
         np.testing.assert_allclose(mine, el, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [7, 1007])
+def test_faults_in_the_history_barely_move_the_thresholds(seed: int) -> None:
+    site = TRAINING_SITE
+    declared = site.heater_w + site.fan_w
+    clean = calibrate(simulate_cabinet(site, 14, seed=seed, split_days=14).history(14),
+                      declared_w=declared)
+    run = simulate_cabinet(site, 14, fault_free_days=0.0, seed=seed, split_days=14)
+    assert {f.type for f in run.faults} >= {"meter_stuck", "meter_spike", "lamps_dark",
+                                            "lamps_lit", "unexplained_load"}
+    dirty = calibrate(run.history(14), declared_w=declared)
+    assert dirty.stuck.frozen_windows <= clean.stuck.frozen_windows + 1
+    assert dirty.spike.rel <= clean.spike.rel + 0.1
+    assert dirty.drift.rel < 0.02  # still below a labelled drift
+    assert dirty.lamps.dark_ratio == pytest.approx(clean.lamps.dark_ratio, abs=0.05)
+    assert dirty.lamps.lit_w == pytest.approx(clean.lamps.lit_w, rel=0.1)
+    assert abs(dirty.lamps.el_on_deg - clean.lamps.el_on_deg) < 0.5
+    # Well below own load + the smallest injected unexplained load (400 W).
+    assert max(dirty.unexplained.limit_w) < max(clean.unexplained.limit_w) + 60.0

@@ -29,7 +29,8 @@ def thresholds() -> Thresholds:
         drift=DriftThresholds(bias=0.0, rel=0.012, clear_rel=0.007, span_windows=15,
                               min_load_w=30.0, clear_windows=5),
         lamps=LampThresholds(profile_w=[1000.0] * 48, dark_ratio=0.8, lit_w=100.0,
-                             el_on_deg=-4.0, el_off_deg=2.0, confirm_windows=3,
+                             el_on_deg=-4.0, el_off_deg=2.0, dawn_margin_deg=90.0,
+                             confirm_windows=3,
                              clear_windows=3),
         unexplained=UnexplainedThresholds(limit_w=[300.0] * 24, main_gains=[1.0, 1.0, 1.0],
                                           check_gains=[1.0, 1.0, 1.0], load_allowance=0.003,
@@ -185,6 +186,53 @@ def test_photocell_is_trusted_in_twilight(mon: AnomalyMonitor) -> None:
     samples = [cab.sample(night=False, el=-1.0) for _ in range(60)]
     samples += [cab.sample(night=True, el=-3.0) for _ in range(60)]
     assert run(mon, samples) == []
+
+
+def dawn_with_a_stuck_photocell(cab: Cabinet, dusk_el: float | None) -> list[Sample]:
+    """An evening whose photocell switched on at ``dusk_el`` (None: no dusk seen), a night,
+    then a dawn from -3 to +3 degrees, 0.1 a window, with the photocell stuck on "night"."""
+    samples = []
+    if dusk_el is not None:
+        samples += [cab.sample(night=False, el=dusk_el + 0.5) for _ in range(5)]
+        samples += [cab.sample(night=True, el=dusk_el) for _ in range(5)]
+    samples += [cab.sample(night=True, el=-10.0) for _ in range(30)]
+    samples += [cab.sample(night=True, el=-3.0 + 0.1 * k) for k in range(61)]
+    return samples
+
+
+@pytest.mark.parametrize(("margin", "dusk_el", "opens_above"), [
+    (1.5, -2.5, -1.0),  # this night's dusk + margin comes before the site-wide el_off (2.0)
+    (1.5, None, 2.0),  # no dusk switch seen: the site-wide bound
+    (1.5, 1.0, 2.0),  # the site-wide bound is the tighter one
+    (90.0, -2.5, 2.0),  # a version-1 file: no dawn bound
+])
+def test_dawn_bound_follows_this_nights_dusk(margin: float, dusk_el: float | None,
+                                             opens_above: float) -> None:
+    th = thresholds()
+    th = Thresholds.from_json(th.to_json().replace('"dawn_margin_deg": 90.0',
+                                                   f'"dawn_margin_deg": {margin}'))
+    assert th.lamps.dawn_margin_deg == margin
+    samples = dawn_with_a_stuck_photocell(Cabinet(), dusk_el)
+    events: list[tuple[Sample, AnomalyEvent]] = []
+    mon = AnomalyMonitor("energy", th)
+    for s in samples:
+        events += [(s, e) for e in mon.update(s) if e.type == "lamps_lit"]
+    assert len(events) == 1, events
+    s, ev = events[0]
+    # Opened after confirm_windows (3) windows above the bound, 0.1 degree each.
+    assert opens_above + 0.2 < s.elevation_deg < opens_above + 0.45
+    assert ev.evidence["photocell"] == 1.0
+
+
+def test_version_1_thresholds_keep_their_behaviour() -> None:
+    raw = json.loads(thresholds().to_json())
+    raw["version"] = 1
+    del raw["lamps"]["dawn_margin_deg"]
+    th = Thresholds.from_json(json.dumps(raw))
+    assert th.lamps.dawn_margin_deg == 90.0
+    raw["version"] = 3
+    with pytest.raises(ValueError, match="version"):
+        Thresholds.from_json(json.dumps(raw))
 
 
 def test_latch_ignores_windows_it_cannot_judge() -> None:

@@ -10,7 +10,15 @@ eight detector instances (stuck and spike run once per feed meter).
 
 Floors keep a threshold from sitting inside a detector's resolution on a very quiet history;
 they are physical (a tenth of the lighting load, a 50 W load, half a percent between meters).
-Calibrate on a period believed free of faults: a fault in the history raises its threshold.
+
+Faults in the history: nobody can promise two fault-free weeks, so each statistic is cleaned
+before its tail is fitted. A day whose largest value lies beyond ``TRIM_Z`` robust standard
+deviations of the days' largest values (median and MAD of the daily maxima) holds an episode
+no normal day produces; its values above that cut are dropped (``trim_episodes``). Levels
+learned by hour keep only what at least three days showed (a one-off load is not the cabinet's
+own), switching elevations far from the rest are dropped, and a frozen meter's exact repeats
+do not count as chance repeats. A fault larger than normal by less than that margin can still
+raise its threshold: the margin is what keeps a rough but normal day in the history.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from numpy.typing import NDArray
 
 from agent.anomaly.sample import Sample
 from agent.anomaly.thresholds import (
+    NO_DAWN_BOUND,
     DriftThresholds,
     LampThresholds,
     SpikeThresholds,
@@ -48,6 +57,9 @@ CLOUD_ALLOWANCE_DEG = 1.5
 GAIN_NOISE_W = 20.0
 NOISE_Z = 3.0
 GAIN_PRIOR = 0.005  # meters of accuracy class 1 rarely differ by more than half a percent
+TRIM_Z = 6.0
+SEEN_DAYS = 3
+EL_OUTLIER_Z = 5.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,32 @@ def tail_limit(x: F, per_30d: float, budget_per_30d: float) -> float:
     return max(t, top)
 
 
+def trim_episodes(x: F, per_day: int, min_spread: float) -> F:
+    """``x`` without the gross episodes of single days (NaN in their place); see the docstring."""
+    n_days = len(x) // per_day
+    if n_days < 5:
+        return x
+    with np.errstate(all="ignore"):
+        days = x[:n_days * per_day].reshape(n_days, per_day)
+        ok = np.isfinite(days).any(axis=1)
+        daily = np.full(n_days, np.nan)
+        daily[ok] = np.nanmax(days[ok], axis=1)
+    tops = daily[np.isfinite(daily)]
+    if len(tops) < 5:
+        return x
+    med = float(np.median(tops))
+    # ``min_spread`` is the statistic's resolution: daily maxima that agree to better than
+    # that (lights by day: 0 W every day) would otherwise make any difference an episode.
+    spread = max(1.4826 * float(np.median(np.abs(tops - med))), min_spread)
+    cut = med + TRIM_Z * spread
+    # On a day with an episode, its run-up too (a drift ramping, a fault part way in) is
+    # dropped: everything above what a typical day's maximum is.
+    bad = np.repeat(np.nan_to_num(daily, nan=-np.inf) > cut, per_day)
+    bad = np.concatenate([bad, np.zeros(len(x) - len(bad), dtype=bool)])
+    out: F = np.where((x > cut) | (bad & (x > med)), np.nan, x)
+    return out
+
+
 def run_min(x: F, k: int) -> F:
     """Minimum over each run of ``k`` consecutive windows ending at that window."""
     if len(x) < k:
@@ -108,6 +146,18 @@ def run_min(x: F, k: int) -> F:
 
 def _per_30d(h: History, count: int) -> float:
     return count / max(h.days, 1e-9) * 30.0
+
+
+def _per_day(h: History) -> int:
+    return max(round(86_400 / h.window_s), 1)
+
+
+def robust_limit(h: History, x: F, budget: float, min_spread: float,
+                 count: int | None = None) -> float:
+    """``tail_limit`` of the statistic ``x`` (one value per window) after ``trim_episodes``."""
+    x = trim_episodes(x, _per_day(h), min_spread)
+    n = int(np.isfinite(x).sum()) if count is None else count
+    return tail_limit(x, _per_30d(h, n), budget)
 
 
 def equal_probability(x: F) -> float:
@@ -121,8 +171,12 @@ def equal_probability(x: F) -> float:
     a, diff = a[ok], np.abs(b[ok] - a[ok])
     if len(diff) < 1000:
         return 0.05
-    nz = diff[diff > 0]
-    res = float(nz.min()) if len(nz) else 1.0  # the meter's resolution, as far as it shows
+    # Exact repeats are what a frozen meter makes: the chance of one is estimated from the
+    # changes just above zero, so a frozen spell in the history does not raise it.
+    a, diff = a[diff > 0], diff[diff > 0]
+    if len(diff) < 1000:
+        return 0.05
+    res = float(diff.min())  # the meter's resolution, as far as it shows
     band = 20.0 * res
     worst = 0.0
     edges = np.quantile(a, np.linspace(0, 1, 11))
@@ -130,7 +184,7 @@ def equal_probability(x: F) -> float:
         d = diff[(a >= lo) & (a <= hi)]
         if len(d) >= 100:
             near = (np.count_nonzero(d <= band) + 1) / (len(d) + 2)
-            worst = max(worst, near / (2 * band / res + 1))
+            worst = max(worst, near / (2 * band / res))
     return min(max(worst, 1e-6), 0.5)
 
 
@@ -142,7 +196,7 @@ def _stuck(h: History, budget: float) -> StuckThresholds:
     need = math.log(budget / 2 / per30) / math.log(p)
     frozen = int(min(max(math.ceil(need) + 1, 3), 60))
     feed = np.concatenate([h.main_w, h.check_w])
-    feed = feed[np.isfinite(feed)]
+    feed = feed[np.isfinite(feed) & (feed != 0.0)]  # a meter reading exactly 0 W is the fault
     # A cabinet's own electronics draw tens of watts: a feed meter far below what it ever read
     # is not measuring.
     zero = float(np.clip(0.25 * np.quantile(feed, 0.0005), 1.0, 30.0)) if len(feed) else 1.0
@@ -166,7 +220,7 @@ def _spike(h: History, budget: float) -> SpikeThresholds:
         ref_ex = np.nan_to_num(excursions(ref, floor), nan=0.0)
         # Only windows the reference meter did not echo are candidates for a meter glitch.
         stats.append(np.where(ref_ex < 0.5 * np.nan_to_num(ex), ex, np.nan))
-    s = np.concatenate(stats)
+    s = np.concatenate([trim_episodes(x, _per_day(h), 0.02) for x in stats])
     rel = tail_limit(s, _per_30d(h, int(np.isfinite(s).sum()) // 2), budget)
     rel = float(min(max(rel, 0.15), 0.9))
     return SpikeThresholds(rel=rel, floor_w=floor, ref_rel=0.5 * rel)
@@ -174,7 +228,7 @@ def _spike(h: History, budget: float) -> SpikeThresholds:
 
 def _drift(h: History, budget: float) -> DriftThresholds:
     check = h.check_w
-    ok = np.isfinite(h.main_w) & np.isfinite(check)
+    ok = meter_alive(h.main_w) & meter_alive(check)  # a dead meter's ratio is not drift
     low = float(np.quantile(check[ok], 0.05)) if ok.any() else 0.0
     min_load = max(20.0, 0.3 * low)
     ok &= check >= min_load
@@ -184,7 +238,7 @@ def _drift(h: History, budget: float) -> DriftThresholds:
     bias = float(np.median(r))
     med = np.median(np.lib.stride_tricks.sliding_window_view(r, DRIFT_SPAN), axis=1)
     dev = run_min(np.abs(med - bias), 2)
-    rel = float(max(tail_limit(dev, _per_30d(h, len(dev)), budget), 0.005))
+    rel = float(max(robust_limit(h, dev, budget, 0.001, len(dev)), 0.005))
     return DriftThresholds(bias=bias, rel=rel, clear_rel=0.6 * rel, span_windows=DRIFT_SPAN,
                            min_load_w=min_load, clear_windows=5)
 
@@ -196,6 +250,47 @@ def _switch_elevations(h: History) -> F:
     edge[1:] = (on[1:] != on[:-1]) & np.isfinite(p[1:]) & np.isfinite(p[:-1])
     edge |= (p > 0.0) & (p < 1.0)
     return h.elevation_deg[edge]
+
+
+def dusk_dawn_pairs(h: History, el_off: float) -> F:
+    """Per night, the elevation where the photocell switched off at dawn minus where it
+    switched on at dusk (the windows where it crossed 0.5, as ``LampDetector`` sees them)."""
+    p = h.photocell
+    on = p >= 0.5
+    ok = np.isfinite(p[1:]) & np.isfinite(p[:-1])
+    rise = np.flatnonzero(ok & on[1:] & ~on[:-1]) + 1
+    fall = np.flatnonzero(ok & ~on[1:] & on[:-1]) + 1
+    memory = round(20 * 3600 / h.window_s)
+    out = []
+    for i in rise:
+        if h.elevation_deg[i] >= el_off:
+            continue
+        j = fall[np.searchsorted(fall, i):][:1]
+        if len(j) and j[0] - i <= memory:
+            out.append(h.elevation_deg[j[0]] - h.elevation_deg[i])
+    return np.asarray(out, dtype=float)
+
+
+def dawn_margin(h: History, el_off: float, budget: float) -> float:
+    """How far above this night's dusk switching elevation the dawn switch may come.
+
+    Bounded like the site-wide band (a prediction interval, one exceedance per ``budget``
+    per 30 dawns), never below what the history showed or the cloud allowance (a dry dusk
+    and an overcast dawn). Where dusk and dawn are unrelated the bound is wide and the
+    site-wide ``el_off`` is the tighter one.
+    """
+    d = dusk_dawn_pairs(h, el_off)
+    if len(d) < 6:
+        return NO_DAWN_BOUND
+    centre = float(np.median(d))
+    d = d[np.abs(d - centre) <= EL_OUTLIER_Z * max(1.4826 * float(np.median(np.abs(d - centre))),
+                                                    0.5)]
+    if len(d) < 6:
+        return NO_DAWN_BOUND
+    t = student_t_quantile(1.0 - min(budget / 30.0, 0.25), len(d) - 1)
+    sd = max(float(np.std(d, ddof=1)), 0.3) * math.sqrt(1.0 + 1.0 / len(d))
+    return max(float(np.mean(d)) + t * sd, float(d.max()) + EL_MARGIN_DEG,
+               CLOUD_ALLOWANCE_DEG + EL_MARGIN_DEG)
 
 
 def _expected(h: History, el_on: float, el_off: float) -> tuple[F, NDArray[np.bool_]]:
@@ -232,6 +327,12 @@ def fill_circular(values: F) -> F:
 def _lamps(h: History, budget: float) -> LampThresholds:
     el_sw = _switch_elevations(h)
     if len(el_sw) >= 6:
+        # A photocell failing part way through a night switches at an elevation far from the
+        # rest: that is the fault, not the photocell's range.
+        centre = float(np.median(el_sw))
+        mad = max(1.4826 * float(np.median(np.abs(el_sw - centre))), 0.3)
+        el_sw = el_sw[np.abs(el_sw - centre) <= EL_OUTLIER_Z * mad]
+    if len(el_sw) >= 6:
         # A prediction interval for next month's switching elevations from a dozen nights
         # (a night's dusk and dawn share a photocell mood, so nights are the sample size); an
         # exceedance is an alarm, and there are 30 of each twilight in 30 days.
@@ -257,16 +358,17 @@ def _lamps(h: History, budget: float) -> LampThresholds:
         shortfall = np.where(lit, 1.0 - h.lights_w / prof[bins], np.nan)
     # A run that stays short for CONFIRM windows; windows of the other state break the run.
     short = run_min(np.where(lit, shortfall, -np.inf), CONFIRM)
-    short = short[np.isfinite(short)]
-    lim = tail_limit(short, _per_30d(h, len(short)), budget)
+    short[~np.isfinite(short)] = np.nan
+    lim = robust_limit(h, short, budget, 0.02)
     dark_ratio = float(min(max(1.0 - lim, 0.5), 0.85))
     day = run_min(np.where(dark, h.lights_w, -np.inf), CONFIRM)
-    day = day[np.isfinite(day)]
+    day[~np.isfinite(day)] = np.nan
     top = float(prof.max()) if len(prof) else 0.0
-    lit_w = float(max(tail_limit(day, _per_30d(h, len(day)), budget), 0.0) + 0.1 * top)
+    lit_w = float(max(robust_limit(h, day, budget, 0.01 * top + 1.0), 0.0) + 0.1 * top)
     return LampThresholds(profile_w=[float(v) for v in prof], dark_ratio=dark_ratio, lit_w=lit_w,
-                          el_on_deg=el_on, el_off_deg=el_off, confirm_windows=CONFIRM,
-                          clear_windows=CLEAR)
+                          el_on_deg=el_on, el_off_deg=el_off,
+                          dawn_margin_deg=dawn_margin(h, el_off, budget),
+                          confirm_windows=CONFIRM, clear_windows=CLEAR)
 
 
 def circuits(h: History) -> F:
@@ -274,29 +376,49 @@ def circuits(h: History) -> F:
     return np.column_stack([h.lights_w, h.chargers_w])
 
 
+def meter_alive(x: F) -> NDArray[np.bool_]:
+    """Windows where a feed meter plausibly measured: not exactly 0 W, not an exact repeat."""
+    same = np.zeros(len(x), dtype=bool)
+    same[1:] = x[1:] == x[:-1]
+    out: NDArray[np.bool_] = np.isfinite(x) & (x != 0.0) & ~same
+    return out
+
+
 def circuit_gains(h: History, feed: F) -> list[float]:
     """How the feed meter reads each circuit meter's watt, by ridge regression towards 1.
 
     The ridge keeps a circuit that hardly drew anything in the history at gain 1 instead of
-    fitting noise; with a few days of load its data outweighs the prior.
+    fitting noise; with a few days of load its data outweighs the prior. Windows of a dead or
+    frozen meter are left out, and the fit is repeated without the windows it explains worst
+    (a load nobody metered, a drifting meter), so faults in the history do not bend it.
     """
     x = circuits(h)
-    ok = np.isfinite(feed) & np.all(np.isfinite(x), axis=1)
+    ok = meter_alive(feed) & np.all(np.isfinite(x), axis=1)
     x, y = x[ok], feed[ok]
     if len(y) < 100:
         return [1.0] * x.shape[1]
     y = y - x.sum(axis=1)  # deviations from gain 1 are what is fitted
-    xc, yc = x - x.mean(axis=0), y - y.mean()
+    keep = np.ones(len(y), dtype=bool)
+    d = np.zeros(x.shape[1])
     ridge = (GAIN_NOISE_W / GAIN_PRIOR) ** 2
-    d = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+    for _ in range(3):
+        xk, yk = x[keep], y[keep]
+        xc, yc = xk - xk.mean(axis=0), yk - yk.mean()
+        d = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+        res = y - x @ d
+        med = float(np.median(res[keep]))
+        spread = max(1.4826 * float(np.median(np.abs(res[keep] - med))), 1.0)
+        keep = np.abs(res - med) <= 5.0 * spread + 0.01 * np.abs(x).sum(axis=1)
+        if keep.sum() < 100:
+            break
     return [float(1.0 + v) for v in np.clip(d, -0.1, 0.1)]
 
 
 def residuals(h: History, main_gains: list[float], check_gains: list[float]) -> F:
     """``loads.residual`` on both feed meters, the smaller of the two (NaN-aware)."""
     x = circuits(h)
-    rm = h.main_w - x @ np.asarray(main_gains)
-    rc = h.check_w - x @ np.asarray(check_gains)
+    rm = np.where(meter_alive(h.main_w), h.main_w - x @ np.asarray(main_gains), np.nan)
+    rc = np.where(meter_alive(h.check_w), h.check_w - x @ np.asarray(check_gains), np.nan)
     out: F = np.where(np.isnan(rm), rc, np.where(np.isnan(rc), rm, np.minimum(rm, rc)))
     return out
 
@@ -326,7 +448,21 @@ def noise_slope(r: F, metered: F) -> float:
     return max(slope, 0.0)
 
 
-def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
+def seen_on_days(r: F, bins: F, per_day: int, n_bins: int) -> F:
+    """Per bin, the ``SEEN_DAYS``-th highest daily 99th percentile of ``r``: a level that one or
+    two days alone reached (unexplained loads in the history) is not the cabinet's own."""
+    day = np.arange(len(r)) // per_day
+    prof = np.full(n_bins, np.nan)
+    for b in range(n_bins):
+        sel = np.isfinite(r) & (bins == b)
+        levels = [float(np.quantile(r[sel & (day == d)], 0.99))
+                  for d in np.unique(day[sel]) if np.count_nonzero(sel & (day == d)) >= 20]
+        if levels:
+            prof[b] = sorted(levels)[-min(SEEN_DAYS, len(levels))]
+    return prof
+
+
+def _unexplained(h: History, budget: float, declared_w: float = 0.0) -> UnexplainedThresholds:
     gm, gc = circuit_gains(h, h.main_w), circuit_gains(h, h.check_w)
     metered = h.lights_w + h.chargers_w.sum(axis=1)
     # Three confirming windows all beyond NOISE_Z sigma: rare by chance even at the loads the
@@ -334,33 +470,39 @@ def _unexplained(h: History, budget: float) -> UnexplainedThresholds:
     allowance = NOISE_Z * noise_slope(residuals(h, gm, gc), metered)
     r = residuals(h, gm, gc) - allowance * metered
     bins = h.local_hour.astype(int) % LOAD_BINS
-    prof = np.full(LOAD_BINS, np.nan)
-    for b in range(LOAD_BINS):
-        sel = np.isfinite(r) & (bins == b)
-        if sel.sum() >= 20:
-            prof[b] = float(np.quantile(r[sel], 0.99))
-    prof = fill_circular(prof)
+    prof = fill_circular(seen_on_days(r, bins, _per_day(h), LOAD_BINS))
     # Thermostat loads (heater, fan) do not keep to the clock: let each hour borrow the highest
     # level seen within two hours of it.
     wide = np.array([prof[[(b + d) % LOAD_BINS for d in range(-2, 3)]].max()
                      for b in range(LOAD_BINS)])
+    # The margin is the noise around the levels the history showed (charging included); a
+    # declared load adds a level, and the same noise rides on it.
     excess = run_min(r - wide[bins], CONFIRM)
-    margin = tail_limit(excess, _per_30d(h, int(np.isfinite(excess).sum())), budget)
+    margin = robust_limit(h, excess, budget, 10.0)
     margin = float(max(margin, 50.0))
+    if declared_w > 0:
+        # Thermostat loads the history may never have seen running (a heater in a mild
+        # fortnight): on top of the quietest level, the cabinet may draw their nameplate.
+        wide = np.maximum(wide, float(np.nanquantile(r, 0.01)) + declared_w)
     return UnexplainedThresholds(limit_w=[float(v) + margin for v in wide], main_gains=gm,
                                  check_gains=gc, load_allowance=allowance,
                                  confirm_windows=CONFIRM, clear_windows=CLEAR)
 
 
-def calibrate(h: History, target_false_alarms_per_30d: float = 1.0) -> Thresholds:
-    """Thresholds for this site; deterministic (no randomness) for a given history."""
+def calibrate(h: History, target_false_alarms_per_30d: float = 1.0,
+              declared_w: float = 0.0) -> Thresholds:
+    """Thresholds for this site; deterministic (no randomness) for a given history.
+
+    ``declared_w``: the nameplate power of the cabinet's thermostat loads (heater, fan), which
+    may switch on after the history ends; 0 trusts the history alone.
+    """
     budget = target_false_alarms_per_30d / DETECTORS
     return Thresholds(
         stuck=_stuck(h, budget),
         spike=_spike(h, budget),
         drift=_drift(h, budget),
         lamps=_lamps(h, budget),
-        unexplained=_unexplained(h, budget),
+        unexplained=_unexplained(h, budget, declared_w),
         window_s=int(h.window_s),
         calibrated_days=round(h.days, 3),
         target_false_alarms_per_30d=target_false_alarms_per_30d,

@@ -24,17 +24,26 @@ from agent.anomaly.thresholds import LampThresholds, UnexplainedThresholds
 # confirmed within minutes, fast against luminaires failing one by one over weeks.
 SCALE_WINDOWS = 240.0
 SCALE_MIN = 0.3
+DUSK_MEMORY_NS = 20 * 3600 * 1_000_000_000
 
 
 def profile_bin(local_hour: float, bins: int) -> int:
     return int(local_hour * bins / 24.0) % bins
 
 
-def expected_lit(s: Sample, th: LampThresholds) -> bool | None:
-    """Whether the lamps should be on in this window; None while switching or unknown."""
+def expected_lit(s: Sample, th: LampThresholds, dusk_el: float = math.nan) -> bool | None:
+    """Whether the lamps should be on in this window; None while switching or unknown.
+
+    ``dusk_el``: the elevation at which the photocell switched on this night, if it did; the
+    same photocell switches off near it at dawn, so past it by the calibrated margin, the sun
+    is up for this photocell, before the site-wide bound says so.
+    """
     if s.elevation_deg < th.el_on_deg:
         return True
-    if s.elevation_deg > th.el_off_deg:
+    off = th.el_off_deg
+    if not math.isnan(dusk_el):
+        off = min(off, dusk_el + th.dawn_margin_deg)
+    if s.elevation_deg > off:
         return False
     p = s.photocell
     if math.isnan(p) or 0.0 < p < 1.0:
@@ -51,9 +60,28 @@ class LampDetector:
                            Latch(th.confirm_windows, th.clear_windows))
         self.scale = 1.0
         self._prev_expected: bool | None = None
+        self._prev_photocell = math.nan
+        self._dusk_el = math.nan
+        self._dusk_ns = 0
+
+    def _track_dusk(self, s: Sample) -> None:
+        """Remember where the photocell switched on this evening; forget it at its next switch
+        off, or after 20 h (a photocell that never switched off has no dusk to go by)."""
+        p, prev = s.photocell, self._prev_photocell
+        self._prev_photocell = p
+        if s.start_ns - self._dusk_ns > DUSK_MEMORY_NS:
+            self._dusk_el = math.nan
+        if math.isnan(p) or math.isnan(prev):
+            return
+        if prev < 0.5 <= p and s.elevation_deg < self.th.el_off_deg:
+            self._dusk_el, self._dusk_ns = s.elevation_deg, s.start_ns
+        elif p < 0.5 <= prev:
+            self._dusk_el = math.nan
 
     def update(self, s: Sample) -> list[AnomalyEvent]:
-        should = expected_lit(s, self.th)
+        dusk_el = self._dusk_el  # this window's own switch-off must not clear it first
+        self._track_dusk(s)
+        should = expected_lit(s, self.th, dusk_el)
         settled = should is not None and should == self._prev_expected
         self._prev_expected = should
         w = s.lights_w

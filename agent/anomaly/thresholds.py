@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
-VERSION: Final = 1
+VERSION: Final = 2
+# Version 1 had no ``lamps.dawn_margin_deg``; such a file keeps its old behaviour (no
+# same-night dawn bound) rather than being refused.
+NO_DAWN_BOUND: Final = 90.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,9 @@ class LampThresholds:
     lit_w: float  # power above this while lights should be off is "lit by day"
     el_on_deg: float  # the sun below this: lights must be on whatever the photocell says
     el_off_deg: float  # the sun above this: lights must be off
+    # After the photocell switched on at elevation e at dusk, lights must be off at the
+    # following dawn once the sun is above e + this (NO_DAWN_BOUND: not used).
+    dawn_margin_deg: float
     confirm_windows: int
     clear_windows: int
 
@@ -82,8 +88,11 @@ class Thresholds:
     @classmethod
     def from_json(cls, text: str) -> Thresholds:
         raw = json.loads(text)
-        if raw.pop("version", None) != VERSION:
-            raise ValueError(f"anomaly thresholds: expected version {VERSION}")
+        version = raw.pop("version", None)
+        if version == 1 and isinstance(raw.get("lamps"), dict):
+            raw["lamps"].setdefault("dawn_margin_deg", NO_DAWN_BOUND)
+        elif version != VERSION:
+            raise ValueError(f"anomaly thresholds: expected version {VERSION} (or 1)")
         built: Thresholds = _build(cls, raw)
         return built
 

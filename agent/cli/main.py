@@ -33,7 +33,9 @@ PLUGIN_MODULES = (
     "agent.cli.control",
     "drivers.i2c.cli",
     "drivers.serial.cli",
+    "drivers.modbus.cli",
     "models.cli",
+    "agent.cli.models_site",  # joins the `model` group made by models.cli
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",
@@ -99,6 +101,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         for line in problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
+    from drivers.plugins import failure
+
+    for i, s in enumerate(cfg.sensors):
+        if reason := failure(s.driver):
+            # Not an invalid file: the agent starts, and this sensor fails (and is retried)
+            # in the supervisor while the others run.
+            print(f"{args.file}: warning: sensors[{i}] ({s.name}): {reason}", file=sys.stderr)
     print(f"{args.file}: ok (gateway {cfg.gateway.id}, {len(cfg.sensors)} sensors, "
           f"{len(cfg.streams)} streams, {len(cfg.models)} models)")
     return EXIT_OK

@@ -86,14 +86,31 @@ def _as_dict(r: Reading) -> dict[str, Any]:
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
-    from drivers.registry import DRIVERS
+    """Every driver with where it came from; a plugin that fails to load is listed with its
+    error (exit 1), and the others are still listed."""
+    from drivers.registry import table
 
-    for name, info in sorted(DRIVERS.items()):
+    rows = []
+    for name, info, error in table():
+        if info is None:
+            rows.append({"name": name, "kind": "", "origin": "plugin", "description": "",
+                         "error": error})
+            continue
         addrs = ""
         if info.addresses:
-            addrs = f"  addresses {info.addresses[0]:#04x}..{info.addresses[-1]:#04x}"
-        print(f"{name:<10} {info.kind:<7} {info.description}{addrs}")
-    return 0
+            addrs = f"addresses {info.addresses[0]:#04x}..{info.addresses[-1]:#04x}"
+        rows.append({"name": name, "kind": info.kind, "origin": info.origin,
+                     "description": info.description, "addresses": addrs, "error": ""})
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            if r["error"]:
+                print(f"{r['name']:<10} FAILED  {r['error']}")
+                continue
+            extra = f"  {r['addresses']}" if r["addresses"] else ""
+            print(f"{r['name']:<10} {r['kind']:<7} {r['origin']:<28} {r['description']}{extra}")
+    return 1 if any(r["error"] for r in rows) else 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -109,5 +126,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="readings to collect from a streaming sensor (default: one poll)")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=cmd_read)
-    d = ssub.add_parser("drivers", help="list the known drivers")
+    d = ssub.add_parser("drivers", help="list the known drivers, built in and from plugins")
+    d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(func=cmd_drivers)

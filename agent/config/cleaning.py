@@ -100,6 +100,11 @@ DEFAULTS: Final[dict[str, QuantityDefaults]] = {
     "energy": QuantityDefaults("Wh", 0.0, 1e7),
     "frequency": QuantityDefaults("Hz", 40.0, 70.0, 2.0, noise=0.1, fuse_sigma=0.1),
     "power_factor": QuantityDefaults("1", 0.0, 1.0),
+    # Modbus energy meters (Eastron SDM120/SDM630): signed where power can flow both ways.
+    "apparent_power": QuantityDefaults("VA", 0.0, 1e6, noise=0.1),
+    "reactive_power": QuantityDefaults("var", -1e6, 1e6, noise=0.1),
+    "reactive_energy": QuantityDefaults("varh", 0.0, 1e10),
+    "phase_angle": QuantityDefaults("deg", -180.0, 360.0),
     "alarm": QuantityDefaults("1", 0.0, 1.0),
     "speed_in": QuantityDefaults("m/s", 0.0, 90.0, stale_factor=None),
     "speed_out": QuantityDefaults("m/s", 0.0, 90.0, stale_factor=None),
@@ -135,13 +140,29 @@ class ChannelPolicy:
     noise: float
     stuck_count: int | None
     stale_ns: int | None
+    forget_ns: int | None  # a gap longer than this makes the spike and rate history void
     fuse_sigma: float
     enabled: bool
 
 
+def defaults_for(quantity: str) -> QuantityDefaults:
+    """The defaults of ``quantity``, or of the longest known quantity it extends with ``_...``
+    (a meter's `voltage_l1`, `energy_export`, `power_factor_l2` are checked as voltage,
+    energy, power factor)."""
+    d = DEFAULTS.get(quantity)
+    if d is not None:
+        return d
+    parts = quantity.split("_")
+    for n in range(len(parts) - 1, 0, -1):
+        d = DEFAULTS.get("_".join(parts[:n]))
+        if d is not None:
+            return d
+    return GENERIC
+
+
 def resolve(quantity: str, period_s: float | None, opts: CleanOptions | None) -> ChannelPolicy:
     """Merge a channel's overrides with the defaults of its quantity."""
-    d = DEFAULTS.get(quantity, GENERIC)
+    d = defaults_for(quantity)
     o = opts if opts is not None else CleanOptions()
     skip = o.skip
 
@@ -154,8 +175,13 @@ def resolve(quantity: str, period_s: float | None, opts: CleanOptions | None) ->
     stuck = o.stuck_count if o.stuck_count is not None else d.stuck_count
     factor = pick(o.stale_factor, d.stale_factor)
     stale_ns = None
+    forget_ns = None
     if factor is not None and period_s is not None and "stale" not in skip:
-        stale_ns = int(factor * period_s * 1e9)
+        # Rounded: 3 x 0.3 s is 0.8999999999999999e9 in floating point.
+        stale_ns = round(factor * period_s * 1e9)
+        # The spike window's median lags half a window behind the signal anyway; a gap up to
+        # that long at most doubles the lag, so the old reference still holds.
+        forget_ns = max(stale_ns, round((window or 0) * period_s * 0.5e9))
     ranged = "range" not in skip
     return ChannelPolicy(
         unit=d.unit,
@@ -167,6 +193,7 @@ def resolve(quantity: str, period_s: float | None, opts: CleanOptions | None) ->
         noise=o.noise if o.noise is not None else d.noise,
         stuck_count=None if "stuck" in skip else stuck,
         stale_ns=stale_ns,
+        forget_ns=forget_ns,
         fuse_sigma=o.fuse_sigma if o.fuse_sigma is not None else d.fuse_sigma,
         enabled=o.enabled,
     )

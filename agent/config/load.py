@@ -20,9 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.anomaly.thresholds import ThresholdsError, load_thresholds
+from agent.config.cleaning import CleanOptions
 from agent.config.env import apply_env
 from agent.config.schema import AgentConfig, SensorConfig, StreamConfig, is_loopback
-from drivers.registry import DRIVERS
+from drivers.registry import DRIVERS, clean_defaults, kind_of
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def _problems(err: ValidationError) -> list[Problem]:
             out.append(Problem(_path(e["loc"]), "", "required key is missing"))
         elif e["type"] == "extra_forbidden":
             out.append(Problem(_path(e["loc"]), "", "unknown key"))
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            out.append(Problem(_path(e["loc"]), "", msg))  # a whole table: its path says it
         else:
             out.append(Problem(_path(e["loc"]), _show(e.get("input")), msg))
     return out
@@ -92,8 +95,9 @@ def _problems(err: ValidationError) -> list[Problem]:
 def _sensor_problems(i: int, s: SensorConfig) -> list[Problem]:
     out: list[Problem] = []
     here = f"sensors[{i}]"
-    info = DRIVERS[s.driver]
-    if info.kind == "i2c":
+    kind = kind_of(s.driver)
+    info = DRIVERS.get(s.driver)
+    if kind == "i2c":
         if s.bus is None:
             out.append(Problem(f"{here}.bus", "", f"an I2C bus is required for {s.driver}"))
         if s.address is None:
@@ -101,11 +105,11 @@ def _sensor_problems(i: int, s: SensorConfig) -> list[Problem]:
         elif not 0x03 <= s.address <= 0x77:
             out.append(Problem(f"{here}.address", f"{s.address:#04x}",
                                f"{s.address:#04x} is not a valid 7-bit I2C address"))
-        elif info.addresses and s.address not in info.addresses:
+        elif info is not None and info.addresses and s.address not in info.addresses:
             allowed = ", ".join(f"{a:#04x}" for a in info.addresses)
             out.append(Problem(f"{here}.address", f"{s.address:#04x}",
                                f"{s.driver} answers only at {allowed}"))
-    elif info.kind in ("serial", "bridge") and not s.port:
+    elif kind in ("serial", "bridge") and not s.port:
         out.append(Problem(f"{here}.port", "", f"a serial port is required for {s.driver}"))
     return out
 
@@ -239,9 +243,35 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
     except ValidationError as exc:
         raise ConfigError(source, _problems(exc) + _partial_checks(data)) from None
     problems = _cross_check(cfg)
+    sensors, clean_problems = _with_driver_cleaning(cfg)
+    problems += clean_problems
     if problems:
         raise ConfigError(source, problems)
-    return cfg
+    return cfg.model_copy(update={"sensors": sensors}) if sensors != cfg.sensors else cfg
+
+
+def _with_driver_cleaning(cfg: AgentConfig) -> tuple[list[SensorConfig], list[Problem]]:
+    """Sensors with the cleaning defaults their driver derives (a Modbus profile's points)
+    merged under their own `[sensors.clean.<quantity>]` keys, which win."""
+    out: list[SensorConfig] = []
+    problems: list[Problem] = []
+    for i, s in enumerate(cfg.sensors):
+        derived = clean_defaults(s.driver, s.options)
+        if not derived:
+            out.append(s)
+            continue
+        merged = dict(s.clean)
+        for quantity, (where, keys) in derived.items():
+            own = s.clean.get(quantity)
+            data = {**keys, **(own.model_dump(exclude_unset=True) if own else {})}
+            try:
+                merged[quantity] = CleanOptions.model_validate(data)
+            except ValidationError as exc:
+                for p in _problems(exc):
+                    problems.append(Problem(f"sensors[{i}]", "",
+                                            f"{where}: key clean.{p.path}: {p.reason}"))
+        out.append(s.model_copy(update={"clean": merged}))
+    return out, problems
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),

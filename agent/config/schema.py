@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -23,7 +24,7 @@ from pydantic import (
 )
 
 from agent.config.cleaning import CleanOptions
-from drivers.registry import DRIVERS
+from drivers import registry
 
 # Every number has a physical bound and every string and list a length bound
 # (tests/test_config_bounds.py walks the models and fails on one without): a hostile or
@@ -74,13 +75,15 @@ class SensorConfig(_Frozen):
     name: Name
     """Unique name; readings are keyed `name.quantity`."""
     driver: Annotated[str, Field(max_length=64)]
-    """One of the known drivers (`edge-agent sensors drivers` lists them)."""
+    """One of the known drivers, built in or from a plugin package (`edge-agent sensors
+    drivers` lists them)."""
     bus: Annotated[int, Field(ge=0, le=255)] | Literal["emulated"] | None = None
     """I2C bus number N (`/dev/i2c-N`), or `"emulated"`. I2C drivers only."""
     port: FilePath | None = None
-    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only."""
+    """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only;
+    `modbus` also takes `tcp://HOST:PORT` for Modbus TCP."""
     address: Annotated[int, Field(ge=0, le=0xF8)] | None = None
-    """7-bit I2C address (e.g. `0x76`), or the Modbus address of a PZEM meter."""
+    """7-bit I2C address (e.g. `0x76`), or the Modbus unit id (`modbus`, `pzem004t`)."""
     period_s: PositiveSeconds = 1.0
     """Seconds between polls (polled drivers) or the expected report interval (streaming)."""
     timeout_s: Annotated[float, Field(ge=0.001, le=600, allow_inf_nan=False)] = 2.0
@@ -88,16 +91,25 @@ class SensorConfig(_Frozen):
     enabled: bool = True
     """A disabled sensor is kept in the file but not started."""
     options: dict[Key, Any] = Field(default_factory=dict, max_length=MAX_ITEMS)
-    """Driver-specific options (see the driver's documentation)."""
+    """Driver-specific options (see the driver's documentation), checked by the driver's own
+    rules: `modbus` loads its profile here, a plugin validates them with its pydantic model."""
     clean: dict[Key, CleanOptions] = Field(default_factory=dict, max_length=MAX_ITEMS)
     """Cleaning overrides by quantity, e.g. `[sensors.clean.temperature] max = 60`."""
 
     @field_validator("driver")
     @classmethod
     def _known_driver(cls, v: str) -> str:
-        if v not in DRIVERS:
-            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(sorted(DRIVERS))})")
+        known = registry.known()
+        if v not in known:
+            raise ValueError(f"{v!r} is not a known driver (known: {', '.join(known)})")
         return v
+
+    @model_validator(mode="after")
+    def _driver_options(self) -> SensorConfig:
+        problems = registry.options_problems(self.driver, self.options)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("address", mode="before")
     @classmethod
@@ -285,18 +297,19 @@ class ModelConfig(_Frozen):
     enabled: bool = True
     """A disabled model is not loaded."""
     guard: bool = True
-    """Skill guard: publish persistence (the current window's value) instead of the model's
-    forecast while the model does worse than persistence at this site."""
+    """Skill guard: publish the model's forecast only where its moves away from persistence (the
+    current window's value) have beaten persistence at this site, and only as far as an error
+    budget allows; otherwise persistence."""
     guard_horizon_s: Annotated[float, Field(ge=60, le=60 * 86_400, allow_inf_nan=False)] = (
         7 * 86_400.0)
-    """Seconds of scored forecasts kept per hour of the day, over which the model's and
-    persistence's errors are compared (a week: seven of each hour)."""
+    """Seconds of scored forecasts over which the model's record against persistence is kept,
+    per size of move away from persistence."""
     guard_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.02
-    """In an hour of the day, the model must beat persistence's error by this fraction (beyond
-    the noise of the record) before its forecast is published in that hour."""
+    """The published forecasts may do at most this fraction worse than persistence over any
+    12 h (so over any day): the guard's error budget."""
     guard_min_s: Annotated[float, Field(ge=0, le=60 * 86_400, allow_inf_nan=False)] = 3_600.0
-    """Seconds of scored forecasts an hour of the day needs before the model can be published
-    in it (3600: one day's worth of that hour)."""
+    """Seconds of scored forecasts the guard needs before any of the model's forecasts can be
+    published."""
     activate_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.05
     """A shadow candidate is activated only if its error on the live windows is below both the
     active model's and persistence's by this fraction (`--force` overrides)."""
@@ -374,9 +387,67 @@ class OutboxConfig(_Frozen):
     """...or as soon as this many are pending."""
 
 
+class HistoryConfig(_Frozen):
+    enabled: bool = True
+    """Keep a local history of the models' 300 s windows (`edge-agent model history export`
+    writes it as the training CSV, to calibrate the models to this site). Only when models are
+    configured."""
+    path: Annotated[str, Field(max_length=4096)] = ""
+    """SQLite file of the history; empty: `history.db` beside the outbox file."""
+    retention_days: Annotated[float, Field(ge=1, le=400, allow_inf_nan=False)] = 60.0
+    """Days of model windows kept (60 days of 300 s rows: about 1.5 MB)."""
+
+
 class ControlConfig(_Frozen):
     socket: Annotated[str, Field(min_length=1, max_length=107)] = "/run/edge-agent/control.sock"
     """Unix socket of the local control interface used by the CLI."""
+
+
+class WebConfig(_Frozen):
+    page: bool = False
+    """Serve the read-only status page (`/`) with live updates."""
+    metrics: bool = False
+    """Serve Prometheus / OpenMetrics text on `/metrics` (on its own or beside the page)."""
+    bind: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    """Address to listen on. Anything but loopback needs `token_file`."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8470
+    """TCP port of the page and `/metrics` (0: any free port, logged at start)."""
+    token_file: FilePath = ""
+    """File whose first line is the access token (HTTP Basic password or Bearer token);
+    required for a non-loopback `bind`, optional on loopback."""
+    max_clients: Annotated[int, Field(ge=1, le=64)] = 8
+    """Connections served at once (live pages included); more are refused with 503."""
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> WebConfig:
+        if (self.page or self.metrics) and not is_loopback(self.bind) and not self.token_file:
+            raise ValueError(f"bind {self.bind!r} is not loopback: set web.token_file")
+        return self
+
+    def enabled(self) -> bool:
+        return self.page or self.metrics
+
+
+SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$", max_length=64)]
+
+
+class SparkplugConfig(_Frozen):
+    enabled: bool = False
+    """Publish every sensor as a Sparkplug B 3.0 device of this edge node (docs/sparkplug.md),
+    on the `[mqtt]` broker, beside the agent's own feed."""
+    group_id: SparkplugId = "edge"
+    """Sparkplug group id: topics are `spBv1.0/{group_id}/...`."""
+    node_id: SparkplugId | Literal[""] = ""
+    """Edge node id; empty: the gateway id."""
+    interval_s: Annotated[float, Field(ge=0.01, le=3600, allow_inf_nan=False)] = 1.0
+    """Each device's readings are sent in one DDATA at most this often (every reading is in
+    it, each with its own timestamp)."""
+    backlog_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    """DDATA payloads stored while the broker is away (across restarts too), replayed as
+    historical; the oldest are dropped (and counted) past it."""
+    state_dir: FilePath = ""
+    """Directory of `sparkplug.bdseq` (bdSeq across restarts) and `sparkplug-backlog.db`;
+    empty: the outbox's directory."""
 
 
 class RuntimeConfig(_Frozen):
@@ -419,13 +490,25 @@ class AgentConfig(_Frozen):
     """The uplink to the cloud."""
     outbox: OutboxConfig = OutboxConfig()
     """The durable store between the pipeline and the uplink."""
+    history: HistoryConfig = HistoryConfig()
+    """The local history of model windows, for site calibration."""
     control: ControlConfig = ControlConfig()
     """The local control socket."""
     runtime: RuntimeConfig = RuntimeConfig()
     """Queues, supervision and shutdown."""
+    web: WebConfig = WebConfig()
+    """The local status page and the Prometheus endpoint (both off by default)."""
+    sparkplug: SparkplugConfig = SparkplugConfig()
+    """The Sparkplug B output profile (off by default)."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def history_path(self) -> str:
+        """Where the model history lives: configured, or beside the outbox file."""
+        if self.history.path:
+            return self.history.path
+        return str(Path(self.outbox.path).with_name("history.db"))

@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Command = Literal["status", "reload", "tail", "outbox.stats", "outbox.export", "sensors.list"]
+Command = Literal["status", "reload", "tail", "outbox.stats", "outbox.export", "sensors.list",
+                  "model.activate"]
 
 
 RequestId = int | Annotated[str, Field(max_length=64)] | None
@@ -40,7 +41,14 @@ class SensorsArgs(Args):
     name: Annotated[str, Field(max_length=128)] | None = None
 
 
+class ModelActivateArgs(Args):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    """The model whose shadow candidate becomes active."""
+    force: bool = False
+    """Activate even if the candidate has not beaten the active model and persistence."""
+
+
 ARGS: dict[str, type[Args]] = {
     "status": NoArgs, "reload": NoArgs, "outbox.stats": NoArgs, "outbox.export": NoArgs,
-    "tail": TailArgs, "sensors.list": SensorsArgs,
+    "tail": TailArgs, "sensors.list": SensorsArgs, "model.activate": ModelActivateArgs,
 }

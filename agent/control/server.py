@@ -49,7 +49,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from agent.aio import within
-from agent.control.requests import ARGS, Args, Request, SensorsArgs, TailArgs
+from agent.control.requests import ARGS, Args, ModelActivateArgs, Request, SensorsArgs, TailArgs
 from agent.control.tail import TailHub
 from agent.queues import BoundedQueue
 
@@ -88,6 +88,10 @@ class PipelineLike(Protocol):
 
     @property
     def outbox(self) -> OutboxLike: ...
+
+    def activate_model(self, name: str, force: bool) -> str:
+        """Promote the shadow candidate; ``ValueError`` with the reason when refused."""
+        ...
 
 
 class AgentLike(Protocol):
@@ -189,7 +193,7 @@ class ControlServer:
         self._handlers: dict[str, Handler] = {
             "status": self._status, "reload": self._reload, "sensors.list": self._sensors,
             "outbox.stats": self._outbox_stats, "outbox.export": self._outbox_export,
-            "tail": self._tail,
+            "tail": self._tail, "model.activate": self._model_activate,
         }
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -408,6 +412,17 @@ class ControlServer:
         if args.name is not None and not sensors:
             raise CommandError("not_found", f"no sensor named {args.name!r}")
         await client.send({"id": req.id, "ok": True, "result": {"sensors": sensors}})
+        return True
+
+    async def _model_activate(self, req: Request, args: Args, client: _Client) -> bool:
+        assert isinstance(args, ModelActivateArgs)
+        try:
+            reason = self._pipeline().activate_model(args.name, args.force)
+        except (KeyError, ValueError) as exc:
+            raise CommandError("refused", str(exc.args[0] if exc.args else exc)) from None
+        await client.send({"id": req.id, "ok": True,
+                           "result": {"activated": args.name, "force": args.force,
+                                      "reason": reason}})
         return True
 
     async def _outbox_stats(self, req: Request, args: Args, client: _Client) -> bool:

@@ -273,11 +273,31 @@ def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]
     return lines
 
 
+def optional_lines(snap: Mapping[str, Any]) -> list[str]:
+    """Lines for the parts that are off by default: the web server and Sparkplug."""
+    lines = []
+    web = snap.get("web")
+    if isinstance(web, Mapping):
+        parts = [p for p in ("page", "metrics") if web.get(p)]
+        lines.append(f"web      {' + '.join(parts) or 'off'} on {web.get('url', '?')}, "
+                     f"{fmt_number(web.get('watchers'))} watching")
+    spb = snap.get("sparkplug")
+    if isinstance(spb, Mapping):
+        text = (f"sparkplug {spb.get('state', '?')} {spb.get('group_id', '?')}/"
+                f"{spb.get('node_id', '?')}, bdSeq {fmt_number(spb.get('bd_seq'))}, "
+                f"backlog {fmt_number(spb.get('backlog'))}")
+        if spb.get("last_error"):
+            text += f" ({spb['last_error']})"
+        lines.append(text)
+    return lines
+
+
 def render_text(snap: Mapping[str, Any]) -> str:
     lines = [header_line(snap.get("agent", {})),
              f"clock    {clock_line(snap.get('clock', {}))}",
              f"uplink   {uplink_line(snap.get('uplink', {}))}",
              f"outbox   {outbox_line(snap.get('outbox', {}))}",
+             *optional_lines(snap),
              ""]
     sensors = snap.get("sensors", [])
     lines.extend(table(SENSOR_HEADER, sensor_rows(sensors)) if sensors else ["no sensors"])
@@ -303,6 +323,8 @@ def render_rich(snap: Mapping[str, Any], out: TextIO, width: int | None = None) 
                   style="green" if clock.get("synced") else "yellow", highlight=False)
     console.print(f"uplink   {uplink_line(snap.get('uplink', {}))}", highlight=False)
     console.print(f"outbox   {outbox_line(snap.get('outbox', {}))}", highlight=False)
+    for line in optional_lines(snap):
+        console.print(line, highlight=False)
     sensors = Table(*SENSOR_HEADER, header_style="bold", expand=False)
     for row in sensor_rows(snap.get("sensors", [])):
         sensors.add_row(*row[:2], f"[{STATE_STYLE.get(row[2], 'white')}]{row[2]}[/]", *row[3:])

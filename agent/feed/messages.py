@@ -100,10 +100,12 @@ class InferenceMessage(FeedMessage):
     latency_ms: MaybeFloat
     shadow: bool = Field(default=False, description="True for a candidate model run beside "
                                                     "the active one.")
-    source: Literal["model", "fallback"] = Field(
-        default="model", description="Where the published forecast comes from: the model, or "
-        "persistence (the current window's value) while the model does worse than that at "
-        "this site. The model's own value is in outputs as `<output>_model`.")
+    source: Literal["model", "blend", "fallback"] = Field(
+        default="model", description="Where the published forecast comes from: the model; "
+        "persistence (the current window's value) where the model has not beaten that at "
+        "this site; or blend: persistence plus the model's move clipped to what the skill "
+        "guard's error budget can still lose. The model's own value is in outputs as "
+        "`<output>_model`.")
     skill: MaybeFloat = Field(
         default=None, description="1 - model MAE / persistence MAE over the guard's horizon "
         "at this site (> 0: the model beats persistence); null until scored.")

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from agent import quality as quality_codes
 from agent.config.schema import AgentConfig, AudienceConfig, StreamConfig
 from agent.feed.messages import Draft
 from agent.pipeline.derived import RADAR
@@ -70,7 +71,7 @@ VEHICLE_QUANTITIES: Final = RADAR  # one reading per vehicle
 DEFAULT_DROP: Final[tuple[str, ...]] = tuple(
     f"channels.*.{q}.{stat}" for q in sorted(VEHICLE_QUANTITIES) for stat in ("min", "max", "last"))
 VALUE_STATS: Final = ("mean", "min", "max", "last", "std")
-REDACTED: Final = "redacted"
+REDACTED: Final = quality_codes.REDACTED
 COUNTERS: Final = ("published", "local", "suppressed", "withheld", "redacted", "rounded")
 _ROUND_DIGITS: Final = 9  # removes the float noise of k * step (0.2778 * 50 = 13.890000000000001)
 

@@ -85,7 +85,7 @@ class Outbox:
         self.boot_id = boot_id or uuid.uuid4().hex[:12]
         self.clock: Clock = clock or SystemClock()
         self.buffer_rows = buffer_rows or max(4 * cfg.commit_batch, BUFFER_MIN_ROWS)
-        max_age = None if cfg.max_age_s is None else int(cfg.max_age_s * 1e9)
+        max_age = None if cfg.max_age_s is None else round(cfg.max_age_s * 1e9)
         self._db = OutboxDB(Path(cfg.path), max_rows=cfg.max_rows, max_bytes=cfg.max_bytes,
                             max_age_ns=max_age, wall_ns=self.clock.wall_ns)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, TIME_REASONS
+from agent.pipeline.filters import TIME_REASONS
+from agent.quality import CLOCK_UNSYNCED, RESTAMPED
 from agent.readings import Quality, Reading
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class ClockSync:
         self._detect = detector if detector is not None else SyncDetector()
         self._wall = wall
         self._mono = mono
-        self._interval_ns = int(check_interval_s * 1e9)
+        self._interval_ns = round(check_interval_s * 1e9)
         now_mono = mono()
         now_wall = wall()
         self._offset = now_wall - now_mono

@@ -101,15 +101,18 @@ def energy(channels: Mapping[str, ChannelStats],
     energy_sum = 0.0
     seen = False
     for name, st in channels.items():
-        if _quantity(name) not in POWER or not st.count:
+        if _quantity(name) not in POWER:
             continue
-        seen = True
         integral = integrals.get(name)
         if integral is not None and integral.covered_s > 0.0:
+            # Also for a window with no sample of its own that a trapezoid crosses.
             power_sum += integral.energy_wh * 3600.0 / integral.covered_s
             energy_sum += integral.energy_wh
-        else:
+        elif st.count:
             power_sum += st.mean  # a single sample: nothing to weight by time
+        else:
+            continue
+        seen = True
     if not seen:
         return {"power_mean_w": _NAN, "energy_wh": _NAN}
     return {"power_mean_w": power_sum, "energy_wh": energy_sum}

@@ -12,6 +12,8 @@ import math
 from bisect import bisect_left, insort
 from typing import Final
 
+from agent.quality import CLOCK_UNSYNCED, NOT_FINITE, OUT_OF_RANGE, RESTAMPED, UNIT
+
 # Unit spellings drivers or bridges may use -> (canonical unit, scale, offset): v * scale + offset.
 UNIT_CONVERSIONS: Final[dict[str, tuple[str, float, float]]] = {
     "°C": ("degC", 1.0, 0.0),
@@ -157,7 +159,7 @@ class Hampel:
 class Stuck:
     """Flags a channel whose value repeats exactly ``count`` times in a row (and after)."""
 
-    __slots__ = ("count", "last", "run")
+    __slots__ = ("changes", "count", "last", "run")
 
     def __init__(self, count: int) -> None:
         if count < 2:
@@ -165,6 +167,7 @@ class Stuck:
         self.count = count
         self.last = math.nan
         self.run = 0
+        self.changes = 0  # values that differed from the previous one
 
     def is_stuck(self, value: float) -> bool:
         if value == self.last:
@@ -172,6 +175,7 @@ class Stuck:
         else:
             self.last = value
             self.run = 1
+            self.changes += 1
         return self.run >= self.count
 
 
@@ -198,30 +202,27 @@ class RateLimit:
     def too_fast(self, value: float, mono_ns: int) -> bool:
         if not self.has_ref:
             return False
+        # A reading older than the reference (delivered out of order) is judged on the same
+        # terms: the time between them bounds the change.
         dt = mono_ns - self.ref_mono_ns
         if dt <= 0:
-            return value != self.ref_value
+            if dt == 0:
+                return value != self.ref_value
+            dt = -dt
         return abs(value - self.ref_value) > self.max_rate_per_ns * dt
 
     def accept(self, value: float, mono_ns: int) -> None:
-        """Make ``value`` the reference; called for readings that passed every check."""
+        """Make ``value`` the reference, unless an accepted reading is newer; called for
+        readings that passed every check."""
+        if self.has_ref and mono_ns < self.ref_mono_ns:
+            return
         self.has_ref = True
         self.ref_value = value
         self.ref_mono_ns = mono_ns
 
 
-# Reason codes. Bad: the value is wrong. Suspect: the value may be wrong. Time reasons say
-# nothing about the value, only about its timestamp.
-NOT_FINITE: Final = "not_finite"
-OUT_OF_RANGE: Final = "out_of_range"
-UNIT: Final = "unit"
-RATE: Final = "rate"
-SPIKE: Final = "spike"
-STUCK: Final = "stuck"
-STALE: Final = "stale"  # a channel state (Cleaner.stale), not a flag: no reading carries it
-DUPLICATE: Final = "duplicate"
-CLOCK_UNSYNCED: Final = "clock_unsynced"
-RESTAMPED: Final = "restamped"
+# Reason codes (``agent.quality``). Bad: the value is wrong. Suspect: the value may be wrong.
+# Time reasons say nothing about the value, only about its timestamp.
 
 BAD_REASONS: Final = frozenset({NOT_FINITE, OUT_OF_RANGE, UNIT})
 TIME_REASONS: Final = frozenset({CLOCK_UNSYNCED, RESTAMPED})

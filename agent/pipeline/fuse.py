@@ -9,7 +9,8 @@ Consistency: with three or more channels, each is compared with the fused estima
 others; the worst one further than ``k`` combined sigmas is excluded and flagged
 ``inconsistent:<channel>``, and the test repeats on the rest while three or more remain. Two
 channels that disagree cannot be told apart: both are kept and the group is flagged
-``disagreement:<group>``.
+``disagreement:<group>``. Across windows, ``agent.pipeline.drift`` watches each group for slow
+drift and tells ``fuse`` which channels to down-weight or leave out before this check runs.
 
 The fused ``ChannelStats`` counts the readings of the channels it used; ``min``/``max`` span
 theirs; ``std`` is the 1-sigma uncertainty of the fused mean (not a spread of readings);
@@ -19,9 +20,10 @@ theirs; ``std`` is the 1-sigma uncertainty of the fused mean (not a spread of re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from agent.quality import DISAGREEMENT, INCONSISTENT
 from agent.readings import ChannelStats
 
 DEFAULT_K = 3.0
@@ -55,6 +57,7 @@ def _weighted(items: Sequence[tuple[str, float, float]]) -> tuple[float, float]:
 
 
 VAR_MIN = 1e-30  # far below any sensor's accuracy, far above float underflow
+VAR_MAX = 1e300  # its inverse is still a positive weight
 
 
 def _variances(stats: Sequence[tuple[Member, ChannelStats]]) -> list[float]:
@@ -71,21 +74,38 @@ def _variances(stats: Sequence[tuple[Member, ChannelStats]]) -> list[float]:
 
 
 def fuse(group: str, members: Sequence[Member], channels: dict[str, ChannelStats],
-         k: float = DEFAULT_K) -> Fused:
-    """Fuse the members' window statistics (``channels``, keyed by channel name)."""
+         k: float = DEFAULT_K, *, inflate: Mapping[str, float] | None = None,
+         exclude: Collection[str] = ()) -> Fused:
+    """Fuse the members' window statistics (``channels``, keyed by channel name).
+
+    ``inflate`` multiplies the variance of channels (down-weights them) and ``exclude`` leaves
+    channels out, as the cross-window drift monitor decides; an exclusion that would leave no
+    channel is ignored.
+    """
     present = [(m, channels[m.channel]) for m in members if m.channel in channels]
     suspect = sum(st.suspect for _, st in present)
     bad = sum(st.bad for _, st in present)
     usable = [(m, st) for m, st in present if st.count > 0 and math.isfinite(st.mean)]
+    dropped: list[str] = []
+    if exclude:
+        kept = [(m, st) for m, st in usable if m.channel not in exclude]
+        if kept:
+            dropped = [m.channel for m, _ in usable if m.channel in exclude]
+            usable = kept
     unit = present[0][1].unit if present else ""
     if not usable:
         empty = ChannelStats(0, _NAN, _NAN, _NAN, _NAN, _NAN, unit, suspect, bad)
         return Fused(empty, (), ())
 
     variances = _variances(usable)
+    if inflate:
+        variances = [v * inflate.get(m.channel, 1.0)
+                     for (m, _), v in zip(usable, variances, strict=True)]
+    # A huge spread (values near the float limit) would give a zero weight to every channel.
+    variances = [v if v <= VAR_MAX else VAR_MAX for v in variances]
     items = [(m.channel, st.mean, var) for (m, st), var in zip(usable, variances, strict=True)]
     flags: list[str] = []
-    excluded: list[str] = []
+    excluded: list[str] = dropped
     while len(items) >= 3:
         worst_i, worst_z = -1, k
         for i, (_, mean, var) in enumerate(items):
@@ -97,11 +117,11 @@ def fuse(group: str, members: Sequence[Member], channels: dict[str, ChannelStats
             break
         channel = items.pop(worst_i)[0]
         excluded.append(channel)
-        flags.append(f"inconsistent:{channel}")
+        flags.append(INCONSISTENT + channel)
     if len(items) == 2:
         (_, m1, v1), (_, m2, v2) = items
         if abs(m1 - m2) > k * math.sqrt(v1 + v2):
-            flags.append(f"disagreement:{group}")
+            flags.append(DISAGREEMENT + group)
 
     mean, var = _weighted(items)
     used = {c for c, _, _ in items}

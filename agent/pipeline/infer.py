@@ -15,9 +15,10 @@ uses at most one core beside the loop). The set of loaded models is one dict tha
 ``activate`` replace in a single assignment, so a window is always served by a consistent set.
 
 Skill guard (``agent.pipeline.skill``): each model's forecast output is scored against what
-the next window measured, beside persistence; while the model does worse, persistence is what
-gets published under the output's name (``source = "fallback"``), and the model's own value goes
-out as ``<output>_model``. Inputs outside the span of the training data are named in
+the next window measured, beside persistence; what gets published under the output's name is
+the model's value (``source = "model"``), persistence (``"fallback"``) or persistence plus a
+clipped part of the model's move (``"blend"``), and the model's own value goes out as
+``<output>_model``. Inputs outside the span of the training data are named in
 ``out_of_range``.
 
 Shadow mode: a model configured with ``shadow = "candidate.onnx"`` runs the candidate beside the
@@ -41,7 +42,16 @@ from typing import Any
 import numpy as np
 
 from agent.config.schema import ModelConfig
-from agent.pipeline.features import FeatureBuilder, FeatureError, FeatureRow, FeatureSpec, InputSpec
+from agent.pipeline.features import (
+    ENERGY_QUANTITIES,
+    TRAFFIC_QUANTITIES,
+    FeatureBuilder,
+    FeatureError,
+    FeatureRow,
+    FeatureSpec,
+    InputSpec,
+    parse_input,
+)
 from agent.pipeline.skill import GuardSettings, ShadowComparison, SkillGuard, Source
 from agent.readings import Inference, Window
 from models.manifest import (
@@ -194,7 +204,7 @@ class LoadedModel:
         out[f"{fc.output}_model"] = model
         out[fc.output] = published
         c = self.manifest.congestion
-        if source == "fallback" and c is not None and c.output in out:
+        if source != "model" and c is not None and c.output in out:
             spec = next(o for o in self.manifest.outputs if o.name == c.output)
             level = level_of(published, self.manifest)
             out[c.output] = float(level)
@@ -224,6 +234,10 @@ class LoadedModel:
             "version": self.version, "path": str(self.model.path), "stream": self.stream,
             "opset": self.manifest.opset, "runs": self.runs, "failures": self.failures,
             "last_window_start_ns": self.last_window_start_ns,
+            "window_s": self.manifest.window_s,
+            # What the forecast output is scored against, and its value in the last window.
+            "forecast_output": self._forecast.output if self._forecast is not None else None,
+            "last_actual": self.last_persistence,
             "last_latency_ms": None if math.isnan(self.last_latency_ms)
             else round(self.last_latency_ms, 3),
             "last_outputs": dict(self.last_outputs), "inputs_filled": list(self.last_missing),
@@ -421,6 +435,22 @@ class InferenceStage:
         """Persistence's forecast beside the active model's latest one (for evaluation)."""
         slot = self._slots.get(name)
         return slot.active.last_persistence if slot is not None else None
+
+    def history_streams(self) -> tuple[set[str], set[str], int]:
+        """The streams whose windows give traffic and energy inputs, and the model window (s):
+        what a history of model windows records."""
+        traffic: set[str] = set()
+        energy: set[str] = set()
+        window_s = 0
+        for slot in self._slots.values():
+            m = slot.active.manifest
+            bases = {parse_input(i.name)[0] for i in m.inputs}
+            if bases & set(TRAFFIC_QUANTITIES):
+                traffic.add(slot.active.stream)
+            if bases & set(ENERGY_QUANTITIES):
+                energy.add(slot.active.stream)
+            window_s = window_s or m.window_s
+        return traffic, energy, window_s
 
     def versions(self) -> dict[str, str]:
         return {name: s.active.version for name, s in self._slots.items()}

@@ -1,19 +1,39 @@
-"""The skill guard: a model publishes its forecast only while it beats doing nothing.
+"""The skill guard: what a model may publish at a site where it may be worse than doing nothing.
 
-Every forecast is for the model window that follows the one it was made on. When that window
-has been measured, the guard scores the forecast and the persistence forecast made at the same
-time (the current window's value, "the next window is like this one") against the measured
-value, and adds both absolute errors to 300 s buckets, kept per UTC hour of the day over the
-last ``horizon_s``.
+Every forecast is for the model window that follows the one it was made on; persistence's
+forecast made at the same time is the current window's value ("the next window is like this
+one"). When the target window has been measured, the guard scores both against it.
 
-In each hour of the day the model's forecast is published only when, on that hour's record,
-its error is below persistence's by ``margin`` beyond the noise (a paired comparison over the
-300 s buckets, two standard errors; forecasts inside one bucket overlap and are far from
-independent). A gateway therefore starts on persistence, and a model that is good at night
-and poor at the morning peak is used at night only. As soon as the model is worse than
-persistence on an hour's record, that hour goes back to persistence, marked ``fallback``; there
-is no margin on the way back, on purpose. Memory is bounded by the horizon: one small bucket per
-300 s, and one pending forecast per stream window of one model window.
+The promise (target): over any day, the published forecasts' MAE is at most ``margin`` (2 %)
+above persistence's. Two rules keep it:
+
+- *Which moves to trust.* A forecast is a move away from persistence of size ``|model -
+  persistence|``. The model's record is kept per size class of move (relative to persistence's
+  MAE at this site) over ``horizon_s``: a load model earns its skill on the few large moves
+  (a charger ending, lamps switching) and is no better than persistence on the many small ones,
+  and a traffic model trained elsewhere loses on moves of every size. A move is considered
+  only when moves of its size have beaten persistence, by ``Z`` standard errors.
+- *How much it may lose.* A published value ``v`` can lose to persistence by at most ``|v -
+  persistence|``, known before it goes out. The guard keeps, per 300 s bucket of target windows,
+  what the published forecasts lost (or won) against persistence and ``margin`` times
+  persistence's error, over the last ``BUDGET_S`` (12 h). Before a forecast goes out it computes
+  the room: the least, over every stretch of buckets ending now, of the allowance for that
+  stretch (``margin`` x persistence's error so far, plus the unmeasured rest of a 12 h window
+  credited at ``CREDIT`` (half) the recent mean rate) minus what published forecasts already
+  lost in it (forecasts not yet scored count at their worst). The move is published whole if it
+  fits in the room, clipped to the room if not (``source = "blend"``: persistence plus a bounded
+  part of the model's move), and not at all when the room is 0. Wins add to the room, so a model
+  that is right makes room for its next large move; losses shrink it at once. Any 24 h is two
+  12 h windows, each of which stays within its allowance as long as persistence's error over the
+  rest of a window is at least the credited rate; what is left to chance is that assumption (a
+  busy afternoon followed by a quiet night can break it, hence only half the rate).
+
+A gateway starts on persistence (no record, no room) and takes the model's moves as they prove
+themselves. Memory is bounded: per size class and for the published excess one small bucket per
+hour of the horizon, for the model's and persistence's errors one per 300 s, 148 budget buckets,
+and one pending forecast per stream window of one model window. The room is computed once per
+300 s bucket; in between it only shrinks by what the bucket spends, so a forecast costs a few
+microseconds.
 """
 
 from __future__ import annotations
@@ -23,20 +43,32 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-Source = Literal["model", "fallback"]
+import numpy as np
+
+Source = Literal["model", "blend", "fallback"]
 
 BUCKET_NS: Final = 300 * 10**9
 PENDING_MAX: Final = 4096  # forecasts awaiting their window: one per stream window
-# Standard errors a difference of errors must clear to count: a paired test over 300 s
-# buckets (forecasts inside one bucket overlap and are far from independent).
-Z: Final = 2.0
+# Standard errors by which a size class's mean error difference must favour the model. Forecasts
+# made on overlapping windows are not independent; the budget, not this test, bounds the loss.
+Z: Final = 1.0
+MIN_CLASS_N: Final = 6  # scored moves a size class needs before it can be trusted
+# Upper edges of the move-size classes, in units of persistence's MAE at the site.
+CLASS_EDGES: Final = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+BUDGET_S: Final = 12 * 3600  # the loss budget's window: any day is two of them
+BUDGET_BUCKETS: Final = BUDGET_S * 10**9 // BUCKET_NS
+# The rest of a budget window is not measured yet: it is credited at this share of the recent
+# mean rate of persistence's error. Errors follow the time of day (a busy afternoon before a
+# quiet night), so full credit lets single large moves overdraw a quiet stretch.
+CREDIT: Final = 0.5
+MODEL, PERSISTENCE = 0, 1
 
 
 @dataclass(frozen=True, slots=True)
 class GuardSettings:
     horizon_s: float = 7 * 86_400.0
-    margin: float = 0.02
-    min_evaluated_s: float = 3_600.0  # per hour of the day: one day's worth
+    margin: float = 0.02  # published MAE may exceed persistence's by this much
+    min_evaluated_s: float = 3_600.0  # scored forecasts before the model's moves are considered
     enabled: bool = True
 
 
@@ -73,11 +105,12 @@ class ErrorLedger:
         while pending and pending[0][0] == end_ns:
             _, values = pending.popleft()
             if math.isfinite(actual) and all(math.isfinite(v) for v in values):
-                self._add(end_ns, [abs(actual - v) for v in values])
+                self.add(end_ns, [abs(actual - v) for v in values])
                 scored = True
         return scored
 
-    def _add(self, end_ns: int, errors: list[float]) -> None:
+    def add(self, end_ns: int, errors: list[float]) -> None:
+        """Add the errors of one scored forecast for the window ending at ``end_ns``."""
         index = end_ns // BUCKET_NS
         if not self._buckets or self._buckets[-1].index != index:
             self._buckets.append(_Bucket(index, [0.0] * self.k))
@@ -119,82 +152,240 @@ class ErrorLedger:
         return len(self._pending)
 
 
+class _Mean:
+    """Mean and standard error of one quantity over the last ``horizon_s``, kept in hourly
+    buckets (a week's record needs no finer steps; 168 small buckets)."""
+
+    BUCKET_NS: Final = 3600 * 10**9
+
+    def __init__(self, horizon_s: float) -> None:
+        self.horizon_buckets = max(int(horizon_s * 1e9) // self.BUCKET_NS, 1)
+        self._buckets: deque[list[float]] = deque()  # [index, sum, sum of squares, n]
+        self.sum = self.sum2 = 0.0
+        self.n = 0
+
+    def add(self, end_ns: int, value: float) -> None:
+        index = end_ns // self.BUCKET_NS
+        buckets = self._buckets
+        if not buckets or buckets[-1][0] != index:
+            buckets.append([index, 0.0, 0.0, 0])
+        b = buckets[-1]
+        b[1] += value
+        b[2] += value * value
+        b[3] += 1
+        self.sum += value
+        self.sum2 += value * value
+        self.n += 1
+        oldest = index - self.horizon_buckets
+        while buckets and buckets[0][0] <= oldest:
+            _, s, s2, n = buckets.popleft()
+            self.sum -= s
+            self.sum2 -= s2
+            self.n -= int(n)
+
+    def mean_se(self) -> tuple[float, float]:
+        mean = self.sum / self.n
+        var = max(self.sum2 / self.n - mean * mean, 0.0)
+        return mean, math.sqrt(var / self.n)
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.n if self.n else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    target_ns: int
+    bucket: int
+    model: float
+    persistence: float
+    published: float
+    worst: float  # |published - persistence|: the most it can lose against persistence
+    size_class: int
+
+
+class _Budget:
+    """Per 300 s bucket of target windows over the last ``BUDGET_S``: ``spent`` = what the
+    published forecasts lost against persistence (worst case until scored) minus ``margin``
+    times persistence's error, and persistence's error itself. Ring arrays indexed by bucket:
+    a slot is reset when its bucket comes round again."""
+
+    SLOTS: Final = BUDGET_BUCKETS + 4  # a pending forecast is a window old at most
+
+    def __init__(self, margin: float) -> None:
+        self.margin = margin
+        self.spent = np.zeros(self.SLOTS)
+        self.persistence = np.zeros(self.SLOTS)
+        self.ids = np.full(self.SLOTS, -1, dtype=np.int64)
+        self.newest = -1
+        self._rest = np.arange(BUDGET_BUCKETS - 1, -1, -1, dtype=np.float64)  # n-L, L = 1 .. n
+        self._cached_bucket = -1
+        self._cached_room = 0.0
+
+    def _slot(self, bucket: int) -> int | None:
+        slot = bucket % self.SLOTS
+        return slot if self.ids[slot] == bucket else None
+
+    def _advance(self, bucket: int) -> None:
+        """Make ``bucket`` the newest: reset the slots of the buckets that come round."""
+        if bucket <= self.newest:
+            return
+        for b in range(max(self.newest + 1, bucket - self.SLOTS + 1), bucket + 1):
+            slot = b % self.SLOTS
+            self.ids[slot] = b
+            self.spent[slot] = self.persistence[slot] = 0.0
+        self.newest = bucket
+
+    def spend(self, f: _Pending) -> None:
+        self._advance(f.bucket)
+        slot = self._slot(f.bucket)
+        if slot is not None:
+            self.spent[slot] += f.worst
+
+    def scored(self, f: _Pending, excess: float, e_persistence: float) -> None:
+        slot = self._slot(f.bucket)
+        if slot is not None:
+            self.spent[slot] += excess - f.worst - self.margin * e_persistence
+            self.persistence[slot] += e_persistence
+
+    def unscored(self, f: _Pending) -> None:
+        slot = self._slot(f.bucket)
+        if slot is not None:
+            self.spent[slot] -= f.worst
+
+    def room(self, bucket: int) -> float:
+        """How much a forecast for ``bucket`` may still lose against persistence (>= 0).
+
+        Every stretch ends with ``bucket``, so what is spent in it counts against every
+        stretch alike: the least over the stretches of the rest is computed once per bucket
+        (older buckets only gain room as their forecasts are scored, so the cached value errs
+        on the safe side until the next bucket)."""
+        self._advance(bucket)
+        if bucket != self._cached_bucket:
+            self._cached_bucket = bucket
+            self._cached_room = self._room_before(bucket)
+        slot = self._slot(bucket)
+        spent = float(self.spent[slot]) if slot is not None else 0.0
+        return max(self._cached_room - spent, 0.0)
+
+    def _room_before(self, bucket: int) -> float:
+        # Every slot holds one of the SLOTS buckets up to ``bucket`` (see _advance).
+        n = BUDGET_BUCKETS
+        slots = _BEFORE[bucket % self.SLOTS]  # the n buckets before, newest first
+        allowance = CREDIT * self.margin * float(self.persistence[slots].sum()) / n
+        # Stretch of length L (buckets bucket-L+1 .. bucket): the allowance for the rest of its
+        # window, minus what its L-1 buckets before this one spent.
+        totals = np.cumsum(self.spent[slots[:-1]])
+        return min(allowance * (n - 1), float((allowance * self._rest[1:] - totals).min()))
+
+
+# Row r: the ring slots of the BUDGET_BUCKETS buckets before the one in slot r, newest first.
+_BEFORE: Final = ((np.arange(_Budget.SLOTS)[:, None] - np.arange(1, BUDGET_BUCKETS + 1))
+                  % _Budget.SLOTS).astype(np.int16)
+
+
 class SkillGuard:
-    """Running MAE of a model and of persistence, per hour of the day, and the choice.
-
-    A model's skill depends on the hour: a model trained elsewhere may be fine at night and
-    poor at the morning peak, and a load model beats persistence when chargers start but not in
-    the quiet hours. So the choice is made per UTC hour of the forecast window, on that hour's
-    own record over the horizon (e.g. the last week of 07:00-08:00 windows)."""
-
-    MODEL, PERSISTENCE = 0, 1
+    """What to publish for one model's forecasts: the model's value, persistence's, or the
+    model's move clipped to what the error budget can still lose (see the module docstring)."""
 
     def __init__(self, settings: GuardSettings = GuardSettings()) -> None:
         self.settings = settings
-        self.ledger = ErrorLedger(2, settings.horizon_s)  # every hour: what status shows
-        self.hours = [ErrorLedger(2, settings.horizon_s) for _ in range(24)]
-        first: Source = "fallback" if settings.enabled else "model"
-        self.hour_source: list[Source] = [first] * 24
-        self.source: Source = first
+        self.ledger = ErrorLedger(2, settings.horizon_s)  # model vs persistence: what status shows
+        self.published = _Mean(settings.horizon_s)
+        self.classes = [_Mean(settings.horizon_s) for _ in range(len(CLASS_EDGES) + 1)]
+        self.budget = _Budget(settings.margin)
+        self._pending: deque[_Pending] = deque(maxlen=PENDING_MAX)
+        self.source: Source = "fallback" if settings.enabled else "model"
+        self.room: float = 0.0
         self.switches = 0
-
-    @staticmethod
-    def hour_of(end_ns: int) -> int:
-        """UTC hour of the start of the 300 s window ending at ``end_ns``."""
-        return int((end_ns - BUCKET_NS) // (3600 * 10**9)) % 24
 
     # -- scoring -------------------------------------------------------------------------------
 
     def observe(self, end_ns: int, actual: float) -> None:
         """The model window ending at ``end_ns`` was measured as ``actual`` (NaN: not
         measured): score the forecasts that were made for it."""
-        self.ledger.observe(end_ns, actual)
-        hour = self.hour_of(end_ns)
-        if self.hours[hour].observe(end_ns, actual):
-            self._decide(hour)
-
-    def _decide(self, hour: int) -> None:
-        if not self.settings.enabled:
-            return
-        s = self.settings
-        ledger = self.hours[hour]
-        before = self.hour_source[hour]
-        persistence = ledger.mae(self.PERSISTENCE)
-        excess = ledger.excess(self.MODEL, self.PERSISTENCE)
-        source = before
-        if excess is None or persistence is None or ledger.evaluated_s < s.min_evaluated_s:
-            source = "fallback"
-        elif excess[0] > 0:
-            source = "fallback"  # worse than doing nothing in this hour
-        elif excess[0] + Z * excess[1] < -s.margin * persistence:
-            source = "model"  # better by the margin, beyond the noise of the record
-        if source != before:
-            self.hour_source[hour] = source
-            self.switches += 1
+        pending = self._pending
+        while pending and pending[0].target_ns < end_ns:
+            self.budget.unscored(pending.popleft())  # its window passed unmeasured
+        while pending and pending[0].target_ns == end_ns:
+            f = pending.popleft()
+            if not math.isfinite(actual):
+                self.budget.unscored(f)
+                continue
+            e_model, e_pers = abs(actual - f.model), abs(actual - f.persistence)
+            e_pub = abs(actual - f.published)
+            self.ledger.add(end_ns, [e_model, e_pers])
+            self.published.add(end_ns, e_pub - e_pers)
+            if f.size_class >= 0:
+                self.classes[f.size_class].add(end_ns, e_model - e_pers)
+            self.budget.scored(f, e_pub - e_pers, e_pers)
 
     # -- forecasting ---------------------------------------------------------------------------
 
     def forecast(self, target_end_ns: int, model: float,
                  persistence: float) -> tuple[float, Source]:
-        """Remember both forecasts for the window ending at ``target_end_ns``; return the one
+        """Remember the forecasts for the window ending at ``target_end_ns``; return the value
         to publish and where it came from."""
-        self.ledger.forecast(target_end_ns, (model, persistence))
-        hour = self.hour_of(target_end_ns)
-        self.hours[hour].forecast(target_end_ns, (model, persistence))
-        self.source = self.hour_source[hour]
-        if self.source == "model" or not math.isfinite(persistence):
-            return model, "model"
-        return persistence, "fallback"
+        if not math.isfinite(persistence):
+            self.source = "model"
+            return model, "model"  # nothing to fall back on
+        bucket = (target_end_ns - 1) // BUCKET_NS
+        move = model - persistence
+        size_class = self._size_class(abs(move)) if math.isfinite(move) else -1
+        published: float = persistence
+        source: Source = "fallback"
+        if not self.settings.enabled:
+            published, source = model, "model"
+        elif size_class >= 0 and self._wins(size_class):
+            self.room = room = self.budget.room(bucket)
+            step = max(-room, min(room, move))
+            if step == move:
+                published, source = model, "model"
+            elif step != 0.0:
+                published, source = persistence + step, "blend"
+        if source != self.source:
+            self.switches += 1
+            self.source = source
+        worst = abs(published - persistence)  # the most this can lose against persistence
+        f = _Pending(target_end_ns, bucket, model, persistence, published, worst, size_class)
+        if len(self._pending) == self._pending.maxlen:
+            self.budget.unscored(self._pending[0])
+        self._pending.append(f)
+        self.budget.spend(f)
+        return published, source
+
+    def _size_class(self, move: float) -> int:
+        scale = self.ledger.mae(PERSISTENCE)
+        if scale is None or scale <= 0:
+            return -1
+        ratio = move / scale
+        return next((i for i, edge in enumerate(CLASS_EDGES) if ratio < edge), len(CLASS_EDGES))
+
+    def _wins(self, size_class: int) -> bool:
+        """Whether the model's moves of this size have beaten persistence at this site: mean
+        error difference below zero by ``Z`` standard errors."""
+        if self.ledger.evaluated_s < self.settings.min_evaluated_s:
+            return False
+        record = self.classes[size_class]
+        if record.n < MIN_CLASS_N:
+            return False
+        mean, se = record.mean_se()
+        return mean + Z * se < 0.0
 
     # -- what health shows ---------------------------------------------------------------------
 
     @property
     def model_mae(self) -> float | None:
-        return self.ledger.mae(self.MODEL)
+        return self.ledger.mae(MODEL)
 
     @property
     def persistence_mae(self) -> float | None:
-        return self.ledger.mae(self.PERSISTENCE)
+        return self.ledger.mae(PERSISTENCE)
+
+    @property
+    def published_mae(self) -> float | None:
+        excess, persistence = self.published.mean, self.persistence_mae
+        return None if excess is None or persistence is None else persistence + excess
 
     @property
     def evaluated_s(self) -> float:
@@ -205,6 +396,11 @@ class SkillGuard:
         return self.ledger.evaluations
 
     @property
+    def pending(self) -> int:
+        """Forecasts waiting for their window to be measured."""
+        return len(self._pending)
+
+    @property
     def skill(self) -> float | None:
         """1 - model MAE / persistence MAE over the horizon: > 0 beats persistence."""
         model, persistence = self.model_mae, self.persistence_mae
@@ -213,15 +409,20 @@ class SkillGuard:
         return 1.0 - model / persistence
 
     def status(self) -> dict[str, Any]:
-        skill = self.skill
+        skill, published, persistence = self.skill, self.published_mae, self.persistence_mae
+        published_skill = (None if published is None or persistence is None or persistence <= 0
+                           else round(1.0 - published / persistence, 4))
         return {
             "source": self.source, "enabled": self.settings.enabled,
             "skill": None if skill is None else round(skill, 4),
+            "published_skill": published_skill,
             "model_mae": _rounded(self.model_mae),
-            "persistence_mae": _rounded(self.persistence_mae),
+            "persistence_mae": _rounded(persistence),
+            "published_mae": _rounded(published),
+            "room": round(self.room, 4),
             "evaluated_s": self.evaluated_s, "evaluations": self.evaluations,
             "switches": self.switches,
-            "model_hours": sum(1 for s in self.hour_source if s == "model"),
+            "trusted_move_classes": sum(1 for i in range(len(self.classes)) if self._wins(i)),
         }
 
 

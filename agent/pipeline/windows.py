@@ -13,7 +13,14 @@ for a window that is already closed is *late*: it is counted and dropped, not mo
 current window, because its value belongs to a time that has been published and would distort
 the current window's statistics. At most ``max_open`` windows are open per stream; a reading
 that needs one more closes the oldest early (flag ``partial``), which bounds memory whatever
-the timestamps.
+the timestamps. Re-stamped readings are placed in time order, so a window they close that way
+ends before the reading that needed room: it is complete and not flagged ``partial``.
+
+Energy: the trapezoid between two power samples is split at window boundaries and each window
+gets exactly its own part. So that the part after a window's last sample reaches it, a window
+stays open past ``end + grace`` until the power channels' next sample arrives, at most until the
+gap limit (``GAP_PERIODS`` sensor periods) after their last one, beyond which no trapezoid is
+bridged: windows of a power stream are published at most one gap limit late, each once.
 
 Clock: readings flagged ``clock_unsynced`` are held back (at most ``hold_s`` and ``hold_max``
 readings) instead of going into windows keyed on a wall clock that is about to move. When the
@@ -28,7 +35,6 @@ synced time, so a start may be published twice, once under each flag.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Final
@@ -39,8 +45,11 @@ from agent.config.schema import SensorConfig, StreamConfig
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.clocksync import restamp as restamp_reading
 from agent.pipeline.derived import DRIVER_QUANTITIES, NS_PER_HOUR, POWER, PowerIntegral, derive
-from agent.pipeline.filters import CLOCK_UNSYNCED, RESTAMPED, value_usable
+from agent.pipeline.drift import DriftMonitor
+from agent.pipeline.filters import value_usable
 from agent.pipeline.fuse import Member, fuse
+from agent.pipeline.window_state import ChannelAcc, OpenWindow, PowerCarry
+from agent.quality import CLOCK_UNSYNCED, PARTIAL, RESTAMPED
 from agent.readings import ChannelStats, Reading, Window
 
 log = logging.getLogger(__name__)
@@ -48,83 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OPEN: Final = 4
 DEFAULT_HOLD_S: Final = 300.0
 DEFAULT_HOLD_MAX: Final = 50_000
-PARTIAL: Final = "partial"
 GAP_PERIODS: Final = 3  # power samples further apart than this many periods are not bridged
-_NAN = math.nan
-
-
-class _Acc:
-    """Running aggregates of one channel in one window. Sums are kept relative to the first
-    value, so the variance of a large, steady signal (pressure in Pa) does not cancel away."""
-
-    __slots__ = ("area", "bad", "covered", "last", "last_ts", "max", "min", "n", "s1", "s2",
-                 "shift", "suspect", "unit")
-
-    def __init__(self, unit: str) -> None:
-        self.unit = unit
-        self.n = 0
-        self.shift = 0.0
-        self.s1 = 0.0
-        self.s2 = 0.0
-        self.min = math.inf
-        self.max = -math.inf
-        self.last = _NAN
-        self.last_ts = -(1 << 62)
-        self.suspect = 0
-        self.bad = 0
-        self.area = 0.0  # power x time, W ns
-        self.covered = 0  # ns bridged by the integral
-
-    def add(self, v: float, ts: int) -> None:
-        n = self.n
-        if n == 0:
-            self.shift = v
-        d = v - self.shift
-        self.s1 += d
-        self.s2 += d * d
-        self.n = n + 1
-        # Branches, not min()/max(): a call costs more on the per-reading path.
-        if v < self.min:  # noqa: PLR1730
-            self.min = v
-        if v > self.max:  # noqa: PLR1730
-            self.max = v
-        if ts >= self.last_ts:
-            self.last = v
-            self.last_ts = ts
-
-    def stats(self) -> ChannelStats:
-        n = self.n
-        if n == 0:
-            return ChannelStats(0, _NAN, _NAN, _NAN, _NAN, _NAN, self.unit, self.suspect, self.bad)
-        mean = self.shift + self.s1 / n
-        if self.min <= self.max:
-            mean = min(max(mean, self.min), self.max)
-        std = 0.0
-        if n > 1:
-            var = (self.s2 - self.s1 * self.s1 / n) / (n - 1)
-            std = math.sqrt(var) if var > 0.0 else (_NAN if math.isnan(var) else 0.0)
-        return ChannelStats(n, mean, self.min, self.max, self.last, std, self.unit,
-                            self.suspect, self.bad)
-
-
-class _Carry:
-    """The last usable power sample of a channel, the left end of the next trapezoid."""
-
-    __slots__ = ("t", "v")
-
-    def __init__(self, t: int, v: float) -> None:
-        self.t = t
-        self.v = v
-
-
-class _Open:
-    __slots__ = ("chans", "end", "flags", "start")
-
-    def __init__(self, start: int, end: int) -> None:
-        self.start = start
-        self.end = end
-        self.chans: dict[str, dict[str, _Acc]] = {}
-        self.flags: set[str] = set()
 
 
 class _Stream:
@@ -136,16 +69,18 @@ class _Stream:
         self.window_s = cfg.window_s
         self.window_ns = round(cfg.window_s * 1e9)
         self.groups = groups
+        self.monitors = {name: DriftMonitor(name, members) for name, members in groups}
         self.max_open = max_open
-        self.open: dict[int, _Open] = {}
-        self.cur: _Open | None = None
-        self.ready: list[_Open] = []  # closed early, returned by the next close_due
+        self.open: dict[int, OpenWindow] = {}
+        self.cur: OpenWindow | None = None
+        self.ready: list[tuple[OpenWindow, str | None]] = []  # closed early, for the next close_due
+        self.replaying = False  # re-stamped readings are being placed in time order
         self.closed_end: int | None = None  # every window ending by here is closed
         self.synced_end: int | None = None  # the same, counting only windows on synced time
         self.late = 0
         self.forced = 0
         self.max_gap_ns = {n: round(GAP_PERIODS * sensors[n].period_s * 1e9) for n in cfg.sensors}
-        self.carry: dict[str, dict[str, _Carry]] = {}
+        self.carry: dict[str, dict[str, PowerCarry]] = {}
         self.quantities: set[str] = set()
         for n in cfg.sensors:
             self.quantities |= DRIVER_QUANTITIES.get(sensors[n].driver, frozenset())
@@ -163,7 +98,7 @@ class _Stream:
             by_q = w.chans[r.sensor] = {}
         acc = by_q.get(r.quantity)
         if acc is None:
-            acc = by_q[r.quantity] = _Acc(r.unit)
+            acc = by_q[r.quantity] = ChannelAcc(r.unit)
             self.quantities.add(r.quantity)
         reasons = r.reasons
         if reasons:
@@ -183,7 +118,7 @@ class _Stream:
         else:
             acc.suspect += 1
 
-    def _window_for(self, ts: int) -> _Open | None:
+    def _window_for(self, ts: int) -> OpenWindow | None:
         start = ts - ts % self.window_ns
         w = self.open.get(start)
         if w is not None:
@@ -197,18 +132,23 @@ class _Stream:
                 self.late += 1
                 return None
             self.forced += 1
-            self.ready.append(self._close(self.open.pop(oldest)))
-        w = self.open[start] = _Open(start, start + self.window_ns)
+            old = self.open.pop(oldest)
+            # Replayed in time order, a window that ends before this reading has all of its
+            # readings: complete, not partial (unless a power sample may still cross its end).
+            complete = (self.replaying and old.end <= ts
+                        and not (self.carry and self._awaits_power(old, ts, 0)))
+            self.ready.append((self._close(old), None if complete else PARTIAL))
+        w = self.open[start] = OpenWindow(start, start + self.window_ns)
         return w
 
-    def _integrate(self, w: _Open, acc: _Acc, r: Reading) -> None:
+    def _integrate(self, w: OpenWindow, acc: ChannelAcc, r: Reading) -> None:
         sensor, quantity, ts, v = r.sensor, r.quantity, r.ts_ns, r.value
         by_q = self.carry.get(sensor)
         if by_q is None:
             by_q = self.carry[sensor] = {}
         c = by_q.get(quantity)
         if c is None:
-            by_q[quantity] = _Carry(ts, v)
+            by_q[quantity] = PowerCarry(ts, v)
             return
         t0, v0 = c.t, c.v
         if ts <= t0:
@@ -222,25 +162,45 @@ class _Stream:
             acc.area += (v0 + v) * 0.5 * dt
             acc.covered += dt
             return
-        # The trapezoid crosses into this window: each window gets its own part, and a part
-        # whose window is gone (closed, or never opened) goes to this one so no energy is lost.
+        # The trapezoid crosses into this window: each window gets exactly its own part. Earlier
+        # windows are still open (``_awaits_power`` holds them for this sample); a window with
+        # no reading of its own under the trapezoid is opened for its part. A part whose window
+        # is already closed is not credited anywhere else: a published window is final.
         slope = (v - v0) / dt
         vb = v0 + slope * (w.start - t0)
         acc.area += (vb + v) * 0.5 * (ts - w.start)
         acc.covered += ts - w.start
         ws = t0 - t0 % self.window_ns
         while ws < w.start:
-            a = max(t0, ws)
-            b = min(ws + self.window_ns, w.start)
-            target = acc
             earlier = self.open.get(ws)
+            if earlier is None and (self.closed_end is None or ws >= self.closed_end) \
+                    and len(self.open) < self.max_open:
+                earlier = self.open[ws] = OpenWindow(ws, ws + self.window_ns)
             if earlier is not None:
-                target = earlier.chans.get(sensor, {}).get(quantity, acc)
-            target.area += (2.0 * v0 + slope * (a - t0 + b - t0)) * 0.5 * (b - a)
-            target.covered += b - a
+                eq = earlier.chans.get(sensor)
+                if eq is None:
+                    eq = earlier.chans[sensor] = {}
+                target = eq.get(quantity)
+                if target is None:
+                    target = eq[quantity] = ChannelAcc(r.unit)
+                a = max(t0, ws)
+                b = min(ws + self.window_ns, w.start)
+                target.area += (2.0 * v0 + slope * (a - t0 + b - t0)) * 0.5 * (b - a)
+                target.covered += b - a
             ws += self.window_ns
 
-    def _close(self, w: _Open) -> _Open:
+    def _awaits_power(self, w: OpenWindow, now_ns: int, grace_ns: int) -> bool:
+        """Whether ``w`` must stay open for the next sample of a power channel: the trapezoid to
+        it may cross ``w``'s end, and its part in ``w`` belongs to ``w``. The wait is bounded
+        by the gap limit: a sample further away would not be bridged anyway."""
+        for sensor, by_q in self.carry.items():
+            gap = self.max_gap_ns[sensor]
+            for c in by_q.values():
+                if w.start - gap < c.t < w.end and now_ns < c.t + gap + grace_ns:
+                    return True
+        return False
+
+    def _close(self, w: OpenWindow) -> OpenWindow:
         if self.closed_end is None or w.end > self.closed_end:
             self.closed_end = w.end
         if CLOCK_UNSYNCED not in w.flags and (self.synced_end is None
@@ -250,19 +210,31 @@ class _Stream:
             self.cur = None
         return w
 
+    def settle(self, upto_ns: int) -> None:
+        """Close, as complete, the windows ending by ``upto_ns`` after a time-ordered replay."""
+        for s in sorted(self.open):
+            w = self.open[s]
+            if w.end > upto_ns or (self.carry and self._awaits_power(w, upto_ns, 0)):
+                break
+            self.ready.append((self._close(self.open.pop(s)), None))
+
     def close_due(self, now_ns: int, grace_ns: int) -> list[Window]:
-        out = [self._finish(w, PARTIAL) for w in self.ready]
+        out = [self._finish(w, extra) for w, extra in self.ready]
         self.ready.clear()
         if self.open:
             due = sorted(s for s, w in self.open.items() if w.end + grace_ns <= now_ns)
             for s in due:
+                # In order: a window held for a power sample holds the later ones too, or
+                # closing them would make its readings late.
+                if self.carry and self._awaits_power(self.open[s], now_ns, grace_ns):
+                    break
                 w = self.open.pop(s)
                 self._close(w)
                 out.append(self._finish(w, None))
         return out
 
     def flush(self) -> list[Window]:
-        out = [self._finish(w, PARTIAL) for w in self.ready]
+        out = [self._finish(w, extra) for w, extra in self.ready]
         self.ready.clear()
         for s in sorted(self.open):
             w = self.open.pop(s)
@@ -275,10 +247,10 @@ class _Stream:
         the last window on synced time may open again."""
         for s in sorted(self.open):
             if CLOCK_UNSYNCED in self.open[s].flags:
-                self.ready.append(self._close(self.open.pop(s)))
+                self.ready.append((self._close(self.open.pop(s)), PARTIAL))
         self.closed_end = self.synced_end
 
-    def _finish(self, w: _Open, extra: str | None) -> Window:
+    def _finish(self, w: OpenWindow, extra: str | None) -> Window:
         channels: dict[str, ChannelStats] = {}
         integrals: dict[str, PowerIntegral] = {}
         for sensor, by_q in w.chans.items():
@@ -293,8 +265,11 @@ class _Stream:
         fused: dict[str, ChannelStats] = {}
         for name, members in self.groups:
             if any(m.channel in channels for m in members):
-                result = fuse(name, members, channels)
+                verdict = self.monitors[name].update(channels)
+                result = fuse(name, members, channels, inflate=verdict.inflate,
+                              exclude=verdict.exclude)
                 fused[name] = result.stats
+                flags.extend(verdict.flags)
                 flags.extend(result.flags)
         derived = derive(self.window_s, channels, integrals, self.quantities)
         return Window(self.name, w.start, w.end, channels, fused, derived, tuple(flags))
@@ -434,10 +409,22 @@ class Windower:
         out = [restamp_reading(r, offset_ns) for r in self._held]
         self._held.clear()
         self._unsynced_seen = False
+        # In time order, so that windows the replay has passed are known to be complete.
+        out.sort(key=_stamp)
         for s in self._streams:
             s.resync()
-        for r in out:
-            self._place(r)
+            s.replaying = True
+        try:
+            for r in out:
+                self._place(r)
+        finally:
+            for s in self._streams:
+                s.replaying = False
+        if out:
+            # Readings from now on are newer than the replay: windows it has passed are
+            # complete, and must not wait to be closed early (``partial``) by the next reading.
+            for s in self._streams:
+                s.settle(out[-1].ts_ns)
         self.restamped += len(out)
         if out:
             log.info("re-stamped %d readings held while the clock was not synchronised", len(out))
@@ -465,6 +452,10 @@ def _offset(clock: Clock) -> int:
     if isinstance(clock, ClockSync):
         return clock.offset_ns()
     return clock.wall_ns() - clock.mono_ns()
+
+
+def _stamp(r: Reading) -> int:
+    return r.ts_ns
 
 
 def _order(w: Window) -> tuple[int, int, str]:

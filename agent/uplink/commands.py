@@ -66,6 +66,9 @@ class SensorsReadArgs(_Strict):
 class ModelActivateArgs(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64)] = Field(
         description="The model to make active.")
+    force: bool = Field(False, description=(
+        "Activate even if the candidate has not beaten the active model and persistence on "
+        "the live windows."))
 
 
 # The allow-list: command name -> the model its args must satisfy.

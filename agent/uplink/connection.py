@@ -300,15 +300,19 @@ class Link:
 
     # -- what the uplink uses ----------------------------------------------------------------
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> asyncio.Future[int]:
-        """Send a QoS 1 PUBLISH now; the future gets the PUBACK reason code (0 in 3.1.1) and
-        is cancelled if the connection ends first."""
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                qos: int = 1) -> asyncio.Future[int]:
+        """Send a PUBLISH now; the future gets the PUBACK reason code (0 in 3.1.1; at QoS 0,
+        0 once written) and is cancelled if the connection ends first."""
         if self.lost is not None:
             raise LinkError(f"could not publish on {topic}: {self.lost}")
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise LinkError(f"could not publish on {topic}: {paho.error_string(info.rc)}")
         fut: asyncio.Future[int] = self._loop.create_future()
+        if qos == 0:  # nothing will acknowledge it: paho has it, and that is all there is
+            fut.set_result(0)
+            return fut
         self._acks[info.mid] = fut
         return fut
 
@@ -357,10 +361,16 @@ class Link:
 
 
 class Connector:
-    def __init__(self, cfg: MqttConfig, gateway: str, *, will_topic: str) -> None:
+    def __init__(self, cfg: MqttConfig, gateway: str, *, will_topic: str,
+                 will: Callable[[], bytes] | None = None, will_retain: bool = True,
+                 client_id: str | None = None) -> None:
+        """``will`` makes the last-will payload for each new connection (default
+        ``offline``), e.g. a Sparkplug NDEATH with that connection's bdSeq."""
         self.cfg = cfg
-        self.client_id = cfg.client_id or gateway
+        self.client_id = client_id or cfg.client_id or gateway
         self.will_topic = will_topic
+        self.will = will
+        self.will_retain = will_retain
         self.learned: MQTTProtocolVersion | None = None
         self.where = f"{cfg.host}:{cfg.port}"
         self.probe_timeout_s = PROBE_TIMEOUT_S
@@ -381,7 +391,8 @@ class Connector:
                              reconnect_on_failure=False)
         if creds:
             client.username_pw_set(creds[0], creds[1])
-        client.will_set(self.will_topic, b"offline", qos=1, retain=True)
+        client.will_set(self.will_topic, self.will() if self.will else b"offline", qos=1,
+                        retain=self.will_retain)
         if tls is not None:
             client.tls_set_context(tls)
         # The uplink bounds what is in flight itself; paho's own cap (default 20) must not

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.clock import Clock
+from agent.quality import OVERFLOW
 from agent.readings import UNITS, Reading
 from drivers.base import BuildContext, DeviceNotReady, ProtocolError
 from drivers.i2c.bus import AsyncI2CBus
@@ -222,7 +223,7 @@ class Ads1115Sensor(I2CSensor):
     def channel_reading(self, ch: ChannelOptions, code: int) -> Reading:
         reasons: tuple[str, ...] = ()
         if saturated(code):
-            reasons = ("overflow",)
+            reasons = (OVERFLOW,)
             self.count("overflow")
         value = code_to_volts(code, ch.pga_code) * ch.scale + ch.offset
         return self.reading(ch.name, value, ch.unit, reasons)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from agent.clock import Clock
+from agent.quality import OUT_OF_RANGE
 from agent.readings import Reading
 from drivers.base import BuildContext, ConfigurationError, DeviceNotReady, ProtocolError
 from drivers.i2c.bus import AsyncI2CBus
@@ -295,7 +296,7 @@ class Bme280IO(RegisterIO):
 # --- sensor ------------------------------------------------------------------------------------
 def _range_reasons(value: float, bounds: tuple[float, float]) -> tuple[str, ...]:
     lo, hi = bounds
-    return () if lo <= value <= hi and math.isfinite(value) else ("out_of_range",)
+    return () if lo <= value <= hi and math.isfinite(value) else (OUT_OF_RANGE,)
 
 
 class Bme280Sensor(I2CSensor):

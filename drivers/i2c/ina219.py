@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.clock import Clock
+from agent.quality import OVERFLOW
 from agent.readings import Reading
 from drivers.base import BuildContext, DeviceNotReady, ProtocolError
 from drivers.i2c.bus import AsyncI2CBus
@@ -263,7 +264,7 @@ class Ina219Sensor(I2CSensor):
         """Readings from one measurement; shunt, current and power are flagged ``overflow``
         when the chip's maths overflowed or the shunt voltage sits at the end of its range."""
         bad = raw.overflow or shunt_saturated(raw.shunt, self.options.range_mv())
-        reasons: tuple[str, ...] = ("overflow",) if bad else ()
+        reasons: tuple[str, ...] = (OVERFLOW,) if bad else ()
         if bad:
             self.count("overflow")
         return [

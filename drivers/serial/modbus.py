@@ -6,6 +6,7 @@ Wire format (Modbus over serial line v1.02, section 2.5.1)::
 
 Replies by function code (``count`` registers requested)::
 
+    0x01 / 0x02 read bits        addr fc bytecount(=ceil(count/8)) bits crc     5 + ceil(count/8)
     0x03 / 0x04 read registers   addr fc bytecount(=2*count) data[2*count] crc   5 + 2*count bytes
     0x06 write single register   addr fc reg_hi reg_lo val_hi val_lo crc        8 bytes (echo)
     0x42 PZEM reset energy       addr fc crc                                    4 bytes (echo)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 Count = Callable[[str, int], None]
 
+FC_READ_COILS = 0x01
+FC_READ_DISCRETE = 0x02
 FC_READ_HOLDING = 0x03
 FC_READ_INPUT = 0x04
 FC_WRITE_SINGLE = 0x06
@@ -70,6 +73,17 @@ def read_registers_request(address: int, start: int, count: int, fc: int = FC_RE
     return with_crc(struct.pack(">BBHH", address, fc, start, count))
 
 
+MAX_READ_BITS = 2000  # Modbus application protocol v1.1b3, 6.1/6.2: 0x0001..0x07D0
+MAX_READ_REGISTERS = 125  # ibid. 6.3/6.4: 0x0001..0x007D
+
+
+def read_bits_request(address: int, start: int, count: int, fc: int = FC_READ_COILS) -> bytes:
+    _check_address(address)
+    if not 1 <= count <= MAX_READ_BITS:
+        raise ValueError(f"bit count {count} outside 1..{MAX_READ_BITS}")
+    return with_crc(struct.pack(">BBHH", address, fc, start, count))
+
+
 def write_register_request(address: int, register: int, value: int) -> bytes:
     _check_address(address)
     return with_crc(struct.pack(">BBHH", address, FC_WRITE_SINGLE, register, value & 0xFFFF))
@@ -105,6 +119,11 @@ class Frame:
         """Register values of a 0x03/0x04 reply (after its byte count)."""
         payload = self.data[1:]
         return struct.unpack(f">{len(payload) // 2}H", payload[: len(payload) // 2 * 2])
+
+    def bits(self, count: int) -> tuple[bool, ...]:
+        """Bit values of a 0x01/0x02 reply: the first bit is the low bit of the first byte."""
+        payload = self.data[1:]
+        return tuple(bool(payload[i // 8] >> (i % 8) & 1) for i in range(count))
 
     def to_bytes(self) -> bytes:
         return with_crc(bytes((self.address, self.function)) + self.data)
@@ -176,6 +195,8 @@ class ReplyParser(_Parser):
         self.count = count
         if function in (FC_READ_HOLDING, FC_READ_INPUT):
             self.normal_length = 5 + 2 * count
+        elif function in (FC_READ_COILS, FC_READ_DISCRETE):
+            self.normal_length = 5 + (count + 7) // 8
         elif function == FC_WRITE_SINGLE:
             self.normal_length = 8
         elif function == FC_PZEM_RESET_ENERGY:
@@ -192,15 +213,17 @@ class ReplyParser(_Parser):
             return 5
         if fc != self.function:
             return 0
-        if self.function in (FC_READ_HOLDING, FC_READ_INPUT):
+        if self.function in (FC_READ_HOLDING, FC_READ_INPUT, FC_READ_COILS, FC_READ_DISCRETE):
             if len(buf) < 3:
                 return None
-            if buf[2] != 2 * self.count:
+            if buf[2] != self.normal_length - 5:
                 return 0
         return self.normal_length
 
 
 _REQUEST_LENGTHS = {
+    FC_READ_COILS: 8,
+    FC_READ_DISCRETE: 8,
     FC_READ_HOLDING: 8,
     FC_READ_INPUT: 8,
     FC_WRITE_SINGLE: 8,

@@ -52,6 +52,8 @@ class SerialPort:
         baudrate: int,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         exclusive: bool = True,
+        parity: str = "N",
+        stopbits: int = 1,
     ) -> None:
         if max_buffer < READ_CHUNK:
             raise ValueError(f"max_buffer must be at least {READ_CHUNK} bytes")
@@ -59,6 +61,10 @@ class SerialPort:
         self.baudrate = baudrate
         self.max_buffer = max_buffer
         self.exclusive = exclusive
+        if parity not in ("N", "E", "O") or stopbits not in (1, 2):
+            raise ValueError(f"framing 8{parity}{stopbits} is not 8N1, 8E1, 8O1, 8N2, ...")
+        self.parity = parity
+        self.stopbits = stopbits
         self.where = f"serial:{path}"
         self.overflow_bytes = 0
         self.bytes_in = 0
@@ -85,8 +91,8 @@ class SerialPort:
             port=None,
             baudrate=self.baudrate,
             bytesize=serial.EIGHTBITS,
-            parity=serial.PARITY_NONE,
-            stopbits=serial.STOPBITS_ONE,
+            parity=self.parity,
+            stopbits=self.stopbits,
             timeout=0,
             write_timeout=0,
             exclusive=self.exclusive,

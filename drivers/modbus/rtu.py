@@ -1,0 +1,149 @@
+"""One RS-485 line shared by every Modbus unit on it: one port, one transaction at a time.
+
+The line serialises transactions with a FIFO lock, waits the inter-frame silence before each
+request, and gives each transaction the timeout and retries of the device it addresses. The
+lock is released between attempts, so a unit that has stopped answering costs the others at
+most one timeout per request of theirs, never its whole retry budget; after its last retry the
+sensor fails and the supervisor keeps it off the line for its backoff.
+
+Modbus over serial line v1.02, 2.5.1.1: frames are separated by 3.5 character times of
+silence; above 19200 baud a fixed 1.75 ms is recommended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from drivers.base import DeviceNotReady, DriverError, ProtocolError
+from drivers.serial import modbus
+from drivers.serial.port import SerialPort
+
+log = logging.getLogger(__name__)
+
+Count = Callable[[str, int], None]
+FAST_BAUD = 19200
+FAST_GAP_S = 1.75e-3
+
+
+def bits_per_char(parity: str, stopbits: int) -> int:
+    """Start bit + 8 data bits + parity bit (if any) + stop bits."""
+    return 1 + 8 + (parity != "N") + stopbits
+
+
+def frame_gap_s(baudrate: int, parity: str = "N", stopbits: int = 1) -> float:
+    if baudrate > FAST_BAUD:
+        return FAST_GAP_S
+    return 3.5 * bits_per_char(parity, stopbits) / baudrate
+
+
+def _noop(key: str, n: int) -> None:
+    pass
+
+
+class _Tally:
+    """Counts through to the sensor and remembers CRC errors (bad reply vs no reply)."""
+
+    def __init__(self, count: Count) -> None:
+        self.count = count
+        self.crc_errors = 0
+
+    def __call__(self, key: str, n: int) -> None:
+        if key == "crc_errors":
+            self.crc_errors += n
+        self.count(key, n)
+
+
+class RtuLine:
+    """A serial port with the units behind it; sensors share one through ``ctx.shared``."""
+
+    def __init__(self, port: SerialPort, gap_s: float) -> None:
+        self.port = port
+        self.where = port.where
+        self.gap_s = gap_s
+        self.transactions = 0
+        self._lock = asyncio.Lock()
+        self._users = 0
+        self._quiet_until = 0.0
+
+    async def open(self) -> None:
+        async with self._lock:
+            if not self.port.is_open:
+                await self.port.open()
+            self._users += 1
+
+    async def release(self) -> None:
+        async with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0:
+                await self.port.close()
+
+    async def close(self) -> None:
+        self._users = 0
+        await self.port.close()
+
+    async def _once(self, request: bytes, parser: modbus.ReplyParser,
+                    timeout_s: float) -> modbus.Frame | None:
+        port = self.port
+        loop = asyncio.get_running_loop()
+        if not port.is_open:
+            await port.open()  # re-open after a lost port; raises DeviceNotReady if still gone
+        gap = self._quiet_until - loop.time()
+        if gap > 0:
+            await asyncio.sleep(gap)
+        port.discard_input()
+        await port.write(request, timeout_s)
+        self.transactions += 1
+        deadline = loop.time() + timeout_s
+        try:
+            while (remaining := deadline - loop.time()) > 0:
+                frames = parser.feed(await port.read(remaining))
+                if frames:
+                    return frames[0]
+            return None
+        finally:
+            self._quiet_until = loop.time() + self.gap_s
+
+    async def read(self, unit: int, function: int, start: int, count: int, *,
+                   timeout_s: float, retries: int, on_count: Count = _noop) -> tuple[int, ...]:
+        """Registers (or bits as 0/1) ``start .. start+count-1`` of ``unit``.
+
+        Raises DeviceNotReady when nothing answered, ProtocolError when only bad or exception
+        replies came back.
+        """
+        where = f"{self.where} unit {unit}"
+        bits = function in (modbus.FC_READ_COILS, modbus.FC_READ_DISCRETE)
+        request = (modbus.read_bits_request(unit, start, count, function) if bits
+                   else modbus.read_registers_request(unit, start, count, function))
+        tally = _Tally(on_count)
+        parser = modbus.ReplyParser(unit, function, count, tally)
+        last: DriverError | None = None
+        for attempt in range(retries + 1):
+            if attempt:
+                on_count("retries", 1)
+            parser.reset()
+            crc_before = tally.crc_errors
+            async with self._lock:
+                frame = await self._once(request, parser, timeout_s)
+            if frame is None:
+                if tally.crc_errors > crc_before:
+                    last = ProtocolError(f"reply to function {function:#04x} at {start:#06x} "
+                                         "failed its CRC check", where=where)
+                else:
+                    on_count("timeouts", 1)
+                    last = DeviceNotReady(f"no reply to function {function:#04x} at "
+                                          f"{start:#06x} within {timeout_s:g} s", where=where)
+                continue
+            if frame.is_exception:
+                on_count("exception_replies", 1)
+                code = frame.exception_code
+                last = ProtocolError(f"exception {code:#04x} ({modbus.exception_name(code)}) "
+                                     f"to function {function:#04x} at {start:#06x}", where=where)
+                if code in (0x01, 0x02, 0x03):
+                    break  # the request itself is wrong for this device: retrying cannot help
+                continue
+            values = frame.bits(count) if bits else frame.registers()
+            return tuple(int(v) for v in values)
+        assert last is not None
+        raise last
