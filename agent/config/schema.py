@@ -399,7 +399,7 @@ class HistoryConfig(_Frozen):
     """SQLite file of the history; empty: `history.db` beside the outbox file."""
     retention_days: Annotated[float, Field(ge=1, le=400, allow_inf_nan=False)] = 60.0
     """Days of model windows kept (60 days of 300 s rows: about 1.5 MB)."""
-    circuit_days: Annotated[float, Field(ge=1, le=120)] = 30.0
+    circuit_days: Annotated[float, Field(ge=1, le=120, allow_inf_nan=False)] = 30.0
     """Days of circuit windows kept for the streams with an `anomaly` table (their thresholds
     are calibrated from them; 30 days of 60 s windows: about 3 MB a stream)."""
 
