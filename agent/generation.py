@@ -24,7 +24,7 @@ from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
-from agent.pipeline.alarms import AnomalyStage
+from agent.pipeline.alarms import AnomalyStage, channel_map
 from agent.pipeline.clean import Cleaner, fuse_groups
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.history import HistoryError, HistoryRecorder
@@ -34,7 +34,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher
+from agent.uplink.commands import CommandDispatcher, CommandError
 from agent.uplink.forwarder import Uplink
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
@@ -132,11 +132,14 @@ class Pipeline:
     def _history_recorder(self) -> HistoryRecorder | None:
         h = self.cfg.history
         traffic, energy, window_s = self.infer.history_streams()
-        if not h.enabled or not (traffic or energy) or not window_s:
+        circuits = {st.name: channel_map(st.anomaly) for st in self.cfg.streams
+                    if st.anomaly is not None}
+        if not h.enabled or not (traffic or energy or circuits):
             return None
         return HistoryRecorder(self.cfg.history_path(), window_s=window_s,
                                traffic_streams=traffic, energy_streams=energy,
-                               retention_days=h.retention_days)
+                               retention_days=h.retention_days, circuits=circuits,
+                               circuit_days=h.circuit_days)
 
     def _open_history(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the model history; one that cannot be opened is reported, never fatal."""
@@ -363,9 +366,16 @@ class Pipeline:
     # -- cloud commands and health ----------------------------------------------------------
 
     def _command_handlers(self) -> dict[str, Any]:
-        async def config_get(_args: dict[str, Any]) -> dict[str, Any]:
-            return self.cfg.model_dump(mode="json",
-                                       exclude={"mqtt": {"credentials_file", "key_file"}})
+        async def config_get(args: dict[str, Any]) -> dict[str, Any]:
+            whole = self.cfg.model_dump(mode="json",
+                                        exclude={"mqtt": {"credentials_file", "key_file"}})
+            section = args.get("section")
+            if section is None:
+                return whole
+            if not isinstance(section, str) or section not in whole:
+                raise CommandError(f"args.section: {str(section)[:64]!r} is not a section "
+                                   f"(sections: {', '.join(whole)})")
+            return {section: whole[section]}
 
         async def sensors_read(args: dict[str, Any]) -> dict[str, Any]:
             now = time.monotonic()

@@ -131,3 +131,52 @@ def test_a_file_that_is_not_a_history_is_refused_and_left_alone(tmp_path: Path,
 def test_export_of_a_missing_history_names_it(tmp_path: Path) -> None:
     with pytest.raises(HistoryError, match="no model history"):
         export_csv(tmp_path / "none.db", io.StringIO())
+
+
+def test_circuit_history_exports_what_the_anomaly_calibration_reads(tmp_path: Path) -> None:
+    import json
+
+    from agent.anomaly import SiteInfo, calibrate
+    from agent.anomaly.sample import ChannelMap
+    from agent.readings import ChannelStats, Window
+    from models.anomaly_csv import calibrate_from_csv
+    from models.anomaly_sim import SITES, simulate_cabinet
+
+    site = SITES["seville-suburb"]
+    run = simulate_cabinet(site, 15, fault_free_days=0.0, split_days=14)
+    k = run.chargers_w.shape[1]
+    ch = ChannelMap(main="feed.active_power", lights="lamps.active_power",
+                    check="check.active_power",
+                    chargers=tuple(f"cp{j}.active_power" for j in range(k)),
+                    photocell="cell.light")
+    rec = HistoryRecorder(tmp_path / "h.db", circuits={"cabinet": ch})
+    rec.open()
+    ns = 1_000_000_000
+
+    def st(v: float, unit: str = "W") -> ChannelStats:
+        return ChannelStats(60, v, v, v, v, 0.0, unit)
+
+    measured = 0
+    for i, t in enumerate(run.ts_s.tolist()):
+        chans = {ch.main: st(run.main_w[i]), ch.lights: st(run.lights_w[i]),
+                 "check.active_power": st(run.check_w[i]), "cell.light": st(run.photocell[i], "1"),
+                 **{ch.chargers[j]: st(run.chargers_w[i, j]) for j in range(k)}}
+        chans = {n: s for n, s in chans.items() if math.isfinite(s.mean)}
+        rec.observe(Window("cabinet", int(t) * ns, (int(t) + 60) * ns, chans))
+        measured += bool(chans)
+    rec.close()
+    # A window with nothing measured (an outage) is a missing row, as the CSV format says.
+    assert measured > len(run.ts_s) - 50
+    assert rec.circuits.rows_written == measured
+    out = tmp_path / "circuits.csv"
+    with out.open("w") as fh:
+        assert export_csv(tmp_path / "h.db", fh, circuits="cabinet") == measured
+    info = SiteInfo(site.lat_deg, site.lon_deg, site.timezone)
+    got = json.loads(calibrate_from_csv(out, info, days=14).to_json())
+    want = json.loads(calibrate(run.history(14)).to_json())
+    assert got["stuck"] == want["stuck"]
+    for part in ("lamps", "drift", "unexplained"):
+        for key, v in want[part].items():
+            assert got[part][key] == pytest.approx(v, rel=1e-6, abs=1e-9), (part, key)
+    with pytest.raises(HistoryError, match="no circuit history of stream 'other'"):
+        export_csv(tmp_path / "h.db", io.StringIO(), circuits="other")

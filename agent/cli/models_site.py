@@ -51,7 +51,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
     since = int(time.time() - args.days * 86_400) if args.days else None
     try:
         if args.out in ("", "-"):
-            n = export_csv(path, sys.stdout, since_s=since)
+            n = export_csv(path, sys.stdout, since_s=since, circuits=args.circuits)
         else:
             out = Path(args.out)
             if out.exists() and not args.force:
@@ -59,7 +59,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
             tmp = out.with_name(f".{out.name}.part")
             with tmp.open("w", encoding="utf-8", newline="") as fh:
-                n = export_csv(path, fh, since_s=since)
+                n = export_csv(path, fh, since_s=since, circuits=args.circuits)
             os.replace(tmp, out)
     except HistoryError as exc:
         _err(f"edge-agent: {exc}")
@@ -71,6 +71,10 @@ def cmd_history_export(args: argparse.Namespace) -> int:
         summary = {"rows": n, "file": str(args.out), "history": str(path)}
         if args.json:
             print(json.dumps(summary))
+        elif args.circuits:
+            print(f"{n} circuit windows of {args.circuits} written to {args.out} "
+                  f"(calibrate with `python -m models.anomaly_eval --calibrate {args.out} "
+                  "--lat .. --lon .. --tz .. --out thresholds.json`)")
         else:
             print(f"{n} model windows written to {args.out} (train a site model with "
                   f"`edge-agent model train --csv {args.out} --tz <site time zone>`)")
@@ -106,6 +110,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="CSV file to write (default: standard output)")
     p.add_argument("--days", type=float, default=0, metavar="N",
                    help="only the last N days (default: everything kept)")
+    p.add_argument("--circuits", default="", metavar="STREAM",
+                   help="instead: STREAM's circuit windows, as the anomaly calibration CSV "
+                        "(python -m models.anomaly_eval --calibrate)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_history_export)

@@ -31,6 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from agent.anomaly.sample import ChannelMap
+from agent.pipeline.circuits import SCHEMA as CIRCUITS_SCHEMA
+from agent.pipeline.circuits import CircuitRecorder, circuit_streams, export_circuits
 from agent.readings import ChannelStats, Window
 
 log = logging.getLogger(__name__)
@@ -175,8 +178,11 @@ class HistoryRecorder:
 
     def __init__(self, path: str | Path, *, window_s: int = 300,
                  traffic_streams: Iterable[str] = (), energy_streams: Iterable[str] = (),
-                 retention_days: float = 60.0, grace_s: float = 120.0) -> None:
+                 retention_days: float = 60.0, grace_s: float = 120.0,
+                 circuits: Mapping[str, ChannelMap] | None = None,
+                 circuit_days: float = 30.0) -> None:
         self.path = Path(path)
+        self.circuits = CircuitRecorder(circuits or {}, circuit_days)
         self.window_s = window_s
         self.traffic = frozenset(traffic_streams)
         self.energy = frozenset(energy_streams)
@@ -206,7 +212,7 @@ class HistoryRecorder:
         if self._db is None:
             return
         row = row_of(acc, self.window_s)
-        if all(math.isnan(v) for v in row.values()):
+        if all(math.isnan(v) for v in row.values()) or not self.window_s:
             return
         values = [None if math.isnan(row[c]) else row[c] for c in COLUMNS]
         try:
@@ -228,6 +234,10 @@ class HistoryRecorder:
 
     def observe(self, w: Window) -> None:
         """Feed any stream's window (in the order windows close)."""
+        if w.stream in self.circuits.streams and self._db is not None:
+            self.circuits.observe(self._db, w)
+        if not self.window_s:
+            return  # no model configured: circuits only
         is_traffic, is_energy = w.stream in self.traffic, w.stream in self.energy
         span_ns = self.window_s * _NS
         g = _by_quantity(w)
@@ -257,6 +267,8 @@ class HistoryRecorder:
 
     def status(self) -> dict[str, object]:
         return {"path": str(self.path), "rows_written": self.rows_written,
+                "circuit_rows_written": self.circuits.rows_written,
+                "circuit_errors": self.circuits.errors,
                 "late_windows": self.late_windows, "errors": self.errors,
                 "last_error": self.last_error or None}
 
@@ -283,7 +295,7 @@ def open_history(path: Path, *, create: bool) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         if app_id == 0:
             db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-        db.executescript(_SCHEMA)
+        db.executescript(_SCHEMA + CIRCUITS_SCHEMA)
     return db
 
 
@@ -316,9 +328,24 @@ def _rows(db: sqlite3.Connection, path: Path, since_s: int | None) -> Iterator[H
         db.close()
 
 
-def export_csv(db_path: Path, out: TextIO, *, since_s: int | None = None) -> int:
+def export_csv(db_path: Path, out: TextIO, *, since_s: int | None = None,
+               circuits: str = "") -> int:
     """Write the history as the site-data CSV (``models.csvdata``); returns the rows written.
-    Times are UTC with their offset; give the site's time zone to training (``--tz``)."""
+    Times are UTC with their offset; give the site's time zone to training (``--tz``). With
+    ``circuits`` = a stream name: that stream's circuit history, as the anomaly calibration's
+    CSV (``models.anomaly_csv``)."""
+    if circuits:
+        db = open_history(db_path, create=False)
+        try:
+            known = circuit_streams(db)
+            if circuits not in known:
+                raise HistoryError(f"{db_path}: no circuit history of stream {circuits!r} "
+                                   f"(recorded: {', '.join(known) or 'none'})")
+            return export_circuits(db, circuits, out, since_s=since_s)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"{db_path}: cannot be read ({exc})") from None
+        finally:
+            db.close()
     rows = read_rows(db_path, since_s=since_s)
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["ts", *COLUMNS])
