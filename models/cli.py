@@ -74,7 +74,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"REFUSED: {exc}")
         return 1
     m = vm.manifest
-    print(f"ok: {m.name} version {m.version}, opset {m.opset}, inputs {', '.join(m.input_names)}")
+    print(f"ok: {m.name} version {m.version}, opset {m.opset}, runs in {vm.runtime}, "
+          f"inputs {', '.join(m.input_names)}")
     return 0
 
 
@@ -115,8 +116,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         for got, want in zip(results, expected, strict=True):
             mismatches += sum(not _close(got["outputs"][k], want.get(k)) for k in want)
     lat = np.array([r["latency_ms"] for r in results])
-    print(f"{args.name} version {stage.versions().get(args.name)}: {len(windows)} sample windows "
-          f"-> {len(results)} inferences in {wall_s:.2f} s")
+    runtime = stage.status()["models"].get(args.name, {}).get("runtime")
+    print(f"{args.name} version {stage.versions().get(args.name)} ({runtime}): {len(windows)} "
+          f"sample windows -> {len(results)} inferences in {wall_s:.2f} s")
     for r in results[-3:]:
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r["outputs"].items()}
         print(f"  window {r['start']}: {shown}")

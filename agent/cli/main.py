@@ -148,14 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
 
+    missing: list[str] = []
     for name in PLUGIN_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            # An optional command group whose module is not installed must not break the rest.
+            # An optional command group whose module is not installed must not break the rest,
+            # but --help says which is missing and why.
             log.debug("CLI module %s not available: %s", name, exc)
+            missing.append(f"{name} ({exc})")
             continue
         module.register(sub)
+    if missing:
+        parser.epilog = (f"{parser.epilog} Commands not available here: "
+                         f"{'; '.join(missing)}.")
     return parser
 
 

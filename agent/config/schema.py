@@ -289,6 +289,9 @@ class ModelConfig(_Frozen):
     active model's and persistence's by this fraction (`--force` overrides)."""
     activate_min_s: Annotated[float, Field(ge=0, le=30 * 86_400)] = 86_400.0
     """Seconds of live windows the candidate must have been scored on before activation."""
+    runtime: Literal["auto", "onnxruntime", "numpy"] = "auto"
+    """What runs the graph: `auto` is onnxruntime where it is installed, else the package's numpy
+    executor (32-bit Raspberry Pi OS, where onnxruntime has no wheel)."""
 
 
 class MqttConfig(_Frozen):

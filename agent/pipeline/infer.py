@@ -1,4 +1,7 @@
-"""The inference stage: stream windows -> feature rows -> onnxruntime -> Inference.
+"""The inference stage: stream windows -> feature rows -> ONNX graph -> Inference.
+
+The graph runs in onnxruntime where it is installed, else in the numpy executor
+(``models.numpy_exec``); a model's ``runtime`` setting chooses one explicitly.
 
 Every window of a model's stream gives one inference (``window_start_ns`` = that window's
 start), on the model window of ``window_s`` that ends with it (see ``agent.pipeline.features``): a
@@ -232,6 +235,7 @@ class LoadedModel:
     def status(self) -> dict[str, Any]:
         return {
             "version": self.version, "path": str(self.model.path), "stream": self.stream,
+            "runtime": self.model.runtime,
             "opset": self.manifest.opset, "runs": self.runs, "failures": self.failures,
             "last_window_start_ns": self.last_window_start_ns,
             "window_s": self.manifest.window_s,
@@ -274,7 +278,7 @@ class InferenceStage:
 
     def _load(self, cfg: ModelConfig, path: str, shadow: bool,
               previous: LoadedModel | None) -> LoadedModel:
-        verified = verify(resolve(cfg, path))
+        verified = verify(resolve(cfg, path), runtime=cfg.runtime)
         spec = feature_spec(verified.manifest)
         if previous is not None and previous.version == verified.version \
                 and previous.builder.spec == spec and previous.stream == cfg.stream:
@@ -481,6 +485,6 @@ def _run_all(
     for m, row in jobs:
         try:
             out.append(m.run(row))
-        except Exception as exc:  # onnxruntime's error types are not exported
+        except Exception as exc:  # a runtime's error types need not be exported
             out.append(exc)
     return out
