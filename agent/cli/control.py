@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -145,8 +146,39 @@ def format_item(item: Mapping[str, Any]) -> str:
     return f"{_clock(None)}  {kind}  {name}  {json.dumps(item, sort_keys=True)}"
 
 
+def known_names(snap: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The names ``tail`` can follow, by kind, from a status snapshot."""
+    models = snap.get("models") or {}
+    model_names = set((models.get("status") or {}).get("models") or {}) | set(
+        models.get("last") or {})
+    return {
+        "sensors": sorted(str(s.get("name")) for s in snap.get("sensors") or []
+                          if isinstance(s, Mapping)),
+        "streams": sorted(str(k) for k in ((snap.get("windows") or {}).get("late") or {})),
+        "models": sorted(str(k) for k in model_names),
+    }
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def _tail(client: ControlClient, args: argparse.Namespace) -> int:
     shown = 0
+    if args.target:
+        names = known_names(client.call("status"))
+        if any(names.values()) and not any(args.target in v for v in names.values()):
+            listed = "; ".join(f"{kind} {', '.join(v)}" for kind, v in names.items() if v)
+            _err(f"edge-agent: no sensor, stream or model named {args.target!r} "
+                 f"(known: {listed})")
+            return EXIT_USAGE
     try:
         for event in client.stream("tail", {"match": args.target or ""}):
             kind = event.get("event")
@@ -154,16 +186,13 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> int:
                 _err(f"({event.get('count')} items dropped: the output is too slow)")
             elif kind == "item":
                 item = event.get("item") or {}
-                print(json.dumps(item) if args.json else format_item(item), flush=True)
+                print(json.dumps(finite(item), allow_nan=False) if args.json
+                      else format_item(item), flush=True)
                 shown += 1
                 if args.count and shown >= args.count:
                     return EXIT_OK
     except KeyboardInterrupt:
-        return EXIT_OK
-    except BrokenPipeError:
-        # `edge-agent tail | head`: the reader is gone, which ends the tail like Ctrl-C does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return EXIT_INTERRUPTED
     _err("the agent ended the stream")
     return EXIT_FAIL
 

@@ -8,6 +8,10 @@ call them directly. Exit codes:
     2  bad usage or an invalid configuration file
     3  the agent is not running (commands that talk to it)
     130 interrupted (Ctrl-C)
+
+Ctrl-C and a closed pipe are handled here, once for every command: Ctrl-C exits 130 without a
+traceback, and a reader that goes away (``edge-agent status --json | head``) ends the command
+quietly with 0, since the reader took what it wanted; the rest of the output goes to /dev/null.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -104,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                     state_dir=args.state_dir, quiet=args.quiet,
                                     log_level=args.log_level))
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,10 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: the interpreter's final flush must not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    rc: int = args.func(args)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        rc: int = args.func(args)
+        sys.stdout.flush()  # a reader that left shows up here, not at interpreter exit
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line the ^C was echoed on
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_OK
     return rc
 
 
