@@ -50,4 +50,5 @@ def test_runtime_dependencies_have_no_crcmod_and_mark_onnxruntime() -> None:
     deps = PYPROJECT["project"]["dependencies"]
     assert not [d for d in deps if d.startswith("crcmod")]
     ort = [d for d in deps if d.startswith("onnxruntime")]
-    assert ort == ["onnxruntime>=1.17; platform_machine != 'armv7l'"]
+    assert ort == ["onnxruntime>=1.17; platform_machine != 'armv7l' and "
+                   "platform_machine != 'armv6l' and platform_machine != 'armv8l'"]
