@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config.schema import ModelConfig
 from agent.pipeline.features import FeatureBuilder
-from agent.pipeline.infer import InferenceStage, feature_spec
+from agent.pipeline.infer import InferenceStage
+from agent.pipeline.loaded_model import feature_spec
 from agent.pipeline.skill import GuardSettings, SkillGuard
 from agent.readings import Window
 from models import SAMPLES_DIR, SHIPPED
