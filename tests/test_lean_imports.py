@@ -88,3 +88,10 @@ result = {{'windows': asyncio.run(go())}}
     got = fresh(code)
     assert isinstance(got["windows"], int) and got["windows"] >= 1
     assert got["loaded"] == []
+
+
+def test_the_default_socket_is_one_value_everywhere() -> None:
+    from agent.config.schema import ControlConfig
+    from agent.control import client, server
+
+    assert client.DEFAULT_SOCKET == server.DEFAULT_SOCKET == ControlConfig().socket
