@@ -109,6 +109,8 @@ class LoadedModel:
     def __post_init__(self) -> None:
         m = self.manifest
         names = m.input_names
+        self._output_names = [o.name for o in m.outputs]
+        self._input = m.input_tensor
         self._forecast = forecast_of(m)
         self._actual_index = (names.index(self._forecast.actual)
                               if self._forecast is not None and self._forecast.actual in names
@@ -141,10 +143,8 @@ class LoadedModel:
 
     def run(self, row: FeatureRow) -> tuple[list[np.ndarray], float]:
         """Blocking; on the worker thread. Returns the output arrays and the latency (ms)."""
-        m = self.manifest
         t0 = time.perf_counter()
-        names = [o.name for o in m.outputs]
-        out = self.model.session.run(names, {m.input_tensor: row.values[None]})
+        out = self.model.session.run(self._output_names, {self._input: row.values[None]})
         return [np.asarray(o) for o in out], (time.perf_counter() - t0) * 1000
 
     def outputs(self, row: FeatureRow, raw: list[np.ndarray]) -> dict[str, float | str]:
