@@ -112,11 +112,11 @@ async def measure(seconds: float) -> dict[str, Any]:
             try:
                 await asyncio.to_thread(notify.wait_ready, 60.0)
                 io0 = proc_io(proc.pid)
-                b0 = sub.bytes
+                b0, m0 = sub.bytes, sub.messages
                 await asyncio.sleep(seconds)  # the measurement interval
                 io1 = proc_io(proc.pid)
                 payload = sub.bytes - b0
-                messages = sub.messages
+                messages = sub.messages - m0
             finally:
                 if proc.returncode is None:
                     proc.terminate()
