@@ -95,3 +95,34 @@ def test_the_default_socket_is_one_value_everywhere() -> None:
     from agent.control import client, server
 
     assert client.DEFAULT_SOCKET == server.DEFAULT_SOCKET == ControlConfig().socket
+
+
+def test_the_command_table_is_what_the_modules_register() -> None:
+    import argparse
+    import importlib
+
+    from agent.cli.main import PLUGIN_COMMANDS, PLUGIN_MODULES, build_parser
+
+    registered: dict[str, set[str]] = {}
+    for name in PLUGIN_MODULES:
+        p = argparse.ArgumentParser()
+        sub = p.add_subparsers()
+        if name == "agent.cli.models_site":  # joins the group models.cli makes
+            importlib.import_module("models.cli").register(sub)
+        importlib.import_module(name).register(sub)
+        for command in sub.choices:
+            registered.setdefault(command, set()).add(name)
+    registered["model"] = {"models.cli", "agent.cli.models_site"}
+    assert {c: set(m) for c, (_, m) in PLUGIN_COMMANDS.items()} == registered
+    full = build_parser()
+    action = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in action._choices_actions}
+    assert {c: h for c, (h, _) in PLUGIN_COMMANDS.items()} == \
+        {c: helps[c] for c in PLUGIN_COMMANDS}
+
+
+@pytest.mark.parametrize("argv", [["model", "list"], ["i2c", "--help"], ["sensors", "drivers"]])
+def test_a_command_gets_its_own_module_and_no_other(argv: list[str]) -> None:
+    got = fresh(cli(argv) + "import sys\n"
+                "result['firmware'] = 'firmware_bridge.cli' in sys.modules\n")
+    assert got["rc"] in (0, 1) and got["firmware"] is False
