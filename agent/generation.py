@@ -34,7 +34,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher
+from agent.uplink.commands import CommandDispatcher, CommandError
 from agent.uplink.forwarder import Uplink
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
@@ -366,9 +366,16 @@ class Pipeline:
     # -- cloud commands and health ----------------------------------------------------------
 
     def _command_handlers(self) -> dict[str, Any]:
-        async def config_get(_args: dict[str, Any]) -> dict[str, Any]:
-            return self.cfg.model_dump(mode="json",
-                                       exclude={"mqtt": {"credentials_file", "key_file"}})
+        async def config_get(args: dict[str, Any]) -> dict[str, Any]:
+            whole = self.cfg.model_dump(mode="json",
+                                        exclude={"mqtt": {"credentials_file", "key_file"}})
+            section = args.get("section")
+            if section is None:
+                return whole
+            if not isinstance(section, str) or section not in whole:
+                raise CommandError(f"args.section: {str(section)[:64]!r} is not a section "
+                                   f"(sections: {', '.join(whole)})")
+            return {section: whole[section]}
 
         async def sensors_read(args: dict[str, Any]) -> dict[str, Any]:
             now = time.monotonic()

@@ -3,9 +3,13 @@
     sensors (supervised) -> readings queue -> clean -> windows -> outbox -> uplink
                                                           \\-> infer queue -> infer -> outbox
 
-Signals: SIGTERM/SIGINT flush and exit 0; SIGHUP reloads the config file. A reload that fails
-validation is logged and the running generation keeps going; a valid one flushes the running
-generation (like a stop) and starts a new one in the same process.
+Signals: SIGTERM/SIGINT flush and exit 0; SIGHUP reloads the config file. A reload never ends
+the agent: the new file is read, validated and every object of its generation built (without
+hardware, ``agent.preflight``) while the running generation goes on; any failure on the way,
+whatever it is, is logged with its reason, counted and kept in ``last_reload_error`` (which
+`edge-agent reload` reports), and the running generation keeps going. Only then is the running
+generation flushed (like a stop) and the new one started; if the new one fails before it is
+running, the previous configuration is started again and the reload reported as failed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from agent.config.schema import AgentConfig
 from agent.control.server import ControlServer, ControlSocketError
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage
+from agent.preflight import Preflight, preflight
 from agent.sdnotify import Notifier
 from drivers.base import BuildContext
 
@@ -62,6 +67,8 @@ class Agent:
         self.reloads_rejected = 0
         self.last_reload_error = ""
         self.ready = asyncio.Event()
+        self._gen_ready = asyncio.Event()
+        self._reloading = False
         self.control: ControlServer | None = None
         self.infer: InferenceStage | None = None
         self.web: WebServer | None = None
@@ -85,19 +92,41 @@ class Agent:
                 pass  # not the main thread: the embedding code stops us instead
         return installed
 
-    def _try_reload(self) -> AgentConfig | None:
+    def _reject(self, reason: str, details: list[str] | None = None) -> None:
+        self.reloads_rejected += 1
+        self.last_reload_error = reason[:4000]  # bounded: it travels in status and health
+        log.error("reload rejected, keeping the running config: %s", self.last_reload_error)
+        for line in (details or [])[:50]:
+            log.error("  %s", line)
+
+    def _load_and_check(self, path: str | Path) -> tuple[AgentConfig, Preflight]:
+        new = self._loader(path)
+        return new, preflight(new)
+
+    async def _try_reload(self) -> AgentConfig | None:
+        """The new config if it loads, validates and builds; None (counted, logged) if not."""
         if self.config_path is None:
             log.warning("SIGHUP ignored: the agent was not started from a file")
             return None
         try:
-            new = self._loader(self.config_path)
+            # Reading, parsing and building (model files included) off the event loop, which
+            # keeps the running generation going meanwhile.
+            new, checked = await asyncio.to_thread(self._load_and_check, self.config_path)
         except ConfigError as exc:
-            self.reloads_rejected += 1
-            self.last_reload_error = "; ".join(str(p) for p in exc.problems)
-            log.error("reload rejected, keeping the running config: %s", self.last_reload_error)
-            for p in exc.problems:
-                log.error("  %s", p)
+            lines = [str(p) for p in exc.problems]
+            self._reject("; ".join(lines), lines)
             return None
+        except Exception as exc:  # whatever the file does to the loader, the agent goes on
+            log.debug("reload failed", exc_info=True)
+            self._reject(f"{self.config_path}: cannot be loaded: {type(exc).__name__}: "
+                         f"{str(exc)[:500]}")
+            return None
+        if checked.errors:
+            lines = [str(p) for p in checked.errors]
+            self._reject("; ".join(lines), lines)
+            return None
+        for p in checked.warnings:  # the inference stage keeps what it has loaded
+            log.warning("reload: %s", p)
         self.last_reload_error = ""
         return new
 
@@ -132,6 +161,27 @@ class Agent:
             # The pipeline matters more than the technician's socket: run on without it.
             log.error("control socket %s unavailable: %s", self.cfg.control.socket, exc)
 
+    def _build(self, previous: AgentConfig | None) -> Pipeline:
+        """The pipeline of ``self.cfg``; on failure after a reload, that of ``previous``."""
+        if self.infer is None:
+            self.infer = InferenceStage()  # loaded by the pipeline; kept across reloads
+        try:
+            return Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,
+                            infer=self.infer)
+        except Exception as exc:
+            if previous is None:
+                raise
+            self._reverted(previous, exc)
+            return Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,
+                            infer=self.infer)
+
+    def _reverted(self, previous: AgentConfig, exc: BaseException) -> None:
+        log.debug("the new generation failed", exc_info=exc)
+        self._reloading = False
+        self._reject(f"{self.config_path}: the new configuration failed to start "
+                     f"({type(exc).__name__}: {str(exc)[:500]}); running the previous one again")
+        self.cfg = previous
+
     async def _start_web(self) -> asyncio.Task[None] | None:
         """The status page and /metrics, when configured; they live across reloads (a change
         to ``[web]`` takes effect on restart). The pipeline matters more: a web server that
@@ -165,13 +215,12 @@ class Agent:
         return asyncio.create_task(self.sparkplug.run(), name="sparkplug")
 
     async def _generations(self) -> int:
+        previous: AgentConfig | None = None  # what to go back to if a reloaded config fails
         while True:
             self.generation += 1
             self._reload.clear()
-            if self.infer is None:
-                self.infer = InferenceStage()  # loaded by the pipeline; kept across reloads
-            pipeline = Pipeline(self.cfg, agent=self, clock=self.clock, setup=self._setup,
-                                infer=self.infer)
+            self._gen_ready.clear()
+            pipeline = self._build(previous)
             self.pipeline = pipeline
             if self.web is not None:
                 self.web.attach(pipeline)
@@ -181,16 +230,23 @@ class Agent:
             stop_w = asyncio.create_task(self._stop.wait(), name="wait-stop")
             reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
             new_cfg: AgentConfig | None = None
+            failed_start = False
             try:
                 while new_cfg is None and not self._stop.is_set():
                     done, _ = await asyncio.wait({gen_task, stop_w, reload_w},
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if gen_task in done:
+                        exc = gen_task.exception()
+                        if previous is not None and not self._gen_ready.is_set():
+                            # A reloaded config that cannot start: back to the one that ran.
+                            self._reverted(previous, exc or RuntimeError("ended on its own"))
+                            failed_start = True
+                            break
                         gen_task.result()  # a pipeline crash is a bug: let it surface
                         raise RuntimeError("pipeline ended on its own")
                     if reload_w in done:
                         self.notifier.reloading()
-                        new_cfg = self._try_reload()
+                        new_cfg = await self._try_reload()
                         self._reload.clear()
                         reload_w = asyncio.create_task(self._reload.wait(), name="wait-reload")
                         if new_cfg is None:
@@ -198,6 +254,10 @@ class Agent:
             finally:
                 stop_w.cancel()
                 reload_w.cancel()
+            if failed_start:
+                self.pipeline = None
+                previous = None
+                continue
             if self._stop.is_set():
                 self.notifier.stopping()
             await pipeline.stop(self.cfg.runtime.stop_timeout_s)
@@ -205,13 +265,18 @@ class Agent:
                 await gen_task
             if self._stop.is_set() or new_cfg is None:
                 return 0
+            previous = self.cfg
             self.cfg = new_cfg
-            self.reloads_ok += 1
-            log.info("config reloaded from %s (generation %d)", self.config_path,
-                     self.generation + 1)
+            self._reloading = True  # counted as reloaded once the new generation runs
 
     def on_pipeline_ready(self) -> None:
         """Called by the pipeline once every stage is running."""
+        self._gen_ready.set()
+        if self._reloading:
+            self._reloading = False
+            self.reloads_ok += 1
+            log.info("config reloaded from %s (generation %d)", self.config_path,
+                     self.generation)
         if not self.ready.is_set():
             self.notifier.ready(f"edge-agent {__version__} running")
             self.ready.set()

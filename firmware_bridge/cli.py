@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
+import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +30,48 @@ from firmware_bridge.link import LinkConfig
 from firmware_bridge.messages import FwState, HelloFlag
 
 EMULATED = "emulated"
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a bridge MCU's flash slot is far smaller
+BAUDRATES = (1_200, 4_000_000)  # what USB-serial bridges and MCU UARTs can be set to
+MAX_SECONDS = 3600.0
+
+
+def _baudrate(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a whole number") from None
+    if not BAUDRATES[0] <= value <= BAUDRATES[1]:
+        raise argparse.ArgumentTypeError(f"{value} is outside {BAUDRATES[0]}..{BAUDRATES[1]}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text[:20]} is outside 0..{MAX_SECONDS:g} s")
+    return value
+
+
+def read_file(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file of at most ``limit`` bytes (OSError otherwise): a FIFO must not hang
+    the command and /dev/zero must not fill the memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        if st.st_size > limit:
+            raise OSError(0, f"{st.st_size} bytes, more than {limit}")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(0, f"more than {limit} bytes")
+        return data
+    finally:
+        os.close(fd)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,8 +80,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("device", help='serial port of the MCU, or "emulated"')
-        p.add_argument("--baudrate", type=int, default=DEFAULT_BAUDRATE)
-        p.add_argument("--timeout", type=float, default=2.0, metavar="S",
+        p.add_argument("--baudrate", type=_baudrate, default=DEFAULT_BAUDRATE)
+        p.add_argument("--timeout", type=_seconds, default=2.0, metavar="S",
                        help="seconds to open the port and per request attempt")
 
     info = cmds.add_parser("info", help="versions, UID, uptime and link statistics")
@@ -47,7 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common(flash)
     flash.add_argument("image", type=Path, help="firmware image file (see `firmware pack`)")
     flash.add_argument("--window", type=int, default=8, help="chunks in flight (1..32)")
-    flash.add_argument("--boot-timeout", type=float, default=15.0, metavar="S",
+    flash.add_argument("--boot-timeout", type=_seconds, default=15.0, metavar="S",
                        help="seconds for the new image to say HELLO after commit")
     flash.set_defaults(func=cmd_flash)
 
@@ -90,6 +135,9 @@ def _run(coro_fn: Callable[[], Awaitable[int]]) -> int:
         return asyncio.run(main())
     except KeyboardInterrupt:
         print("interrupted")
+        return 1
+    except (OSError, ValueError, OverflowError) as exc:  # the port or its driver refused
+        print(f"error: {type(exc).__name__}: {exc}")
         return 1
 
 
@@ -182,7 +230,7 @@ class ProgressPrinter:
 
 def cmd_flash(args: argparse.Namespace) -> int:
     try:
-        image = args.image.read_bytes()
+        image = read_file(args.image)
         header = parse_header(image)
     except OSError as exc:
         print(f"error: cannot read {args.image}: {exc.strerror}")
@@ -225,7 +273,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     try:
         version = parse_version(args.version)
-        body = args.body.read_bytes()
+        body = read_file(args.body)
     except ValueError as exc:
         print(f"error: --version: {exc}")
         return 2

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from firmware_bridge.cli import ProgressPrinter, register
 from firmware_bridge.image import HEADER_BYTES, check_image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(argv: list[str]) -> int:
@@ -83,3 +88,35 @@ def test_progress_bar_redraws_in_place_on_a_terminal() -> None:
     assert text.count("\r") == 3
     assert "[#####-----]  50.0%" in text and "[##########] 100.0% 1/1 KiB" in text
     assert text.endswith("\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "emulated", "--baudrate", "-5"],
+    ["info", "emulated", "--baudrate", "99999999999999999999"],
+    ["info", "emulated", "--baudrate", "fast"],
+    ["info", "emulated", "--timeout", "nan"],
+    ["info", "emulated", "--timeout", "-1"],
+    ["info", "emulated", "--timeout", "inf"],
+    ["flash", "emulated", "x.img", "--boot-timeout", "0"],
+])
+def test_bad_arguments_are_usage_errors(argv: list[str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["firmware", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --" in err and "Traceback" not in err
+
+
+def test_files_that_are_not_files_are_refused_without_reading(tmp_path: Path) -> None:
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    for argv in (["flash", "emulated", str(fifo)], ["flash", "emulated", "/dev/zero"],
+                 ["pack", str(fifo), str(tmp_path / "o.img"), "--version", "1.0.0"],
+                 ["pack", "/dev/zero", str(tmp_path / "o.img"), "--version", "1.0.0"]):
+        # A child process: a FIFO read would hang, /dev/zero would eat the memory.
+        done = subprocess.run([sys.executable, "-m", "agent.cli.main", "firmware", *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, done
+        assert "not a regular file" in done.stdout and "Traceback" not in done.stderr
+    assert not (tmp_path / "o.img").exists()

@@ -311,14 +311,42 @@ async def test_outbox_export_streams_the_file_and_cleans_up(control) -> None:
     assert not list(control.path.parent.parent.glob("outbox-export-*")), "staging dir left behind"
 
 
-async def test_too_many_clients_are_refused(control) -> None:
+async def test_too_many_streaming_clients_are_refused(control) -> None:
     control.server.max_clients = 2
     async with connect(control.path) as a, connect(control.path) as b:
-        assert (await a.ask({"id": 1, "cmd": "status"}))["ok"]
-        assert (await b.ask({"id": 1, "cmd": "status"}))["ok"]
+        await _tail(a)
+        await _tail(b)
         async with connect(control.path) as c:
             err = await c.recv()
     assert err is not None and err["error"]["code"] == "busy"
+
+
+async def test_idle_connections_cannot_lock_others_out(control) -> None:
+    """Many connections that connect and say nothing: a real client is still answered, at
+    once, because the longest-idle one makes room."""
+    n = control.server.max_clients * 2
+    async with contextlib.AsyncExitStack() as stack:
+        idle = [await stack.enter_async_context(connect(control.path)) for _ in range(n)]
+        for _ in range(3):
+            async with connect(control.path) as c:
+                reply = await c.ask({"id": 1, "cmd": "status"})
+            assert reply["ok"], reply
+        assert control.server.evicted >= n - control.server.max_clients
+        closed = 0
+        for conn in idle:  # the evicted ones see the connection end, without a reply
+            with contextlib.suppress(ConnectionError):
+                if await conn.recv() is None:
+                    closed += 1
+                    if closed == control.server.evicted:
+                        break
+        assert closed == control.server.evicted
+
+
+async def test_an_idle_connection_is_closed_after_the_idle_timeout(control) -> None:
+    control.server.idle_timeout_s = 0.2
+    async with connect(control.path) as c:
+        assert (await c.ask({"id": 1, "cmd": "status"}))["ok"]
+        assert await c.recv() is None  # closed by the server, within recv's 5 s bound
 
 
 # -- tail -----------------------------------------------------------------------------------
@@ -381,12 +409,22 @@ async def test_slow_tail_client_loses_oldest_items_and_is_told(control) -> None:
 
 async def test_socket_mode_and_removal_on_cancel() -> None:
     with short_dir() as d:
-        path = d / "new" / "dir" / "control.sock"
+        path = d / "new" / "control.sock"
         async with serving(FakeAgent(), path, group=None):
             st = path.stat()
             assert stat.S_ISSOCK(st.st_mode)
             assert stat.S_IMODE(st.st_mode) == 0o660
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
         assert not path.exists(), "the socket must be removed when the server stops"
+
+
+async def test_only_the_sockets_own_directory_is_created() -> None:
+    with short_dir() as d:
+        path = d / "typo" / "run" / "control.sock"
+        server = ControlServer(path, FakeAgent(), group=None)
+        with pytest.raises(ControlSocketError, match="not a directory"):
+            await asyncio.wait_for(server.serve(), 5.0)
+        assert list(d.iterdir()) == [], "no directory tree may be created"
 
 
 async def test_stale_socket_of_a_killed_agent_is_replaced() -> None:

@@ -240,26 +240,30 @@ async def test_kill_9_loses_nothing_accepted(tmp_path: Path) -> None:
     ob.close()
 
 
-async def test_garbage_file_is_moved_aside_and_seqs_are_not_reused(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    ob = Outbox(cfg(tmp_path), GW)
-    ob.open()
-    last = [put(ob, "window", i) for i in range(5)][-1]
-    ob.close()
+@pytest.mark.parametrize("what", ["garbage", "text", "foreign-sqlite", "directory"])
+async def test_a_file_that_is_not_an_outbox_is_refused_and_left_alone(
+        tmp_path: Path, what: str) -> None:
     db = tmp_path / "outbox.db"
-    garbage = os.urandom(8192)
-    db.write_bytes(garbage)
-    again = Outbox(cfg(tmp_path), GW)
-    again.open()
-    st = again.stats()
-    assert st["corrupt_resets"] == 1 and st["rows"] == 0
-    assert again.next_seq > last
-    aside = list(tmp_path.glob("outbox.db.corrupt-*"))
-    assert [p.read_bytes() for p in aside] == [garbage]
-    assert any("corrupt" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
-    seq = put(again, "window", 1)
-    assert again.flush() and again.accepted_seq == seq
-    again.close()
+    if what == "garbage":
+        db.write_bytes(os.urandom(8192))
+    elif what == "text":
+        db.write_text("precious notes\n")
+    elif what == "foreign-sqlite":
+        other = sqlite3.connect(db)
+        other.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, data BLOB)")
+        other.execute("INSERT INTO photos VALUES (1, x'00ff')")
+        other.commit()
+        other.close()
+    else:
+        db.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    content = db.read_bytes() if db.is_file() else None
+    ob = Outbox(cfg(tmp_path), GW)
+    with pytest.raises(OutboxError, match="not"):
+        ob.open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing renamed or created
+    if content is not None:
+        assert db.read_bytes() == content
 
 
 async def test_damaged_pages_inside_a_valid_file_are_detected(tmp_path: Path) -> None:
@@ -294,11 +298,16 @@ async def test_corruption_found_while_running_resets_and_keeps_going(tmp_path: P
     with db.open("r+b") as f:  # the disk goes bad under the running agent
         f.seek(size // 3)
         f.write(b"\xa5" * (size // 3))
-    assert await all_rows(ob) == []
-    assert ob.stats()["corrupt_resets"] == 1
+    salvaged = await all_rows(ob)
+    st = ob.stats()
+    assert st["corrupt_resets"] == 1
+    # Every row the damaged file still had readable was copied over; the rest are counted.
+    assert st["salvaged"] == len(salvaged) > 0 and st["unreadable"] > 0
+    assert len(salvaged) + st["unreadable"] == 20_000
+    assert set(salvaged) <= set(range(last - 20_000 + 1, last + 1))
     seq = put(ob, "window", 1)
     assert ob.flush() and seq > last
-    assert await all_rows(ob) == [seq]
+    assert await all_rows(ob) == [*salvaged, seq]
     ob.close()
 
 

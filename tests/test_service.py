@@ -257,6 +257,17 @@ def test_live_install_refuses_an_agent_the_unit_could_not_see(capsys) -> None:
     assert "ProtectHome=yes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("exec_path", ["/tmp/venv/bin/edge-agent", "/var/tmp/ea/edge-agent",
+                                       "/tmp"])
+def test_an_agent_under_a_private_tmp_is_refused(tmp_path: Path, capsys, exec_path) -> None:
+    assert run(["install-service", "--dry-run", "--exec", exec_path]) == 2
+    assert "PrivateTmp=yes" in capsys.readouterr().err
+    assert run(["install-service", "--root", str(tmp_path), "--exec", exec_path]) == 2
+    assert "PrivateTmp=yes" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+
 class KnownHost(Host):
     """A machine described by data: which accounts exist and the unit's state."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -73,31 +74,59 @@ def _print_config_error(exc: Any) -> None:
         print(f"{exc.source}: {p}", file=sys.stderr)
 
 
+def checked_config(path: str, *, strict: bool = True) -> tuple[Any, list[str]]:
+    """The config at ``path`` and the problems `run` would meet, one line each.
+
+    Everything `run` checks before it starts (``agent.preflight``), with no hardware opened;
+    whatever the file is, the answer is a list of lines, never an exception. ``strict=False``
+    (for `run`) logs what the agent can start without (a model that does not load) instead."""
+    from agent.config.load import ConfigError, load_config
+    from agent.preflight import preflight
+
+    try:
+        cfg = load_config(path)
+        checked = preflight(cfg)
+        if not strict:
+            for p in checked.warnings:
+                log.warning("%s: %s", path, p)
+        found = checked.problems if strict else checked.errors
+        return cfg, [f"{path}: {p}" for p in found]
+    except ConfigError as exc:
+        return None, [f"{exc.source}: {p}" for p in exc.problems]
+    except Exception as exc:  # the promise is a line per problem, not a traceback
+        log.debug("checking %s failed", path, exc_info=True)
+        return None, [f"{path}: cannot be checked: {type(exc).__name__}: {str(exc)[:300]}"]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import logs
-    from agent.config.load import ConfigError, load_config
+    from agent.outbox.store import OutboxError
     from agent.runtime import Agent
 
     logs.setup(args.log_level, args.log_format)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        _print_config_error(exc)
+    cfg, problems = checked_config(args.config, strict=False)
+    if problems or cfg is None:
+        for line in problems:
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     agent = Agent(cfg, config_path=args.config)
     try:
         return asyncio.run(agent.run())
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except OutboxError as exc:  # e.g. the file was replaced between the check and the start
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from agent.config.load import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.file)
-    except ConfigError as exc:
-        _print_config_error(exc)
+    cfg, problems = checked_config(args.file)
+    if args.json:
+        print(json.dumps({"file": args.file, "ok": not problems, "problems": problems}))
+        return EXIT_USAGE if problems else EXIT_OK
+    if problems or cfg is None:
+        for line in problems:
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     from drivers.plugins import failure
 
@@ -163,6 +192,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     csub.required = True
     c = csub.add_parser("check", help="validate FILE; one line per problem, exit 2 if invalid")
     c.add_argument("file")
+    c.add_argument("--json", action="store_true", help="print {file, ok, problems} as JSON")
     c.set_defaults(func=cmd_config_check)
     c = csub.add_parser("reference", help="print every configuration key as Markdown")
     c.set_defaults(func=cmd_config_reference)

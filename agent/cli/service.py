@@ -378,6 +378,13 @@ def _options(args: argparse.Namespace) -> Options:
         raise ServiceError(f"{exec_path} is under /home or /root, which the unit hides "
                            "(ProtectHome=yes): install edge-agent under /opt or /usr/local, or "
                            "pass --exec")
+    # Wherever the unit is installed, its PrivateTmp=yes gives the service an empty /tmp and
+    # /var/tmp: a program there (or linked from there) is not found when the service starts.
+    real = os.path.realpath(exec_path) if root == Path("/") else exec_path
+    if any(re.match(r"^/(var/)?tmp(/|$)", p) for p in (exec_path, real)):
+        raise ServiceError(f"{exec_path} is under /tmp or /var/tmp, which the unit replaces "
+                           "with an empty one of its own (PrivateTmp=yes): install edge-agent "
+                           "under /opt or /usr/local, or pass --exec")
     return Options(root=root, exec_path=exec_path, gateway_id=gateway,
                    purge=getattr(args, "purge", False))
 

@@ -15,7 +15,9 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Check = Literal["range", "rate", "hampel", "stuck", "stale"]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
+Physical = Annotated[float, Field(ge=-1e15, le=1e15, allow_inf_nan=False)]
+"""Any value in canonical units: energy counters in Wh reach 1e9, nothing real reaches 1e15."""
 
 
 class CleanOptions(BaseModel):
@@ -23,19 +25,19 @@ class CleanOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    min: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    min: Physical | None = None
     """Lowest physical value, canonical units; below it a reading is bad (`out_of_range`)."""
-    max: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    max: Physical | None = None
     """Highest physical value, canonical units; above it a reading is bad (`out_of_range`)."""
     max_rate: PositiveFloat | None = None
     """Fastest believable change, canonical units per second; faster is suspect (`rate`)."""
     hampel_window: Annotated[int, Field(ge=3, le=101)] | None = None
     """Readings in the spike detector's sliding median window."""
-    hampel_k: PositiveFloat | None = None
+    hampel_k: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] | None = None
     """Spike threshold in robust standard deviations (scaled MAD) from the window median."""
-    stuck_count: Annotated[int, Field(ge=2)] | None = None
+    stuck_count: Annotated[int, Field(ge=2, le=1_000_000)] | None = None
     """Identical readings in a row after which the channel is suspect (`stuck`)."""
-    stale_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] | None = None
+    stale_factor: Annotated[float, Field(gt=1, le=10_000, allow_inf_nan=False)] | None = None
     """A channel is stale after this many sensor periods without a reading."""
     noise: PositiveFloat | None = None
     """Typical sample noise (1 sigma): the smallest spread the spike detector assumes, so a
@@ -43,7 +45,7 @@ class CleanOptions(BaseModel):
     fuse_sigma: PositiveFloat | None = None
     """Absolute accuracy of one sensor (1 sigma): the smallest spread fusion gives a channel,
     so averaging many readings cannot make a biased sensor look precise."""
-    skip: list[Check] = Field(default_factory=list)
+    skip: list[Check] = Field(default_factory=list, max_length=16)
     """Checks to switch off for this channel."""
     enabled: bool = True
     """`false` switches every value check off; duplicates and NaN/inf are still caught."""

@@ -36,5 +36,7 @@ def _env_value(text: str) -> Any:
     """Interpret a value as TOML would (numbers, booleans, quoted strings), else a bare string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError):
+        # Not TOML (or nested past the parser, or an integer past int's digit limit): the
+        # schema judges it as the bare string it is.
         return text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
+        if not self.path:  # about the file as a whole: the source is named beside it
+            return self.reason
         if self.value and self.value not in self.reason:
             return f"{self.path}: {self.value}: {self.reason}"
         return f"{self.path}: {self.reason}"
@@ -54,9 +57,19 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a gateway's file is a few KiB; this bounds a hostile one
+MAX_DEPTH = 12  # tables and arrays inside each other; the schema needs 5
+_SHOW_CHARS = 60
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return repr(value)
+    if isinstance(value, int) and abs(value) >= 10**18:
+        # repr() of a huge int is slow or refused (int_max_str_digits): name its size instead
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str) and len(value) > _SHOW_CHARS:
+        return repr(value[:_SHOW_CHARS]) + f"... ({len(value)} characters)"
     if isinstance(value, (int, float, str)):
         return repr(value)
     if isinstance(value, (dict, list)):
@@ -121,7 +134,12 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
                                    "no sensor has this name"))
         if st.anomaly is not None:
             out.extend(_anomaly_problems(i, st, cfg))
+        out.extend(_fuse_problems(i, st, cfg))
+    models: set[str] = set()
     for i, m in enumerate(cfg.models):
+        if m.name in models:
+            out.append(Problem(f"models[{i}].name", repr(m.name), "duplicate model name"))
+        models.add(m.name)
         if m.stream not in streams:
             out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
     mq = cfg.mqtt
@@ -132,6 +150,37 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
     if bool(mq.cert_file) != bool(mq.key_file):
         out.append(Problem("mqtt.cert_file", mq.cert_file or "''",
                            "cert_file and key_file must be given together"))
+    return out
+
+
+def _fuse_problems(i: int, st: StreamConfig, cfg: AgentConfig) -> list[Problem]:
+    """What the windower would refuse at start: channels of sensors the stream does not list,
+    a channel twice, or quantities mixed in one group."""
+    out: list[Problem] = []
+    groups: set[str] = set()
+    for j, g in enumerate(st.fuse):
+        where = f"streams[{i}].fuse[{j}]"
+        if g.name in groups:
+            out.append(Problem(f"{where}.name", repr(g.name), "duplicate fuse group name"))
+        groups.add(g.name)
+        seen: set[str] = set()
+        quantities: set[str] = set()
+        for k, ch in enumerate(g.channels):
+            sensor, dot, quantity = ch.partition(".")
+            here = f"{where}.channels[{k}]"
+            if not dot or not sensor or not quantity:
+                out.append(Problem(here, repr(ch), "not a channel name (sensor.quantity)"))
+            elif sensor not in st.sensors:
+                out.append(Problem(here, repr(ch), f"sensor {sensor!r} is not one of this "
+                                                   "stream's sensors"))
+            elif ch in seen:
+                out.append(Problem(here, repr(ch), "listed twice in the group"))
+            seen.add(ch)
+            if quantity:
+                quantities.add(quantity)
+        if len(quantities) > 1:
+            out.append(Problem(f"{where}.channels", "", "mixes quantities "
+                                                        f"{', '.join(sorted(quantities))}"))
     return out
 
 
@@ -149,6 +198,14 @@ def _anomaly_problems(i: int, st: StreamConfig, cfg: AgentConfig) -> list[Proble
         if channel and channel.partition(".")[0] not in st.sensors:
             out.append(Problem(f"{where}.{key}", repr(channel),
                                "not a channel (sensor.quantity) of this stream's sensors"))
+    if a.thresholds:
+        try:  # a FIFO would block the open below
+            regular = stat.S_ISREG(os.stat(a.thresholds).st_mode)
+        except OSError:
+            regular = True  # load_thresholds names what is wrong with it
+        if not regular:
+            out.append(Problem(f"{where}.thresholds", repr(a.thresholds), "not a regular file"))
+            return out
     try:
         th = load_thresholds(a.thresholds)
     except ThresholdsError as exc:
@@ -178,6 +235,9 @@ def _partial_checks(data: dict[str, Any]) -> list[Problem]:
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> AgentConfig:
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError(source, [Problem(deep, "", f"nested more than {MAX_DEPTH} levels deep")])
     try:
         cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
@@ -214,14 +274,91 @@ def _with_driver_cleaning(cfg: AgentConfig) -> tuple[list[SensorConfig], list[Pr
     return out, problems
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:
-    source = str(path)
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def read_bounded(path: str | Path, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; OSError or ValueError otherwise.
+
+    Opened non-blocking so that a FIFO cannot hang the caller, and checked with fstat on the
+    open descriptor so that the file cannot be swapped between the check and the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(source, [Problem(source, "", f"cannot read: {exc.strerror}")]) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+            raise ValueError(f"is {kind}, not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"is {st.st_size} bytes, more than the {limit} a config may have")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            size += len(chunk)
+            if size > limit:  # grew while being read
+                raise ValueError(f"is more than the {limit} bytes a config may have")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def decode_utf8(data: bytes, source: str) -> str:
+    """``data`` as UTF-8, or a ConfigError naming the offset, line and column of the bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = data[exc.start:exc.end].hex(" ")
+        raise ConfigError(source, [Problem(
+            "", "", f"not UTF-8: byte offset {exc.start} (line {line}, column {col}): "
+                        f"{bad} ({exc.reason})")]) from None
+
+
+def _too_deep(data: Any) -> str | None:
+    """The key path of the first value nested deeper than MAX_DEPTH, else None (no recursion:
+    the point is to refuse what would exhaust the stack further on)."""
+    todo: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while todo:
+        node, loc = todo.pop()
+        if len(loc) > MAX_DEPTH:
+            return _path(loc[:MAX_DEPTH + 1])
+        if isinstance(node, dict):
+            todo.extend((v, (*loc, str(k))) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(node))
+    return None
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML text into a dict, with every way the parser can fail as a ConfigError."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [Problem(source, "", f"not valid TOML: {exc}")]) from None
+        reason = f"not valid TOML: {exc}"
+    except RecursionError:
+        reason = "not valid TOML: nested too deeply to parse"
+    except ValueError as exc:
+        reason = ("not valid TOML: an integer has more digits than Python converts"
+                  if "digits" in str(exc) else f"not valid TOML: {exc}")
+    except MemoryError:
+        reason = "not valid TOML: too large to parse"
+    else:
+        return data
+    raise ConfigError(source, [Problem("", "", reason)])
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read, decode, parse and validate the file at ``path``; every failure is a ConfigError."""
+    source = str(path)
+    try:
+        raw = read_bounded(path)
+    except OSError as exc:
+        raise ConfigError(source, [Problem("", "",
+                                           f"cannot read: {exc.strerror or exc}")]) from None
+    except ValueError as exc:
+        raise ConfigError(source, [Problem("", "", f"cannot read: {exc}")]) from None
+    data = parse_toml(decode_utf8(raw, source), source)
     return parse_config(apply_env(data, os.environ if env is None else env), source)

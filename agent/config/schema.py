@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,9 +26,23 @@ from pydantic import (
 from agent.config.cleaning import CleanOptions
 from drivers import registry
 
+# Every number has a physical bound and every string and list a length bound
+# (tests/test_config_bounds.py walks the models and fails on one without): a hostile or
+# mistyped file must be refused here, not found out by the running agent.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-PositiveSeconds = Annotated[float, Field(gt=0, le=86_400)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+PositiveSeconds = Annotated[float, Field(ge=0.001, le=86_400, allow_inf_nan=False)]
+"""1 ms to a day."""
+Text = Annotated[str, Field(max_length=256)]
+"""Free text, e.g. a site description."""
+FilePath = Annotated[str, Field(max_length=4096)]
+"""A file name (Linux PATH_MAX)."""
+Channel = Annotated[str, Field(max_length=130)]
+"""`sensor.quantity`."""
+Key = Annotated[str, Field(max_length=64)]
+"""A table key chosen by the user (quantity, option name, field pattern)."""
+MAX_SENSORS = 256
+MAX_ITEMS = 64  # streams, models, fuse groups, patterns, options per table
 
 
 class _Frozen(BaseModel):
@@ -35,15 +50,15 @@ class _Frozen(BaseModel):
 
 
 class GatewayConfig(_Frozen):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", max_length=64)]
     """This gateway's identity: used in topics, the MQTT client id and the certificate CN."""
-    site: str = ""
+    site: Text = ""
     """Free text: where the cabinet stands."""
-    latitude: Annotated[float, Field(ge=-90, le=90)] | None = None
+    latitude: Annotated[float, Field(ge=-90, le=90, allow_inf_nan=False)] | None = None
     """Latitude of the cabinet in degrees (north positive); the lamp checks need the sun."""
-    longitude: Annotated[float, Field(ge=-180, le=180)] | None = None
+    longitude: Annotated[float, Field(ge=-180, le=180, allow_inf_nan=False)] | None = None
     """Longitude of the cabinet in degrees (east positive)."""
-    timezone: str = "UTC"
+    timezone: Annotated[str, Field(max_length=64)] = "UTC"
     """IANA time zone of the site (e.g. `Europe/Berlin`), for daily load and dimming profiles."""
 
     @field_validator("timezone")
@@ -51,7 +66,7 @@ class GatewayConfig(_Frozen):
     def _zone(cls, v: str) -> str:
         try:
             ZoneInfo(v)
-        except (ValueError, ZoneInfoNotFoundError):
+        except (ValueError, OSError, ZoneInfoNotFoundError):
             raise ValueError(f"{v!r} is not an IANA time zone") from None
         return v
 
@@ -59,26 +74,26 @@ class GatewayConfig(_Frozen):
 class SensorConfig(_Frozen):
     name: Name
     """Unique name; readings are keyed `name.quantity`."""
-    driver: str
+    driver: Annotated[str, Field(max_length=64)]
     """One of the known drivers, built in or from a plugin package (`edge-agent sensors
     drivers` lists them)."""
-    bus: int | Literal["emulated"] | None = None
+    bus: Annotated[int, Field(ge=0, le=255)] | Literal["emulated"] | None = None
     """I2C bus number N (`/dev/i2c-N`), or `"emulated"`. I2C drivers only."""
-    port: str | None = None
+    port: FilePath | None = None
     """Serial port, best as `/dev/serial/by-id/...`, or `"emulated"`. Serial drivers only;
     `modbus` also takes `tcp://HOST:PORT` for Modbus TCP."""
-    address: int | None = None
+    address: Annotated[int, Field(ge=0, le=0xF8)] | None = None
     """7-bit I2C address (e.g. `0x76`), or the Modbus unit id (`modbus`, `pzem004t`)."""
     period_s: PositiveSeconds = 1.0
     """Seconds between polls (polled drivers) or the expected report interval (streaming)."""
-    timeout_s: PositiveSeconds = 2.0
+    timeout_s: Annotated[float, Field(ge=0.001, le=600, allow_inf_nan=False)] = 2.0
     """Timeout of one bus or port transaction."""
     enabled: bool = True
     """A disabled sensor is kept in the file but not started."""
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[Key, Any] = Field(default_factory=dict, max_length=MAX_ITEMS)
     """Driver-specific options (see the driver's documentation), checked by the driver's own
     rules: `modbus` loads its profile here, a plugin validates them with its pydantic model."""
-    clean: dict[str, CleanOptions] = Field(default_factory=dict)
+    clean: dict[Key, CleanOptions] = Field(default_factory=dict, max_length=MAX_ITEMS)
     """Cleaning overrides by quantity, e.g. `[sensors.clean.temperature] max = 60`."""
 
     @field_validator("driver")
@@ -103,7 +118,7 @@ class SensorConfig(_Frozen):
             try:
                 v = int(v, 0)
             except ValueError:
-                raise ValueError(f"{v!r} is not an integer address") from None
+                raise ValueError(f"{v[:20]!r} is not an integer address") from None
         if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 0xF8:
             raise ValueError(f"{v:#04x} is not a valid device address")
         return v
@@ -119,8 +134,21 @@ class SensorConfig(_Frozen):
 class FuseGroup(_Frozen):
     name: Name
     """Name of the fused channel in the window."""
-    channels: Annotated[list[str], Field(min_length=2)]
+    channels: Annotated[list[Channel], Field(min_length=2, max_length=MAX_ITEMS)]
     """Redundant channels (`sensor.quantity`) of one quantity to fuse."""
+
+
+MIN_ROUND_STEP = 1e-9  # finer than any sensor resolves; 1e-300 would overflow value / step
+
+
+def _round_step(v: float) -> float:
+    if v < MIN_ROUND_STEP:
+        raise ValueError(f"a rounding step must be at least {MIN_ROUND_STEP:g}")
+    return v
+
+
+RoundStep = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False),
+                      AfterValidator(_round_step)]
 
 
 class AudienceConfig(_Frozen):
@@ -133,9 +161,9 @@ class AudienceConfig(_Frozen):
     """Topic level of the namespace: topics are `{prefix}/{gateway}/{name}/telemetry/{stream}`."""
     share: Literal["raw", "window", "derived", "local"]
     """What this audience gets: `raw`, `window`, `derived` or `local` (as the stream's `share`)."""
-    drop: list[str] | None = None
+    drop: Annotated[list[Key], Field(max_length=MAX_ITEMS)] | None = None
     """Field patterns withheld from this audience (unset: the stream's `drop`)."""
-    round: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = None
+    round: Annotated[dict[Key, RoundStep], Field(max_length=MAX_ITEMS)] | None = None
     """Rounding steps by field pattern for this audience (unset: the stream's `round`)."""
     min_vehicles: Annotated[int, Field(ge=0, le=1000)] | None = None
     """Vehicle threshold for this audience (unset: the stream's `min_vehicles`)."""
@@ -172,17 +200,17 @@ class AudienceConfig(_Frozen):
 
 
 class AnomalyConfig(_Frozen):
-    main: str
+    main: Channel
     """Channel of the cabinet's feed meter (`sensor.quantity`, e.g. `meter.active_power`)."""
-    lights: str
+    lights: Channel
     """Channel of the street-lighting circuit's power."""
-    check: str = ""
+    check: Channel = ""
     """A second meter on the same feed, for the drift and spike cross-checks; empty if none."""
-    chargers: list[str] = Field(default_factory=list)
+    chargers: list[Channel] = Field(default_factory=list, max_length=16)
     """Channels of separately metered charge points; their power is subtracted from the feed."""
-    photocell: str = ""
+    photocell: Channel = ""
     """Channel of the photocell (1 calls for light, 0 not); empty if none."""
-    thresholds: str = ""
+    thresholds: FilePath = ""
     """Thresholds calibrated for this site (JSON); empty for the shipped ones of the training
     site (`agent/anomaly/training_site.json`). Calibrate a site's own from its history:
     `edge-agent model history export --circuits STREAM`, then `python -m models.anomaly_eval
@@ -192,23 +220,22 @@ class AnomalyConfig(_Frozen):
 class StreamConfig(_Frozen):
     name: Name
     """Stream name; windows are published on `telemetry/{name}`."""
-    sensors: Annotated[list[str], Field(min_length=1)]
+    sensors: Annotated[list[Key], Field(min_length=1, max_length=MAX_SENSORS)]
     """Names of the sensors whose readings go into this stream."""
-    window_s: PositiveSeconds = 10.0
+    window_s: Annotated[float, Field(ge=0.1, le=86_400, allow_inf_nan=False)] = 10.0
     """Window length in seconds, aligned to the wall clock."""
-    fuse: list[FuseGroup] = Field(default_factory=list)
+    fuse: list[FuseGroup] = Field(default_factory=list, max_length=MAX_ITEMS)
     """Groups of redundant channels fused by inverse-variance weighting."""
     share: Literal["raw", "window", "derived", "local"] | None = None
     """What leaves the gateway: `raw` (cleaned readings on `raw/{name}`, windows, inferences),
     `window` (windows and inferences), `derived` (inferences only) or `local` (nothing; the
     technician CLI still sees it). Unset: `window`. With `audiences`, set it per audience."""
-    drop: list[str] | None = None
+    drop: Annotated[list[Key], Field(max_length=MAX_ITEMS)] | None = None
     """Field patterns withheld from what is published, e.g. `channels.radar.speed_in.last`,
     `channels.*.min`, `derived.occupancy`, `outputs.*` (`*` matches any text, dots included;
     a pattern that matches a channel withholds all of it). Unset: the min, max and last of
     per-vehicle speed channels (`speed_in`, `speed_out`)."""
-    round: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
-        default_factory=dict)
+    round: dict[Key, RoundStep] = Field(default_factory=dict, max_length=MAX_ITEMS)
     """Round published values whose field matches a pattern to a multiple of a step, e.g.
     `{ "*.speed_*" = 0.2778 }` (1 km/h in m/s); first matching pattern wins."""
     min_vehicles: Annotated[int, Field(ge=0, le=1000)] | None = None
@@ -217,7 +244,7 @@ class StreamConfig(_Frozen):
     vehicle_events: bool = False
     """With `share = "raw"`, also publish per-vehicle radar readings (`speed_in`,
     `speed_out`); off keeps each vehicle's speed on the gateway."""
-    audiences: list[AudienceConfig] = Field(default_factory=list)
+    audiences: list[AudienceConfig] = Field(default_factory=list, max_length=16)
     """Publish this stream to several namespaces, each at its own level
     (`[[streams.audiences]]`); without audiences it goes to the plain topics."""
     anomaly: AnomalyConfig | None = None
@@ -263,11 +290,11 @@ class StreamConfig(_Frozen):
 class ModelConfig(_Frozen):
     name: Name
     """Model name: `traffic` or `energy` for the shipped models."""
-    stream: str
+    stream: Key
     """The stream whose windows feed the model."""
-    path: str = ""
+    path: FilePath = ""
     """ONNX file; empty for the model shipped in the package. Its manifest lies beside it."""
-    shadow: str = ""
+    shadow: FilePath = ""
     """A candidate ONNX file run beside the active model until activated."""
     enabled: bool = True
     """A disabled model is not loaded."""
@@ -275,54 +302,61 @@ class ModelConfig(_Frozen):
     """Skill guard: publish the model's forecast only where its moves away from persistence (the
     current window's value) have beaten persistence at this site, and only as far as an error
     budget allows; otherwise persistence."""
-    guard_horizon_s: Annotated[float, Field(gt=0, le=60 * 86_400)] = 7 * 86_400.0
+    guard_horizon_s: Annotated[float, Field(ge=60, le=60 * 86_400, allow_inf_nan=False)] = (
+        7 * 86_400.0)
     """Seconds of scored forecasts over which the model's record against persistence is kept,
     per size of move away from persistence."""
-    guard_margin: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    guard_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.02
     """The published forecasts may do at most this fraction worse than persistence over any
     12 h (so over any day): the guard's error budget."""
-    guard_min_s: Annotated[float, Field(ge=0, le=60 * 86_400)] = 3_600.0
+    guard_min_s: Annotated[float, Field(ge=0, le=60 * 86_400, allow_inf_nan=False)] = 3_600.0
     """Seconds of scored forecasts the guard needs before any of the model's forecasts can be
     published."""
-    activate_margin: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    activate_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.05
     """A shadow candidate is activated only if its error on the live windows is below both the
     active model's and persistence's by this fraction (`--force` overrides)."""
-    activate_min_s: Annotated[float, Field(ge=0, le=30 * 86_400)] = 86_400.0
+    activate_min_s: Annotated[float, Field(ge=0, le=30 * 86_400, allow_inf_nan=False)] = (
+        86_400.0)
     """Seconds of live windows the candidate must have been scored on before activation."""
 
 
+MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
+
+
 class MqttConfig(_Frozen):
-    host: str = "127.0.0.1"
+    host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
     """Broker host name or address."""
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     """Broker port (8883 is usual for TLS)."""
     tls: bool | None = None
     """TLS with server verification. Unset: on unless the broker is on loopback."""
-    ca_file: str = ""
+    ca_file: FilePath = ""
     """CA bundle that signs the broker's certificate; empty for the system trust store."""
-    cert_file: str = ""
+    cert_file: FilePath = ""
     """Client certificate for mutual TLS (optional; with `key_file`)."""
-    key_file: str = ""
+    key_file: FilePath = ""
     """Private key of the client certificate."""
-    credentials_file: str = ""
+    credentials_file: FilePath = ""
     """File of two lines, username then password; empty for none."""
-    client_id: str = ""
+    client_id: Annotated[str, Field(max_length=128)] = ""
     """MQTT client id; empty derives it from the gateway id."""
-    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "edge"
-    """First topic levels: topics are `{prefix}/{gateway}/...`."""
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+                                       max_length=128)] = "edge"
+    """First topic levels: topics are `{prefix}/{gateway}/...` (at most 128 characters of
+    letters, digits, `_` and `-`, levels split by `/`; no MQTT wildcards or empty levels)."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     """MQTT keepalive in seconds."""
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     """MQTT version; `auto` tries 5 and falls back to 3.1.1."""
     max_inflight: Annotated[int, Field(ge=1, le=1000)] = 64
     """Publishes awaiting PUBACK at once."""
-    replay_rate: Annotated[float, Field(gt=0)] = 200.0
+    replay_rate: Annotated[float, Field(ge=1, le=1_000_000, allow_inf_nan=False)] = 200.0
     """Backlog messages per second replayed after an outage, at full link health."""
-    reconnect_max_s: PositiveSeconds = 60.0
+    reconnect_max_s: Annotated[float, Field(ge=0.1, le=3600, allow_inf_nan=False)] = 60.0
     """Cap of the jittered exponential reconnect backoff."""
-    max_payload_bytes: Annotated[int, Field(ge=256)] = 256 * 1024
+    max_payload_bytes: Annotated[int, Field(ge=256, le=MQTT_MAX_PACKET_BYTES)] = 256 * 1024
     """Larger messages are quarantined instead of sent."""
-    poison_attempts: Annotated[int, Field(ge=1)] = 5
+    poison_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
     """A message the broker rejects this many times is quarantined."""
 
     def tls_enabled(self) -> bool:
@@ -341,13 +375,13 @@ def is_loopback(host: str) -> bool:
 
 
 class OutboxConfig(_Frozen):
-    path: str = "/var/lib/edge-agent/outbox.db"
+    path: Annotated[FilePath, Field(min_length=1)] = "/var/lib/edge-agent/outbox.db"
     """SQLite file of the store-and-forward outbox."""
-    max_bytes: Annotated[int, Field(ge=64 * 1024)] = 256 * 1024 * 1024
+    max_bytes: Annotated[int, Field(ge=64 * 1024, le=1 << 40)] = 256 * 1024 * 1024
     """Bound on stored payload bytes; past it the drop policy applies."""
-    max_rows: Annotated[int, Field(ge=10)] = 2_000_000
+    max_rows: Annotated[int, Field(ge=10, le=1_000_000_000)] = 2_000_000
     """Bound on stored messages."""
-    max_age_s: PositiveSeconds | None = None
+    max_age_s: Annotated[float, Field(ge=1, le=366 * 86_400, allow_inf_nan=False)] | None = None
     """Messages older than this are dropped (unset: no age bound)."""
     commit_interval_ms: Annotated[int, Field(ge=1, le=60_000)] = 500
     """Pending messages are committed at least this often."""
@@ -363,15 +397,15 @@ class HistoryConfig(_Frozen):
     tables are configured."""
     path: Annotated[str, Field(max_length=4096)] = ""
     """SQLite file of the history; empty: `history.db` beside the outbox file."""
-    retention_days: Annotated[float, Field(ge=1, le=400)] = 60.0
+    retention_days: Annotated[float, Field(ge=1, le=400, allow_inf_nan=False)] = 60.0
     """Days of model windows kept (60 days of 300 s rows: about 1.5 MB)."""
-    circuit_days: Annotated[float, Field(ge=1, le=120)] = 30.0
+    circuit_days: Annotated[float, Field(ge=1, le=120, allow_inf_nan=False)] = 30.0
     """Days of circuit windows kept for the streams with an `anomaly` table (their thresholds
     are calibrated from them; 30 days of 60 s windows: about 3 MB a stream)."""
 
 
 class ControlConfig(_Frozen):
-    socket: str = "/run/edge-agent/control.sock"
+    socket: Annotated[str, Field(min_length=1, max_length=107)] = "/run/edge-agent/control.sock"
     """Unix socket of the local control interface used by the CLI."""
 
 
@@ -380,11 +414,11 @@ class WebConfig(_Frozen):
     """Serve the read-only status page (`/`) with live updates."""
     metrics: bool = False
     """Serve Prometheus / OpenMetrics text on `/metrics` (on its own or beside the page)."""
-    bind: str = "127.0.0.1"
+    bind: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
     """Address to listen on. Anything but loopback needs `token_file`."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8470
     """TCP port of the page and `/metrics` (0: any free port, logged at start)."""
-    token_file: str = ""
+    token_file: FilePath = ""
     """File whose first line is the access token (HTTP Basic password or Bearer token);
     required for a non-loopback `bind`, optional on loopback."""
     max_clients: Annotated[int, Field(ge=1, le=64)] = 8
@@ -400,7 +434,7 @@ class WebConfig(_Frozen):
         return self.page or self.metrics
 
 
-SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$")]
+SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$", max_length=64)]
 
 
 class SparkplugConfig(_Frozen):
@@ -411,45 +445,52 @@ class SparkplugConfig(_Frozen):
     """Sparkplug group id: topics are `spBv1.0/{group_id}/...`."""
     node_id: SparkplugId | Literal[""] = ""
     """Edge node id; empty: the gateway id."""
-    interval_s: Annotated[float, Field(ge=0.01, le=3600)] = 1.0
+    interval_s: Annotated[float, Field(ge=0.01, le=3600, allow_inf_nan=False)] = 1.0
     """Each device's readings are sent in one DDATA at most this often (every reading is in
     it, each with its own timestamp)."""
     backlog_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
     """DDATA payloads stored while the broker is away (across restarts too), replayed as
     historical; the oldest are dropped (and counted) past it."""
-    state_dir: str = ""
+    state_dir: FilePath = ""
     """Directory of `sparkplug.bdseq` (bdSeq across restarts) and `sparkplug-backlog.db`;
     empty: the outbox's directory."""
 
 
 class RuntimeConfig(_Frozen):
-    queue_size: Annotated[int, Field(ge=16)] = 4096
+    queue_size: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
     """Readings queued between acquisition and cleaning; the oldest are dropped past it."""
     backoff_initial_s: PositiveSeconds = 0.5
     """First retry delay of a failing sensor."""
     backoff_max_s: PositiveSeconds = 30.0
     """Cap of a failing sensor's retry delay."""
-    down_after: Annotated[int, Field(ge=1)] = 3
+    down_after: Annotated[int, Field(ge=1, le=1000)] = 3
     """Consecutive failures before a sensor shows `down`."""
-    health_period_s: PositiveSeconds = 30.0
+    health_period_s: Annotated[float, Field(ge=0.1, le=86_400, allow_inf_nan=False)] = 30.0
     """Seconds between health messages."""
-    stop_timeout_s: Annotated[float, Field(gt=0, le=30)] = 4.0
+    stop_timeout_s: Annotated[float, Field(ge=0.1, le=30, allow_inf_nan=False)] = 4.0
     """Budget to flush and publish on SIGTERM before exiting."""
-    model_watch_s: PositiveSeconds = 5.0
+    model_watch_s: Annotated[float, Field(ge=0.1, le=86_400, allow_inf_nan=False)] = 5.0
     """How often model files are checked for a new version (a stat() each)."""
     clock: Literal["detect", "trust"] = "detect"
     """`detect`: hold timestamps as provisional until the system clock is synchronised (NTP),
     then re-stamp them. `trust`: take the system clock as right (hosts with an RTC)."""
 
+    @model_validator(mode="after")
+    def _backoff_order(self) -> RuntimeConfig:
+        if self.backoff_initial_s > self.backoff_max_s:
+            raise ValueError(f"backoff_initial_s ({self.backoff_initial_s:g}) is above "
+                             f"backoff_max_s ({self.backoff_max_s:g})")
+        return self
+
 
 class AgentConfig(_Frozen):
     gateway: GatewayConfig
     """Identity of this gateway."""
-    sensors: list[SensorConfig] = Field(default_factory=list)
+    sensors: list[SensorConfig] = Field(default_factory=list, max_length=MAX_SENSORS)
     """The devices to read (`[[sensors]]`)."""
-    streams: list[StreamConfig] = Field(default_factory=list)
+    streams: list[StreamConfig] = Field(default_factory=list, max_length=MAX_ITEMS)
     """Groups of sensors windowed together (`[[streams]]`)."""
-    models: list[ModelConfig] = Field(default_factory=list)
+    models: list[ModelConfig] = Field(default_factory=list, max_length=MAX_ITEMS)
     """Edge models run on windows (`[[models]]`)."""
     mqtt: MqttConfig = MqttConfig()
     """The uplink to the cloud."""

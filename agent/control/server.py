@@ -16,6 +16,14 @@ when that group exists, so only root, the agent's user and members of the group 
 A bad request gets an error reply naming what was wrong; it never stops the server. A request
 line longer than the bound gets an error and its connection is closed, because the rest of the
 line cannot be told apart from the next request.
+
+Connections are bounded (``max_clients``), and idle ones cannot hold the bound against
+others: a connection that sends nothing for ``idle_timeout_s`` is closed, and when a new one
+arrives at the bound, the connection idle the longest (waiting for a request, not streaming)
+is closed to make room. Only streams (``tail``, ``outbox.export``) can fill the bound.
+
+The agent creates the socket's own directory if it is missing (mode 0750), never the
+directories above it: a mistyped path must not make a root process build a tree.
 """
 
 from __future__ import annotations
@@ -140,6 +148,7 @@ class _Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since: float | None = time.monotonic()  # None while a request is served
 
     async def send(self, obj: Mapping[str, Any]) -> None:
         self.writer.write(encode(obj))
@@ -167,6 +176,7 @@ class ControlServer:
         export_dir: str | Path | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
         max_clients: int = MAX_CLIENTS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.path = Path(path)
         self.agent = agent
@@ -174,10 +184,12 @@ class ControlServer:
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.max_request_bytes = max_request_bytes
         self.max_clients = max_clients
+        self.idle_timeout_s = idle_timeout_s
+        self.evicted = 0
         self.listening = asyncio.Event()
         self.requests = 0
         self.errors = 0
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._clients: dict[asyncio.Task[Any], _Client] = {}
         self._handlers: dict[str, Handler] = {
             "status": self._status, "reload": self._reload, "sensors.list": self._sensors,
             "outbox.stats": self._outbox_stats, "outbox.export": self._outbox_export,
@@ -211,7 +223,18 @@ class ControlServer:
         if len(os.fsencode(path)) > SUN_PATH_MAX:
             raise ControlSocketError(f"control socket path {path} is longer than "
                                      f"{SUN_PATH_MAX} bytes")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            if not path.parent.parent.is_dir():
+                raise ControlSocketError(f"cannot create {path.parent}: {path.parent.parent} "
+                                         "is not a directory; create it or choose another "
+                                         "control.socket")
+            try:
+                path.parent.mkdir(mode=0o750)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise ControlSocketError(f"cannot create {path.parent}: "
+                                         f"{exc.strerror or exc}") from exc
         try:
             st = path.lstat()
         except FileNotFoundError:
@@ -260,14 +283,17 @@ class ControlServer:
         client = _Client(reader, writer)
         task = asyncio.current_task()
         try:
+            if len(self._clients) >= self.max_clients:
+                self._evict_idle()
             if task is None or len(self._clients) >= self.max_clients:
                 await self._error(client, None, "busy",
                                   f"too many control connections (limit {self.max_clients})")
                 return
-            self._clients.add(task)
+            self._clients[task] = client
             while True:
+                client.idle_since = time.monotonic()
                 try:
-                    line = await within(reader.readline(), IDLE_TIMEOUT_S)
+                    line = await within(reader.readline(), self.idle_timeout_s)
                 except ValueError:
                     await self._error(client, None, "too_large",
                                       f"request longer than {self.max_request_bytes} bytes; "
@@ -275,6 +301,7 @@ class ControlServer:
                     return
                 if not line:
                     return
+                client.idle_since = None
                 if line.strip() and not await self._dispatch(line, client):
                     return
         except (ConnectionError, TimeoutError) as exc:
@@ -283,10 +310,22 @@ class ControlServer:
             log.exception("control connection failed")
         finally:
             if task is not None:
-                self._clients.discard(task)
+                self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await within(writer.wait_closed(), 1.0)
+
+    def _evict_idle(self) -> None:
+        """Close the connection idle the longest, to make room for a new one."""
+        idle = [(c.idle_since, t) for t, c in self._clients.items() if c.idle_since is not None]
+        if not idle:
+            return
+        since, task = min(idle, key=lambda x: x[0])
+        # Closing the transport ends its readline with EOF: the handler returns on its own.
+        self._clients.pop(task).writer.close()
+        self.evicted += 1
+        log.info("control socket full (%d connections): closed one idle for %.1f s",
+                 self.max_clients, time.monotonic() - since)
 
     async def _error(self, client: _Client, req_id: object, code: str, message: str) -> None:
         self.errors += 1

@@ -1,4 +1,4 @@
-"""The outbox's SQLite file: schema, batched commits, bounds, sequence floor, corruption reset.
+"""The outbox's SQLite file: schema, batched commits, bounds, sequence floor, salvage.
 
 Everything here is blocking and runs on the outbox's single worker thread (``agent.outbox.store``
 owns that thread and is the only caller); the connection never leaves it.
@@ -30,8 +30,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, Literal, cast
+from typing import IO, Final, Literal, cast
 
+from agent.outbox.export import export_rows
+from agent.outbox.recovery import (
+    OUTBOX_APP_ID,
+    aside_name,
+    check_outbox_path,
+    is_corrupt,
+    keep_foreign_wal,
+    move_aside,
+    prune_aside,
+    salvage,
+)
 from agent.outbox.rows import (
     DROP_ORDER,
     ROW_OVERHEAD_BYTES,
@@ -46,8 +57,8 @@ log = logging.getLogger(__name__)
 
 SEQ_BLOCK: Final = 10_000  # seqs reserved per side-file write (one fsync per block)
 QUARANTINE_KEEP: Final = 1_000  # newest quarantined rows kept for inspection
-CORRUPT_KEEP: Final = 3  # moved-aside corrupt files kept
-_CORRUPT_CODES: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+CORRUPT_KEEP: Final = 3  # moved-aside files (damaged or foreign) kept
+ASIDE_MIN_BYTES: Final = 64 * 1024 * 1024  # ...within max(this, max_bytes) bytes in all
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -80,13 +91,6 @@ class OpenInfo:
     snapshot: Snapshot
 
 
-def is_corrupt(exc: BaseException) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if not isinstance(exc, sqlite3.DatabaseError) or code is None:
-        return False
-    return (code & 0xFF) in _CORRUPT_CODES
-
-
 def kernel_boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
@@ -111,14 +115,45 @@ class OutboxDB:
     # -- open / close ---------------------------------------------------------------------
 
     def open(self) -> OpenInfo:
+        """Open or create the outbox; OutboxPathError if the path holds something else."""
+        check_outbox_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_foreign_wal(self.path, self._stamp()):  # else SQLite would replay it
+            self._prune()
         try:
             return self._open_once()
         except sqlite3.DatabaseError as exc:
             if not is_corrupt(exc):
                 raise
-            self._move_aside(exc)
-            return self._open_once()
+            aside = self._move_aside(exc)
+            info = self._open_once()
+            top = self._salvage(aside)
+            if top >= info.next_seq:  # no reservation covered the salvaged rows
+                info.next_seq = top + 1
+                self.snap.last_seq = top
+                self._reserve(top + 1 + SEQ_BLOCK)
+            info.snapshot = self.snap
+            self._prune()
+            return info
+
+    def _stamp(self) -> str:
+        return time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._wall_ns() / 1e9))
+
+    def _prune(self) -> None:
+        prune_aside(self.path, CORRUPT_KEEP, max(ASIDE_MIN_BYTES, self.max_bytes))
+
+    def _salvage(self, aside: Path, held: int = 0) -> int:
+        """Copy what can be read of the moved-aside file into the open one; its top seq.
+        ``held``: the rows the file was known to hold, if known (a reset while running)."""
+        got = salvage(aside, self._c())
+        got.unreadable = max(got.unreadable, held - got.copied)
+        self._rescan(max(self.snap.last_seq, got.last_seq))
+        self.snap.salvaged += got.copied
+        self.snap.unreadable += got.unreadable
+        log.error("%s: salvaged %d messages (and %d quarantined) from the damaged file %s; "
+                  "%d could not be read", self.path, got.copied, got.quarantine_copied, aside,
+                  got.unreadable)
+        return got.last_seq
 
     def _open_once(self) -> OpenInfo:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -136,6 +171,9 @@ class OutboxDB:
             conn.execute(f"PRAGMA journal_size_limit={wal_pages * 4096}")
             conn.executescript(_SCHEMA)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            stamp = conn.execute("PRAGMA application_id").fetchone()[0] != OUTBOX_APP_ID
+            if stamp:
+                conn.execute(f"PRAGMA application_id={OUTBOX_APP_ID}")
             self._rescan()
         except BaseException:
             conn.close()
@@ -160,6 +198,10 @@ class OutboxDB:
                         self.path, self.seq_path, skipped[0], skipped[1])
         self._put_meta({"db_id": self._db_id, "clean": "0", "kboot": kboot,
                         "last_seq": str(next_seq - 1)})
+        if stamp or fresh:
+            # The identity goes into the main file now, outside the WAL, so that a WAL can be
+            # checked against it (agent.outbox.recovery).
+            self._c().execute("PRAGMA wal_checkpoint(TRUNCATE)")
         try:
             self._reserve(next_seq + SEQ_BLOCK)
         except OSError as exc:
@@ -193,7 +235,8 @@ class OutboxDB:
     def _rescan(self, last_seq: int | None = None) -> None:
         """Recount from the tables; ``last_seq`` keeps a known value instead of MAX(seq)."""
         c = self._c()
-        snap = Snapshot(corrupt_resets=self.snap.corrupt_resets, version=self.snap.version + 1)
+        snap = Snapshot(corrupt_resets=self.snap.corrupt_resets, salvaged=self.snap.salvaged,
+                        unreadable=self.snap.unreadable, version=self.snap.version + 1)
         for kind, n, size in c.execute(
                 "SELECT kind, COUNT(*), SUM(length(topic) + length(payload)) FROM outbox "
                 "GROUP BY kind"):
@@ -237,32 +280,27 @@ class OutboxDB:
 
     # -- corruption -----------------------------------------------------------------------
 
-    def _move_aside(self, exc: BaseException) -> None:
+    def _move_aside(self, exc: BaseException) -> Path:
         if self._conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._wall_ns() / 1e9))
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{self.path}{suffix}")
-            if src.exists():
-                os.replace(src, Path(f"{aside}{suffix}"))
-        log.error("%s is corrupt (%s): moved aside to %s, starting an empty outbox; "
-                  "its unsent messages are lost", self.path, exc, aside)
+        aside = aside_name(self.path, "corrupt", self._stamp())
+        move_aside(self.path, aside)
+        log.error("%s is corrupt (%s): moved aside to %s; salvaging what can be read into a "
+                  "new outbox", self.path, exc, aside)
         self.snap.corrupt_resets += 1
-        olds = sorted(self.path.parent.glob(f"{self.path.name}.corrupt-*"))
-        stems = sorted({p.name.split("-wal")[0].split("-shm")[0] for p in olds})
-        for stem in stems[:-CORRUPT_KEEP]:
-            for p in self.path.parent.glob(f"{stem}*"):
-                p.unlink(missing_ok=True)
+        return aside
 
     def _reset(self, exc: BaseException) -> None:
         last = self.snap.last_seq
-        self._move_aside(exc)
+        held = self.total_rows()
+        aside = self._move_aside(exc)
         # The fresh file starts from the reservation; the loop keeps its own next seq.
         self._open_once()
+        self._salvage(aside, held)
         self.snap.last_seq = max(self.snap.last_seq, last)
+        self._prune()
 
     def _c(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -278,8 +316,8 @@ class OutboxDB:
             if not is_corrupt(exc):
                 raise
             self._reset(exc)
-            # Acks, attempts and quarantines referred to the lost file; new rows still count.
-            return self._commit_once(Batch(rows=batch.rows, protect=batch.protect))
+            # The salvaged rows keep their seqs: acks, attempts and quarantines still apply.
+            return self._commit_once(batch)
 
     def _rollback(self, last_seq: int) -> None:
         """Undo a failed transaction and re-read the counters it had already moved."""
@@ -423,37 +461,23 @@ class OutboxDB:
 
     def fetch(self, after: int, upto: int, limit: int, skip: frozenset[int]) -> list[Row]:
         """Rows with ``after < seq <= upto`` in seq order, leaving out ``skip``."""
+        query = ("SELECT seq, kind, topic, payload, created_ns, attempts FROM outbox "
+                 "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?")
+        params = (after, upto, limit + len(skip))
         try:
-            rows = self._c().execute(
-                "SELECT seq, kind, topic, payload, created_ns, attempts FROM outbox "
-                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                (after, upto, limit + len(skip))).fetchall()
+            rows = self._c().execute(query, params).fetchall()
         except sqlite3.DatabaseError as exc:
             if not is_corrupt(exc):
                 raise
             self._reset(exc)
-            return []
+            rows = self._c().execute(query, params).fetchall()  # what was salvaged
         out = [Row(s, k, t, bytes(p), cr, a) for s, k, t, p, cr, a in rows if s not in skip]
         return out[:limit]
 
     def export_chunk(self, fh: IO[str], table: str, after: int, limit: int) -> tuple[int, int]:
         """Append up to ``limit`` rows of ``table`` after seq ``after`` to ``fh`` as JSON lines;
         returns (rows written, last seq)."""
-        extra = ", reason" if table == "quarantine" else ", NULL"
-        rows = self._c().execute(
-            f"SELECT seq, kind, topic, payload, created_ns, attempts{extra} FROM {table} "
-            "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        for seq, kind, topic, payload, created, attempts, reason in rows:
-            try:
-                message: Any = json.loads(payload)
-            except ValueError:
-                message = {"undecodable": bytes(payload).hex()}
-            line = {"seq": seq, "class": kind, "topic": topic, "created_ns": created,
-                    "attempts": attempts, "message": message}
-            if reason is not None:
-                line["quarantined"] = reason
-            fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-        return len(rows), (rows[-1][0] if rows else after)
+        return export_rows(self._c(), fh, table, after, limit)
 
     def quarantined_rows(self, limit: int) -> list[tuple[int, str, str, int, str]]:
         """Newest quarantined rows: (seq, kind, topic, attempts, reason)."""

@@ -57,6 +57,8 @@ class Snapshot:
     oldest_created_ns: int | None = None
     last_seq: int = 0
     corrupt_resets: int = 0
+    salvaged: int = 0  # rows copied out of damaged files into the new one
+    unreadable: int = 0  # rows a damaged file listed but that could not be read
     quarantined: int = 0
     version: int = 0  # +1 per call that changed it; the loop keeps the newest copy
 

@@ -42,7 +42,9 @@ from typing import IO, Any, Final
 from agent.clock import Clock, SystemClock
 from agent.config.schema import OutboxConfig
 from agent.feed.messages import Draft, encode
+from agent.logs import Throttle
 from agent.outbox.db import OutboxDB
+from agent.outbox.recovery import OutboxPathError
 from agent.outbox.rows import (
     DROP_ORDER,
     KINDS,
@@ -65,6 +67,7 @@ FLUSH_TIMEOUT_S: Final = 4.0  # a stop must fit systemd's budget even with a stu
 CLOSE_TIMEOUT_S: Final = 2.0
 SHED_LOG_EVERY_NS: Final = 10_000_000_000
 EXPORT_CHUNK_ROWS: Final = 2000
+COMMIT_ERROR_LOG_S: Final = 60.0  # a failing disk fails every commit: one ERROR line a minute
 
 Listener = Callable[[Sequence[Row]], None]
 CommitResult = tuple[list[Dropped], Snapshot, float]  # drops, state after, milliseconds
@@ -107,6 +110,7 @@ class Outbox:
         self._max_commit_ms = 0.0
         self._quarantined = 0
         self._last_shed_log_ns = -SHED_LOG_EVERY_NS
+        self._commit_log = Throttle(log, COMMIT_ERROR_LOG_S)
 
     # -- lifecycle ------------------------------------------------------------------------
     # open, flush and close block the caller: they run at start and stop only, and a stop
@@ -123,6 +127,10 @@ class Outbox:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise OutboxError(f"{self.cfg.path}: cannot open the outbox: {exc}") from exc
+        except OutboxPathError as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise OutboxError(f"{self.cfg.path}: {exc}") from exc
         self._next_seq = info.next_seq
         self._skipped = info.skipped
         self._snap = copy.deepcopy(info.snapshot)
@@ -323,6 +331,8 @@ class Outbox:
             "quarantined": self._quarantined,
             "quarantine_rows": self._snap.quarantined,
             "corrupt_resets": self._snap.corrupt_resets,
+            "salvaged": self._snap.salvaged,
+            "unreadable": self._snap.unreadable,
             "commits": self._commits,
             "commit_errors": self._commit_errors,
             "last_commit_ms": round(self._last_commit_ms, 3),
@@ -394,6 +404,7 @@ class Outbox:
         if snap.version > self._snap.version:
             self._snap = snap
         self._commits += 1
+        self._commit_log.recovered("outbox %s: commits work again", self.cfg.path)
         self._last_commit_ms = ms
         self._max_commit_ms = max(self._max_commit_ms, ms)
         for d in dropped:
@@ -428,7 +439,8 @@ class Outbox:
     def _failed(self, batch: Batch, exc: BaseException) -> None:
         """Keep a batch that could not be written for the next attempt."""
         self._commit_errors += 1
-        log.error("outbox commit of %d changes failed (kept for retry): %s", len(batch), exc)
+        self._commit_log.log(logging.ERROR, "outbox commit of %d changes failed (kept for "
+                             "retry): %s", len(batch), exc)
         nxt = self._batch
         batch.rows += nxt.rows
         batch.acks += nxt.acks
