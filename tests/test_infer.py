@@ -276,3 +276,13 @@ async def test_stream_windows_reproduce_the_training_outputs_at_300_s_boundaries
             assert inf.outputs[key] == pytest.approx(value, rel=1e-3, abs=1e-3), (key, w.start_ns)
     if name == "energy":  # the anomaly score compares with the forecast made 300 s earlier
         assert ["anomaly_score" in i.outputs for i in got[:7]] == [False] * 5 + [True] * 2
+
+
+def test_the_status_screen_shows_where_each_model_runs(stage: InferenceStage) -> None:
+    from agent.control.view import model_rows
+
+    rows = {r[0]: r for r in model_rows({"status": stage.status()})}
+    for name in ("traffic", "energy"):
+        runs_on = stage.status()["models"][name]["runs_on"]
+        assert runs_on in ("loop", "worker")
+        assert rows[name][1].endswith(f"({runs_on})")

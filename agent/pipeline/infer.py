@@ -9,9 +9,10 @@ Every configured model is verified against its manifest before it runs (sha256, 
 width against the graph, opset; see ``models.manifest.verify``). A model that fails is refused
 with an error naming the file and the reason, and the model that was running keeps running.
 
-Threading: feature building and all per-model state live on the event loop; only
-``session.run`` goes to one worker thread (each session has one intra-op thread, so inference
-uses at most one core beside the loop). The set of loaded models is one dict that ``reload`` and
+Threading: feature building and all per-model state live on the event loop. ``session.run`` of a
+model whose load-time p99 is tiny runs there too; a slower model's goes to one worker thread
+(each session has one intra-op thread, so inference uses at most one core beside the loop). See
+``agent.pipeline.loaded_model`` for the probe; status shows ``runs_on``. The set of loaded models is one dict that ``reload`` and
 ``activate`` replace in a single assignment, so a window is always served by a consistent set.
 
 Skill guard (``agent.pipeline.skill``): each model's forecast output is scored against what
