@@ -31,6 +31,7 @@ from agent.outbox.recovery import OutboxPathError, check_outbox_path
 from agent.pipeline.alarms import AnomalyStage
 from agent.pipeline.clean import Cleaner
 from agent.pipeline.clocksync import ClockSync
+from agent.pipeline.history import HistoryError, open_history
 from agent.pipeline.windows import Windower
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,28 @@ def _outbox_problems(path_text: str) -> list[Problem]:
     return [] if bad is None else [Problem("outbox.path", path_text, bad)]
 
 
+def _history_problems(cfg: AgentConfig) -> list[Problem]:
+    """A history file that exists must be one (the agent never overwrites another file)."""
+    used = any(m.enabled for m in cfg.models) or any(st.anomaly for st in cfg.streams)
+    if not cfg.history.enabled or not used:
+        return []
+    path_text = cfg.history_path()
+    where = "history.path" if cfg.history.path else "history.path (beside outbox.path)"
+    path = Path(path_text)
+    try:
+        exists = path.exists()
+    except OSError as exc:
+        return [Problem(where, path_text, f"cannot be inspected: {exc.strerror or exc}")]
+    if exists:
+        try:
+            open_history(path, create=False).close()
+        except HistoryError as exc:
+            return [Problem(where, path_text, str(exc).removeprefix(f"{path}: "))]
+        return []
+    bad = _nearest_dir(path)
+    return [] if bad is None else [Problem(where, path_text, bad)]
+
+
 def preflight(cfg: AgentConfig) -> Preflight:
     """Build what a generation of ``cfg`` would build, without hardware; the problems."""
     clock = ClockSync(lambda _wall_ns: True)
@@ -176,5 +199,6 @@ def preflight(cfg: AgentConfig) -> Preflight:
             _model_problems(i, m, out)
     _mqtt_files(cfg, out)
     out.errors += _outbox_problems(cfg.outbox.path)
+    out.errors += _history_problems(cfg)
     out.errors += _socket_problems(cfg.control.socket)
     return out

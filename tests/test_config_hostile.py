@@ -243,3 +243,20 @@ def test_a_fifo_as_anomaly_thresholds_does_not_hang_the_check(tmp_path: Path) ->
     assert done.returncode == 2, done
     assert f"{f}: streams[0].anomaly.thresholds: " in done.stderr
     assert "not a regular file" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("long", ["x" * 3000, "/" + "x" * 3000 + "/f"])
+@pytest.mark.parametrize("table", ["outbox", "control", "history"])
+def test_a_long_path_is_shown_shortened_in_every_check(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], table: str, long: str) -> None:
+    key = {"outbox": "path", "control": "socket", "history": "path"}[table]
+    text = "\n".join(line for line in valid(tmp_path).splitlines()
+                     if not line.startswith(f"{key} = ") or table == "history")
+    text += '\n[[models]]\nname = "energy"\nstream = "st"\n'
+    text = (text.replace(f"[{table}]", f'[{table}]\n{key} = "{long}"', 1) if f"[{table}]" in text
+            else text + f'\n[{table}]\n{key} = "{long}"\n')
+    f = tmp_path / "agent.toml"
+    f.write_text(text)
+    rc, lines = check(f, capsys)
+    assert rc == 2 and lines
+    assert all(len(line) < 1000 for line in lines), [line[:200] for line in lines]

@@ -33,11 +33,25 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
+        # A hostile value (an 80 KB path) is shown shortened, wherever it appears.
+        value = _shown(self.value)
+        reason = self.reason.replace(self.value, value) if self.value else self.reason
+        reason = _shown(reason, REASON_SHOWN)
         if not self.path:  # about the file as a whole: the source is named beside it
-            return self.reason
-        if self.value and self.value not in self.reason:
-            return f"{self.path}: {self.value}: {self.reason}"
-        return f"{self.path}: {self.reason}"
+            return reason
+        if value and value not in reason:
+            return f"{self.path}: {value}: {reason}"
+        return f"{self.path}: {reason}"
+
+
+VALUE_SHOWN = 120
+REASON_SHOWN = 600
+
+
+def _shown(text: str, limit: int = VALUE_SHOWN) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 40]}... ({len(text)} characters)"
 
 
 class ConfigError(Exception):

@@ -12,8 +12,9 @@ with an error naming the file and the reason, and the model that was running kee
 Threading: feature building and all per-model state live on the event loop. ``session.run`` of a
 model whose load-time p99 is tiny runs there too; a slower model's goes to one worker thread
 (each session has one intra-op thread, so inference uses at most one core beside the loop). See
-``agent.pipeline.loaded_model`` for the probe; status shows ``runs_on``. The set of loaded models is one dict that ``reload`` and
-``activate`` replace in a single assignment, so a window is always served by a consistent set.
+``agent.pipeline.loaded_model`` for the probe; status shows ``runs_on``. The set of loaded
+models is one dict that ``reload`` and ``activate`` replace in a single assignment, so a window
+is always served by a consistent set.
 
 Skill guard (``agent.pipeline.skill``): each model's forecast output is scored against what
 the next window measured, beside persistence; what gets published under the output's name is
