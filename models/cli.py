@@ -10,10 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models import SAMPLES_DIR, SHIPPED
-from models.manifest import ModelError, shipped_paths, verify
 
 SAMPLE_TOLERANCE = 1e-3  # relative; expected outputs are stored rounded to 5 decimals
 
@@ -49,6 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    # numpy and onnxruntime come in with the command that needs them, never with `--help`.
+    from models.manifest import ModelError, shipped_paths, verify
+
     failed = 0
     for name in SHIPPED:
         onnx_path, man_path = shipped_paths(name)
@@ -68,6 +68,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from models.manifest import ModelError, verify
+
     try:
         vm = verify(args.file, args.manifest or None)
     except ModelError as exc:
@@ -86,6 +88,8 @@ def _close(a: float | str, b: Any) -> bool:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from agent.config.schema import ModelConfig
     from agent.pipeline.infer import InferenceStage
     from models.windows_io import window_from_dict

@@ -23,20 +23,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.control.client import (
+    DEFAULT_SOCKET,
     AgentNotRunning,
     ControlClient,
     ControlClientError,
     ControlProtocolError,
-)
-from agent.control.server import DEFAULT_SOCKET
-from agent.control.view import (
-    SENSOR_HEADER,
-    fmt_number,
-    render_rich,
-    render_text,
-    sensor_rows,
-    status_schema,
-    table,
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -72,14 +63,18 @@ def socket_path(args: argparse.Namespace) -> str:
 
 def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        from agent.config.load import ConfigError
+        if getattr(args, "config", None) and not getattr(args, "socket", None):
+            # The config loader (pydantic, the driver table) only when a config is named.
+            from agent.config.load import ConfigError
 
-        try:
+            try:
+                path = socket_path(args)
+            except ConfigError as exc:
+                for p in exc.problems:
+                    _err(f"{exc.source}: {p}")
+                return EXIT_USAGE
+        else:
             path = socket_path(args)
-        except ConfigError as exc:
-            for p in exc.problems:
-                _err(f"{exc.source}: {p}")
-            return EXIT_USAGE
         try:
             with ControlClient(path, timeout_s=args.timeout) as client:
                 return fn(client, args)
@@ -99,6 +94,8 @@ def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
 # -- status -------------------------------------------------------------------------------
 
 def _status(client: ControlClient, args: argparse.Namespace) -> int:
+    from agent.control.view import render_rich, render_text
+
     snap = client.call("status")
     if args.json:
         print(json.dumps(snap, indent=2, sort_keys=True))
@@ -111,6 +108,8 @@ def _status(client: ControlClient, args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.schema:
+        from agent.control.view import status_schema
+
         print(json.dumps(status_schema(), indent=2))
         return EXIT_OK
     return _talking(_status)(args)
@@ -124,6 +123,8 @@ def _clock(ns: Any) -> str:
 
 
 def format_item(item: Mapping[str, Any]) -> str:
+    from agent.control.view import fmt_number
+
     kind, name = item.get("kind", "?"), item.get("name", "?")
     if kind == "reading":
         flags = f" {','.join(item['reasons'])}" if item.get("reasons") else ""
@@ -222,6 +223,8 @@ def _reload(client: ControlClient, args: argparse.Namespace) -> int:
 # -- outbox -------------------------------------------------------------------------------
 
 def _outbox_stats(client: ControlClient, args: argparse.Namespace) -> int:
+    from agent.control.view import fmt_number
+
     stats = client.call("outbox.stats")
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
@@ -304,6 +307,8 @@ def _outbox_export(client: ControlClient, args: argparse.Namespace) -> int:
 # -- sensors ------------------------------------------------------------------------------
 
 def _sensors_list(client: ControlClient, args: argparse.Namespace) -> int:
+    from agent.control.view import SENSOR_HEADER, sensor_rows, table
+
     sensors = client.call("sensors.list", {"name": args.name} if args.name else {})["sensors"]
     if args.json:
         print(json.dumps(sensors, indent=2, sort_keys=True))

@@ -233,7 +233,9 @@ def model_rows(models: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         outputs = info.get("outputs") or st.get("last_outputs") or {}
         shown = (", ".join(f"{k}={fmt_number(v)}" for k, v in outputs.items())
                  if isinstance(outputs, Mapping) else str(outputs))
-        rows.append((name, str(version), guard_text(st), shown or "no output yet"))
+        runs_on = st.get("runs_on")  # where session.run goes, chosen at load
+        version = f"{version} ({runs_on})" if isinstance(runs_on, str) else str(version)
+        rows.append((name, version, guard_text(st), shown or "no output yet"))
     return rows
 
 
