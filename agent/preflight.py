@@ -32,9 +32,7 @@ from agent.pipeline.alarms import AnomalyStage
 from agent.pipeline.clean import Cleaner
 from agent.pipeline.clocksync import ClockSync
 from agent.pipeline.history import HistoryError, open_history
-from agent.pipeline.infer import feature_spec, resolve
 from agent.pipeline.windows import Windower
-from models.manifest import verify
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +77,10 @@ class Preflight:
 
 
 def _model_problems(i: int, m: ModelConfig, out: Preflight) -> None:
+    # numpy and onnxruntime come in only when a model is configured.
+    from agent.pipeline.loaded_model import feature_spec, resolve
+    from models.manifest import verify
+
     for key, path in (("path", m.path), ("shadow", m.shadow)):
         if key == "shadow" and not path:
             continue

@@ -11,10 +11,9 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Final
-
-import crcmod.predefined
 
 from firmware_bridge.errors import CrcError, FrameError
 
@@ -28,7 +27,9 @@ FLAG_ANSWER: Final = 0x01  # this frame answers the request whose seq is in ``ac
 FLAG_RETRY: Final = 0x02  # a retransmission of a frame already sent with this seq
 KNOWN_FLAGS: Final = FLAG_ANSWER | FLAG_RETRY
 
-crc32 = crcmod.predefined.mkPredefinedCrcFun("crc-32")
+def crc32(data: bytes) -> int:
+    """CRC-32/ISO-HDLC, which is zlib's."""
+    return zlib.crc32(data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from agent.anomaly import History, SiteInfo, Thresholds, calibrate
+from agent.anomaly import SiteInfo, Thresholds
+from agent.anomaly.calibrate import History, calibrate
 from models.anomaly_sim import local_time
 from models.sun import solar_position
 

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.anomaly import EVENT_TYPES, AnomalyEvent, AnomalyMonitor, SiteInfo, calibrate
+from agent.anomaly import EVENT_TYPES, AnomalyEvent, AnomalyMonitor, SiteInfo
+from agent.anomaly.calibrate import calibrate
 from agent.anomaly.thresholds import Thresholds
 from models.anomaly_csv import HistoryCsvError, calibrate_from_csv
 from models.anomaly_sim import DAY_S, SITES, CabinetRun, CabinetSite, Fault, simulate_cabinet

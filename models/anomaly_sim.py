@@ -37,7 +37,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
-from agent.anomaly import History, Sample
+from agent.anomaly import Sample
+from agent.anomaly.calibrate import History
 from models.sites import PRESETS, Climate, SiteParams
 from models.sun import day_of_year, solar_position
 from models.weather import simulate_weather

@@ -10,10 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from models import SAMPLES_DIR, SHIPPED
-from models.manifest import ModelError, shipped_paths, verify
 
 SAMPLE_TOLERANCE = 1e-3  # relative; expected outputs are stored rounded to 5 decimals
 
@@ -49,6 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    # numpy and onnxruntime come in with the command that needs them, never with `--help`.
+    from models.manifest import ModelError, shipped_paths, verify
+
     failed = 0
     for name in SHIPPED:
         onnx_path, man_path = shipped_paths(name)
@@ -68,13 +68,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from models.manifest import ModelError, verify
+
     try:
         vm = verify(args.file, args.manifest or None)
     except ModelError as exc:
         print(f"REFUSED: {exc}")
         return 1
     m = vm.manifest
-    print(f"ok: {m.name} version {m.version}, opset {m.opset}, inputs {', '.join(m.input_names)}")
+    print(f"ok: {m.name} version {m.version}, opset {m.opset}, runs in {vm.runtime}, "
+          f"inputs {', '.join(m.input_names)}")
     return 0
 
 
@@ -85,6 +88,8 @@ def _close(a: float | str, b: Any) -> bool:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from agent.config.schema import ModelConfig
     from agent.pipeline.infer import InferenceStage
     from models.windows_io import window_from_dict
@@ -115,8 +120,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         for got, want in zip(results, expected, strict=True):
             mismatches += sum(not _close(got["outputs"][k], want.get(k)) for k in want)
     lat = np.array([r["latency_ms"] for r in results])
-    print(f"{args.name} version {stage.versions().get(args.name)}: {len(windows)} sample windows "
-          f"-> {len(results)} inferences in {wall_s:.2f} s")
+    runtime = stage.status()["models"].get(args.name, {}).get("runtime")
+    print(f"{args.name} version {stage.versions().get(args.name)} ({runtime}): {len(windows)} "
+          f"sample windows -> {len(results)} inferences in {wall_s:.2f} s")
     for r in results[-3:]:
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r["outputs"].items()}
         print(f"  window {r['start']}: {shown}")

@@ -4,8 +4,12 @@ Each shipped model is ``<name>.onnx`` plus ``<name>.json``. The manifest names t
 order (with units and the fill value used when an input is missing), the outputs, the opset,
 the sha256 of the ONNX file, how the model was trained and how it scored. ``verify`` refuses a
 model whose file does not hash to the manifest, whose graph carries other input names, another
-input width, another opset, or that onnxruntime cannot load. Needs only onnxruntime (no torch,
-no onnx package): the few ModelProto fields checked here are read straight from the protobuf.
+input width, another opset, or that its runtime cannot load. Needs no torch and no onnx
+package: the few ModelProto fields checked here are read straight from the protobuf.
+
+Runtimes: onnxruntime where it is installed (every 64-bit platform), else the numpy executor
+in ``models.numpy_exec`` (32-bit Raspberry Pi OS has no onnxruntime wheel). ``runtime`` picks
+one explicitly; onnxruntime is imported only when a model is opened with it.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models import MODELS_DIR
+from models.numpy_exec import GraphError, NumpySession
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 OPSET_MIN = 17
 OPSET_MAX = 21
@@ -102,11 +109,24 @@ class Manifest(_Frozen):
         return [i.name for i in self.inputs]
 
 
+Runtime = Literal["auto", "onnxruntime", "numpy"]
+RUNTIMES: tuple[Runtime, ...] = ("auto", "onnxruntime", "numpy")
+
+
+class Session(Protocol):
+    """What the gateway uses of a runtime's session (onnxruntime's or the numpy executor's)."""
+
+    def get_inputs(self) -> Any: ...
+    def get_outputs(self) -> Any: ...
+    def run(self, names: Any, feeds: dict[str, Any]) -> Any: ...
+
+
 @dataclass(frozen=True)
 class VerifiedModel:
     manifest: Manifest
     path: Path
-    session: ort.InferenceSession
+    session: Session
+    runtime: str = "onnxruntime"  # which runtime opened it: "onnxruntime" or "numpy"
 
     @property
     def version(self) -> str:
@@ -194,7 +214,17 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ModelError(f"{path}: manifest field {where}: {first['msg']}") from None
 
 
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def session_options() -> ort.SessionOptions:
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -211,8 +241,33 @@ def manifest_path_for(onnx_path: str | Path) -> Path:
     return Path(onnx_path).with_suffix(".json")
 
 
-def verify(onnx_path: str | Path, manifest_path: str | Path | None = None) -> VerifiedModel:
-    """Check an ONNX file against its manifest and open it; raises ModelError on any mismatch."""
+def open_session(data: bytes, runtime: Runtime, where: Path) -> tuple[Session, str]:
+    """A session on the graph in ``data`` and the name of the runtime that opened it."""
+    if runtime not in RUNTIMES:
+        raise ModelError(f"{where}: unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
+    if runtime == "numpy" or (runtime == "auto" and not onnxruntime_available()):
+        try:
+            return NumpySession(data), "numpy"
+        except GraphError as exc:
+            hint = "" if runtime == "numpy" else " (onnxruntime is not installed here)"
+            raise ModelError(f"{where}: the numpy executor cannot run it{hint}: {exc}") from None
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelError(f"{where}: runtime 'onnxruntime' is configured but cannot be imported "
+                         f"({exc}); install onnxruntime or set runtime = \"numpy\"") from None
+    try:
+        session = ort.InferenceSession(data, sess_options=session_options(),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own non-exported exception types
+        raise ModelError(f"{where}: onnxruntime cannot load it: {exc}") from None
+    return session, "onnxruntime"
+
+
+def verify(onnx_path: str | Path, manifest_path: str | Path | None = None,
+           runtime: Runtime = "auto") -> VerifiedModel:
+    """Check an ONNX file against its manifest and open it with ``runtime`` ("auto":
+    onnxruntime if it is installed, else numpy); raises ModelError on any mismatch."""
     onnx_path = Path(onnx_path)
     m = load_manifest(manifest_path or manifest_path_for(onnx_path))
     try:
@@ -247,13 +302,9 @@ def verify(onnx_path: str | Path, manifest_path: str | Path | None = None) -> Ve
             f"{onnx_path}: input names differ from the graph ({len(graph_inputs)} in graph, "
             f"{len(m.input_names)} in manifest; {'; '.join(diff[:3]) or 'length differs'})"
         )
-    try:
-        session = ort.InferenceSession(data, sess_options=session_options(),
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own non-exported exception types
-        raise ModelError(f"{onnx_path}: onnxruntime cannot load it: {exc}") from None
+    session, used = open_session(data, runtime, onnx_path)
     _check_graph(session, m, onnx_path)
-    return VerifiedModel(m, onnx_path, session)
+    return VerifiedModel(m, onnx_path, session, used)
 
 
 def _meta_list(meta: dict[str, str], key: str, where: Path) -> list[str]:
@@ -268,7 +319,7 @@ def _meta_list(meta: dict[str, str], key: str, where: Path) -> list[str]:
     return value
 
 
-def _check_graph(session: ort.InferenceSession, m: Manifest, where: Path) -> None:
+def _check_graph(session: Session, m: Manifest, where: Path) -> None:
     ins = session.get_inputs()
     if len(ins) != 1 or ins[0].name != m.input_tensor:
         raise ModelError(f"{where}: graph inputs {[i.name for i in ins]} but the manifest "

@@ -72,7 +72,7 @@ def require_torch() -> ModuleType:
         import torch
     except ImportError:
         raise TrainUnavailable(
-            "training needs the train extra: pip install 'edge-agent[train]' "
+            "training needs the train extra: pip install 'edge-agent-gateway[train]' "
             "(torch==2.13.0, onnx, onnxscript)"
         ) from None
     module: ModuleType = torch

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.anomaly import SiteInfo, Thresholds, calibrate
+from agent.anomaly import SiteInfo, Thresholds
+from agent.anomaly.calibrate import calibrate
 from agent.anomaly.thresholds import load_thresholds
 from models.anomaly_csv import HistoryCsvError, calibrate_from_csv, read_history, write_history
 from models.anomaly_eval import main

@@ -8,6 +8,7 @@ import struct
 import zlib
 from typing import Any
 
+import crcmod.predefined
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,12 @@ def reference_cobs_decode(data: bytes) -> bytes:
 def test_crc_is_crc32_iso_hdlc() -> None:
     assert crc32(b"123456789") == 0xCBF43926
     assert crc32(b"123456789") == zlib.crc32(b"123456789")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_crc32_agrees_with_crcmod(data: bytes) -> None:
+    assert crc32(data) == crcmod.predefined.mkPredefinedCrcFun("crc-32")(data)
 
 
 def test_stored_vectors_are_current() -> None:

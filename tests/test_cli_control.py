@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -54,12 +55,15 @@ async def test_status_screen_shows_what_a_technician_needs(agent_sock, capsys) -
     assert "uplink   connected  to mqtt.example.net:8883  last PUBACK 1.5 s ago" in out
     assert "outbox   depth 3 (window 3)  oldest 42 s  dropped 4" in out
     bme = next(line for line in out.splitlines() if line.startswith("bme "))
-    for text in ("bme280", "up", "temperature 23.41 degC", "humidity 48.2 %RH", "0.8 s"):
+    for text in ("bme280", "up", "temperature 23.41 degC", "humidity 48.2 %RH"):
         assert text in bme, (text, bme)
+    # The age grows from 0.8 s while the command starts up on a loaded machine.
+    assert re.search(r"  \d+(\.\d)? s  ", bme), bme
     radar = next(line for line in out.splitlines() if line.startswith("radar "))
-    for text in ("down", "speed 12.5 m/s [suspect]", " 95 s ",
+    for text in ("down", "speed 12.5 m/s [suspect]",
                  "7 (4 in a row): SerialTimeout: no frame within 2.0 s"):
         assert text in radar, (text, radar)
+    assert re.search(r" 9\d s ", radar), radar
     model = next(line for line in out.splitlines() if line.startswith("traffic "))
     assert "3fa2c1d0" in model and "congestion=0.12" in model and "flow=840" in model
     assert "\x1b[" not in out, "no colour codes when the output is not a terminal"

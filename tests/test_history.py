@@ -136,7 +136,8 @@ def test_export_of_a_missing_history_names_it(tmp_path: Path) -> None:
 def test_circuit_history_exports_what_the_anomaly_calibration_reads(tmp_path: Path) -> None:
     import json
 
-    from agent.anomaly import SiteInfo, calibrate
+    from agent.anomaly import SiteInfo
+    from agent.anomaly.calibrate import calibrate
     from agent.anomaly.sample import ChannelMap
     from agent.readings import ChannelStats, Window
     from models.anomaly_csv import calibrate_from_csv

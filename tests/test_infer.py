@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import onnx
@@ -72,8 +73,10 @@ async def test_replays_samples_with_the_expected_outputs(stage: InferenceStage) 
     assert stage.status()["models"]["energy"]["runs"] == 0
 
 
-async def test_sessions_run_on_the_worker_thread(stage: InferenceStage) -> None:
-    windows, _, _ = samples("traffic")
+@pytest.mark.parametrize("runs_on", ["worker", "loop"])
+async def test_sessions_run_where_the_load_time_probe_put_them(
+        stage: InferenceStage, runs_on: str) -> None:
+    windows, expected, _ = samples("traffic")
     seen: list[str] = []
     model = stage._slots["traffic"].active
     original = model.run
@@ -83,9 +86,38 @@ async def test_sessions_run_on_the_worker_thread(stage: InferenceStage) -> None:
         return original(row)
 
     model.run = spy  # type: ignore[method-assign]
-    await stage.on_window(windows[0])
-    assert seen and seen[0].startswith("edge-infer")
-    assert threading.current_thread().name not in seen
+    model.runs_on = runs_on  # type: ignore[assignment]
+    got = await stage.on_window(windows[0])
+    if runs_on == "worker":
+        assert seen and seen[0].startswith("edge-infer")
+        assert threading.current_thread().name not in seen
+    else:
+        assert seen == [threading.current_thread().name]
+    # The same outputs wherever it ran.
+    assert got[0].outputs["speed_next"] == pytest.approx(expected[0]["speed_next"], abs=1e-3)
+    assert stage.status()["models"]["traffic"]["runs_on"] == runs_on
+
+
+def test_the_probe_keeps_a_slow_model_on_the_worker(stage: InferenceStage) -> None:
+    from agent.pipeline.loaded_model import INLINE_P99_MS
+
+    model = stage._slots["traffic"].active
+    st = stage.status()["models"]["traffic"]
+    # The choice follows the measured p99 on the manifest's fill values.
+    assert st["probe_p99_ms"] is not None and st["probe_p99_ms"] >= 0
+    assert st["runs_on"] == ("loop" if model.probe_p99_ms <= INLINE_P99_MS else "worker")
+    original = model.run
+
+    def slow(row):  # the real session, then the CPU kept busy as a large model would
+        out = original(row)
+        t_end = time.perf_counter() + 2 * INLINE_P99_MS / 1000
+        while time.perf_counter() < t_end:
+            pass
+        return out
+
+    model.run = slow  # type: ignore[method-assign]
+    model.probe()
+    assert model.runs_on == "worker" and model.probe_p99_ms > INLINE_P99_MS
 
 
 async def test_energy_anomaly_score_flags_a_spike(stage: InferenceStage) -> None:
@@ -244,3 +276,13 @@ async def test_stream_windows_reproduce_the_training_outputs_at_300_s_boundaries
             assert inf.outputs[key] == pytest.approx(value, rel=1e-3, abs=1e-3), (key, w.start_ns)
     if name == "energy":  # the anomaly score compares with the forecast made 300 s earlier
         assert ["anomaly_score" in i.outputs for i in got[:7]] == [False] * 5 + [True] * 2
+
+
+def test_the_status_screen_shows_where_each_model_runs(stage: InferenceStage) -> None:
+    from agent.control.view import model_rows
+
+    rows = {r[0]: r for r in model_rows({"status": stage.status()})}
+    for name in ("traffic", "energy"):
+        runs_on = stage.status()["models"][name]["runs_on"]
+        assert runs_on in ("loop", "worker")
+        assert rows[name][1].endswith(f"({runs_on})")

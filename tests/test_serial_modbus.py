@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import crcmod.predefined
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,13 @@ MANUAL_REPLY_BODY = bytes.fromhex(
 
 def test_crc_check_value() -> None:
     assert modbus.crc16(b"123456789") == 0x4B37
+    assert modbus.crc16(b"") == 0xFFFF
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_crc_agrees_with_crcmod(data: bytes) -> None:
+    assert modbus.crc16(data) == crcmod.predefined.mkPredefinedCrcFun("modbus")(data)
 
 
 def test_reference_request_frames() -> None:

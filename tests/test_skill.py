@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from agent.config.schema import ModelConfig
-from agent.pipeline.infer import InferenceStage, level_of
+from agent.pipeline.infer import InferenceStage
+from agent.pipeline.loaded_model import level_of
 from agent.pipeline.skill import BUCKET_NS, PENDING_MAX, GuardSettings, SkillGuard
 from agent.readings import ChannelStats, Window
 from models.manifest import Manifest, shipped_paths

@@ -5,7 +5,9 @@ Owns: the detectors (one per fault class: ``meter_stuck``, ``meter_spike``, ``me
 calibration that sets their thresholds per site from a few weeks of history.
 
 May import: ``agent.readings``, the standard library and numpy (calibration only; the per-window
-path is plain Python). Nothing else in the agent, so it can be wired into any pipeline shape.
+path is plain Python). Calibration (``agent.anomaly.calibrate``: ``History``, ``calibrate``) is
+not re-exported here, so that loading a config or running the detectors never imports numpy.
+Nothing else in the agent, so it can be wired into any pipeline shape.
 
 Runtime use::
 
@@ -21,7 +23,6 @@ the cabinet.
 
 from __future__ import annotations
 
-from agent.anomaly.calibrate import History, calibrate
 from agent.anomaly.events import EVENT_TYPES, AnomalyEvent, EventType, Severity, topic
 from agent.anomaly.monitor import AnomalyMonitor
 from agent.anomaly.sample import ChannelMap, Sample, SiteInfo, sample_from_window
@@ -33,12 +34,10 @@ __all__ = [
     "AnomalyMonitor",
     "ChannelMap",
     "EventType",
-    "History",
     "Sample",
     "Severity",
     "SiteInfo",
     "Thresholds",
-    "calibrate",
     "sample_from_window",
     "topic",
 ]

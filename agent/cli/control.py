@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -22,20 +23,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.control.client import (
+    DEFAULT_SOCKET,
     AgentNotRunning,
     ControlClient,
     ControlClientError,
     ControlProtocolError,
-)
-from agent.control.server import DEFAULT_SOCKET
-from agent.control.view import (
-    SENSOR_HEADER,
-    fmt_number,
-    render_rich,
-    render_text,
-    sensor_rows,
-    status_schema,
-    table,
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -71,14 +63,18 @@ def socket_path(args: argparse.Namespace) -> str:
 
 def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        from agent.config.load import ConfigError
+        if getattr(args, "config", None) and not getattr(args, "socket", None):
+            # The config loader (pydantic, the driver table) only when a config is named.
+            from agent.config.load import ConfigError
 
-        try:
+            try:
+                path = socket_path(args)
+            except ConfigError as exc:
+                for p in exc.problems:
+                    _err(f"{exc.source}: {p}")
+                return EXIT_USAGE
+        else:
             path = socket_path(args)
-        except ConfigError as exc:
-            for p in exc.problems:
-                _err(f"{exc.source}: {p}")
-            return EXIT_USAGE
         try:
             with ControlClient(path, timeout_s=args.timeout) as client:
                 return fn(client, args)
@@ -98,6 +94,8 @@ def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
 # -- status -------------------------------------------------------------------------------
 
 def _status(client: ControlClient, args: argparse.Namespace) -> int:
+    from agent.control.view import render_rich, render_text
+
     snap = client.call("status")
     if args.json:
         print(json.dumps(snap, indent=2, sort_keys=True))
@@ -110,6 +108,8 @@ def _status(client: ControlClient, args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.schema:
+        from agent.control.view import status_schema
+
         print(json.dumps(status_schema(), indent=2))
         return EXIT_OK
     return _talking(_status)(args)
@@ -123,6 +123,8 @@ def _clock(ns: Any) -> str:
 
 
 def format_item(item: Mapping[str, Any]) -> str:
+    from agent.control.view import fmt_number
+
     kind, name = item.get("kind", "?"), item.get("name", "?")
     if kind == "reading":
         flags = f" {','.join(item['reasons'])}" if item.get("reasons") else ""
@@ -145,8 +147,39 @@ def format_item(item: Mapping[str, Any]) -> str:
     return f"{_clock(None)}  {kind}  {name}  {json.dumps(item, sort_keys=True)}"
 
 
+def known_names(snap: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The names ``tail`` can follow, by kind, from a status snapshot."""
+    models = snap.get("models") or {}
+    model_names = set((models.get("status") or {}).get("models") or {}) | set(
+        models.get("last") or {})
+    return {
+        "sensors": sorted(str(s.get("name")) for s in snap.get("sensors") or []
+                          if isinstance(s, Mapping)),
+        "streams": sorted(str(k) for k in ((snap.get("windows") or {}).get("late") or {})),
+        "models": sorted(str(k) for k in model_names),
+    }
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def _tail(client: ControlClient, args: argparse.Namespace) -> int:
     shown = 0
+    if args.target:
+        names = known_names(client.call("status"))
+        if any(names.values()) and not any(args.target in v for v in names.values()):
+            listed = "; ".join(f"{kind} {', '.join(v)}" for kind, v in names.items() if v)
+            _err(f"edge-agent: no sensor, stream or model named {args.target!r} "
+                 f"(known: {listed})")
+            return EXIT_USAGE
     try:
         for event in client.stream("tail", {"match": args.target or ""}):
             kind = event.get("event")
@@ -154,16 +187,13 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> int:
                 _err(f"({event.get('count')} items dropped: the output is too slow)")
             elif kind == "item":
                 item = event.get("item") or {}
-                print(json.dumps(item) if args.json else format_item(item), flush=True)
+                print(json.dumps(finite(item), allow_nan=False) if args.json
+                      else format_item(item), flush=True)
                 shown += 1
                 if args.count and shown >= args.count:
                     return EXIT_OK
     except KeyboardInterrupt:
-        return EXIT_OK
-    except BrokenPipeError:
-        # `edge-agent tail | head`: the reader is gone, which ends the tail like Ctrl-C does.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return EXIT_INTERRUPTED
     _err("the agent ended the stream")
     return EXIT_FAIL
 
@@ -193,6 +223,8 @@ def _reload(client: ControlClient, args: argparse.Namespace) -> int:
 # -- outbox -------------------------------------------------------------------------------
 
 def _outbox_stats(client: ControlClient, args: argparse.Namespace) -> int:
+    from agent.control.view import fmt_number
+
     stats = client.call("outbox.stats")
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
@@ -275,6 +307,8 @@ def _outbox_export(client: ControlClient, args: argparse.Namespace) -> int:
 # -- sensors ------------------------------------------------------------------------------
 
 def _sensors_list(client: ControlClient, args: argparse.Namespace) -> int:
+    from agent.control.view import SENSOR_HEADER, sensor_rows, table
+
     sensors = client.call("sensors.list", {"name": args.name} if args.name else {})["sensors"]
     if args.json:
         print(json.dumps(sensors, indent=2, sort_keys=True))

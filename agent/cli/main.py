@@ -8,6 +8,10 @@ call them directly. Exit codes:
     2  bad usage or an invalid configuration file
     3  the agent is not running (commands that talk to it)
     130 interrupted (Ctrl-C)
+
+Ctrl-C and a closed pipe are handled here, once for every command: Ctrl-C exits 130 without a
+traceback, and a reader that goes away (``edge-agent status --json | head``) ends the command
+quietly with 0, since the reader took what it wanted; the rest of the output goes to /dev/null.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +46,33 @@ PLUGIN_MODULES = (
     "agent.cli.sharing",
 )
 
+# The commands those modules add, with their one-line help, so that `--help` and a command
+# from another module import none of them (drivers bring pydantic, models numpy and
+# onnxruntime). A test holds this table to what the modules register.
+PLUGIN_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sensors": ("read a configured sensor directly; list drivers",
+                ("agent.cli.sensors", "agent.cli.control")),
+    "status": ("one screen on the running agent: sensors, uplink, outbox, models",
+               ("agent.cli.control",)),
+    "tail": ("follow live readings, windows and inferences (Ctrl-C to stop)",
+             ("agent.cli.control",)),
+    "reload": ("reload the config file (like systemctl reload) and report the result",
+               ("agent.cli.control",)),
+    "outbox": ("inspect or export the store-and-forward outbox", ("agent.cli.control",)),
+    "i2c": ("I2C bus tools", ("drivers.i2c.cli",)),
+    "serial": ("serial ports and the devices on them", ("drivers.serial.cli",)),
+    "pzem": ("PZEM-004T energy meter maintenance", ("drivers.serial.cli",)),
+    "modbus": ("find and read Modbus devices on a port or TCP address", ("drivers.modbus.cli",)),
+    "profiles": ("Modbus device profiles, shipped and the site's own", ("drivers.modbus.cli",)),
+    "model": ("edge models: list, test, verify, train", ("models.cli", "agent.cli.models_site")),
+    "firmware": ("inspect and update a bridge microcontroller", ("firmware_bridge.cli",)),
+    "install-service": ("install the hardened systemd unit, user and default config (root)",
+                        ("agent.cli.service",)),
+    "uninstall-service": ("remove the unit; keep config and data unless --purge (root)",
+                          ("agent.cli.service",)),
+    "sharing": ("what each stream publishes, on which topics, how redacted",
+                ("agent.cli.sharing",)),
+}
 
 def _print_config_error(exc: Any) -> None:
     for p in exc.problems:
@@ -133,10 +165,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                     state_dir=args.state_dir, quiet=args.quiet,
                                     log_level=args.log_level))
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given ``argv``, only the module of the command it names is imported
+    (the other plugin commands are listed by name and help alone)."""
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="Sensor gateway agent: acquire, clean, fuse, infer, store and forward.",
@@ -178,21 +216,57 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
 
+    missing: list[str] = []
+    command = _command_of(argv) if argv is not None else None
+    wanted = (PLUGIN_MODULES if argv is None else
+              PLUGIN_COMMANDS[command][1] if command in PLUGIN_COMMANDS else ())
     for name in PLUGIN_MODULES:
+        if name not in wanted:
+            continue
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            # An optional command group whose module is not installed must not break the rest.
+            # An optional command group whose module is not installed must not break the rest,
+            # but --help says which is missing and why.
             log.debug("CLI module %s not available: %s", name, exc)
+            missing.append(f"{name} ({exc})")
             continue
         module.register(sub)
+    if missing:
+        parser.epilog = (f"{parser.epilog} Commands not available here: "
+                         f"{'; '.join(missing)}.")
+    if argv is not None:
+        for name, (help_text, _) in PLUGIN_COMMANDS.items():
+            if name not in sub.choices:
+                sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: the interpreter's final flush must not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    rc: int = args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        func = getattr(args, "func", None)
+        if func is None:  # a listed command whose module could not be imported
+            parser.error(f"command {args.command!r} is not available on this installation")
+        rc: int = func(args)
+        sys.stdout.flush()  # a reader that left shows up here, not at interpreter exit
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the line the ^C was echoed on
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_OK
     return rc
 
 

@@ -40,11 +40,13 @@ async def read_once(cfg_path: str, name: str, timeout_s: float, count: int) -> l
 
                 task = asyncio.create_task(sensor.run(emit), name=f"read:{name}")
                 waiter = asyncio.create_task(got.wait(), name="read-wait")
-                done, _ = await asyncio.wait({task, waiter}, timeout=timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                for t in (task, waiter):
-                    t.cancel()
-                await asyncio.gather(task, waiter, return_exceptions=True)
+                try:
+                    done, _ = await asyncio.wait({task, waiter}, timeout=timeout_s,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also on Ctrl-C: the sensor stops before its port is closed
+                    for t in (task, waiter):
+                        t.cancel()
+                    await asyncio.gather(task, waiter, return_exceptions=True)
                 if task in done and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:

@@ -318,6 +318,9 @@ class ModelConfig(_Frozen):
     activate_min_s: Annotated[float, Field(ge=0, le=30 * 86_400, allow_inf_nan=False)] = (
         86_400.0)
     """Seconds of live windows the candidate must have been scored on before activation."""
+    runtime: Literal["auto", "onnxruntime", "numpy"] = "auto"
+    """What runs the graph: `auto` is onnxruntime where it is installed, else the package's numpy
+    executor (32-bit Raspberry Pi OS, where onnxruntime has no wheel)."""
 
 
 MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode

@@ -22,6 +22,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+# The agent's socket when no config or --socket names one. The same value as the server's and
+# the config's default (a test holds them together); kept here so that the CLI's socket
+# commands import neither the server nor pydantic.
+DEFAULT_SOCKET = "/run/edge-agent/control.sock"
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 STREAM_TIMEOUT_S = 20.0  # four missed agent heartbeats
 

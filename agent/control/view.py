@@ -233,7 +233,9 @@ def model_rows(models: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         outputs = info.get("outputs") or st.get("last_outputs") or {}
         shown = (", ".join(f"{k}={fmt_number(v)}" for k, v in outputs.items())
                  if isinstance(outputs, Mapping) else str(outputs))
-        rows.append((name, str(version), guard_text(st), shown or "no output yet"))
+        runs_on = st.get("runs_on")  # where session.run goes, chosen at load
+        version = f"{version} ({runs_on})" if isinstance(runs_on, str) else str(version)
+        rows.append((name, version, guard_text(st), shown or "no output yet"))
     return rows
 
 
@@ -312,26 +314,68 @@ STATE_STYLE = {"up": "green", "ok": "green", "starting": "yellow", "retrying": "
                "down": "bold red", "failed": "bold red", "disabled": "dim"}
 
 
-def render_rich(snap: Mapping[str, Any], out: TextIO, width: int | None = None) -> None:
-    from rich.console import Console
+# Columns that give way when the terminal is narrow: cut with an ellipsis (``--json`` has it all),
+# never wrapped, so each sensor and model stays on one line.
+ELASTIC = {"LAST VALUE", "ERRORS", "LAST OUTPUT", "SOURCE / SKILL"}
+ELASTIC_MIN = 8
+COLUMN_GAP = 3  # the table's divider and the padding either side of it
+
+
+def fitted_widths(header: tuple[str, ...], rows: Sequence[Sequence[str]],
+                  width: int) -> list[int | None]:
+    """Widths for the elastic columns (None: its natural width) so a row fits ``width``: the
+    fixed columns keep theirs, and the elastic ones share the rest, the narrowest first."""
+    natural = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    elastic = [i for i, name in enumerate(header) if name in ELASTIC]
+    left = width - COLUMN_GAP * (len(header) - 1) - sum(
+        w for i, w in enumerate(natural) if i not in elastic)
+    out: list[int | None] = [None] * len(header)
+    if sum(natural[i] for i in elastic) <= left:
+        return out
+    pending = sorted(elastic, key=lambda i: natural[i])
+    while pending:
+        i = pending.pop(0)
+        share = max(ELASTIC_MIN, left // (len(pending) + 1))
+        out[i] = min(natural[i], share)
+        left -= out[i] or 0
+    return out
+
+
+def _fitted_table(header: tuple[str, ...], rows: Sequence[Sequence[str]], width: int) -> Any:
+    from rich import box
     from rich.table import Table
 
+    t = Table(header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, w in zip(header, fitted_widths(header, rows, width), strict=True):
+        t.add_column(name, no_wrap=True, overflow="ellipsis", width=w)
+    return t
+
+
+def render_rich(snap: Mapping[str, Any], out: TextIO, width: int | None = None) -> None:
+    """The status screen for a terminal: ``width`` columns, or the terminal's own width."""
+    from rich.console import Console
+    from rich.markup import escape
+
     console = Console(file=out, width=width)
-    console.print(header_line(snap.get("agent", {})), style="bold", highlight=False)
+    console.print(header_line(snap.get("agent", {})), style="bold", highlight=False, markup=False)
     clock = snap.get("clock", {})
     console.print(f"clock    {clock_line(clock)}",
-                  style="green" if clock.get("synced") else "yellow", highlight=False)
-    console.print(f"uplink   {uplink_line(snap.get('uplink', {}))}", highlight=False)
-    console.print(f"outbox   {outbox_line(snap.get('outbox', {}))}", highlight=False)
+                  style="green" if clock.get("synced") else "yellow", highlight=False, markup=False)
+    console.print(f"uplink   {uplink_line(snap.get('uplink', {}))}", highlight=False, markup=False)
+    console.print(f"outbox   {outbox_line(snap.get('outbox', {}))}", highlight=False, markup=False)
     for line in optional_lines(snap):
-        console.print(line, highlight=False)
-    sensors = Table(*SENSOR_HEADER, header_style="bold", expand=False)
-    for row in sensor_rows(snap.get("sensors", [])):
-        sensors.add_row(*row[:2], f"[{STATE_STYLE.get(row[2], 'white')}]{row[2]}[/]", *row[3:])
+        console.print(line, highlight=False, markup=False)
+    rows = sensor_rows(snap.get("sensors", []))
+    sensors = _fitted_table(SENSOR_HEADER, rows, console.width)
+    for row in rows:
+        # Cells are text, not markup: a quality flag such as "[suspect]" must show.
+        sensors.add_row(*map(escape, row[:2]),
+                        f"[{STATE_STYLE.get(row[2], 'white')}]{escape(row[2])}[/]",
+                        *map(escape, row[3:]))
     console.print(sensors)
     models = model_rows(snap.get("models", {}))
     if models:
-        mt = Table(*MODEL_HEADER, header_style="bold")
+        mt = _fitted_table(MODEL_HEADER, models, console.width)
         for row in models:
-            mt.add_row(*row)
+            mt.add_row(*map(escape, row))
         console.print(mt)

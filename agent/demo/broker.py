@@ -30,7 +30,7 @@ class EmbeddedBroker:
             from amqtt.broker import Broker
         except ImportError as exc:
             raise RuntimeError(
-                "the embedded demo broker needs amqtt: pip install 'edge-agent[demo]', "
+                "the embedded demo broker needs amqtt: pip install 'edge-agent-gateway[demo]', "
                 "or pass --broker HOST:PORT") from exc
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)

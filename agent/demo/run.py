@@ -123,10 +123,16 @@ async def run_demo(duration_s: float | None = None, broker: str | None = None,
     logs.setup(log_level, "text")
     started = time.monotonic()
     stop = asyncio.Event()
+    stopped_by: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     async with contextlib.AsyncExitStack() as stack:
         if state_dir is None:
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-agent-")))
@@ -171,4 +177,6 @@ async def run_demo(duration_s: float | None = None, broker: str | None = None,
     summary = ", ".join(f"{k} {v}" for k, v in sorted(watch.counts.items())) or "nothing"
     print(f"edge-agent demo: {total} messages received in {time.monotonic() - started:.1f} s "
           f"({summary}); agent exit code {rc}")
+    if stopped_by:  # Ctrl-C 130, SIGTERM 143: the shell's code for a signal
+        return 128 + stopped_by[0]
     return 0 if total and rc == 0 else 1

@@ -1,4 +1,7 @@
-"""The inference stage: stream windows -> feature rows -> onnxruntime -> Inference.
+"""The inference stage: stream windows -> feature rows -> ONNX graph -> Inference.
+
+The graph runs in onnxruntime where it is installed, else in the numpy executor
+(``models.numpy_exec``); a model's ``runtime`` setting chooses one explicitly.
 
 Every window of a model's stream gives one inference (``window_start_ns`` = that window's
 start), on the model window of ``window_s`` that ends with it (see ``agent.pipeline.features``): a
@@ -9,10 +12,12 @@ Every configured model is verified against its manifest before it runs (sha256, 
 width against the graph, opset; see ``models.manifest.verify``). A model that fails is refused
 with an error naming the file and the reason, and the model that was running keeps running.
 
-Threading: feature building and all per-model state live on the event loop; only
-``session.run`` goes to one worker thread (each session has one intra-op thread, so inference
-uses at most one core beside the loop). The set of loaded models is one dict that ``reload`` and
-``activate`` replace in a single assignment, so a window is always served by a consistent set.
+Threading: feature building and all per-model state live on the event loop. ``session.run`` of a
+model whose load-time p99 is tiny runs there too; a slower model's goes to one worker thread
+(each session has one intra-op thread, so inference uses at most one core beside the loop). See
+``agent.pipeline.loaded_model`` for the probe; status shows ``runs_on``. The set of loaded
+models is one dict that ``reload`` and ``activate`` replace in a single assignment, so a window
+is always served by a consistent set.
 
 Skill guard (``agent.pipeline.skill``): each model's forecast output is scored against what
 the next window measured, beside persistence; what gets published under the output's name is
@@ -31,220 +36,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from agent.config.schema import ModelConfig
-from agent.pipeline.features import (
-    ENERGY_QUANTITIES,
-    TRAFFIC_QUANTITIES,
-    FeatureBuilder,
-    FeatureError,
-    FeatureRow,
-    FeatureSpec,
-    InputSpec,
-    parse_input,
-)
-from agent.pipeline.skill import GuardSettings, ShadowComparison, SkillGuard, Source
 from agent.readings import Inference, Window
-from models.manifest import (
-    Forecast,
-    Manifest,
-    ModelError,
-    VerifiedModel,
-    manifest_path_for,
-    shipped_paths,
-    verify,
-)
+
+if TYPE_CHECKING:
+    from agent.pipeline.features import FeatureRow
+    from agent.pipeline.loaded_model import LoadedModel
+    from agent.pipeline.skill import ShadowComparison
 
 log = logging.getLogger(__name__)
 
 ERRORS_KEPT = 20
-FORECASTS_KEPT = 4096  # pending anomaly forecasts: one per stream window over one model window
-
-
-def feature_spec(m: Manifest) -> FeatureSpec:
-    return FeatureSpec(
-        inputs=tuple(InputSpec(i.name, i.fill) for i in m.inputs),
-        window_s=m.window_s, timezone=m.timezone, hold_s=dict(m.hold_s),
-    )
-
-
-def guard_settings(cfg: ModelConfig) -> GuardSettings:
-    return GuardSettings(horizon_s=cfg.guard_horizon_s, margin=cfg.guard_margin,
-                         min_evaluated_s=cfg.guard_min_s, enabled=cfg.guard)
-
-
-def forecast_of(m: Manifest) -> Forecast | None:
-    """The forecast the guard scores: declared, or (older manifests) the anomaly's pair."""
-    if m.forecast is not None:
-        return m.forecast
-    if m.anomaly is not None:
-        return Forecast(output=m.anomaly.forecast, actual=m.anomaly.actual)
-    return None
-
-
-def label_key(output: str) -> str:
-    """Where a class-index output's label goes: ``congestion_level`` -> ``congestion``."""
-    return output.removesuffix("_level") if output.endswith("_level") else f"{output}_label"
-
-
-def level_of(speed: float, m: Manifest) -> int:
-    """The congestion class of a speed by the manifest's thresholds (0 free .. 2 congested)."""
-    c = m.congestion
-    if c is None or not math.isfinite(speed):
-        return 0
-    ratio = speed / c.free_flow_speed_m_s
-    return 2 if ratio < c.congested_below else 1 if ratio < c.slowing_below else 0
-
-
-def resolve(cfg: ModelConfig, path: str) -> Path:
-    """The ONNX file for a config path ("" = the model shipped under the config's name)."""
-    return shipped_paths(cfg.name)[0] if not path else Path(path)
-
-
-@dataclass
-class LoadedModel:
-    """One verified model with its own feature history and run statistics."""
-
-    name: str
-    stream: str
-    model: VerifiedModel
-    builder: FeatureBuilder
-    shadow: bool = False
-    runs: int = 0
-    failures: int = 0
-    last_outputs: dict[str, float | str] = field(default_factory=dict)
-    last_latency_ms: float = math.nan
-    last_window_start_ns: int = 0
-    last_missing: tuple[str, ...] = ()
-    # (end of the model window it is for, value): what the anomaly score compares against.
-    forecasts: deque[tuple[int, float]] = field(
-        default_factory=lambda: deque(maxlen=FORECASTS_KEPT))
-    guard: SkillGuard = field(default_factory=SkillGuard)
-    last_source: Source = "model"
-    last_persistence: float | None = None
-    last_out_of_range: tuple[str, ...] = ()
-    out_of_range_windows: int = 0
-
-    def __post_init__(self) -> None:
-        m = self.manifest
-        names = m.input_names
-        self._forecast = forecast_of(m)
-        self._actual_index = (names.index(self._forecast.actual)
-                              if self._forecast is not None and self._forecast.actual in names
-                              else None)
-        self._ranged = [(i, e.name, e.range[0], e.range[1])
-                        for i, e in enumerate(m.inputs) if e.range is not None]
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.model.manifest
-
-    @property
-    def version(self) -> str:
-        return self.model.version
-
-    def run(self, row: FeatureRow) -> tuple[list[np.ndarray], float]:
-        """Blocking; on the worker thread. Returns the output arrays and the latency (ms)."""
-        m = self.manifest
-        t0 = time.perf_counter()
-        names = [o.name for o in m.outputs]
-        out = self.model.session.run(names, {m.input_tensor: row.values[None]})
-        return [np.asarray(o) for o in out], (time.perf_counter() - t0) * 1000
-
-    def outputs(self, row: FeatureRow, raw: list[np.ndarray]) -> dict[str, float | str]:
-        """Named outputs plus class labels and the anomaly score; on the event loop."""
-        m = self.manifest
-        out: dict[str, float | str] = {}
-        for spec, arr in zip(m.outputs, raw, strict=True):
-            value = float(arr.reshape(-1)[0])
-            out[spec.name] = value
-            if spec.labels:
-                out[label_key(spec.name)] = spec.labels[min(max(round(value), 0),
-                                                            len(spec.labels) - 1)]
-        if m.anomaly is not None:
-            actual = row.current.get(m.anomaly.actual, math.nan)
-            pending = self.forecasts
-            while pending and pending[0][0] < row.end_ns:
-                pending.popleft()
-            if pending and pending[0][0] == row.end_ns and math.isfinite(actual):
-                score = abs(actual - pending[0][1]) / m.anomaly.scale
-                out["anomaly_score"] = score
-                out["anomaly"] = 1.0 if score > m.anomaly.threshold else 0.0
-            nxt = out.get(m.anomaly.forecast)
-            if isinstance(nxt, float):
-                pending.append((row.end_ns + row.end_ns - row.start_ns, nxt))
-        out["inputs_filled"] = float(len(row.missing))
-        self._guarded(row, out)
-        return out
-
-    def _guarded(self, row: FeatureRow, out: dict[str, float | str]) -> None:
-        """Score the earlier forecasts for this window and choose what to publish now."""
-        fc = self._forecast
-        self.last_source = "model"
-        if fc is None or self._actual_index is None:
-            return
-        model = out.get(fc.output)
-        if not isinstance(model, float):
-            return
-        self.guard.observe(row.end_ns, row.current.get(fc.actual, math.nan))
-        persistence = float(row.values[self._actual_index])
-        self.last_persistence = persistence
-        target = row.end_ns + (row.end_ns - row.start_ns)
-        published, source = self.guard.forecast(target, model, persistence)
-        self.last_source = source
-        out[f"{fc.output}_model"] = model
-        out[fc.output] = published
-        c = self.manifest.congestion
-        if source != "model" and c is not None and c.output in out:
-            spec = next(o for o in self.manifest.outputs if o.name == c.output)
-            level = level_of(published, self.manifest)
-            out[c.output] = float(level)
-            if spec.labels:
-                out[label_key(c.output)] = spec.labels[min(level, len(spec.labels) - 1)]
-
-    def persistence(self, row: FeatureRow) -> float | None:
-        """Persistence's forecast for the next window: the (held) current value."""
-        if self._actual_index is None:
-            return None
-        return float(row.values[self._actual_index])
-
-    def out_of_range(self, row: FeatureRow) -> tuple[str, ...]:
-        """Measured inputs (not filled ones) outside the span of the training data."""
-        if not self._ranged:
-            return ()
-        values, missing = row.values, row.missing
-        flagged = tuple(name for i, name, lo, hi in self._ranged
-                        if not lo <= float(values[i]) <= hi and name not in missing)
-        if flagged:
-            self.out_of_range_windows += 1
-        self.last_out_of_range = flagged
-        return flagged
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "version": self.version, "path": str(self.model.path), "stream": self.stream,
-            "opset": self.manifest.opset, "runs": self.runs, "failures": self.failures,
-            "last_window_start_ns": self.last_window_start_ns,
-            "window_s": self.manifest.window_s,
-            # What the forecast output is scored against, and its value in the last window.
-            "forecast_output": self._forecast.output if self._forecast is not None else None,
-            "last_actual": self.last_persistence,
-            "last_latency_ms": None if math.isnan(self.last_latency_ms)
-            else round(self.last_latency_ms, 3),
-            "last_outputs": dict(self.last_outputs), "inputs_filled": list(self.last_missing),
-            "guard": {**self.guard.status(), "last_source": self.last_source},
-            "out_of_range": list(self.last_out_of_range),
-            "out_of_range_windows": self.out_of_range_windows,
-        }
 
 
 class ActivationRefused(ValueError):
@@ -274,15 +83,9 @@ class InferenceStage:
 
     def _load(self, cfg: ModelConfig, path: str, shadow: bool,
               previous: LoadedModel | None) -> LoadedModel:
-        verified = verify(resolve(cfg, path))
-        spec = feature_spec(verified.manifest)
-        if previous is not None and previous.version == verified.version \
-                and previous.builder.spec == spec and previous.stream == cfg.stream:
-            # The same file again: keep the running one (and its feature history).
-            previous.shadow = shadow
-            return previous
-        return LoadedModel(cfg.name, cfg.stream, verified, FeatureBuilder(spec), shadow,
-                           guard=SkillGuard(guard_settings(cfg)))
+        from agent.pipeline.loaded_model import load
+
+        return load(cfg, path, shadow, previous)
 
     def reload(self, models: Sequence[ModelConfig]) -> list[str]:
         """Load the given configs; returns the errors. A model that fails keeps its predecessor."""
@@ -292,6 +95,11 @@ class InferenceStage:
         for cfg in models:
             if not cfg.enabled:
                 continue
+            # numpy and onnxruntime come in here, with the first configured model.
+            from agent.pipeline.features import FeatureError
+            from agent.pipeline.skill import ShadowComparison
+            from models.manifest import ModelError
+
             old = current.get(cfg.name)
             try:
                 active = self._load(cfg, cfg.path, False, old.active if old else None)
@@ -351,6 +159,10 @@ class InferenceStage:
         """Feed a window of any stream; returns one inference per model (and shadow) of its
         stream, on the model window ending with it."""
         slots = self._slots
+        if not slots:
+            return []
+        from agent.pipeline.features import FeatureError
+
         jobs: list[tuple[LoadedModel, FeatureRow]] = []
         for slot in slots.values():
             for m in (slot.active, slot.candidate):
@@ -368,8 +180,15 @@ class InferenceStage:
                     jobs.append((m, row))
         if not jobs:
             return []
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, _run_all, jobs)
+        from agent.pipeline.loaded_model import run_all
+
+        # Models measured as tiny at load run here on the loop; the others go to the worker in
+        # one hop. Results keep the order of the jobs.
+        worker = [j for j in jobs if j[0].runs_on == "worker"]
+        slow = iter(await asyncio.get_running_loop().run_in_executor(
+            self._executor, run_all, worker) if worker else ())
+        results = [next(slow) if m.runs_on == "worker" else run_all([(m, row)])[0]
+                   for m, row in jobs]
         out: list[Inference] = []
         done: dict[int, tuple[FeatureRow, dict[str, float | str]]] = {}
         for (m, row), result in zip(jobs, results, strict=True):
@@ -396,6 +215,8 @@ class InferenceStage:
     @staticmethod
     def _compare(slot: _Slot, done: dict[int, tuple[FeatureRow, dict[str, float | str]]]) -> None:
         """Score the candidate beside the active model on the window both just saw."""
+        from agent.pipeline.loaded_model import forecast_of
+
         assert slot.comparison is not None and slot.candidate is not None
         fc = forecast_of(slot.active.manifest)
         a, c = done.get(id(slot.active)), done.get(id(slot.candidate))
@@ -443,6 +264,12 @@ class InferenceStage:
         energy: set[str] = set()
         window_s = 0
         for slot in self._slots.values():
+            from agent.pipeline.features import (
+                ENERGY_QUANTITIES,
+                TRAFFIC_QUANTITIES,
+                parse_input,
+            )
+
             m = slot.active.manifest
             bases = {parse_input(i.name)[0] for i in m.inputs}
             if bases & set(TRAFFIC_QUANTITIES):
@@ -463,6 +290,8 @@ class InferenceStage:
             for m in (slot.active, slot.candidate):
                 if m is None:
                     continue
+                from models.manifest import manifest_path_for
+
                 for p in (m.model.path, manifest_path_for(m.model.path)):
                     try:
                         out[p] = p.stat().st_mtime_ns
@@ -472,15 +301,3 @@ class InferenceStage:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-
-
-def _run_all(
-    jobs: list[tuple[LoadedModel, FeatureRow]],
-) -> list[tuple[list[np.ndarray], float] | Exception]:
-    out: list[tuple[list[np.ndarray], float] | Exception] = []
-    for m, row in jobs:
-        try:
-            out.append(m.run(row))
-        except Exception as exc:  # onnxruntime's error types are not exported
-            out.append(exc)
-    return out

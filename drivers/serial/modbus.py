@@ -25,8 +25,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import crcmod.predefined
-
 log = logging.getLogger(__name__)
 
 Count = Callable[[str, int], None]
@@ -50,12 +48,27 @@ EXCEPTION_NAMES = {
     0x06: "server device busy",
 }
 
-_crc16 = crcmod.predefined.mkCrcFun("modbus")
+def _crc16_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC16_TABLE = _crc16_table()
 
 
 def crc16(data: bytes) -> int:
-    """CRC-16/MODBUS (reflected poly 0xA001, init 0xFFFF); check value 0x4B37 for b"123456789"."""
-    return int(_crc16(data))
+    """CRC-16/MODBUS (reflected poly 0xA001, init 0xFFFF); check value 0x4B37 for b"123456789".
+    Byte-wise from a table: a frame of 256 bytes takes tens of microseconds in pure Python."""
+    crc = 0xFFFF
+    table = _CRC16_TABLE
+    for b in data:
+        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
+    return crc
 
 
 def with_crc(body: bytes) -> bytes:
