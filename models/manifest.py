@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models import MODELS_DIR
-from models.numpy_exec import GraphError, NumpySession
+from models.numpy_exec import GraphError, NumpySession, proto_fields
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -137,44 +137,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    out = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        out |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return out, pos
-
-
 def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
-    """Top-level protobuf fields as (number, value); ints for varints, bytes for the rest."""
-    out: list[tuple[int, int | bytes]] = []
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-            out.append((number, value))
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
-                raise ValueError(f"field {number} runs past the end of the file")
-            out.append((number, buf[pos : pos + length]))
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire} at byte {pos}")
-    if pos != len(buf):
-        raise ValueError("trailing bytes")
-    return out
+    """Top-level protobuf fields as (number, value); ints for varints, bytes for the rest
+    (the numpy executor's wire reader)."""
+    try:
+        return [(number, value) for number, _wire, value in proto_fields(buf)]
+    except GraphError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def read_model_header(data: bytes) -> tuple[dict[str, int], dict[str, str]]:

@@ -50,7 +50,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             return out, pos
 
 
-def _fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
+def proto_fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
     """One message's fields as (number, wire type, value): ints for varints, bytes otherwise."""
     out: list[tuple[int, int, int | bytes]] = []
     pos = 0
@@ -120,7 +120,7 @@ def _int(fields: list[tuple[int, int, int | bytes]], number: int, default: int =
 
 def tensor(buf: bytes) -> tuple[str, np.ndarray]:
     """A TensorProto as (name, array)."""
-    f = _fields(buf)
+    f = proto_fields(buf)
     dims = _ints(f, 1)
     dtype_code = _int(f, 2)
     name = _str(f, 8)
@@ -147,7 +147,7 @@ def tensor(buf: bytes) -> tuple[str, np.ndarray]:
 
 
 def _attribute(buf: bytes) -> tuple[str, Any]:
-    f = _fields(buf)
+    f = proto_fields(buf)
     name = _str(f, 1)
     kind = _int(f, 20)
     if kind == 1 or (kind == 0 and any(n == 2 for n, _, _ in f)):
@@ -184,16 +184,16 @@ class ValueInfo:
 
 
 def _value_info(buf: bytes) -> ValueInfo:
-    f = _fields(buf)
+    f = proto_fields(buf)
     name = _str(f, 1)
     elem, shape = 0, []
     for t in _bytes(f, 2):  # TypeProto
-        for tt in _bytes(_fields(t), 1):  # TypeProto.Tensor
-            tf = _fields(tt)
+        for tt in _bytes(proto_fields(t), 1):  # TypeProto.Tensor
+            tf = proto_fields(tt)
             elem = _int(tf, 1)
             for sh in _bytes(tf, 2):  # TensorShapeProto
-                for dim in _bytes(_fields(sh), 1):
-                    df = _fields(dim)
+                for dim in _bytes(proto_fields(sh), 1):
+                    df = proto_fields(dim)
                     shape.append(_int(df, 1) if any(n == 1 for n, _, _ in df)
                                  else _str(df, 2) or None)
     return ValueInfo(name, shape, f"tensor({TYPE_NAMES.get(elem, str(elem))})")
@@ -282,7 +282,7 @@ ATTRS: dict[str, set[str]] = {"Gemm": {"alpha", "beta", "transA", "transB"},
 
 
 def _node(buf: bytes) -> Node:
-    f = _fields(buf)
+    f = proto_fields(buf)
     op = _str(f, 4)
     domain = _str(f, 7)
     name = _str(f, 3) or op
@@ -306,10 +306,10 @@ class NumpySession:
     """Runs one ONNX graph with numpy; built from the bytes of a .onnx file."""
 
     def __init__(self, data: bytes) -> None:
-        graphs = [v for n, w, v in _fields(data) if n == 7 and w == 2 and isinstance(v, bytes)]
+        graphs = [v for n, w, v in proto_fields(data) if n == 7 and w == 2 and isinstance(v, bytes)]
         if not graphs:
             raise GraphError("the model has no graph")
-        g = _fields(graphs[-1])
+        g = proto_fields(graphs[-1])
         self._constants = dict(tensor(t) for t in _bytes(g, 5))
         self._nodes = [_node(n) for n in _bytes(g, 1)]
         self._inputs = [v for v in (_value_info(b) for b in _bytes(g, 11))

@@ -38,23 +38,6 @@ def frame_gap_s(baudrate: int, parity: str = "N", stopbits: int = 1) -> float:
     return 3.5 * bits_per_char(parity, stopbits) / baudrate
 
 
-def _noop(key: str, n: int) -> None:
-    pass
-
-
-class _Tally:
-    """Counts through to the sensor and remembers CRC errors (bad reply vs no reply)."""
-
-    def __init__(self, count: Count) -> None:
-        self.count = count
-        self.crc_errors = 0
-
-    def __call__(self, key: str, n: int) -> None:
-        if key == "crc_errors":
-            self.crc_errors += n
-        self.count(key, n)
-
-
 class RtuLine:
     """A serial port with the units behind it; sensors share one through ``ctx.shared``."""
 
@@ -109,7 +92,8 @@ class RtuLine:
             self._quiet_until = loop.time() + self.gap_s
 
     async def read(self, unit: int, function: int, start: int, count: int, *,
-                   timeout_s: float, retries: int, on_count: Count = _noop) -> tuple[int, ...]:
+                   timeout_s: float, retries: int,
+                   on_count: Count = modbus.no_count) -> tuple[int, ...]:
         """Registers (or bits as 0/1) ``start .. start+count-1`` of ``unit``.
 
         Raises DeviceNotReady when nothing answered, ProtocolError when only bad replies came
@@ -120,7 +104,7 @@ class RtuLine:
         bits = function in (modbus.FC_READ_COILS, modbus.FC_READ_DISCRETE)
         request = (modbus.read_bits_request(unit, start, count, function) if bits
                    else modbus.read_registers_request(unit, start, count, function))
-        tally = _Tally(on_count)
+        tally = modbus.Tally(on_count)
         parser = modbus.ReplyParser(unit, function, count, tally)
         last: DriverError | None = None
         for attempt in range(retries + 1):

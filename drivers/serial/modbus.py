@@ -29,6 +29,24 @@ log = logging.getLogger(__name__)
 
 Count = Callable[[str, int], None]
 
+
+def no_count(key: str, n: int) -> None:
+    """A ``Count`` that counts nothing."""
+
+
+class Tally:
+    """Counts through to the caller and remembers CRC errors: a transaction that saw one
+    failed on a bad reply, not on silence."""
+
+    def __init__(self, count: Count) -> None:
+        self.count = count
+        self.crc_errors = 0
+
+    def __call__(self, key: str, n: int) -> None:
+        if key == "crc_errors":
+            self.crc_errors += n
+        self.count(key, n)
+
 FC_READ_COILS = 0x01
 FC_READ_DISCRETE = 0x02
 FC_READ_HOLDING = 0x03

@@ -92,23 +92,6 @@ def encode_registers(m: Measurement) -> list[int]:
 Count = Callable[[str, int], None]
 
 
-def _noop_count(key: str, n: int) -> None:
-    pass
-
-
-class _Tally:
-    """Passes counts through and remembers CRC errors, to tell "bad reply" from "no reply"."""
-
-    def __init__(self, count: Count) -> None:
-        self._count = count
-        self.crc_errors = 0
-
-    def __call__(self, key: str, n: int) -> None:
-        if key == "crc_errors":
-            self.crc_errors += n
-        self._count(key, n)
-
-
 class PzemBus:
     """One Modbus line: a port, a lock that serialises requests, retries with counting."""
 
@@ -167,7 +150,7 @@ class PzemBus:
         registers: int = 0,
         *,
         retries: int,
-        count: Count = _noop_count,
+        count: Count = modbus.no_count,
     ) -> modbus.Frame:
         """Send ``request`` and return the checked normal reply, retrying bad or missing ones.
 
@@ -176,7 +159,7 @@ class PzemBus:
         function, a truncated one, or noise. A lost port raises DeviceNotReady at once.
         """
         where = f"{self.port.where} address {address:#04x}"
-        tally = _Tally(count)
+        tally = modbus.Tally(count)
         parser = modbus.ReplyParser(address, function, registers, tally)
         last: DriverError | None = None
         async with self._lock:
@@ -218,7 +201,7 @@ class PzemBus:
         raise last
 
     async def read_measurement(
-        self, address: int, *, retries: int = 2, count: Count = _noop_count
+        self, address: int, *, retries: int = 2, count: Count = modbus.no_count
     ) -> Measurement:
         frame = await self.request(
             modbus.read_registers_request(address, 0, INPUT_REGISTERS),
@@ -231,7 +214,7 @@ class PzemBus:
         return decode_registers(frame.registers())
 
     async def reset_energy(
-        self, address: int, *, retries: int = 2, count: Count = _noop_count
+        self, address: int, *, retries: int = 2, count: Count = modbus.no_count
     ) -> None:
         """Zero the meter's energy counter (function 0x42); the meter echoes the request."""
         await self.request(
