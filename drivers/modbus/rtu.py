@@ -12,13 +12,13 @@ silence; above 19200 baud a fixed 1.75 ms is recommended.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
 from drivers.base import DeviceNotReady, DriverError, ProtocolError
 from drivers.serial import modbus
 from drivers.serial.port import SerialPort
+from drivers.serial.rtu_line import SharedLine
 
 log = logging.getLogger(__name__)
 
@@ -38,58 +38,12 @@ def frame_gap_s(baudrate: int, parity: str = "N", stopbits: int = 1) -> float:
     return 3.5 * bits_per_char(parity, stopbits) / baudrate
 
 
-class RtuLine:
+class RtuLine(SharedLine):
     """A serial port with the units behind it; sensors share one through ``ctx.shared``."""
 
     def __init__(self, port: SerialPort, gap_s: float) -> None:
-        self.port = port
+        super().__init__(port, gap_s)
         self.where = port.where
-        self.gap_s = gap_s
-        self.transactions = 0
-        self._lock = asyncio.Lock()
-        self._users = 0
-        self._quiet_until = 0.0
-
-    async def open(self) -> None:
-        async with self._lock:
-            if not self.port.is_open:
-                await self.port.open()
-            self._users += 1
-
-    async def release(self) -> None:
-        async with self._lock:
-            self._users = max(0, self._users - 1)
-            if self._users == 0:
-                await self.port.close()
-
-    async def close(self) -> None:
-        self._users = 0
-        await self.port.close()
-
-    async def _once(self, request: bytes, parser: modbus.ReplyParser, timeout_s: float,
-                    received: bytearray) -> modbus.Frame | None:
-        port = self.port
-        loop = asyncio.get_running_loop()
-        if not port.is_open:
-            await port.open()  # re-open after a lost port; raises DeviceNotReady if still gone
-        gap = self._quiet_until - loop.time()
-        if gap > 0:
-            await asyncio.sleep(gap)
-        port.discard_input()
-        await port.write(request, timeout_s)
-        self.transactions += 1
-        deadline = loop.time() + timeout_s
-        try:
-            while (remaining := deadline - loop.time()) > 0:
-                data = await port.read(remaining)
-                if len(received) < 256:
-                    received += data
-                frames = parser.feed(data)
-                if frames:
-                    return frames[0]
-            return None
-        finally:
-            self._quiet_until = loop.time() + self.gap_s
 
     async def read(self, unit: int, function: int, start: int, count: int, *,
                    timeout_s: float, retries: int,
@@ -114,7 +68,7 @@ class RtuLine:
             crc_before = tally.crc_errors
             received = bytearray()
             async with self._lock:
-                frame = await self._once(request, parser, timeout_s, received)
+                frame = await self.exchange(request, parser, timeout_s, received)
             if frame is None:
                 if received and tally.crc_errors == crc_before:
                     key, why = modbus.describe_bad_reply(received, unit, function,

@@ -19,7 +19,6 @@ Options (``[sensors.options]``): ``retries`` (default 2), ``baudrate`` (default 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from drivers.base import (
 )
 from drivers.serial import modbus
 from drivers.serial.port import SerialPort, option, port_key, shared
+from drivers.serial.rtu_line import SharedLine
 
 log = logging.getLogger(__name__)
 
@@ -92,55 +92,12 @@ def encode_registers(m: Measurement) -> list[int]:
 Count = Callable[[str, int], None]
 
 
-class PzemBus:
+class PzemBus(SharedLine):
     """One Modbus line: a port, a lock that serialises requests, retries with counting."""
 
     def __init__(self, port: SerialPort, timeout_s: float) -> None:
-        self.port = port
+        super().__init__(port, FRAME_GAP_S)
         self.timeout_s = timeout_s
-        self._lock = asyncio.Lock()
-        self._users = 0
-        self._quiet_until = 0.0
-
-    async def open(self) -> None:
-        """Open the port unless it is already open and healthy (another meter may use it)."""
-        async with self._lock:
-            if not self.port.is_open:
-                await self.port.open()
-            self._users += 1
-
-    async def release(self) -> None:
-        async with self._lock:
-            self._users = max(0, self._users - 1)
-            if self._users == 0:
-                await self.port.close()
-
-    async def close(self) -> None:
-        self._users = 0
-        await self.port.close()
-
-    async def _exchange_once(
-        self, request: bytes, parser: modbus.ReplyParser, received: bytearray
-    ) -> modbus.Frame | None:
-        port = self.port
-        loop = asyncio.get_running_loop()
-        gap = self._quiet_until - loop.time()
-        if gap > 0:
-            await asyncio.sleep(gap)  # inter-frame silence the line protocol requires
-        port.discard_input()
-        await port.write(request, self.timeout_s)
-        deadline = loop.time() + self.timeout_s
-        try:
-            while (remaining := deadline - loop.time()) > 0:
-                data = await port.read(remaining)
-                if len(received) < 256:
-                    received += data
-                frames = parser.feed(data)
-                if frames:
-                    return frames[0]
-            return None
-        finally:
-            self._quiet_until = loop.time() + FRAME_GAP_S
 
     async def request(
         self,
@@ -169,7 +126,7 @@ class PzemBus:
                 parser.reset()
                 crc_before = tally.crc_errors
                 received = bytearray()
-                frame = await self._exchange_once(request, parser, received)
+                frame = await self.exchange(request, parser, self.timeout_s, received)
                 if frame is None:
                     if received and tally.crc_errors == crc_before:
                         key, why = modbus.describe_bad_reply(received, address, function,
