@@ -268,6 +268,17 @@ def test_an_agent_under_a_private_tmp_is_refused(tmp_path: Path, capsys, exec_pa
 
 
 
+def test_uninstall_works_from_an_agent_under_tmp(tmp_path: Path, monkeypatch) -> None:
+    # Uninstalling starts no program: it works wherever the running edge-agent lives (here
+    # as if run from a checkout under /tmp).
+    import agent.cli.service as service
+
+    monkeypatch.setattr(service, "default_exec", lambda: "/tmp/checkout/.venv/bin/edge-agent")
+    assert run(["install-service", "--root", str(tmp_path), "--dry-run"]) == 2
+    assert run(["uninstall-service", "--root", str(tmp_path)]) == 0
+
+
+
 class KnownHost(Host):
     """A machine described by data: which accounts exist and the unit's state."""
 

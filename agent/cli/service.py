@@ -367,13 +367,22 @@ def print_plan(plan: Sequence[Action], echo: Callable[[str], None] = print) -> N
 
 # -- commands -------------------------------------------------------------------------------
 
-def _options(args: argparse.Namespace) -> Options:
+def _options(args: argparse.Namespace, *, installing: bool = True) -> Options:
     root = Path(args.root).resolve() if args.root else Path("/")
     exec_path = getattr(args, "exec_path", None) or default_exec()
     gateway = getattr(args, "gateway_id", None) or default_gateway_id(root)
     if not GATEWAY_ID.match(gateway):
         raise ServiceError(f"--gateway-id {gateway!r}: letters, digits, '_', '.', '-' only "
                            "(up to 64, starting with a letter or digit)")
+    if installing:
+        _check_exec(exec_path, root)
+    return Options(root=root, exec_path=exec_path, gateway_id=gateway,
+                   purge=getattr(args, "purge", False))
+
+
+def _check_exec(exec_path: str, root: Path) -> None:
+    """A program the hardened unit could not start is refused at install (an uninstall needs
+    no program: it removes what is there wherever the agent was run from)."""
     if root == Path("/") and re.match(r"^/(home|root|run/user)(/|$)", exec_path):
         raise ServiceError(f"{exec_path} is under /home or /root, which the unit hides "
                            "(ProtectHome=yes): install edge-agent under /opt or /usr/local, or "
@@ -385,13 +394,12 @@ def _options(args: argparse.Namespace) -> Options:
         raise ServiceError(f"{exec_path} is under /tmp or /var/tmp, which the unit replaces "
                            "with an empty one of its own (PrivateTmp=yes): install edge-agent "
                            "under /opt or /usr/local, or pass --exec")
-    return Options(root=root, exec_path=exec_path, gateway_id=gateway,
-                   purge=getattr(args, "purge", False))
 
 
-def _execute(args: argparse.Namespace, make_plan: Callable[[Options, Host], list[Action]]) -> int:
+def _execute(args: argparse.Namespace, make_plan: Callable[[Options, Host], list[Action]], *,
+             installing: bool = True) -> int:
     try:
-        opts = _options(args)
+        opts = _options(args, installing=installing)
         if opts.live and not args.dry_run and os.geteuid() != 0:
             print(f"{args.command} changes the system: run it as root "
                   f"(sudo edge-agent {args.command})", file=sys.stderr)
@@ -420,7 +428,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    return _execute(args, plan_uninstall)
+    return _execute(args, plan_uninstall, installing=False)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
