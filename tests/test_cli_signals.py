@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.test_control import FakeAgent, serving, short_dir
+from tests.waiting import until, until_sync
 
 DEMO_TOML = Path(__file__).resolve().parent.parent / "agent" / "examples" / "demo.toml"
 
@@ -31,14 +32,6 @@ def _env() -> dict[str, str]:
 def _spawn(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "agent.cli.main", *argv], env=_env(),
                             **kw)  # type: ignore[call-overload]
-
-
-def _wait_for(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _holds(proc: subprocess.Popen[bytes], path: str) -> bool:
@@ -87,7 +80,7 @@ def test_ctrl_c_on_sensors_read_with_count(tmp_path: Path) -> None:
     try:
         proc = _spawn(["sensors", "read", "pm", "-c", str(config), "--count", "1000",
                        "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _wait_for(lambda: _holds(proc, port) or proc.poll() is not None, "the port to open")
+        until_sync(lambda: _holds(proc, port) or proc.poll() is not None, 60, "the port to open")
         rc, err = _interrupt(proc)
     finally:
         os.close(master)
@@ -123,10 +116,8 @@ async def test_ctrl_c_on_tail(agent_sock) -> None:
     proc = _spawn(["tail", "--socket", str(path)], stdout=subprocess.PIPE,
                   stderr=subprocess.PIPE)
     hub = agent.pipeline.tail
-    deadline = time.monotonic() + 60
-    while not hub.active:
-        assert time.monotonic() < deadline and proc.poll() is None, "tail never subscribed"
-        await asyncio.sleep(0.05)
+    await until(lambda: hub.active or proc.poll() is not None, 60, "tail to subscribe")
+    assert proc.poll() is None, "tail exited before it subscribed"
     rc, err = await asyncio.to_thread(_interrupt, proc)
     assert rc == 130 and "Traceback" not in err, err
 
@@ -164,10 +155,8 @@ async def test_tail_of_a_known_name_follows_it(agent_sock) -> None:
     proc = _spawn(["tail", "bme", "--json", "--count", "1", "--socket", str(path)],
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     hub = agent.pipeline.tail
-    deadline = time.monotonic() + 60
-    while not hub.active:
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-        await asyncio.sleep(0.05)
+    await until(lambda: hub.active or proc.poll() is not None, 60, "tail to subscribe")
+    assert proc.poll() is None, proc.stderr.read()
     hub.publish("reading", "bme", {"quantity": "temperature", "value": math.nan,
                                    "unit": "degC", "extra": [math.inf, -math.inf, 1.5]})
     out, err = await asyncio.to_thread(proc.communicate, None, 60)

@@ -18,8 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,21 +30,13 @@ from agent.config.load import load_config
 from agent.runtime import Agent
 from tests.broker import Mosquitto
 from tests.hostile_toml import base_config, hostile_file, render
+from tests.waiting import until_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 STATE = Path(tempfile.mkdtemp(prefix="ea-fuzz-", dir="/tmp"))  # short: socket paths
 atexit.register(shutil.rmtree, STATE, True)
 CHECKED = STATE / "agent.toml"
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``cond`` from this thread (the agent runs in another); fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def config_check(path: Path) -> tuple[int, str, str]:
@@ -132,7 +123,7 @@ class AgentThread:
 
     def start(self) -> None:
         self.thread.start()
-        wait_for(self.agent.ready.is_set, 20, what="agent ready")
+        until_sync(self.agent.ready.is_set, 20, what="agent ready")
 
     def reload(self) -> None:
         self.loop.call_soon_threadsafe(self.agent.request_reload)
@@ -170,7 +161,7 @@ def test_a_reload_of_any_file_keeps_the_agent_running(
     before = (agent.generation, agent.reloads_ok, agent.reloads_rejected)
     path.write_bytes(content)
     runner.reload()
-    wait_for(lambda: (agent.reloads_ok, agent.reloads_rejected) != before[1:], 30,
+    until_sync(lambda: (agent.reloads_ok, agent.reloads_rejected) != before[1:], 30,
              what="the reload's verdict")
     assert runner.thread.is_alive() and runner.error is None
     if agent.reloads_rejected > before[2]:
@@ -178,6 +169,6 @@ def test_a_reload_of_any_file_keeps_the_agent_running(
         assert agent.generation == before[0], "a refused reload keeps the running generation"
     else:
         assert agent.generation == before[0] + 1
-    wait_for(lambda: agent.pipeline is not None, 20, what="a pipeline running")
+    until_sync(lambda: agent.pipeline is not None, 20, what="a pipeline running")
     # Back to the known-good file for the next example.
     path.write_text(render(base_config(path.parent, agent.cfg.mqtt.port)))

@@ -21,6 +21,15 @@ async def until(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "
         await asyncio.sleep(0.005)
 
 
+def until_sync(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> None:
+    """``until`` for a thread that is not the event loop's (a subprocess, an agent elsewhere)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or cond}")
+        time.sleep(0.005)
+
+
 @contextlib.asynccontextmanager
 async def running(s: Sensor, out: list[Reading]) -> AsyncIterator[asyncio.Task[Any]]:
     """``s.run`` collecting into ``out`` for the block; stopped (its driver error ignored)
