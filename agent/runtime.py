@@ -27,7 +27,8 @@ from agent import __version__
 from agent.clock import Clock
 from agent.config.load import ConfigError, load_config
 from agent.config.schema import AgentConfig
-from agent.control.server import ControlServer, ControlSocketError
+from agent.control.server import ControlServer
+from agent.control.wire import ControlSocketError
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage
 from agent.preflight import Preflight, preflight

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from agent.control.server import ControlServer, ControlSocketError
+from agent.control.server import ControlServer
 from agent.control.tail import TailHub
+from agent.control.wire import ControlSocketError
 from agent.supervisor import SensorHealth
 
 ROOT = Path(__file__).resolve().parent.parent

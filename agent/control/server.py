@@ -34,7 +34,6 @@ import contextlib
 import grp
 import hashlib
 import inspect
-import json
 import logging
 import os
 import shutil
@@ -42,15 +41,25 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 
 from agent.aio import within
 from agent.control.requests import ARGS, Args, ModelActivateArgs, Request, SensorsArgs, TailArgs
 from agent.control.tail import TailHub
+from agent.control.wire import (
+    WRITE_TIMEOUT_S,
+    AgentLike,
+    Client,
+    CommandError,
+    ControlSocketError,
+    PipelineLike,
+    describe,
+    encode,
+)
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
 from agent.queues import BoundedQueue
@@ -63,46 +72,10 @@ SOCKET_MODE = 0o660
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CLIENTS = 16
 IDLE_TIMEOUT_S = 60.0  # a connection that sends nothing for this long is closed
-WRITE_TIMEOUT_S = 30.0  # a client that stops reading for this long is dropped
 STREAM_HEARTBEAT_S = 5.0  # lets a streaming client tell a quiet agent from a dead one
 EXPORT_CHUNK_BYTES = 48 * 1024  # 64 KiB once base64-encoded
 TAIL_BATCH = 256
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
-
-
-
-# -- what the server needs from the agent ---------------------------------------------------
-
-class OutboxLike(Protocol):
-    def stats(self) -> Mapping[str, Any]: ...
-
-    def export(self, path: str) -> int | Awaitable[int]:
-        """Write every stored message to the new file ``path``; return the number of rows.
-
-        A plain function is called on a worker thread, a coroutine function is awaited: either
-        way a long export never stalls the event loop."""
-        ...
-
-
-class PipelineLike(Protocol):
-    @property
-    def tail(self) -> TailHub: ...
-
-    @property
-    def outbox(self) -> OutboxLike: ...
-
-    def activate_model(self, name: str, force: bool) -> str:
-        """Promote the shadow candidate; ``ValueError`` with the reason when refused."""
-        ...
-
-
-class AgentLike(Protocol):
-    def snapshot(self) -> dict[str, Any]: ...
-
-    def request_reload(self) -> None: ...
-
-    @property
-    def pipeline(self) -> PipelineLike | None: ...
 
 
 
@@ -114,50 +87,7 @@ STATUS_SECTIONS: dict[str, Callable[[], Any]] = {
 }
 
 
-class ControlSocketError(Exception):
-    """The socket cannot be set up (path in use by a live agent, not a socket, too long)."""
-
-
-class CommandError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _describe(exc: ValidationError, prefix: str = "") -> str:
-    parts = []
-    for e in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"]) or "request"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else str(e["msg"])
-        parts.append(f"{prefix}{where}: {msg}")
-    return "; ".join(parts)
-
-
-def _json_default(obj: object) -> object:
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)
-
-
-def encode(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode() + b"\n"
-
-
-class _Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.idle_since: float | None = time.monotonic()  # None while a request is served
-
-    async def send(self, obj: Mapping[str, Any]) -> None:
-        self.writer.write(encode(obj))
-        await within(self.writer.drain(), WRITE_TIMEOUT_S)
-
-
-Handler = Callable[[Request, Args, _Client], Awaitable[bool]]
+Handler = Callable[[Request, Args, Client], Awaitable[bool]]
 
 
 class ControlServer:
@@ -191,7 +121,7 @@ class ControlServer:
         self.listening = asyncio.Event()
         self.requests = 0
         self.errors = 0
-        self._clients: dict[asyncio.Task[Any], _Client] = {}
+        self._clients: dict[asyncio.Task[Any], Client] = {}
         self._handlers: dict[str, Handler] = {
             "status": self._status, "reload": self._reload, "sensors.list": self._sensors,
             "outbox.stats": self._outbox_stats, "outbox.export": self._outbox_export,
@@ -282,7 +212,7 @@ class ControlServer:
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        client = _Client(reader, writer)
+        client = Client(reader, writer)
         task = asyncio.current_task()
         try:
             if len(self._clients) >= self.max_clients:
@@ -329,12 +259,12 @@ class ControlServer:
         log.info("control socket full (%d connections): closed one idle for %.1f s",
                  self.max_clients, time.monotonic() - since)
 
-    async def _error(self, client: _Client, req_id: object, code: str, message: str) -> None:
+    async def _error(self, client: Client, req_id: object, code: str, message: str) -> None:
         self.errors += 1
         log.debug("control request %r refused: %s: %s", req_id, code, message)
         await client.send({"id": req_id, "ok": False, "error": {"code": code, "message": message}})
 
-    async def _dispatch(self, line: bytes, client: _Client) -> bool:
+    async def _dispatch(self, line: bytes, client: Client) -> bool:
         """Answer one request; False when the connection should close afterwards."""
         self.requests += 1
         try:
@@ -354,13 +284,13 @@ class ControlServer:
         try:
             req = Request.model_validate(raw)
         except ValidationError as exc:
-            await self._error(client, req_id, "bad_request", _describe(exc))
+            await self._error(client, req_id, "bad_request", describe(exc))
             return True
         try:
             args = ARGS[req.cmd].model_validate(req.args)
         except ValidationError as exc:
             await self._error(client, req.id, "bad_request",
-                              f"{req.cmd}: {_describe(exc, 'args.')}")
+                              f"{req.cmd}: {describe(exc, 'args.')}")
             return True
         try:
             return await self._handlers[req.cmd](req, args, client)
@@ -390,11 +320,11 @@ class ControlServer:
                 snap[name] = empty()
         return snap
 
-    async def _status(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _status(self, req: Request, args: Args, client: Client) -> bool:
         await client.send({"id": req.id, "ok": True, "result": self.status()})
         return True
 
-    async def _reload(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _reload(self, req: Request, args: Args, client: Client) -> bool:
         try:
             before = self.agent.snapshot().get("agent", {})
         except Exception:  # the counters are a courtesy; the reload itself must still happen
@@ -409,7 +339,7 @@ class ControlServer:
         }})
         return True
 
-    async def _sensors(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _sensors(self, req: Request, args: Args, client: Client) -> bool:
         assert isinstance(args, SensorsArgs)
         sensors = [s for s in self.agent.snapshot().get("sensors", [])
                    if args.name is None or s.get("name") == args.name]
@@ -418,7 +348,7 @@ class ControlServer:
         await client.send({"id": req.id, "ok": True, "result": {"sensors": sensors}})
         return True
 
-    async def _model_activate(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _model_activate(self, req: Request, args: Args, client: Client) -> bool:
         assert isinstance(args, ModelActivateArgs)
         try:
             reason = self._pipeline().activate_model(args.name, args.force)
@@ -429,12 +359,12 @@ class ControlServer:
                                       "reason": reason}})
         return True
 
-    async def _outbox_stats(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _outbox_stats(self, req: Request, args: Args, client: Client) -> bool:
         stats = dict(self._pipeline().outbox.stats())
         await client.send({"id": req.id, "ok": True, "result": stats})
         return True
 
-    async def _outbox_export(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _outbox_export(self, req: Request, args: Args, client: Client) -> bool:
         """Export into a staging file the agent can write, then stream it to the client.
 
         The agent's sandbox cannot write where a technician stands, so the file crosses the
@@ -473,7 +403,7 @@ class ControlServer:
             shutil.rmtree(staging, ignore_errors=True)
         return False
 
-    async def _tail(self, req: Request, args: Args, client: _Client) -> bool:
+    async def _tail(self, req: Request, args: Args, client: Client) -> bool:
         """Stream live items until the client disconnects; follows pipeline reloads."""
         assert isinstance(args, TailArgs)
 
