@@ -64,7 +64,8 @@ def test_corrupt_file_moved_aside_and_bad_rows_skipped(tmp_path: Path) -> None:
 async def test_pending_readings_chunked_and_kept_on_stop(tmp_path: Path) -> None:
     import asyncio
 
-    from agent.config.schema import MqttConfig, SparkplugConfig
+    from agent.config.schema import MqttConfig
+    from agent.config.services import SparkplugConfig
     from agent.sparkplug.session import METRICS_PER_DDATA, SparkplugSession
     from tests.broker import free_port
 

@@ -16,7 +16,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from agent.config.load import ConfigError, parse_config
-from agent.config.schema import WebConfig
+from agent.config.services import WebConfig
 from agent.web import metrics
 from agent.web.server import WebConfigError, WebServer
 from tests.harness import make_config

@@ -20,9 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.anomaly.thresholds import ThresholdsError, load_thresholds
+from agent.config.base import is_loopback
 from agent.config.cleaning import CleanOptions
 from agent.config.env import apply_env
-from agent.config.schema import AgentConfig, SensorConfig, StreamConfig, is_loopback
+from agent.config.schema import AgentConfig, SensorConfig, StreamConfig
 from drivers.registry import DRIVERS, clean_defaults, kind_of
 
 

@@ -8,7 +8,6 @@ them (``agent.config.reference``). Loading and the checks that span sections are
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,37 +15,26 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
+from agent.config.base import (
+    MAX_ITEMS,
+    MAX_SENSORS,
+    Channel,
+    FilePath,
+    Key,
+    Name,
+    PositiveSeconds,
+    Text,
+    _Frozen,
+    is_loopback,
+)
 from agent.config.cleaning import CleanOptions
+from agent.config.services import HistoryConfig, SparkplugConfig, WebConfig
 from drivers import registry
-
-# Every number has a physical bound and every string and list a length bound
-# (tests/test_config_bounds.py walks the models and fails on one without): a hostile or
-# mistyped file must be refused here, not found out by the running agent.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
-PositiveSeconds = Annotated[float, Field(ge=0.001, le=86_400, allow_inf_nan=False)]
-"""1 ms to a day."""
-Text = Annotated[str, Field(max_length=256)]
-"""Free text, e.g. a site description."""
-FilePath = Annotated[str, Field(max_length=4096)]
-"""A file name (Linux PATH_MAX)."""
-Channel = Annotated[str, Field(max_length=130)]
-"""`sensor.quantity`."""
-Key = Annotated[str, Field(max_length=64)]
-"""A table key chosen by the user (quantity, option name, field pattern)."""
-MAX_SENSORS = 256
-MAX_ITEMS = 64  # streams, models, fuse groups, patterns, options per table
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class GatewayConfig(_Frozen):
@@ -368,15 +356,6 @@ class MqttConfig(_Frozen):
         return not is_loopback(self.host)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class OutboxConfig(_Frozen):
     path: Annotated[FilePath, Field(min_length=1)] = "/var/lib/edge-agent/outbox.db"
     """SQLite file of the store-and-forward outbox."""
@@ -392,71 +371,9 @@ class OutboxConfig(_Frozen):
     """...or as soon as this many are pending."""
 
 
-class HistoryConfig(_Frozen):
-    enabled: bool = True
-    """Keep a local history of the models' 300 s windows and of the anomaly streams' circuits
-    (`edge-agent model history export` writes them as the training and calibration CSVs, to
-    calibrate the models and the anomaly thresholds to this site). Only when models or anomaly
-    tables are configured."""
-    path: Annotated[str, Field(max_length=4096)] = ""
-    """SQLite file of the history; empty: `history.db` beside the outbox file."""
-    retention_days: Annotated[float, Field(ge=1, le=400, allow_inf_nan=False)] = 60.0
-    """Days of model windows kept (60 days of 300 s rows: about 1.5 MB)."""
-    circuit_days: Annotated[float, Field(ge=1, le=120, allow_inf_nan=False)] = 30.0
-    """Days of circuit windows kept for the streams with an `anomaly` table (their thresholds
-    are calibrated from them; 30 days of 60 s windows: about 3 MB a stream)."""
-
-
 class ControlConfig(_Frozen):
     socket: Annotated[str, Field(min_length=1, max_length=107)] = "/run/edge-agent/control.sock"
     """Unix socket of the local control interface used by the CLI."""
-
-
-class WebConfig(_Frozen):
-    page: bool = False
-    """Serve the read-only status page (`/`) with live updates."""
-    metrics: bool = False
-    """Serve Prometheus / OpenMetrics text on `/metrics` (on its own or beside the page)."""
-    bind: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
-    """Address to listen on. Anything but loopback needs `token_file`."""
-    port: Annotated[int, Field(ge=0, le=65535)] = 8470
-    """TCP port of the page and `/metrics` (0: any free port, logged at start)."""
-    token_file: FilePath = ""
-    """File whose first line is the access token (HTTP Basic password or Bearer token);
-    required for a non-loopback `bind`, optional on loopback."""
-    max_clients: Annotated[int, Field(ge=1, le=64)] = 8
-    """Connections served at once (live pages included); more are refused with 503."""
-
-    @model_validator(mode="after")
-    def _token_off_loopback(self) -> WebConfig:
-        if (self.page or self.metrics) and not is_loopback(self.bind) and not self.token_file:
-            raise ValueError(f"bind {self.bind!r} is not loopback: set web.token_file")
-        return self
-
-    def enabled(self) -> bool:
-        return self.page or self.metrics
-
-
-SparkplugId = Annotated[str, Field(pattern=r"^[^/+#\s]{1,64}$", max_length=64)]
-
-
-class SparkplugConfig(_Frozen):
-    enabled: bool = False
-    """Publish every sensor as a Sparkplug B 3.0 device of this edge node (docs/sparkplug.md),
-    on the `[mqtt]` broker, beside the agent's own feed."""
-    group_id: SparkplugId = "edge"
-    """Sparkplug group id: topics are `spBv1.0/{group_id}/...`."""
-    node_id: SparkplugId | Literal[""] = ""
-    """Edge node id; empty: the gateway id."""
-    interval_s: Annotated[float, Field(ge=0.01, le=3600, allow_inf_nan=False)] = 1.0
-    """Each device's readings are sent in one DDATA at most this often (every reading is in
-    it, each with its own timestamp)."""
-    backlog_max: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
-    """DDATA payloads stored while the broker is away (across restarts too), replayed as
-    historical; the oldest are dropped (and counted) past it."""
-    state_dir: FilePath = ""
-    """Directory of `sparkplug.bdseq` (bdSeq across restarts) and `sparkplug-backlog.db`;
-    empty: the outbox's directory."""
 
 
 class RuntimeConfig(_Frozen):

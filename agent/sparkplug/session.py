@@ -19,7 +19,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from agent.config.schema import MqttConfig, SparkplugConfig
+from agent.config.schema import MqttConfig
+from agent.config.services import SparkplugConfig
 from agent.readings import Reading
 from agent.sparkplug.backlog import Backlog
 from agent.sparkplug.codec import DataType, SparkplugDecodeError, decode

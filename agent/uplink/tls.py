@@ -13,7 +13,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from agent.config.schema import MqttConfig, is_loopback
+from agent.config.base import is_loopback
+from agent.config.schema import MqttConfig
 
 
 class UplinkConfigError(Exception):

@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.config.schema import WebConfig, is_loopback
+from agent.config.base import is_loopback
+from agent.config.services import WebConfig
 from agent.control.tail import TailHub
 from agent.readings import Inference, Window
 from agent.web import metrics
