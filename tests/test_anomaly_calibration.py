@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from agent.anomaly import AnomalyMonitor
-from agent.anomaly.calibrate import History, calibrate, student_t_quantile, tail_limit
+from agent.anomaly.calibrate import History, calibrate
+from agent.anomaly.robust import student_t_quantile, tail_limit
 from agent.anomaly.solar import solar_elevation_deg
 from models.anomaly_sim import FOREIGN_SITES, TRAINING_SITE, CabinetSite, simulate_cabinet
 from models.sun import solar_position
