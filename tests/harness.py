@@ -19,8 +19,8 @@ from agent.config.schema import AgentConfig
 from agent.runtime import Agent
 from tests.waiting import until
 
-__all__ = ["make_config", "running_agent", "start_agent_process", "stop_process", "until",
-           "write_toml"]
+__all__ = ["feed_of", "make_config", "running_agent", "start_agent_process", "stop_process",
+           "until", "write_toml"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,6 +77,34 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text("\n".join(lines))
     tomllib.loads(path.read_text())  # fail here, not in the agent, on a writer bug
     return path
+
+
+@contextlib.asynccontextmanager
+async def feed_of(port: int, topic: str, identifier: str) -> AsyncIterator[list[dict[str, Any]]]:
+    """Every JSON payload a cloud subscriber receives on ``topic`` during the block, in order
+    (subscribed before the block starts)."""
+    import json
+
+    import aiomqtt
+
+    got: list[dict[str, Any]] = []
+    ready = asyncio.Event()
+
+    async def subscribe() -> None:
+        async with aiomqtt.Client("127.0.0.1", port, identifier=identifier) as c:
+            await c.subscribe(topic, qos=1)
+            ready.set()
+            async for msg in c.messages:
+                got.append(json.loads(msg.payload))  # type: ignore[arg-type]
+
+    sub = asyncio.create_task(subscribe(), name=f"feed:{identifier}")
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        yield got
+    finally:
+        sub.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sub
 
 
 @contextlib.asynccontextmanager

@@ -4,8 +4,6 @@ broker; a plugin that fails to import is reported and stops nothing."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -13,15 +11,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import aiomqtt
 import pytest
 
 from agent.cli.main import main
 from drivers import plugins
 from tests.broker import Mosquitto
-from tests.harness import make_config, running_agent, until, write_toml
+from tests.harness import feed_of, make_config, running_agent, until, write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "plugin"
@@ -119,19 +115,7 @@ async def test_plugin_readings_reach_the_feed_and_a_broken_one_stops_nothing(
         streams=[{"name": "s", "sensors": ["counter", "vendor", "other"], "window_s": 1,
                   "share": "raw"}])
     write_toml(tmp_path / "agent.toml", data)  # the file form parses too
-    raw: list[dict[str, Any]] = []
-    ready = asyncio.Event()
-
-    async def subscribe() -> None:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="plugin-feed") as c:
-            await c.subscribe("t/gw-test/raw/#", qos=1)
-            ready.set()
-            async for msg in c.messages:
-                raw.append(json.loads(msg.payload))  # type: ignore[arg-type]
-
-    sub = asyncio.create_task(subscribe())
-    await asyncio.wait_for(ready.wait(), 10)
-    try:
+    async with feed_of(broker.port, "t/gw-test/raw/#", "plugin-feed") as raw:
         async with running_agent(data) as agent:
             def counted() -> list[float]:
                 return [d["value"] for d in raw if d.get("sensor") == "counter"]
@@ -146,7 +130,3 @@ async def test_plugin_readings_reach_the_feed_and_a_broken_one_stops_nothing(
         assert all(d["unit"] == "count" for d in raw if d.get("sensor") == "counter")
         assert "libfoo" in sups["vendor"].last_error
         assert sups["counter"].failures == 0 and sups["other"].failures == 0
-    finally:
-        sub.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sub

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from typing import Any
-
-import aiomqtt
 
 from agent.demo.run import demo_config_text, run_demo
 from tests.broker import Mosquitto
+from tests.harness import feed_of
 from tests.waiting import until
 
 
@@ -25,31 +22,19 @@ def test_the_demo_config_puts_two_meters_on_one_line() -> None:
 
 
 async def test_demo_feed_carries_the_rs485_meters(broker: Mosquitto) -> None:
-    windows: list[dict[str, Any]] = []
-    ready = asyncio.Event()
-
-    async def subscribe() -> None:
-        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="demo-feed") as c:
-            await c.subscribe("city/demo-cabinet/telemetry/feed", qos=1)
-            ready.set()
-            async for msg in c.messages:
-                windows.append(json.loads(msg.payload))  # type: ignore[arg-type]
-
-    sub = asyncio.create_task(subscribe())
-    await asyncio.wait_for(ready.wait(), 10)
-    demo = asyncio.create_task(run_demo(duration_s=14, broker=f"127.0.0.1:{broker.port}",
-                                        quiet=True))
-    try:
-        await until(lambda: any("grid.voltage_l1" in w["channels"]
-                                and "outlet.energy" in w["channels"] for w in windows),
-                    30, "a feed window with both meters")
-        rc = await asyncio.wait_for(demo, 40)
-        assert rc == 0
-    finally:
-        for t in (sub, demo):
-            t.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(sub, demo, return_exceptions=True)
+    async with feed_of(broker.port, "city/demo-cabinet/telemetry/feed", "demo-feed") as windows:
+        demo = asyncio.create_task(run_demo(duration_s=14, broker=f"127.0.0.1:{broker.port}",
+                                            quiet=True), name="demo")
+        try:
+            await until(lambda: any("grid.voltage_l1" in w["channels"]
+                                    and "outlet.energy" in w["channels"] for w in windows),
+                        30, "a feed window with both meters")
+            rc = await asyncio.wait_for(demo, 40)
+            assert rc == 0
+        finally:
+            demo.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(demo, return_exceptions=True)
     w = next(w for w in windows if "grid.voltage_l1" in w["channels"])
     volts = w["channels"]["grid.voltage_l1"]
     assert 200 < volts["mean"] < 260 and volts["count"] >= 1
