@@ -7,6 +7,7 @@ import os
 import tty
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,3 +60,15 @@ def pty_pair() -> Iterator[tuple[int, str]]:
     for fd in (master, slave):
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+@pytest.fixture
+async def agent_sock() -> AsyncIterator[tuple[Any, Path]]:
+    """A control server on a short socket path, serving a fake agent (CLI tests)."""
+    from tests.test_control import FakeAgent, serving, short_dir
+
+    agent = FakeAgent()
+    with short_dir() as d:
+        path = d / "control.sock"
+        async with serving(agent, path, group=None, export_dir=d):
+            yield agent, path

@@ -7,14 +7,13 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from agent.cli import control as cli_control
 from agent.control.view import status_schema
-from tests.test_control import SCHEMA_FILE, FakeAgent, serving, short_dir, until
+from tests.test_control import SCHEMA_FILE, FakeAgent, short_dir, until
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,13 +34,6 @@ async def run_in_thread(argv: list[str]) -> int:
     return await asyncio.wait_for(asyncio.to_thread(run, argv), 20.0)
 
 
-@pytest.fixture
-async def agent_sock() -> AsyncIterator[tuple[FakeAgent, Path]]:
-    agent = FakeAgent()
-    with short_dir() as d:
-        path = d / "control.sock"
-        async with serving(agent, path, group=None, export_dir=d):
-            yield agent, path
 
 
 async def test_status_screen_shows_what_a_technician_needs(agent_sock, capsys) -> None:

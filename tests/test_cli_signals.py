@@ -12,12 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_control import FakeAgent, serving, short_dir
 from tests.waiting import until, until_sync
 
 DEMO_TOML = Path(__file__).resolve().parent.parent / "agent" / "examples" / "demo.toml"
@@ -102,13 +100,6 @@ def test_ctrl_c_on_demo(tmp_path: Path) -> None:
     assert rc == 130 and "Traceback" not in err, err
 
 
-@pytest.fixture
-async def agent_sock() -> AsyncIterator[tuple[FakeAgent, Path]]:
-    agent = FakeAgent()
-    with short_dir() as d:
-        path = d / "control.sock"
-        async with serving(agent, path, group=None, export_dir=d):
-            yield agent, path
 
 
 async def test_ctrl_c_on_tail(agent_sock) -> None:

@@ -6,27 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.outbox.store import Outbox
+from tests.test_chaos import small_tmpfs
 from tests.test_outbox import GW, all_rows, cfg, put, wait_until
-
-
-@contextlib.contextmanager
-def tiny_disk(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def _fill(disk: Path) -> Path:
@@ -39,7 +25,7 @@ def _fill(disk: Path) -> Path:
 
 async def test_a_full_disk_logs_one_error_line_not_one_per_commit(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with tiny_disk(tmp_path / "disk", "2m") as disk:
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
         ob = Outbox(cfg(disk, commit_interval_ms=5), GW)
         ob.open()
         task = asyncio.create_task(ob.run(), name="outbox")
