@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.aio import within
@@ -22,6 +24,7 @@ from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
+from agent.fleet.signing import TrustedKeys
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage, channel_map
@@ -36,6 +39,7 @@ from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
 from agent.uplink.commands import CommandDispatcher, CommandError
 from agent.uplink.forwarder import Uplink
+from agent.uplink.seen import SEEN_FILE, SeenCommands
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
 
@@ -102,7 +106,10 @@ class Pipeline:
         self.history = self._history_recorder()
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
-        self.commands = CommandDispatcher(self._command_handlers())
+        self.seen = SeenCommands(Path(cfg.outbox.path).parent / SEEN_FILE)
+        self.commands = CommandDispatcher(
+            self._command_handlers(), trusted=TrustedKeys(cfg.commands.trusted()),
+            require_signature=cfg.commands.require_signature, seen=self.seen)
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
         self.ctx: BuildContext | None = None
@@ -306,11 +313,23 @@ class Pipeline:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def _open_seen(self, stack: contextlib.AsyncExitStack) -> None:
+        try:
+            self.seen.open()
+        except (OSError, sqlite3.Error) as exc:
+            # Commands still run, de-duplicated in memory only: refusing every command would
+            # leave the gateway unmanageable over a table of ids.
+            log.error("%s: cannot keep command ids across restarts: %s", self.seen.path, exc)
+            self.commands.seen = None
+            return
+        stack.callback(self.seen.close)
+
     async def run(self) -> None:
         rt = self.cfg.runtime
         async with contextlib.AsyncExitStack() as stack:
             self.outbox.open()
             stack.callback(self.outbox.close)
+            self._open_seen(stack)
             if self.history is not None:
                 self._open_history(stack)
             if self._owns_infer:
