@@ -1,4 +1,5 @@
-"""Config section of fleet operations: which keys may sign what the cloud sends."""
+"""Config of fleet operations: which keys may sign what the cloud sends, and the other brokers
+a gateway may fail over to."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ BASE64_KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # 32 raw bytes in standard base64
 class TrustedKeyConfig(_Frozen):
     id: Annotated[str, Field(pattern=KEY_ID_PATTERN, max_length=64)]
     """The key id a signature names (`{"key": ID, ...}`)."""
-    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN)]
+    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN, max_length=44)]
     """The ed25519 public key: 32 bytes in standard base64 (`edge-agent fleet keygen`)."""
 
 
@@ -39,3 +40,10 @@ class CommandsConfig(_Frozen):
 
     def trusted(self) -> dict[str, str]:
         return {k.id: k.public_key for k in self.trusted_keys}
+
+
+class BrokerAddress(_Frozen):
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    """Broker host name or address."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    """Broker port."""

@@ -42,6 +42,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Link:
         self.last_in_s = time.monotonic()
         self.refusal: str | None = None  # a DISCONNECT reason that blames the last packet
         self.broker_said_bye = False  # the broker sent DISCONNECT (MQTT 5)
+        self.session_present = False  # the broker kept our session from before (CONNACK)
         self._misc: asyncio.Task[None] | None = None
         self._released = False
         client.on_socket_open = self._on_socket_open
@@ -216,6 +218,7 @@ class Link:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
                     reason_code: ReasonCode, properties: Any) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._soon(self._connack, reason_code)
 
     def _connack(self, reason_code: ReasonCode) -> None:
@@ -334,7 +337,11 @@ class Link:
     async def subscribe(self, topic: str, timeout_s: float) -> None:
         if self.lost is not None:
             raise self.lost
-        rc, mid = self.client.subscribe(topic, qos=1)
+        # MQTT 5: "retain as published", so a retained message forwarded to a subscription that
+        # already exists still says it was retained (3.1.1 brokers always clear the flag then).
+        opts = SubscribeOptions(qos=1, retainAsPublished=True) if self.protocol == "5" else None
+        rc, mid = (self.client.subscribe(topic, options=opts) if opts is not None
+                   else self.client.subscribe(topic, qos=1))
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise LinkError(f"could not subscribe to {topic}: {paho.error_string(rc)}")
         fut: asyncio.Future[list[int]] = self._loop.create_future()

@@ -49,7 +49,6 @@ from agent.uplink.commands import CommandDispatcher
 from agent.uplink.connection import ConnectFailed, Link, LinkError, TlsFailed, puback_reason
 from agent.uplink.connector import Connector
 from agent.uplink.poison import PoisonLedger
-from agent.uplink.reach import PortProbe
 from agent.uplink.replies import CommandLane
 from agent.uplink.tls import UplinkConfigError
 
@@ -89,9 +88,9 @@ class Uplink:
         self.outbox = outbox
         self.commands = commands
         self.topics = Topics(cfg.topic_prefix, gateway)
-        self.connector = Connector(cfg, gateway, will_topic=self.topics.status)
+        self.connector = Connector(cfg, gateway, will_topic=self.topics.status, rng=rng,
+                                   session_expiry_s=cfg.session_expiry_s)
         self.backoff = Backoff(cfg.reconnect_max_s, rng=rng)
-        self.probe = PortProbe(cfg.host, cfg.port, rng=rng)
         self.pacer = ReplayPacer(cfg.replay_rate)
         self.puback_timeout_s = max(PUBACK_TIMEOUT_S, 2.0 * cfg.keepalive_s)
         self.lane = CommandLane(commands, self.topics, gateway)
@@ -137,8 +136,10 @@ class Uplink:
             while True:
                 self._state = "probing"
                 if not await self._reachable():
-                    await asyncio.sleep(self.backoff.next_delay() if self.probe.dns_failed
-                                        else self.probe.interval_s())
+                    if self.connector.failover():
+                        continue
+                    await asyncio.sleep(self.backoff.next_delay() if self.connector.probe.dns_failed
+                                        else self.connector.probe.interval_s())
                     continue
                 self._state = "connecting"
                 self._stable = False
@@ -152,8 +153,9 @@ class Uplink:
                 except Exception as exc:
                     log.exception("uplink session failed unexpectedly")
                     self._fail(exc)
-                if self._stable:
-                    continue  # a link that held and broke: back as soon as the port opens
+                if self._stable or self.connector.failover():
+                    continue  # a link that held and broke (back once the port opens), or the
+                    # next broker to try
                 delay = self.backoff.next_delay()
                 self._state = "waiting"
                 log.debug("uplink: next connection attempt in %.2f s", delay)
@@ -164,7 +166,7 @@ class Uplink:
     async def _reachable(self) -> bool:
         """Does the broker's port take a TCP connection? Settles a pending silent-drop blame:
         a broker that is up at once dropped the message; one that is away had an outage."""
-        error = await self.probe.check()
+        error = await self.connector.probe.check()
         pending, self._blame_if_up = self._blame_if_up, None
         if error is not None:
             self.counts["probes_refused"] += 1
