@@ -44,6 +44,7 @@ PLUGIN_MODULES = (
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",
+    "agent.cli.fleet",
 )
 
 # The commands those modules add, with their one-line help, so that `--help` and a command
@@ -72,6 +73,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
                           ("agent.cli.service",)),
     "sharing": ("what each stream publishes, on which topics, how redacted",
                 ("agent.cli.sharing",)),
+    "fleet": ("cloud side: make keys, sign and send commands to gateways", ("agent.cli.fleet",)),
 }
 
 def _print_config_error(exc: Any) -> None:
