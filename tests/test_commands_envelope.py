@@ -211,6 +211,19 @@ async def test_a_replay_after_expiry_is_refused_even_when_remembered(
     seen.close()
 
 
+async def test_unsigned_read_only_requests_cannot_fill_the_table(key: SigningKey,
+                                                                 tmp_path: Path) -> None:
+    seen = SeenCommands(tmp_path / "commands.db")
+    seen.open()
+    d = dispatcher(key, Activations(), seen=seen)
+    for i in range(50):
+        assert (await d.handle(GW, "ping", raw({"id": f"p-{i}"}))).ok
+    assert len(seen) == 0
+    env = command("ping", {}, gateway=GW, key=key)  # signed: remembered like a change
+    assert (await d.handle(GW, "ping", raw(env))).ok and len(seen) == 1
+    seen.close()
+
+
 def test_the_table_of_ids_is_bounded(tmp_path: Path) -> None:
     seen = SeenCommands(tmp_path / "commands.db", max_rows=100)
     seen.open()

@@ -209,3 +209,25 @@ async def test_the_feed_fails_over_to_the_next_broker_without_a_gap(tmp_path: Pa
     got = {b["seq"] for _t, b in c1.got + c2.got}
     assert set(seqs) <= got, sorted(set(seqs) - got)
     assert c2.got, "nothing came through the second broker"
+
+
+async def test_the_cloud_reads_the_feed_with_shared_subscriptions(tmp_path: Path) -> None:
+    """docs/fleet.md: several cloud consumers share one feed, each message to exactly one."""
+    b = broker_at(tmp_path / "mosq")
+    ob = Outbox(OutboxConfig(path=str(tmp_path / "o.db"), commit_interval_ms=20), GW)
+    ob.open()
+    up = Uplink(MqttConfig(host=b.host, port=b.port, reconnect_max_s=0.5), GW, ob)
+    shared = "$share/cloud/edge/+/health"
+    try:
+        async with collecting(b, shared, "consumer-1") as c1, \
+                collecting(b, shared, "consumer-2") as c2, running(ob, up):
+            await until(lambda: up.status()["state"] == "connected", 10, "connected")
+            seqs = [ob.put("health", "health", health_message(GW, {"i": i})) for i in range(60)]
+            await until(lambda: len(c1.got) + len(c2.got) >= len(seqs), 10, "every message")
+    finally:
+        ob.close()
+        b.stop()
+    one = [m["seq"] for _t, m in c1.got]
+    two = [m["seq"] for _t, m in c2.got]
+    assert sorted(one + two) == seqs  # each message to one consumer, none lost
+    assert one and two  # and the load is spread

@@ -251,7 +251,11 @@ class CommandDispatcher:
             log.info("command %r (id %r) is a repeat: answered with the first reply", name,
                      req_id)
             return await asyncio.shield(first)
-        earlier = self.seen.lookup(name, req_id) if self.seen is not None else None
+        # On disk: what changes the gateway, and anything signed. Unsigned read-only requests
+        # are remembered in memory only, so a flood of them cannot push a signed command's id
+        # out of the table (and let it be replayed before it expires).
+        seen = (self.seen if verdict.key_id is not None or name in STATE_CHANGING else None)
+        earlier = seen.lookup(name, req_id) if seen is not None else None
         if earlier is not None:
             self.counts["repeated"] += 1
             state, reply = earlier
@@ -266,10 +270,9 @@ class CommandDispatcher:
         self._replies[key] = fut
         while len(self._replies) > REPLAY_CACHE:
             self._replies.popitem(last=False)
-        if self.seen is not None:
+        if seen is not None:
             until = verdict.expires_at or now + timedelta(seconds=MAX_LIFETIME_S)
-            self.seen.begin(name, req_id,
-                            int((until.timestamp() + CLOCK_SKEW_S) * 1e9))
+            seen.begin(name, req_id, int((until.timestamp() + CLOCK_SKEW_S) * 1e9))
         try:
             out = await self._run(gateway, name, req_id, req.args)
         except BaseException:
@@ -279,10 +282,10 @@ class CommandDispatcher:
         fut.set_result(out)
         if out.error is not None and out.error.code == "busy":
             self._replies.pop(key, None)
-            if self.seen is not None:
-                self.seen.forget(name, req_id)
-        elif self.seen is not None:
-            self.seen.finish(name, req_id, encode_result(out))
+            if seen is not None:
+                seen.forget(name, req_id)
+        elif seen is not None:
+            seen.finish(name, req_id, encode_result(out))
         return out
 
     async def _run(self, gateway: str, name: str, req_id: str,
