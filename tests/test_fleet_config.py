@@ -47,7 +47,7 @@ def test_a_remote_standby_turns_tls_on_and_plaintext_to_it_is_refused(tmp_path: 
     assert "standby.example" in problems(make_config(tmp_path, 1883,
                                                      mqtt={**remote, "tls": False}))
     off = cfg.mqtt.model_copy(update={"tls": False})
-    with pytest.raises(UplinkConfigError, match="standby.example"):
+    with pytest.raises(UplinkConfigError, match=r"standby\.example"):
         tls_context(off)
 
 
