@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from agent.fleet.envelope import TIMESTAMP_PATTERN
 from agent.fleet.signing import SigningKey, TrustedKeys
 from agent.fleet.tool import command, timestamp
 from agent.uplink.commands import STATE_CHANGING, CommandDispatcher
@@ -246,3 +249,26 @@ def test_a_damaged_table_is_moved_aside_and_replaced(tmp_path: Path) -> None:
     assert seen.lookup("ping", "x") == ("running", None)
     seen.close()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("commands.db.bad-")]
+
+
+TIMES = st.one_of(st.none(), st.from_regex(TIMESTAMP_PATTERN, fullmatch=True),
+                  st.text(max_size=50), st.integers(), st.floats())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(issued=TIMES, expires=TIMES, gateway=st.one_of(st.none(), st.just(GW), st.text()),
+       sig=st.one_of(st.none(), st.text(), st.dictionaries(st.text(max_size=5),
+                                                           st.text(max_size=90), max_size=4)))
+async def test_any_envelope_gets_a_clear_answer_never_a_crash(
+        issued: Any, expires: Any, gateway: Any, sig: Any) -> None:
+    key = SigningKey.generate("k")
+    runs = Activations()
+    d = dispatcher(key, runs)
+    env: dict[str, Any] = {"id": "h-1", "args": {"name": "m"}}
+    for field, value in (("issued_at", issued), ("expires_at", expires),
+                         ("gateway", gateway), ("sig", sig)):
+        if value is not None:
+            env[field] = value
+    r = await d.handle(GW, "model.activate", json.dumps(env).encode())
+    assert r.error is not None and r.error.code != "internal", r.error
+    assert runs.runs == []

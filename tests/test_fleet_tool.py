@@ -177,3 +177,19 @@ async def test_a_running_agent_checks_signatures_and_counts_refusals(
 def test_send_usage_errors_are_one_line(argv: list[str]) -> None:
     rc, out, err = cli(argv)
     assert rc == 2 and out == "" and err.startswith("fleet send: ") and err.count("\n") == 1
+
+
+def test_a_reply_counts_only_from_the_gateway_it_was_sent_to() -> None:
+    from agent.fleet.tool import Outcome, _collect
+
+    out = Outcome(sent={"gw-1": {"id": "c-1"}, "gw-2": {"id": "c-2"}})
+    ids = {"c-1": "gw-1", "c-2": "gw-2"}
+    good = json.dumps({"id": "c-1", "gateway": "gw-1", "ok": True}).encode()
+    _collect(out, ids, "edge/gw-2/cmd/ping/result", good)  # on another gateway's topic
+    _collect(out, ids, "edge/gw-1/cmd/ping/result",
+             json.dumps({"id": "c-2", "gateway": "gw-2", "ok": True}).encode())
+    for junk in (b"[]", b"{", b"\xff", b"x" * 300_000):
+        _collect(out, ids, "edge/gw-1/cmd/ping/result", junk)
+    assert out.results == {} and out.invalid == 4
+    _collect(out, ids, "edge/gw-1/cmd/ping/result", good)
+    assert list(out.results) == ["gw-1"] and out.missing == ["gw-2"]

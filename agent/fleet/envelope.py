@@ -103,8 +103,11 @@ def check(req: CommandRequest, *, gateway: str, name: str, now: datetime,
         expires = parse_time(req.expires_at, "expires_at") if req.expires_at else None
     except ValueError as exc:
         return Refusal("invalid_request", str(exc))
-    if expires is None and issued is not None:
-        expires = issued + timedelta(seconds=DEFAULT_LIFETIME_S)
+    try:
+        if expires is None and issued is not None:
+            expires = issued + timedelta(seconds=DEFAULT_LIFETIME_S)
+    except OverflowError:  # issued in the year 9999
+        return Refusal("invalid_request", "issued_at is out of range")
     if issued is not None and expires is not None and expires < issued:
         return Refusal("invalid_request", "expires_at is before issued_at")
     start = issued if issued is not None else now

@@ -25,6 +25,7 @@ from agent.jsontext import parse as parse_json
 
 MAX_GATEWAYS: Final = 100_000
 MAX_RESULT_BYTES: Final = 256 * 1024
+PUBLISH_BATCH: Final = 64
 
 
 def timestamp(t: datetime) -> str:
@@ -111,8 +112,11 @@ async def send(broker: Broker, prefix: str, gateways: Sequence[str], name: str,
                 await client.subscribe(f"{prefix}/{gw}/cmd/{name}/result", qos=1)
         else:  # one filter instead of thousands of SUBSCRIBEs; replies of others are ignored
             await client.subscribe(f"{prefix}/+/cmd/{name}/result", qos=1)
-        for gw, env in out.sent.items():
-            await client.publish(f"{prefix}/{gw}/cmd/{name}", json.dumps(env), qos=1)
+        # A few PUBACKs awaited at once: a thousand gateways are not a thousand round trips.
+        envs = list(out.sent.items())
+        for i in range(0, len(envs), PUBLISH_BATCH):
+            await asyncio.gather(*(client.publish(f"{prefix}/{gw}/cmd/{name}", json.dumps(env),
+                                                  qos=1) for gw, env in envs[i:i + PUBLISH_BATCH]))
         try:
             async with asyncio.timeout(timeout_s):
                 async for msg in client.messages:
