@@ -193,3 +193,12 @@ def test_a_reply_counts_only_from_the_gateway_it_was_sent_to() -> None:
     assert out.results == {} and out.invalid == 4
     _collect(out, ids, "edge/gw-1/cmd/ping/result", good)
     assert list(out.results) == ["gw-1"] and out.missing == ["gw-2"]
+
+
+def test_send_to_a_broker_that_is_not_there_fails_with_one_line() -> None:
+    from tests.broker import free_port
+
+    rc, out, err = cli(["fleet", "send", "ping", "--gateway", "g", "--port", str(free_port()),
+                        "--timeout", "2"])
+    assert rc == 1 and out == "" and err.startswith("fleet send: 127.0.0.1:")
+    assert err.count("\n") == 1

@@ -212,9 +212,7 @@ def _broker(args: argparse.Namespace) -> Any:
 
 
 def _send(args: argparse.Namespace) -> int:
-    import aiomqtt
-
-    from agent.fleet.tool import send
+    from agent.fleet.tool import SendFailed, send
 
     gateways = _gateways(args)
     cmd_args = _json_object(args.args, "--args")
@@ -227,8 +225,8 @@ def _send(args: argparse.Namespace) -> int:
                                timeout_s=args.timeout, lifetime_s=args.lifetime))
     except ValueError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    except aiomqtt.MqttError as exc:
-        print(f"fleet send: {broker.host}:{broker.port}: {exc}", file=sys.stderr)
+    except SendFailed as exc:
+        print(f"fleet send: {exc}", file=sys.stderr)
         return EXIT_FAIL
     report = out.as_json()
     if args.json:

@@ -10,6 +10,7 @@ time is reported as missing, never waited on forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import ssl
@@ -60,6 +61,10 @@ def sign_document(key: SigningKey, domain: Domain, body: Mapping[str, Any]) -> d
     return {"body": dict(body), "sig": key.sign(domain, body)}
 
 
+class SendFailed(Exception):
+    """The broker could not be reached, or the connection to it broke."""
+
+
 @dataclass(frozen=True)
 class Broker:
     host: str = "127.0.0.1"
@@ -103,29 +108,35 @@ async def send(broker: Broker, prefix: str, gateways: Sequence[str], name: str,
         env = command(name, args, gateway=gw, key=key, lifetime_s=lifetime_s)
         out.sent[gw] = env
         by_id[env["id"]] = gw
-    async with aiomqtt.Client(broker.host, broker.port, username=broker.username,
-                              password=broker.password, tls_context=broker.tls,
-                              identifier=client_id or f"fleet-{secrets.token_hex(4)}",
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
-        if len(out.sent) <= 16:
-            for gw in out.sent:
-                await client.subscribe(f"{prefix}/{gw}/cmd/{name}/result", qos=1)
-        else:  # one filter instead of thousands of SUBSCRIBEs; replies of others are ignored
-            await client.subscribe(f"{prefix}/+/cmd/{name}/result", qos=1)
-        # A few PUBACKs awaited at once: a thousand gateways are not a thousand round trips.
-        envs = list(out.sent.items())
-        for i in range(0, len(envs), PUBLISH_BATCH):
-            await asyncio.gather(*(client.publish(f"{prefix}/{gw}/cmd/{name}", json.dumps(env),
-                                                  qos=1) for gw, env in envs[i:i + PUBLISH_BATCH]))
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for msg in client.messages:
-                    _collect(out, by_id, msg.topic.value, msg.payload)
-                    if len(out.results) == len(out.sent):
-                        break
-        except TimeoutError:
-            pass
+    try:
+        async with aiomqtt.Client(broker.host, broker.port, username=broker.username,
+                                  password=broker.password, tls_context=broker.tls,
+                                  identifier=client_id or f"fleet-{secrets.token_hex(4)}",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await _exchange(client, out, by_id, prefix=prefix, name=name, timeout_s=timeout_s)
+    except aiomqtt.MqttError as exc:
+        raise SendFailed(f"{broker.host}:{broker.port}: {exc}") from None
     return out
+
+
+async def _exchange(client: Any, out: Outcome, by_id: Mapping[str, str], *, prefix: str,
+                    name: str, timeout_s: float) -> None:
+    if len(out.sent) <= 16:
+        for gw in out.sent:
+            await client.subscribe(f"{prefix}/{gw}/cmd/{name}/result", qos=1)
+    else:  # one filter instead of thousands of SUBSCRIBEs; replies of others are ignored
+        await client.subscribe(f"{prefix}/+/cmd/{name}/result", qos=1)
+    # A few PUBACKs awaited at once: a thousand gateways are not a thousand round trips.
+    envs = list(out.sent.items())
+    for i in range(0, len(envs), PUBLISH_BATCH):
+        await asyncio.gather(*(client.publish(f"{prefix}/{gw}/cmd/{name}", json.dumps(env), qos=1)
+                               for gw, env in envs[i:i + PUBLISH_BATCH]))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            async for msg in client.messages:
+                _collect(out, by_id, msg.topic.value, msg.payload)
+                if len(out.results) == len(out.sent):
+                    return
 
 
 def _collect(out: Outcome, by_id: Mapping[str, str], topic: str, payload: Any) -> None:
