@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from agent.aio import within
@@ -22,6 +22,7 @@ from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
+from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage, channel_map
@@ -34,7 +35,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher, CommandError
+from agent.uplink.commands import CommandDispatcher, CommandError, Handler
 from agent.uplink.forwarder import Uplink
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
@@ -51,6 +52,10 @@ class Host(Protocol):
 
     def on_pipeline_ready(self) -> None:
         """Called once every stage of the generation runs."""
+        ...
+
+    def command_handlers(self) -> Mapping[str, Handler]:
+        """Commands the agent answers across generations (``config.apply``, ...)."""
         ...
 
 log = logging.getLogger(__name__)
@@ -102,7 +107,10 @@ class Pipeline:
         self.history = self._history_recorder()
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
-        self.commands = CommandDispatcher(self._command_handlers())
+        # config.apply carries a whole config file: the dispatcher takes requests that size.
+        self.commands = CommandDispatcher(
+            {**self._command_handlers(), **(agent.command_handlers() if agent else {})},
+            max_bytes=MAX_APPLY_PAYLOAD_BYTES)
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
         self.ctx: BuildContext | None = None
