@@ -132,6 +132,11 @@ class ConfigDeployer:
         text = args.get("config")
         if not isinstance(text, str):
             raise ValueError("args.config (the TOML text) is required")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate from a JSON \ud800 escape
+            raise ValueError(f"args.config: not UTF-8 text at character {exc.start}") from None
+        loop = asyncio.get_running_loop()
         async with self._lock:
             rec = self.record
             if rec is not None and rec.state == "trial":
@@ -139,18 +144,18 @@ class ConfigDeployer:
                 raise ValueError(f"deployment {rec.deployment} is still on trial: wait for "
                                  "its outcome, or send config.rollback")
             try:
-                result = await asyncio.to_thread(self._install, text.encode())
+                result = await asyncio.to_thread(self._install, data, loop)
             except ValueError:
                 self.counts["refused"] += 1
                 raise
             self.counts["applied"] += 1
-        self._wake.set()
-        self.host.request_reload()
         return result
 
-    def _install(self, data: bytes) -> dict[str, Any]:
+    def _install(self, data: bytes, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
         """Check the candidate, keep the running file as ``.previous``, put the candidate in
-        place and record the trial (in a thread: it reads, builds and fsyncs)."""
+        place, record the trial and start it (in a thread: it reads, builds and fsyncs). The
+        reload is asked for from here, so a command that timed out meanwhile still starts the
+        config it installed, and its trial still judges it."""
         try:
             current = read_regular(self.path, MAX_CONFIG_BYTES)
         except OSError as exc:
@@ -185,6 +190,8 @@ class ConfigDeployer:
                 self.candidate_path.unlink()
         self.record = rec
         self._start_trial(cfg)
+        loop.call_soon_threadsafe(self._wake.set)
+        loop.call_soon_threadsafe(self.host.request_reload)
         log.info("config.apply: deployment %s on trial for %g s; changed: %s", rec.deployment,
                  rec.timeout_s, ", ".join(changes.keys) or "nothing")
         return {"deployment": rec.deployment, "state": "trial", "sha256": new_sha,
