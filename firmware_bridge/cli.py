@@ -7,7 +7,7 @@
   signature (``IMAGE.sig``) against the trusted keys (``--trusted-keys FILE`` or the agent
   config's ``[commands]`` keys, ``-c``), the board id (``--board``) and the version against
   what the device runs and the floor recorded for it (``--state-dir``, or beside the agent's
-  outbox with ``-c``); a refusal exits 3 with its reason. An unsigned image needs
+  outbox with ``-c``); a refusal exits 2 with its reason. An unsigned image needs
   ``--allow-unsigned``, which is logged.
 - ``firmware pack BODY OUT --version X.Y.Z [--sign KEYFILE --board ID]``: wrap a raw binary into
   an image with its header; with ``--sign``, write ``OUT.sig`` beside it.
@@ -47,7 +47,7 @@ from firmware_bridge.link import LinkConfig
 from firmware_bridge.messages import FwState, HelloFlag
 
 EMULATED = "emulated"
-EXIT_REFUSED = 3
+EXIT_REFUSED = 2  # like any input the command refuses
 FLOOR_FILE = "firmware-floor.json"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a bridge MCU's flash slot is far smaller
 BAUDRATES = (1_200, 4_000_000)  # what USB-serial bridges and MCU UARTs can be set to
