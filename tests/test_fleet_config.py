@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,14 @@ import aiomqtt
 from agent.config.load import load_config
 from agent.fleet.config_files import DeployRecord
 from tests.broker import Mosquitto
-from tests.harness import feed_of, make_config, running_agent, write_toml
+from tests.harness import (
+    feed_of,
+    make_config,
+    running_agent,
+    start_agent_process,
+    stop_process,
+    write_toml,
+)
 from tests.waiting import until
 
 GW = "gw-test"
@@ -216,3 +224,58 @@ async def test_a_restart_during_the_trial_rolls_an_unhealthy_config_back(
         assert outcome is not None and outcome["result"]["state"] == "rolled_back"
         await until(lambda: agent.generation == 2 and agent.generation_ready()
                     and [s.name for s in agent.cfg.sensors] == ["a"], what="previous running")
+
+
+def _answered(got: list[dict[str, Any]], req_id: str) -> bool:
+    return reply_to(got, req_id) is not None
+
+
+async def _until_answering(port: int, got: list[dict[str, Any]]) -> None:
+    """Ping until the agent (a process starting up) answers: its command subscription is up."""
+    for n in range(60):
+        await send(port, "ping", f"ping-{n}", {})
+        with contextlib.suppress(AssertionError):
+            await until(functools.partial(_answered, got, f"ping-{n}"), 1.0)
+            return
+    raise AssertionError("the agent never answered a ping")
+
+
+async def test_kill_9_during_the_trial_and_the_restart_rolls_back(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    data = base_config(tmp_path, broker.port)
+    path = write_toml(tmp_path / "agent.toml", data)
+    original = path.read_text()
+    bad_text = toml_text(tmp_path, broken_config(tmp_path, broker.port))
+    async with replies(broker.port) as got:
+        proc = start_agent_process(path, log=tmp_path / "first.log")
+        try:
+            await _until_answering(broker.port, got)
+            await send(broker.port, "config.apply", "k9", {"config": bad_text})
+            await until(lambda: reply_to(got, "k9") is not None, 15, what="immediate reply")
+            proc.kill()  # SIGKILL: no flush, no clean-up, mid-trial
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        first = reply_to(got, "k9")
+        assert first is not None and first["result"]["state"] == "trial"
+        deployment = first["result"]["deployment"]
+        assert path.read_text() == bad_text
+
+        proc = start_agent_process(path, log=tmp_path / "second.log")
+        try:
+            await until(lambda: path.read_text() == original, TIMEOUT_S + 20,
+                        what="the restarted agent rolled the unhealthy config back")
+            await until(lambda: reply_to(got, deployment) is not None, 20, what="the outcome")
+            outcome = reply_to(got, deployment)
+            assert outcome is not None and not outcome["ok"]
+            assert outcome["result"]["state"] == "rolled_back"
+            assert "sensor radar" in outcome["result"]["reason"]
+            rc, _ = stop_process(proc)
+            assert rc == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert "on trial again" in (tmp_path / "second.log").read_text()
