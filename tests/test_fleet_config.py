@@ -85,6 +85,7 @@ async def test_a_good_config_is_confirmed_and_stays(tmp_path: Path, broker: Mosq
         changes = first["result"]["changes"]
         assert changes["sections"] == ["sensors", "streams"]
         assert "streams[0].sensors" in changes["keys"]
+        assert first["result"]["restart_needed"] == []
         deployment = first["result"]["deployment"]
 
         await until(lambda: reply_to(got, deployment) is not None, TIMEOUT_S + 10,

@@ -59,6 +59,8 @@ MAX_APPLY_CONFIG_CHARS: Final = 48 * 1024
 """The TOML text ``config.apply`` takes (a gateway's file is a few KiB)."""
 MAX_APPLY_PAYLOAD_BYTES: Final = 64 * 1024
 """What the command dispatcher must accept for it: the text JSON-escaped, plus the envelope."""
+RESTART_SECTIONS: Final = ("control", "web", "sparkplug")
+"""Sections whose objects live across reloads: a change to them takes effect at a restart."""
 POLL_S: Final = 0.25
 REPORT_RETRY_S: Final = 2.0
 
@@ -195,7 +197,8 @@ class ConfigDeployer:
         log.info("config.apply: deployment %s on trial for %g s; changed: %s", rec.deployment,
                  rec.timeout_s, ", ".join(changes.keys) or "nothing")
         return {"deployment": rec.deployment, "state": "trial", "sha256": new_sha,
-                "health_timeout_s": rec.timeout_s, "changes": changes.model_dump()}
+                "health_timeout_s": rec.timeout_s, "changes": changes.model_dump(),
+                "restart_needed": [s for s in changes.sections if s in RESTART_SECTIONS]}
 
     def _start_trial(self, cfg: AgentConfig) -> None:
         assert self.record is not None
