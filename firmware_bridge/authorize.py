@@ -16,7 +16,8 @@ manifest names the exact image (``agent.fleet.signing``, domain ``firmware``)::
 - ``wrong_board``: the manifest is for another board than the gateway's (``--board``), or the
   gateway's board is not known;
 - ``downgrade``: the image is older than what the device runs, or than the floor this gateway
-  recorded for that device (the highest version it ever flashed there; ``FirmwareFloor``).
+  recorded for that device (the highest version it ever flashed there; ``FirmwareState``,
+  which also counts the refusals by reason across runs of the CLI).
 """
 
 from __future__ import annotations
@@ -174,53 +175,67 @@ def approve(image: bytes, signature: bytes | None, policy: FlashPolicy,
     return Approval(header.version, key_id, board)
 
 
-class FirmwareFloor:
-    """The highest version flashed on each device (by UID), in a small JSON file."""
+class _StateDoc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    floors: dict[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")],
+                 Annotated[str, Field(pattern=VERSION_PATTERN)]] = Field(
+        default_factory=dict, max_length=MAX_FLOOR_DEVICES)
+    refused: dict[Reason, Annotated[int, Field(ge=0, le=10**12)]] = Field(default_factory=dict)
+
+
+class FirmwareState:
+    """What a gateway remembers of firmware updates, in a small JSON file: the highest version
+    it flashed on each device (by UID; the anti-rollback floor) and its refusals by reason."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _load(self) -> dict[str, str]:
+    def _load(self) -> _StateDoc:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            return {}
+            return _StateDoc()
         with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                 raise UpdateError(f"{self.path}: not a regular file")
             raw = fh.read(MAX_FLOOR_BYTES + 1)
         try:
-            data = parse_json(raw, max_bytes=MAX_FLOOR_BYTES)
-        except JsonRefused as exc:
-            raise UpdateError(f"{self.path}: not a firmware floor file: {exc}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise UpdateError(f"{self.path}: not a firmware floor file")
-        return {str(k): v for k, v in data.items()}
+            return _StateDoc.model_validate(parse_json(raw, max_bytes=MAX_FLOOR_BYTES))
+        except (JsonRefused, ValidationError) as exc:
+            raise UpdateError(f"{self.path}: not a firmware state file: "
+                              f"{str(exc).splitlines()[0][:200]}") from None
 
-    def get(self, uid: bytes) -> Version3 | None:
-        text = self._load().get(uid.hex())
-        if text is None:
-            return None
-        try:
-            return parse_version(text)
-        except ValueError as exc:
-            raise UpdateError(f"{self.path}: {exc}") from None
-
-    def raise_to(self, uid: bytes, version: Version3) -> None:
-        data = self._load()
-        old = data.get(uid.hex())
-        if old is not None and parse_version(old) >= version:
-            return
-        data[uid.hex()] = version_str(version)
-        if len(data) > MAX_FLOOR_DEVICES:
-            raise UpdateError(f"{self.path}: more than {MAX_FLOOR_DEVICES} devices")
+    def _save(self, doc: _StateDoc) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="ascii") as fh:
-            json.dump(data, fh, sort_keys=True)
+            fh.write(doc.model_dump_json())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+
+    def floor(self, uid: bytes) -> Version3 | None:
+        text = self._load().floors.get(uid.hex())
+        return parse_version(text) if text is not None else None
+
+    def raise_floor(self, uid: bytes, version: Version3) -> None:
+        doc = self._load()
+        old = doc.floors.get(uid.hex())
+        if old is not None and parse_version(old) >= version:
+            return
+        doc.floors[uid.hex()] = version_str(version)
+        if len(doc.floors) > MAX_FLOOR_DEVICES:
+            raise UpdateError(f"{self.path}: more than {MAX_FLOOR_DEVICES} devices")
+        self._save(doc)
+
+    def count_refusal(self, reason: Reason) -> None:
+        doc = self._load()
+        doc.refused[reason] = doc.refused.get(reason, 0) + 1
+        self._save(doc)
+
+    def refusals(self) -> dict[str, int]:
+        return {str(k): v for k, v in self._load().refused.items()}
 
 
 def read_trusted_keys(text: str) -> dict[str, str]:

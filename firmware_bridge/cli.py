@@ -32,8 +32,8 @@ from firmware_bridge import update
 from firmware_bridge.authorize import (
     BOARD_PATTERN,
     SIGNATURE_SUFFIX,
-    FirmwareFloor,
     FirmwareRefused,
+    FirmwareState,
     FlashPolicy,
     approve,
     read_trusted_keys,
@@ -48,7 +48,7 @@ from firmware_bridge.messages import FwState, HelloFlag
 
 EMULATED = "emulated"
 EXIT_REFUSED = 2  # like any input the command refuses
-FLOOR_FILE = "firmware-floor.json"
+STATE_FILE = "firmware-state.json"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a bridge MCU's flash slot is far smaller
 BAUDRATES = (1_200, 4_000_000)  # what USB-serial bridges and MCU UARTs can be set to
 MAX_SECONDS = 3600.0
@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help="trust the agent config's [commands] keys; floor beside its outbox")
     flash.add_argument("--board", type=_board, help="this gateway's bridge board id")
     flash.add_argument("--state-dir", type=Path, metavar="DIR",
-                       help="where the version floor per device is kept")
+                       help="where the version floor per device and the refusals are kept")
     flash.add_argument("--allow-unsigned", action="store_true",
                        help="flash an image without a signature (technician only; logged)")
     flash.set_defaults(func=cmd_flash)
@@ -169,7 +169,7 @@ def _policy_inputs(args: argparse.Namespace) -> tuple[dict[str, str], Path | Non
         keys = cfg.commands.trusted()
         if state is None:
             state = Path(cfg.outbox.path).parent
-    return keys, (state / FLOOR_FILE if state is not None else None)
+    return keys, (state / STATE_FILE if state is not None else None)
 
 
 @asynccontextmanager
@@ -314,7 +314,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
     try:
         signature = read_file(sig_path, 64 * 1024) if (args.signature or sig_path.exists()) \
             else None
-        keys, floor_path = _policy_inputs(args)
+        keys, state_path = _policy_inputs(args)
     except OSError as exc:
         print(f"error: cannot read {sig_path}: {exc.strerror}")
         return 2
@@ -323,7 +323,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
         return 2
     from agent.fleet.signing import TrustedKeys
 
-    floors = FirmwareFloor(floor_path) if floor_path is not None else None
+    memory = FirmwareState(state_path) if state_path is not None else None
     progress = ProgressPrinter(sys.stdout, sys.stdout.isatty())
 
     async def go() -> int:
@@ -331,7 +331,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
             async with _connected(args) as client:
                 hello = client.hello
                 assert hello is not None
-                floor = floors.get(hello.uid) if floors is not None else None
+                floor = memory.floor(hello.uid) if memory is not None else None
                 policy = FlashPolicy(TrustedKeys(keys), args.board, args.allow_unsigned, floor)
                 # Every check before FW_BEGIN: nothing of a refused image reaches the device.
                 approval = approve(image, signature, policy, hello.firmware)
@@ -342,10 +342,12 @@ def cmd_flash(args: argparse.Namespace) -> int:
                 result = await update.flash(
                     client, image, window=args.window, progress=progress,
                     timeouts=update.UpdateTimeouts(boot_s=args.boot_timeout))
-                if floors is not None:
-                    floors.raise_to(hello.uid, result.version)
+                if memory is not None:
+                    memory.raise_floor(hello.uid, result.version)
         except FirmwareRefused as exc:
             print(f"refused: {exc}")
+            if memory is not None:
+                memory.count_refusal(exc.reason)
             return EXIT_REFUSED
         except (LinkDown, RequestTimeout) as exc:
             progress.finish()

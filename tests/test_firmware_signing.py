@@ -20,6 +20,7 @@ from agent.fleet.signing import SigningKey, TrustedKeys
 from firmware_bridge.authorize import (
     REFUSALS,
     FirmwareRefused,
+    FirmwareState,
     FlashPolicy,
     approve,
     sign_image,
@@ -109,7 +110,7 @@ async def test_a_correctly_signed_image_flashes_and_raises_the_floor(
     out = capsys.readouterr().out
     assert "signed by fleet-2026" in out and "ok: the device runs 1.3.0" in out
     assert emu.device.firmware == (1, 3, 0)
-    assert json.loads((state / "firmware-floor.json").read_text()) == {
+    assert json.loads((state / "firmware-state.json").read_text())["floors"] == {
         emu.device.uid.hex(): "1.3.0"}
 
     # The same device, later found running 1.0.0 (re-flashed by hand): a signed 1.2.5 is
@@ -120,6 +121,7 @@ async def test_a_correctly_signed_image_flashes_and_raises_the_floor(
         assert await flash(old_device, path, trusted, "--state-dir", str(state)) == 2
         assert nothing_sent(old_device)
     assert "refused: downgrade:" in capsys.readouterr().out
+    assert FirmwareState(state / "firmware-state.json").refusals() == {"downgrade": 1}
 
 
 @pytest.mark.parametrize("case", ["untrusted_key", "forged_with_trusted_id", "unsigned",
