@@ -347,7 +347,10 @@ def cmd_flash(args: argparse.Namespace) -> int:
         except FirmwareRefused as exc:
             print(f"refused: {exc}")
             if memory is not None:
-                memory.count_refusal(exc.reason)
+                try:
+                    memory.count_refusal(exc.reason)
+                except (OSError, UpdateError) as state_exc:  # the refusal stands regardless
+                    print(f"warning: the refusal was not counted: {state_exc}")
             return EXIT_REFUSED
         except (LinkDown, RequestTimeout) as exc:
             progress.finish()

@@ -180,3 +180,19 @@ def test_a_hostile_signature_file_is_refused_with_a_reason(
     with pytest.raises(FirmwareRefused) as info:
         approve(image_of((2, 0, 0)), payload, policy, INSTALLED)
     assert info.value.reason in ("malformed_signature", "unsigned")
+
+
+async def test_a_damaged_state_file_stops_the_flash_with_its_name(
+        emu: BridgeEmulator, keys: tuple[SigningKey, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    key, trusted = keys
+    image = image_of((1, 5, 0))
+    path = write_image(tmp_path, "ok.img", image, sign_image(image, BOARD, key))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "firmware-state.json").write_bytes(b'{"floors": {"zz": 1e999}}')
+    # The floor cannot be read, so a downgrade cannot be ruled out: nothing is flashed.
+    assert await flash(emu, path, trusted, "--state-dir", str(state)) == 1
+    out = capsys.readouterr().out
+    assert "firmware-state.json: not a firmware state file" in out and "Traceback" not in out
+    assert nothing_sent(emu)
