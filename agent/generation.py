@@ -35,7 +35,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher, CommandError, Handler
+from agent.uplink.commands import STATE_CHANGING, CommandDispatcher, CommandError, Handler
 from agent.uplink.forwarder import Uplink
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
@@ -108,9 +108,8 @@ class Pipeline:
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
         # config.apply carries a whole config file: the dispatcher takes requests that size.
-        self.commands = CommandDispatcher(
-            {**self._command_handlers(), **(agent.command_handlers() if agent else {})},
-            max_bytes=MAX_APPLY_PAYLOAD_BYTES)
+        self.commands = CommandDispatcher({**self._command_handlers(), **self._fleet_handlers()},
+                                          max_bytes=MAX_APPLY_PAYLOAD_BYTES)
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
         self.ctx: BuildContext | None = None
@@ -405,6 +404,23 @@ class Pipeline:
 
         return {"config.get": config_get, "sensors.read": sensors_read,
                 "model.activate": model_activate}
+
+    def _fleet_handlers(self) -> dict[str, Handler]:
+        """The agent's commands that outlive a generation (``config.apply``, ...). While
+        ``[commands] require_signature`` is on, the state-changing ones are offered only by a
+        dispatcher that verifies signatures (``verifies_signatures``): never run unsigned."""
+        if self.agent is None:
+            return {}
+        handlers = dict(self.agent.command_handlers())
+        if self.cfg.commands.require_signature and not getattr(
+                CommandDispatcher, "verifies_signatures", False):
+            unsigned = sorted(n for n in handlers if n in STATE_CHANGING)
+            if unsigned:
+                log.warning("commands %s are off: they must be signed (commands."
+                            "require_signature) and this agent cannot verify command "
+                            "signatures", ", ".join(unsigned))
+            handlers = {n: h for n, h in handlers.items() if n not in STATE_CHANGING}
+        return handlers
 
     def activate_model(self, name: str, force: bool) -> str:
         """Promote ``name``'s shadow candidate (refused with the scores unless it won on the

@@ -280,3 +280,24 @@ async def test_kill_9_during_the_trial_and_the_restart_rolls_back(
                 proc.kill()
                 proc.wait(10)
     assert "on trial again" in (tmp_path / "second.log").read_text()
+
+
+async def test_unsigned_config_apply_is_not_offered_while_signatures_are_required(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    data = base_config(tmp_path, broker.port)
+    data["commands"]["require_signature"] = True
+    path = write_toml(tmp_path / "agent.toml", data)
+    original = path.read_text()
+    new = base_config(tmp_path, broker.port)
+    new["runtime"]["queue_size"] = 2048
+    async with running_agent(data, config_path=path) as agent, replies(broker.port) as got:
+        await send(broker.port, "config.apply", "u1", {"config": toml_text(tmp_path, new)})
+        await until(lambda: reply_to(got, "u1") is not None, what="reply")
+        r = reply_to(got, "u1")
+        assert r is not None and not r["ok"], r
+        if r["error"]["code"] == "unavailable":  # no signature check in this dispatcher
+            assert agent.pipeline is not None
+            assert "config.apply" not in agent.pipeline.commands.names
+        else:  # a dispatcher that verifies: refused as unsigned
+            assert "unsigned" in json.dumps(r["error"])
+        assert path.read_text() == original and agent.generation == 1
