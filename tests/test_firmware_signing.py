@@ -196,3 +196,31 @@ async def test_a_damaged_state_file_stops_the_flash_with_its_name(
     out = capsys.readouterr().out
     assert "firmware-state.json: not a firmware state file" in out and "Traceback" not in out
     assert nothing_sent(emu)
+
+
+async def test_the_agent_config_supplies_the_trusted_keys_and_the_state_dir(
+        emu: BridgeEmulator, keys: tuple[SigningKey, Path], tmp_path: Path) -> None:
+    key, _ = keys
+    state = tmp_path / "var"
+    state.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        '[gateway]\nid = "gw-1"\n\n'
+        f'[outbox]\npath = "{state / "outbox.db"}"\n\n'
+        f'[[commands.trusted_keys]]\nid = "{key.key_id}"\npublic_key = "{key.public}"\n')
+    image = image_of((1, 6, 0))
+    path = write_image(tmp_path, "app.img", image, sign_image(image, BOARD, key))
+    code = await asyncio.to_thread(run, ["firmware", "flash", emu.port, str(path), "-c",
+                                         str(config), "--board", BOARD])
+    assert code == 0 and emu.device.firmware == (1, 6, 0)
+    assert FirmwareState(state / "firmware-state.json").floor(emu.device.uid) == (1, 6, 0)
+    # A key the config does not list: refused before FW_BEGIN, and counted beside the outbox.
+    begins = emu.device.receiver.begins
+    other = SigningKey.generate("other")
+    path = write_image(tmp_path, "b.img", image_of((1, 7, 0)),
+                       sign_image(image_of((1, 7, 0)), BOARD, other))
+    code = await asyncio.to_thread(run, ["firmware", "flash", emu.port, str(path), "-c",
+                                         str(config), "--board", BOARD])
+    assert code == 2 and emu.device.firmware == (1, 6, 0)
+    assert emu.device.receiver.begins == begins
+    assert FirmwareState(state / "firmware-state.json").refusals() == {"unknown_key": 1}
