@@ -309,3 +309,33 @@ async def test_unsigned_config_apply_is_not_offered_while_signatures_are_require
         else:  # a dispatcher that verifies: refused as unsigned
             assert "unsigned" in json.dumps(r["error"])
         assert path.read_text() == original and agent.generation == 1
+
+
+async def test_hostile_config_text_is_refused_by_name_and_changes_nothing(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    data = base_config(tmp_path, broker.port)
+    path = write_toml(tmp_path / "agent.toml", data)
+    original = path.read_text()
+    hostile = {
+        "huge_int": ("x = " + "9" * 5000 + "\n", "not valid TOML"),
+        "deep": ("x = " + "[" * 5000 + "]" * 5000 + "\n", "config check:"),
+        "nul": ("[gateway]\nid = \"a\x00b\"\n", "not valid TOML"),
+        "wrong_type": ("gateway = 5\n", "gateway"),
+        "not_toml": ("\x7fELF\x02\x01\x01", "not valid TOML"),
+    }
+    async with running_agent(data, config_path=path) as agent, replies(broker.port) as got:
+        for req_id, (text, needle) in hostile.items():  # one at a time: 4 may run at once
+            await send(broker.port, "config.apply", req_id, {"config": text})
+            await until(lambda: reply_to(got, req_id) is not None,  # noqa: B023
+                        what=f"the refusal of {req_id}")
+            r = reply_to(got, req_id)
+            assert r is not None and not r["ok"] and r["error"]["code"] == "failed", r
+            assert needle in r["error"]["message"], (req_id, r["error"]["message"])
+        # A lone surrogate (JSON "\ud800") never reaches the handler: the envelope refuses it.
+        await send(broker.port, "config.apply", "surrogate", {"config": "id = '\ud800'"})
+        await until(lambda: any(r["id"] is None for r in got), what="the malformed refusal")
+        r = next(r for r in got if r["id"] is None)
+        assert r["error"]["code"] == "malformed" and "surrogate" in r["error"]["message"]
+        assert path.read_text() == original and agent.generation == 1
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("agent.toml")) \
+            == ["agent.toml"]
