@@ -183,6 +183,21 @@ class Uplink:
             self.poison.silent_drop(pending[0])
         return True
 
+    async def send_reply(self, name: str, payload: bytes, timeout_s: float = 10.0) -> bool:
+        """Publish a late reply on ``cmd/{name}/result`` (a deployment's outcome, decided long
+        after its command was answered); True once the broker acknowledged it."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            fut = link.publish(self.topics.cmd_result(name), payload)
+        except LinkError:
+            return False
+        await asyncio.wait({fut}, timeout=timeout_s)
+        if not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return False
+        return fut.result() < 0x80
+
     async def drain(self, timeout_s: float) -> bool:
         """Wait until everything committed has its PUBACK; False on timeout."""
         try:
