@@ -13,7 +13,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
+from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
 from agent.fleet.signing import TrustedKeys
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
@@ -37,7 +38,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher, CommandError
+from agent.uplink.commands import CommandDispatcher, CommandError, Handler
 from agent.uplink.forwarder import Uplink
 from agent.uplink.seen import SEEN_FILE, SeenCommands
 from drivers.base import BuildContext
@@ -55,6 +56,10 @@ class Host(Protocol):
 
     def on_pipeline_ready(self) -> None:
         """Called once every stage of the generation runs."""
+        ...
+
+    def command_handlers(self) -> Mapping[str, Handler]:
+        """Commands the agent answers across generations (``config.apply``, ...)."""
         ...
 
 log = logging.getLogger(__name__)
@@ -107,9 +112,12 @@ class Pipeline:
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
         self.seen = SeenCommands(Path(cfg.outbox.path).parent / SEEN_FILE)
+        # config.apply carries a whole config file: the dispatcher takes requests that size.
         self.commands = CommandDispatcher(
-            self._command_handlers(), trusted=TrustedKeys(cfg.commands.trusted()),
-            require_signature=cfg.commands.require_signature, seen=self.seen)
+            {**self._command_handlers(), **self._fleet_handlers()},
+            trusted=TrustedKeys(cfg.commands.trusted()),
+            require_signature=cfg.commands.require_signature, seen=self.seen,
+            max_bytes=MAX_APPLY_PAYLOAD_BYTES)
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
         self.ctx: BuildContext | None = None
@@ -416,6 +424,11 @@ class Pipeline:
 
         return {"config.get": config_get, "sensors.read": sensors_read,
                 "model.activate": model_activate}
+
+    def _fleet_handlers(self) -> dict[str, Handler]:
+        """The agent's commands that outlive a generation (``config.apply``, ...); the
+        dispatcher runs the state-changing ones only when signed (``STATE_CHANGING``)."""
+        return dict(self.agent.command_handlers()) if self.agent is not None else {}
 
     def activate_model(self, name: str, force: bool) -> str:
         """Promote ``name``'s shadow candidate (refused with the scores unless it won on the

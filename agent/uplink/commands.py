@@ -49,6 +49,7 @@ from typing import Annotated, Any, Final, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.fleet.config_apply import ConfigApplyArgs, ConfigRollbackArgs
 from agent.fleet.envelope import (
     CLOCK_SKEW_S,
     MAX_LIFETIME_S,
@@ -108,10 +109,12 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "outbox.stats": NoArgs,
     "sensors.read": SensorsReadArgs,
     "model.activate": ModelActivateArgs,
+    "config.apply": ConfigApplyArgs,
+    "config.rollback": ConfigRollbackArgs,
 }
 # Commands that change the gateway: with `[commands] require_signature` (the default) they run
 # only when signed by a trusted key.
-STATE_CHANGING: Final = frozenset({"model.activate"})
+STATE_CHANGING: Final = frozenset({"model.activate", "config.apply", "config.rollback"})
 
 
 class CommandErrorBody(_Strict):
