@@ -162,8 +162,7 @@ class Uplink:
                     log.exception("uplink session failed unexpectedly")
                     self._fail(exc)
                 if self._stable or self.connector.failover():
-                    continue  # a link that held and broke (back once the port opens), or the
-                    # next broker to try
+                    continue  # a link that held and broke, or the next broker to try
                 delay = self.backoff.next_delay()
                 self._state = "waiting"
                 log.debug("uplink: next connection attempt in %.2f s", delay)
