@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +119,18 @@ async def test_a_command_sent_while_the_gateway_is_down_runs_once_when_it_is_bac
             await publish(b, f"{base}/model.activate", env)
             stale = command("model.activate", {"name": "old"}, gateway=GW, key=key)
             await publish(b, f"{base}/model.activate", stale, retain=True)
+            # Signed two hours ago for one hour: it waits at the broker, but only to be refused.
+            late = command("model.activate", {"name": "late"}, gateway=GW, key=key,
+                           now=datetime.now(UTC) - timedelta(hours=2))
+            await publish(b, f"{base}/model.activate", late)
             assert col.replies(env["id"]) == []
             up, seen = uplink()
             async with running(ob, up):
-                await until(lambda: bool(col.replies(env["id"]))
-                            and bool(col.replies(stale["id"])), 15, "the queued commands")
+                await until(lambda: all(col.replies(e["id"]) for e in (env, stale, late)), 15,
+                            "the queued commands")
                 await session_up(up, col, "p-2")
                 assert up.connector.session_present is True
+                back = up.status()["commands"]
             seen.close()
             # And again: nothing is delivered, or run, twice.
             up, seen = uplink()
@@ -137,6 +143,8 @@ async def test_a_command_sent_while_the_gateway_is_down_runs_once_when_it_is_bac
         b.stop()
     (reply,) = col.replies(env["id"])
     assert reply["ok"] is True and reply["result"] == {"activated": "energy"}
+    (expired,) = col.replies(late["id"])
+    assert expired["error"]["code"] == "expired" and back["refused"]["expired"] == 1
     retained = col.replies(stale["id"])
     assert retained and retained[-1]["error"]["code"] == "retained"
     assert st["refused"].get("retained", 0) >= 1
