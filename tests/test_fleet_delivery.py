@@ -239,3 +239,72 @@ async def test_the_cloud_reads_the_feed_with_shared_subscriptions(tmp_path: Path
     two = [m["seq"] for _t, m in c2.got]
     assert sorted(one + two) == seqs  # each message to one consumer, none lost
     assert one and two  # and the load is spread
+
+
+async def test_many_commands_waiting_at_the_broker_are_all_answered(tmp_path: Path) -> None:
+    """More than the uplink's inbox holds: the broker's receive maximum keeps the rest."""
+    b = broker_at(tmp_path / "mosq")
+    base = f"edge/{GW}/cmd"
+    ob = Outbox(OutboxConfig(path=str(tmp_path / "o.db"), commit_interval_ms=20), GW)
+    ob.open()
+    cfg = MqttConfig(host=b.host, port=b.port, reconnect_max_s=0.5, protocol="5")
+    count = 400  # the inbox keeps 256
+    try:
+        async with collecting(b, f"{base}/+/result", "cloud-results") as col:
+            up = Uplink(cfg, GW, ob, CommandDispatcher())
+            async with running(ob, up):
+                await until(lambda: up.status()["state"] == "connected", 10)
+            async with aiomqtt.Client(b.host, b.port, identifier="fleet-cloud") as cloud:
+                for i in range(count):
+                    await cloud.publish(f"{base}/ping", json.dumps({"id": f"q-{i}"}), qos=1)
+            up = Uplink(cfg, GW, ob, CommandDispatcher())
+            async with running(ob, up):
+                await until(lambda: len(col.got) >= count, 30, "every reply")
+    finally:
+        ob.close()
+        b.stop()
+    assert sorted(b["id"] for _t, b in col.got) == sorted(f"q-{i}" for i in range(count))
+
+
+async def test_a_command_cut_short_by_a_stop_is_not_run_again(tmp_path: Path) -> None:
+    """Acknowledged to the broker only after its reply: the broker delivers it again after
+    the restart, and the table of ids answers instead of running it twice."""
+    key = SigningKey.generate("ops")
+    b = broker_at(tmp_path / "mosq")
+    base = f"edge/{GW}/cmd"
+    ob = Outbox(OutboxConfig(path=str(tmp_path / "o.db"), commit_interval_ms=20), GW)
+    ob.open()
+    cfg = MqttConfig(host=b.host, port=b.port, reconnect_max_s=0.5)
+    started: list[str] = []
+
+    async def stuck(args: dict[str, Any]) -> dict[str, Any]:
+        started.append(args["name"])
+        await asyncio.Event().wait()  # until the agent stops under it
+        return {}
+
+    def uplink() -> tuple[Uplink, SeenCommands]:
+        seen = SeenCommands(tmp_path / "commands.db")
+        seen.open()
+        d = CommandDispatcher({"model.activate": stuck}, seen=seen,
+                              trusted=TrustedKeys({key.key_id: key.public}))
+        return Uplink(cfg, GW, ob, d), seen
+
+    env = command("model.activate", {"name": "energy"}, gateway=GW, key=key)
+    try:
+        async with collecting(b, f"{base}/+/result", "cloud-results") as col:
+            up, seen = uplink()
+            async with running(ob, up):
+                await until(lambda: up.status()["state"] == "connected", 10)
+                await publish(b, f"{base}/model.activate", env)
+                await until(lambda: started == ["energy"], 10, "the handler running")
+            seen.close()
+            up, seen = uplink()
+            async with running(ob, up):
+                await until(lambda: bool(col.replies(env["id"])), 15, "the redelivery")
+            seen.close()
+    finally:
+        ob.close()
+        b.stop()
+    (reply,) = col.replies(env["id"])
+    assert reply["error"]["code"] == "duplicate" and "cut short" in reply["error"]["message"]
+    assert started == ["energy"]

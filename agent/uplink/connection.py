@@ -97,6 +97,8 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
 
 
 class Link:
@@ -257,16 +259,31 @@ class Link:
         # Whatever arrives, nothing may raise here: paho would pass it up through loop_read
         # and the connection would drop (a topic that is not UTF-8 does that to paho).
         try:
-            received = Message(message.topic, bytes(message.payload), bool(message.retain))
+            received = Message(message.topic, bytes(message.payload), bool(message.retain),
+                               int(message.mid), int(message.qos))
         except (UnicodeDecodeError, TypeError, ValueError):
             self.dropped_messages += 1
             log.debug("dropped a received message that cannot be decoded")
+            self._ack(message.mid, message.qos)
             return
         if len(self._inbox) >= INBOX_MAX:
-            self._inbox.popleft()
+            dropped = self._inbox.popleft()
             self.dropped_messages += 1
+            self.ack(dropped)
         self._inbox.append(received)
         self._inbox_ready.set()
+
+    def _ack(self, mid: Any, qos: Any) -> None:
+        with contextlib.suppress(Exception):  # a connection that is gone takes no PUBACK
+            self.client.ack(int(mid), int(qos))
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge a delivered message once it is dealt with. Only a client made with
+        ``manual_ack`` (the persistent command session) waits for this: the broker keeps a
+        message that was never acknowledged and delivers it again on the next connection, and
+        its receive maximum holds back the rest meanwhile, so nothing is lost to a full inbox
+        or a crash. Otherwise paho acknowledged on receipt and this does nothing."""
+        self._ack(msg.mid, msg.qos)
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         # paho reports socket and TLS failures only in its log ("failed to receive on socket:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S: Final = 10.0  # CONNACK after the TCP and TLS handshakes
 PROBE_TIMEOUT_S: Final = 5.0  # CONNACK to a first MQTT 5 CONNECT, before trying 3.1.1
+RECEIVE_MAXIMUM: Final = 32  # unacknowledged messages the broker may send a persistent session
 # CONNACK codes that mean "speak an older protocol": 3.1.1 "unacceptable protocol version"
 # and MQTT 5 0x84 "unsupported protocol version" (amqtt answers an MQTT 5 CONNECT with it).
 FALLBACK_CODES: Final = frozenset({1, 0x84})
@@ -116,10 +117,11 @@ class Connector:
 
     def _client(self, proto: MQTTProtocolVersion, tls: ClientContext | None,
                 creds: tuple[str, str | None] | None) -> paho.Client:
+        persistent = self.session_expiry_s > 0
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             clean_session=(self.session_expiry_s == 0) if proto != V5 else None,
-                             protocol=proto,
-                             reconnect_on_failure=False)
+                             clean_session=(not persistent) if proto != V5 else None,
+                             protocol=proto, reconnect_on_failure=False,
+                             manual_ack=persistent)
         if creds:
             client.username_pw_set(creds[0], creds[1])
         client.will_set(self.will_topic, self.will() if self.will else b"offline", qos=1,
@@ -158,6 +160,8 @@ class Connector:
         if proto == V5 and persistent:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.session_expiry_s
+            # Requests in flight to us at once: the rest wait at the broker, not in our inbox.
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
         try:
             await loop.run_in_executor(
                 None, lambda: client.connect(self.host, self.port, self.cfg.keepalive_s,
