@@ -39,6 +39,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.fleet.model_args import ModelDeployArgs, ModelRollbackArgs
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
 
@@ -94,7 +95,11 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "outbox.stats": NoArgs,
     "sensors.read": SensorsReadArgs,
     "model.activate": ModelActivateArgs,
+    "model.deploy": ModelDeployArgs,
+    "model.rollback": ModelRollbackArgs,
 }
+# The commands that change the gateway: run only when signed, with `require_signature` on.
+STATE_CHANGING: Final = frozenset({"model.activate", "model.deploy", "model.rollback"})
 
 
 class CommandErrorBody(_Strict):
