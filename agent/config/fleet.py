@@ -15,7 +15,7 @@ BASE64_KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # 32 raw bytes in standard base64
 class TrustedKeyConfig(_Frozen):
     id: Annotated[str, Field(pattern=KEY_ID_PATTERN, max_length=64)]
     """The key id a signature names (`{"key": ID, ...}`)."""
-    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN)]
+    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN, max_length=44)]
     """The ed25519 public key: 32 bytes in standard base64 (`edge-agent fleet keygen`)."""
 
 
