@@ -1,0 +1,365 @@
+"""model.deploy on the gateway's side: chunks on disk, the signed artifact, the versioned install,
+the shadow start, the skill gate, and the state that survives a restart.
+
+The inference stage is the real one (onnxruntime), the commands go through the real dispatcher,
+and the cloud side is ``deploy_model`` talking to that dispatcher in-process (the broker runs in
+tests/test_fleet_model_agent.py). Models are the small "next = current + offset" graphs of
+tests/test_shadow.py, on its ramp: exact for one offset, so which one wins is known.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config.load import parse_config
+from agent.config.schema import AgentConfig
+from agent.fleet.chunks import ChunkStore, DeployError, DeployHeader
+from agent.fleet.deploy_client import DeployInterrupted, begin_args, deploy_model
+from agent.fleet.model_deploy import ModelDeployments
+from agent.fleet.model_state import ModelState
+from agent.fleet.signing import SigningKey
+from agent.pipeline.infer import InferenceStage
+from agent.uplink.commands import CommandDispatcher
+from tests.test_shadow import SLOPE_W, offset_model, ramp
+
+GW = "gw-test"
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return SigningKey.generate("ops-1")
+
+
+def config(tmp: Path, key: SigningKey, active: Path, **deploy: Any) -> AgentConfig:
+    return parse_config({
+        "gateway": {"id": GW},
+        "outbox": {"path": str(tmp / "state" / "outbox.db")},
+        "sensors": [{"name": "meter", "driver": "synthetic", "enabled": False}],
+        "streams": [{"name": "cabinet", "sensors": ["meter"], "window_s": 60}],
+        "models": [{"name": "energy", "stream": "cabinet", "path": str(active),
+                    "activate_min_s": 3600}],
+        "commands": {"require_signature": True,
+                     "trusted_keys": [{"id": key.key_id, "public_key": key.public}]},
+        "model_deploy": deploy,
+    })
+
+
+class Gateway:
+    """One gateway's deploy side: a real stage, real dispatcher, its state under ``tmp``."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.stage = InferenceStage()
+        self.dep = ModelDeployments(cfg, self.stage)
+        assert self.stage.reload(self.dep.configs()) == []
+        self.commands = CommandDispatcher(self.dep.handlers())
+        self.sent = 0
+        self.cut_after: int | None = None  # lose the connection after this many chunks
+
+    async def request(self, gateway: str, name: str, args: dict[str, Any],
+                      timeout_s: float) -> dict[str, Any]:
+        if args.get("op") == "chunk":
+            if self.cut_after is not None and self.sent >= self.cut_after:
+                raise DeployInterrupted("connection lost (test)")
+            self.sent += 1
+        payload = json.dumps({"id": f"r{self.sent}-{os.urandom(4).hex()}", "args": args})
+        reply = await self.commands.handle(gateway, name, payload.encode())
+        return json.loads(reply.model_dump_json(by_alias=True))
+
+    async def play(self, minutes: int, start: int = 0) -> None:
+        for k in range(start, start + minutes):
+            await self.stage.on_window(ramp(k))
+            self.dep.after_window()
+
+    def close(self) -> None:
+        self.stage.close()
+
+
+def files(model: Path) -> tuple[Path, Path]:
+    return model, model.with_suffix(".json")
+
+
+async def test_a_signed_deploy_resumes_after_an_interruption_and_starts_in_shadow(
+        tmp_path: Path, key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    cfg = config(tmp_path, key, active)
+    gw = Gateway(cfg)
+    try:
+        gw.cut_after = 4
+        with pytest.raises(DeployInterrupted):
+            await deploy_model(gw, GW, *files(cand), key, chunk_size=256, in_flight=1)
+        # The gateway restarts: a new stage and store over the same disk.
+        gw.close()
+        gw = Gateway(cfg)
+        result = await deploy_model(gw, GW, *files(cand), key, chunk_size=256)
+        assert result.chunks > 10
+        assert result.ok, result.error
+        assert result.sent == result.chunks - 4  # only what was missing
+        assert result.state == "shadow"
+        version = result.version
+        installed = tmp_path / "state" / "models" / "energy" / version / "energy.onnx"
+        assert installed.read_bytes() == cand.read_bytes()
+        info = gw.stage.candidate("energy")
+        assert info is not None and info[0] == installed
+        assert not (tmp_path / "state" / "deploys" / result.deploy_id).exists()
+        # The same deploy again is answered from what runs, with nothing sent.
+        again = await deploy_model(gw, GW, *files(cand), key)
+        assert again.ok and again.state == "shadow" and again.sent == 0
+    finally:
+        gw.close()
+
+
+async def test_the_gate_activates_a_better_candidate_only_and_it_survives_a_restart(
+        tmp_path: Path, key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")  # poor at this site (overshoots)
+    worse = offset_model(tmp_path, 200.0, "worse")
+    better = offset_model(tmp_path, SLOPE_W, "better")  # exact on the ramp
+    cfg = config(tmp_path, key, active)
+    gw = Gateway(cfg)
+    try:
+        first = gw.stage.versions()["energy"]
+        assert (await deploy_model(gw, GW, *files(worse), key)).state == "shadow"
+        await gw.play(180)
+        assert gw.stage.versions()["energy"] == first
+        info = gw.stage.candidate("energy")
+        assert info is not None and info[1] is not None and not info[1].ok
+        assert "does not beat" in info[1].reason
+
+        result = await deploy_model(gw, GW, *files(better), key)
+        assert result.ok and result.state == "shadow"
+        await gw.play(180, start=180)
+        assert gw.stage.versions()["energy"] == result.version[:12]
+        assert gw.stage.candidate("energy") is None
+        assert gw.dep.status()["activated"] == 1
+        # The worse version is on no path any more: deleted; the first is kept for rollback.
+        folder = tmp_path / "state" / "models" / "energy"
+        assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [result.version]
+    finally:
+        gw.close()
+
+    gw = Gateway(cfg)  # a restart
+    try:
+        assert gw.stage.versions()["energy"] == result.version[:12]
+        reply = await gw.request(GW, "model.rollback", {"name": "energy"}, 10)
+        assert reply["ok"], reply
+        assert gw.stage.versions()["energy"] == first
+    finally:
+        gw.close()
+    gw = Gateway(cfg)
+    try:
+        assert gw.stage.versions()["energy"] == first  # the rollback survived too
+        reply = await gw.request(GW, "model.rollback", {"name": "energy"}, 10)
+        assert not reply["ok"] and "no previous version" in reply["error"]["message"]
+    finally:
+        gw.close()
+
+
+async def test_force_activates_at_once_and_manual_waits(tmp_path: Path,
+                                                        key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")
+    worse = offset_model(tmp_path, 200.0, "worse")
+    gw = Gateway(config(tmp_path, key, active))
+    try:
+        result = await deploy_model(gw, GW, *files(worse), key, activate="manual")
+        assert result.state == "shadow"
+        await gw.play(180)
+        assert gw.stage.candidate("energy") is not None  # it lost: still in shadow
+        with pytest.raises(ValueError, match="refused"):
+            gw.dep.activate("energy", force=False)
+        assert gw.dep.activate("energy", force=True)
+        assert gw.stage.versions()["energy"] == result.version[:12]
+    finally:
+        gw.close()
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("unsigned", "unsigned"), ("other_key", "unknown_key"), ("impostor", "bad_signature"),
+    ("tampered", "bad_signature"),
+    ("other_gateway", "wrong_gateway"), ("malformed", "malformed_signature")])
+async def test_an_artifact_not_signed_for_this_gateway_is_refused_before_a_byte_is_stored(
+        tmp_path: Path, key: SigningKey, case: str, reason: str) -> None:
+    active = offset_model(tmp_path, 100.0, "active")
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    gw = Gateway(config(tmp_path, key, active))
+    onnx, manifest = cand.read_bytes(), cand.with_suffix(".json").read_bytes()
+    signer = {"other_key": SigningKey.generate("intruder"),
+              "impostor": SigningKey.generate(key.key_id)}.get(case, key)
+    args = begin_args(None if case == "unsigned" else signer, name="energy", version="v2",
+                      onnx=onnx, manifest=manifest,
+                      target="gw-other" if case == "other_gateway" else GW, deploy_id="d1")
+    if case == "tampered":
+        args["size"] += 1
+    if case == "malformed":
+        args["sig"] = {"key": key.key_id, "alg": "ed25519", "sig": "not base64!"}
+    try:
+        reply = await gw.request(GW, "model.deploy", args, 10)
+        assert not reply["ok"] and reply["error"]["message"].startswith(reason), reply
+        assert gw.dep.status()["refused"] == {reason: 1}
+        assert not (tmp_path / "state" / "deploys" / "d1").exists()
+    finally:
+        gw.close()
+
+
+async def test_a_model_whose_manifest_does_not_match_is_not_installed(
+        tmp_path: Path, key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    doc = json.loads(cand.with_suffix(".json").read_text())
+    doc["inputs"] = doc["inputs"][1:]  # the graph has one input name more
+    cand.with_suffix(".json").write_text(json.dumps(doc))
+    gw = Gateway(config(tmp_path, key, active))
+    try:
+        result = await deploy_model(gw, GW, *files(cand), key)
+        assert not result.ok and result.error is not None
+        assert "commit" in result.error and "refused" in result.error
+        assert gw.stage.candidate("energy") is None
+        assert not (tmp_path / "state" / "models" / "energy").exists() or not any(
+            p.name != ".installing" for p in (tmp_path / "state" / "models" / "energy").iterdir())
+    finally:
+        gw.close()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ({"op": "chunk", "deploy_id": "d", "index": 0, "sha256": "0" * 64, "data": "%%%"},
+     "data"),
+    ({"op": "chunk", "deploy_id": "../etc", "index": 0, "sha256": "0" * 64, "data": ""},
+     "deploy_id"),
+    ({"op": "chunk", "deploy_id": "d", "index": 10**30, "sha256": "0" * 64, "data": ""},
+     "index"),
+    ({"op": "begin", "deploy_id": "d", "name": "energy", "version": "../../x",
+      "sha256": "0" * 64, "size": 1, "manifest_sha256": "0" * 64, "manifest_size": 1},
+     "version"),
+    ({"op": "launch", "deploy_id": "d"}, "op"),
+    ({"op": "commit", "deploy_id": "d", "activate": "yes"}, "activate"),
+])
+async def test_hostile_deploy_args_are_refused_by_name(tmp_path: Path, key: SigningKey,
+                                                       args: dict[str, Any],
+                                                       fragment: str) -> None:
+    gw = Gateway(config(tmp_path, key, offset_model(tmp_path, 1.0, "a")))
+    try:
+        reply = await gw.request(GW, "model.deploy", args, 10)
+        assert reply["error"]["code"] == "bad_args" and fragment in reply["error"]["message"]
+    finally:
+        gw.close()
+
+
+# -- the chunk store on its own ------------------------------------------------------------
+
+
+def header(data: bytes, deploy_id: str = "d1", chunk: int = 256) -> DeployHeader:
+    return DeployHeader(deploy_id, "energy", "v1", hashlib.sha256(data[:-10]).hexdigest(),
+                        len(data) - 10, hashlib.sha256(data[-10:]).hexdigest(), 10, chunk, "*")
+
+
+def put(store: ChunkStore, h: DeployHeader, data: bytes, i: int) -> None:
+    part = data[i * h.chunk_size:(i + 1) * h.chunk_size]
+    store.put(h.deploy_id, i, hashlib.sha256(part).hexdigest(), part)
+
+
+def test_chunks_survive_a_new_store_and_assemble_checked(tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    h = header(data)
+    store = ChunkStore(tmp_path, 10_000, 3600)
+    assert store.begin(h) == [0, 1, 2, 3]
+    put(store, h, data, 2)
+    put(store, h, data, 2)  # a repeat is harmless
+    store = ChunkStore(tmp_path, 10_000, 3600)  # a restart
+    assert store.begin(h) == [0, 1, 3]
+    for i in (0, 1, 3):
+        put(store, h, data, i)
+    got, onnx, manifest = store.assemble("d1")
+    assert got == h and onnx + manifest == data
+
+
+def test_hostile_chunks_are_refused_and_nothing_stored_is_lost(tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    h = header(data)
+    store = ChunkStore(tmp_path, 10_000, 3600)
+    store.begin(h)
+    put(store, h, data, 0)
+    part = data[256:512]
+    for index, sha, body, why in (
+            (1, hashlib.sha256(b"x").hexdigest(), part, "sha256"),
+            (1, hashlib.sha256(part[:-1]).hexdigest(), part[:-1], "bytes"),
+            (9, hashlib.sha256(part).hexdigest(), part, "outside"),
+            (-1, hashlib.sha256(part).hexdigest(), part, "outside")):
+        with pytest.raises(DeployError, match=why):
+            store.put("d1", index, sha, body)
+    with pytest.raises(DeployError, match="in progress"):
+        store.put("nope", 0, hashlib.sha256(part).hexdigest(), part)
+    with pytest.raises(DeployError, match="another artifact"):
+        store.begin(header(os.urandom(1000)))
+    with pytest.raises(DeployError, match="lacks 3 of 4"):
+        store.assemble("d1")
+    assert store.missing("d1") == [1, 2, 3]
+
+
+def test_size_expiry_and_the_number_of_partial_deploys_are_bounded(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    store = ChunkStore(tmp_path, 2000, 600, clock=lambda: now[0])
+    with pytest.raises(DeployError, match="at most 2000"):
+        store.begin(header(os.urandom(3000)))
+    store.begin(header(os.urandom(100), "a"))
+    store.begin(header(os.urandom(100), "b"))
+    store.begin(header(os.urandom(100), "c"))  # room made: the least recently touched goes
+    assert sorted(store.status()["in_progress"]) == ["b", "c"] and store.evicted == 1
+    now[0] = os.stat(tmp_path / "c" / "header.json").st_mtime + 601
+    assert sorted(store.sweep()) == ["b", "c"] and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", [b"", b"{", b"[]", b'{"deploy_id": 1}', b"\xff\xfe" * 9,
+                                    b'{"a":' * 200 + b"1" + b"}" * 200])
+def test_a_damaged_header_on_disk_drops_its_deploy_only(tmp_path: Path,
+                                                        damage: bytes) -> None:
+    store = ChunkStore(tmp_path, 10_000, 3600)
+    data = os.urandom(500)
+    store.begin(header(data, "good"))
+    store.begin(header(data, "bad"))
+    (tmp_path / "bad" / "header.json").write_bytes(damage)
+    assert store.header("bad") is None and not (tmp_path / "bad").exists()
+    assert store.missing("good") == [0, 1]
+
+
+@pytest.mark.parametrize("damage", [b"not json", b'{"models": []}',
+                                    b'{"models": {"energy": {"base": 1}}}', b"\x00" * 10])
+def test_a_damaged_state_file_is_set_aside_and_the_configured_models_run(
+        tmp_path: Path, key: SigningKey, damage: bytes) -> None:
+    cfg = config(tmp_path, key, offset_model(tmp_path, 1.0, "a"))
+    root = tmp_path / "state" / "models"
+    root.mkdir(parents=True)
+    (root / "state.json").write_bytes(damage)
+    state = ModelState(root)
+    assert state.load_error is not None and state.entries == {}
+    assert state.configs(cfg.models) == list(cfg.models)
+    assert (root / "state.json.damaged").read_bytes() == damage
+
+
+def test_a_technicians_config_edit_takes_precedence_over_the_state(tmp_path: Path,
+                                                                  key: SigningKey) -> None:
+    a, b = offset_model(tmp_path, 1.0, "a"), offset_model(tmp_path, 2.0, "b")
+    cfg = config(tmp_path, key, a)
+    state = ModelState(tmp_path / "m")
+    state.activated(cfg.models[0], str(b))
+    assert ModelState(tmp_path / "m").configs(cfg.models)[0].path == str(b)
+    edited = config(tmp_path, key, tmp_path / "elsewhere.onnx")
+    assert ModelState(tmp_path / "m").configs(edited.models) == list(edited.models)
+
+
+def test_the_chunk_payload_fits_a_command(key: SigningKey) -> None:
+    from agent.fleet.model_args import MAX_CHUNK
+    from agent.uplink.commands import MAX_COMMAND_BYTES
+
+    data = os.urandom(MAX_CHUNK)
+    payload = json.dumps({"id": "x" * 128, "args": {
+        "op": "chunk", "deploy_id": "d" * 64, "index": 2**32,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "data": base64.b64encode(data).decode()}})
+    # Room left for the signed envelope (gateway, times, signature) around it.
+    assert len(payload) + 600 < MAX_COMMAND_BYTES
