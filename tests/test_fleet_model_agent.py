@@ -1,0 +1,181 @@
+"""model.deploy in the running agent over a real mosquitto.
+
+- A signed deploy interrupted midway (the broker is killed after a few chunks, and the agent
+  restarted while it is down) resumes: the second call sends only the missing chunks.
+- The skill gate on live windows: the agent's clock is stepped through a load that rises on a
+  ramp, one meter reading stream; the configured model overshoots it. A deployed candidate that
+  overshoots more stays in shadow, an exact one is activated by the agent itself, and the
+  activation survives a restart. Models are the "next = current + offset" graphs of
+  tests/test_shadow.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from agent.fleet.deploy_client import (
+    DeployInterrupted,
+    DeployResult,
+    MqttCommander,
+    deploy_model,
+)
+from agent.fleet.signing import SigningKey
+from agent.readings import Reading
+from agent.runtime import Agent
+from tests.broker import Mosquitto
+from tests.harness import make_config, running_agent, until, write_toml
+from tests.test_guard_agent import SteppedClock
+from tests.test_shadow import SLOPE_W, T0, offset_model
+
+S = 10**9
+GW = "gw-test"
+
+
+def agent_config(tmp: Path, port: int, key: SigningKey, active: Path) -> dict[str, Any]:
+    return make_config(
+        tmp, port,
+        sensors=[{"name": "meter", "driver": "synthetic", "enabled": False}],
+        streams=[{"name": "cabinet", "sensors": ["meter"], "window_s": 60}],
+        models=[{"name": "energy", "stream": "cabinet", "path": str(active),
+                 "activate_min_s": 3600}],
+        commands={"require_signature": True,
+                  "trusted_keys": [{"id": key.key_id, "public_key": key.public}]},
+        runtime={"stop_timeout_s": 1.0},
+        mqtt={"reconnect_max_s": 0.5})
+
+
+async def connected(agent: Agent) -> None:
+    def up() -> bool:
+        p = agent.pipeline
+        return p is not None and p.uplink.status()["state"] == "connected"
+
+    await until(up, 20, "the agent connected")
+
+
+async def deploy(port: int, model: Path, key: SigningKey | None,
+                 **kwargs: Any) -> DeployResult:
+    """``deploy_model`` over a fresh cloud-side connection."""
+    client = aiomqtt.Client("127.0.0.1", port, identifier=f"cloud-{model.stem}")
+    await client.__aenter__()
+    try:
+        async with MqttCommander(client, "t") as commander:
+            return await deploy_model(commander, GW, model, model.with_suffix(".json"), key,
+                                      timeout_s=5.0, **kwargs)
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return SigningKey.generate("ops-1")
+
+
+async def test_a_deploy_interrupted_by_a_broker_restart_resumes_and_completes(
+        tmp_path: Path, private_broker: Mosquitto, key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    config = agent_config(tmp_path, private_broker.port, key, active)
+    acked: list[int] = []
+
+    def cut(done: int, _count: int) -> None:
+        acked.append(done)
+        if done == 5:
+            private_broker.stop(signal.SIGKILL)  # mid-deploy, nothing flushed
+
+    async with running_agent(config) as agent:
+        await connected(agent)
+        with pytest.raises(DeployInterrupted):
+            await deploy(private_broker.port, cand, key, chunk_size=256, in_flight=1,
+                         progress=cut)
+        assert acked == [1, 2, 3, 4, 5]
+    # The agent was stopped while the broker was down; both come back.
+    private_broker.start()
+    async with running_agent(config) as agent:
+        await connected(agent)
+        refused = await deploy(private_broker.port, cand, None, chunk_size=256)
+        assert not refused.ok and refused.error is not None and "unsigned" in refused.error
+        result = await deploy(private_broker.port, cand, key, chunk_size=256)
+        assert result.ok, result.error
+        assert result.chunks > 10 and result.sent == result.chunks - 5
+        assert result.state == "shadow"
+        p = agent.pipeline
+        assert p is not None and agent.infer is not None
+        info = agent.infer.candidate("energy")
+        installed = tmp_path / "models" / "energy" / result.version / "energy.onnx"
+        assert info is not None and info[0] == installed
+        assert installed.read_bytes() == cand.read_bytes()
+        health = p.snapshot()["models"]["deployments"]
+        assert health["installed"] == 1 and health["refused"] == {"unsigned": 1}
+        assert health["in_progress"] == {}
+
+
+class Site:
+    """Readings of one meter on a ramp, played into the agent on a stepped clock."""
+
+    def __init__(self) -> None:
+        self.clock = SteppedClock(T0 * S)
+        self.k = 0
+
+    async def play(self, agent: Agent, windows: int) -> None:
+        p = agent.pipeline
+        assert p is not None
+        offset = self.clock.mono_ns() - self.clock.wall_ns()
+        for _ in range(windows):
+            start = (T0 + 60 * self.k) * S
+            power = 1000.0 + SLOPE_W * (60 * self.k) / 300
+            self.clock.now = start + S // 2
+            for j in (10, 30, 50):
+                t = start + j * S
+                assert p.readings.put(Reading("meter", "active_power", power, "W", t,
+                                              t + offset))
+            await until(lambda: len(p.readings) == 0, 10, f"window {self.k} taken")
+            self.k += 1
+
+
+async def test_a_worse_candidate_stays_in_shadow_a_better_one_is_activated_and_stays(
+        tmp_path: Path, broker: Mosquitto, key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")  # the configured model overshoots
+    worse = offset_model(tmp_path, 200.0, "worse")
+    better = offset_model(tmp_path, SLOPE_W, "better")  # exact on this site's ramp
+    config = agent_config(tmp_path, broker.port, key, active)
+    path = write_toml(tmp_path / "agent.toml", config)
+    site = Site()
+    async with running_agent(config, config_path=path, clock=site.clock) as agent:
+        assert agent.infer is not None
+        first = agent.infer.versions()["energy"]
+        await connected(agent)
+        result = await deploy(broker.port, worse, key)
+        assert result.ok and result.state == "shadow", result.error
+        await site.play(agent, 180)
+        await until(lambda: (c := agent.infer.candidate("energy")) is not None  # type: ignore[union-attr]
+                    and c[1] is not None and c[1].evaluated_s >= 3600, 10,
+                    "an hour of scored live windows")
+        info = agent.infer.candidate("energy")
+        assert info is not None and info[1] is not None and "does not beat" in info[1].reason
+        assert agent.infer.versions()["energy"] == first
+
+        result = await deploy(broker.port, better, key)
+        assert result.ok and result.state == "shadow", result.error
+        await site.play(agent, 180)
+        await until(lambda: agent.infer.versions()["energy"] == result.version, 10,  # type: ignore[union-attr]
+                    "the better candidate activated by the gate")
+        assert agent.infer.candidate("energy") is None
+        p = agent.pipeline
+        assert p is not None and p.snapshot()["models"]["deployments"]["activated"] == 1
+        agent.request_reload()  # a new generation reads the activation back
+        await until(lambda: agent.generation == 2, 20, "the reload")
+        assert agent.infer.versions()["energy"] == result.version
+        assert agent.infer.candidate("energy") is None
+
+    site = Site()
+    async with running_agent(config, clock=site.clock) as agent:
+        assert agent.infer is not None
+        assert agent.infer.versions()["energy"] == result.version
+        assert agent.infer.candidate("energy") is None
