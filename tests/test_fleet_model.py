@@ -21,10 +21,16 @@ import pytest
 from agent.config.load import parse_config
 from agent.config.schema import AgentConfig
 from agent.fleet.chunks import ChunkStore, DeployError, DeployHeader
-from agent.fleet.deploy_client import DeployInterrupted, begin_args, deploy_model
+from agent.fleet.deploy_client import (
+    DeployInterrupted,
+    begin_args,
+    deploy_many,
+    deploy_model,
+    signed_envelope,
+)
 from agent.fleet.model_deploy import ModelDeployments
 from agent.fleet.model_state import ModelState
-from agent.fleet.signing import SigningKey
+from agent.fleet.signing import SignatureRefused, SigningKey, TrustedKeys
 from agent.pipeline.infer import InferenceStage
 from agent.uplink.commands import CommandDispatcher
 from tests.test_shadow import SLOPE_W, offset_model, ramp
@@ -37,9 +43,10 @@ def key() -> SigningKey:
     return SigningKey.generate("ops-1")
 
 
-def config(tmp: Path, key: SigningKey, active: Path, **deploy: Any) -> AgentConfig:
+def config(tmp: Path, key: SigningKey, active: Path, gateway: str = GW,
+           **deploy: Any) -> AgentConfig:
     return parse_config({
-        "gateway": {"id": GW},
+        "gateway": {"id": gateway},
         "outbox": {"path": str(tmp / "state" / "outbox.db")},
         "sensors": [{"name": "meter", "driver": "synthetic", "enabled": False}],
         "streams": [{"name": "cabinet", "sensors": ["meter"], "window_s": 60}],
@@ -363,3 +370,35 @@ def test_the_chunk_payload_fits_a_command(key: SigningKey) -> None:
         "data": base64.b64encode(data).decode()}})
     # Room left for the signed envelope (gateway, times, signature) around it.
     assert len(payload) + 600 < MAX_COMMAND_BYTES
+
+
+async def test_one_signed_artifact_deploys_to_many_gateways_with_results_per_gateway(
+        tmp_path: Path, key: SigningKey) -> None:
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    fleet = {gw: Gateway(config(tmp_path / gw, key, offset_model(tmp_path, 100.0, "a"), gw))
+             for gw in ("gw-1", "gw-2", "gw-3")}
+
+    class Router:
+        async def request(self, gateway: str, name: str, args: dict[str, Any],
+                          timeout_s: float) -> dict[str, Any]:
+            return await fleet[gateway].request(gateway, name, args, timeout_s)
+
+    try:
+        results = await deploy_many(Router(), list(fleet), *files(cand), key, concurrency=2)
+        assert list(results) == list(fleet)
+        assert all(r.ok and r.state == "shadow" for r in results.values()), results
+        assert all(g.stage.candidate("energy") is not None for g in fleet.values())
+    finally:
+        for g in fleet.values():
+            g.close()
+
+
+def test_the_signed_envelope_covers_gateway_name_id_times_and_args(key: SigningKey) -> None:
+    args = {"op": "status", "deploy_id": "d1"}
+    req = json.loads(json.dumps(signed_envelope(key, 60)(GW, "model.deploy", "c-1", args)))
+    body = {k: req[k] for k in ("gateway", "id", "issued_at", "expires_at", "args")}
+    trusted = TrustedKeys({key.key_id: key.public})
+    assert trusted.verify("cmd", {**body, "name": "model.deploy"}, req["sig"]) == key.key_id
+    assert req["expires_at"] > req["issued_at"] and req["issued_at"].endswith("Z")
+    with pytest.raises(SignatureRefused, match="does not match"):
+        trusted.verify("cmd", {**body, "name": "model.rollback"}, req["sig"])

@@ -22,8 +22,9 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
 
@@ -53,6 +54,26 @@ class Commander(Protocol):
 def plain_envelope(gateway: str, name: str, req_id: str, args: dict[str, Any]) -> dict[str, Any]:
     del gateway, name
     return {"id": req_id, "args": args}
+
+
+def _stamp(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def signed_envelope(key: SigningKey, lifetime_s: float = 3600.0) -> Envelope:
+    """Requests signed by ``key`` (domain ``cmd``) over ``{gateway, name, id, issued_at,
+    expires_at, args}``, valid for ``lifetime_s``: what a gateway that requires signatures on
+    state-changing commands runs."""
+
+    def wrap(gateway: str, name: str, req_id: str, args: dict[str, Any]) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        issued, expires = _stamp(now), _stamp(now + timedelta(seconds=lifetime_s))
+        body = {"gateway": gateway, "name": name, "id": req_id, "issued_at": issued,
+                "expires_at": expires, "args": args}
+        return {"id": req_id, "args": args, "gateway": gateway, "issued_at": issued,
+                "expires_at": expires, "sig": key.sign("cmd", body)}
+
+    return wrap
 
 
 class MqttCommander:
@@ -236,3 +257,26 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
     except* DeployInterrupted as group:
         raise group.exceptions[0] from None
     return out
+
+
+async def deploy_many(commander: Commander, gateways: Sequence[str], onnx_path: Path,
+                      manifest_path: Path, key: SigningKey | None, *, concurrency: int = 64,
+                      **kwargs: Any) -> dict[str, DeployResult]:
+    """``deploy_model`` to each gateway (``concurrency`` at a time, one artifact signature for
+    all: target ``*``); a gateway whose deploy was interrupted has ``error`` set, and a second
+    call resumes it."""
+    gate = asyncio.Semaphore(max(1, concurrency))
+    out: dict[str, DeployResult] = {}
+
+    async def one(gw: str) -> None:
+        async with gate:
+            try:
+                out[gw] = await deploy_model(commander, gw, onnx_path, manifest_path, key,
+                                             target="*", **kwargs)
+            except DeployInterrupted as exc:
+                out[gw] = DeployResult(gw, False, "", "", error=f"interrupted: {exc}")
+
+    async with asyncio.TaskGroup() as tg:
+        for gw in gateways:
+            tg.create_task(one(gw))
+    return {gw: out[gw] for gw in gateways}
