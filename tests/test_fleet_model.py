@@ -402,3 +402,18 @@ def test_the_signed_envelope_covers_gateway_name_id_times_and_args(key: SigningK
     assert req["expires_at"] > req["issued_at"] and req["issued_at"].endswith("Z")
     with pytest.raises(SignatureRefused, match="does not match"):
         trusted.verify("cmd", {**body, "name": "model.rollback"}, req["sig"])
+
+
+async def test_a_deploy_with_more_missing_chunks_than_a_reply_lists_takes_several_rounds(
+        tmp_path: Path, key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.fleet.model_deploy
+
+    monkeypatch.setattr(agent.fleet.model_deploy, "MISSING_LISTED", 5)
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    gw = Gateway(config(tmp_path, key, offset_model(tmp_path, 100.0, "a")))
+    try:
+        result = await deploy_model(gw, GW, *files(cand), key, chunk_size=256)
+        assert result.ok and result.state == "shadow", result.error
+        assert result.chunks > 10 and result.sent == result.chunks
+    finally:
+        gw.close()

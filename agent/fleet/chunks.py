@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_PARTIAL: Final = 2
 HEADER: Final = "header.json"
 MAX_HEADER_BYTES: Final = 8192
+MISSING_LISTED: Final = 2000  # indices in one reply (a reply is at most 128 KiB)
 
 
 class DeployError(ValueError):
@@ -81,7 +83,8 @@ def artifact_body(*, name: str, version: str, sha256: str, size: int, manifest_s
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds either the old or the new bytes after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Unique per writer: two threads storing the same chunk must not share a temporary file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -221,7 +221,7 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
             out.ok, out.result = True, began
             return out
         missing = [int(i) for i in began.get("missing", [])]
-        done = out.chunks - len(missing)
+        done = out.chunks - int(began.get("missing_count", len(missing)))
         gate = asyncio.Semaphore(max(1, in_flight))
 
         async def send(i: int) -> None:
@@ -237,17 +237,22 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
             if progress is not None:
                 progress(done, out.chunks)
 
-        for _ in range(RETRIES):
-            if not missing:
-                break
+        # Rounds until nothing is missing; a reply lists a bounded part of what is missing,
+        # so a large deploy takes several. Give up after RETRIES rounds without progress.
+        stalled, left = 0, out.chunks + 1
+        while missing:
             async with asyncio.TaskGroup() as tg:
                 for i in missing:
                     tg.create_task(send(i))
             status = await _call(commander, gateway, {"op": "status", "deploy_id": deploy_id},
                                  timeout_s)
             missing = [int(i) for i in status.get("missing", [])]
-        if missing:
-            raise _Failed(f"{len(missing)} chunks still missing after {RETRIES} rounds")
+            now_left = int(status.get("missing_count", len(missing)))
+            stalled = stalled + 1 if now_left >= left else 0
+            left = now_left
+            if stalled >= RETRIES:
+                raise _Failed(f"{left} chunks still missing after {RETRIES} rounds without "
+                              "progress")
         out.result = await _call(commander, gateway, {"op": "commit", "deploy_id": deploy_id,
                                                       "activate": activate}, timeout_s)
         out.state = str(out.result.get("state", ""))

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from agent.config.schema import AgentConfig, ModelConfig
-from agent.fleet.chunks import ChunkStore, DeployError, DeployHeader, fsync_dir, write_atomic
+from agent.fleet.chunks import (
+    MISSING_LISTED,
+    ChunkStore,
+    DeployError,
+    DeployHeader,
+    fsync_dir,
+    write_atomic,
+)
 from agent.fleet.model_state import ModelState
 from agent.fleet.signing import SignatureRefused, TrustedKeys
 
@@ -64,6 +71,7 @@ class ModelDeployments:
                                        "failed": 0}
         self.refused: dict[str, int] = {}
         self.last: dict[str, str] = {}  # model -> what happened to it last
+        self._changing = asyncio.Lock()  # one commit or rollback at a time
 
     # -- what the stage runs ------------------------------------------------------------------
 
@@ -95,14 +103,16 @@ class ModelDeployments:
                                                args["sha256"], args["data"])
             if op == "status":
                 missing = await asyncio.to_thread(self.chunks.missing, args["deploy_id"])
-                return {"deploy_id": args["deploy_id"], "missing": missing}
-            return await self.commit(args["deploy_id"], args["activate"])
+                return {"deploy_id": args["deploy_id"], **_listed(missing)}
+            async with self._changing:
+                return await self.commit(args["deploy_id"], args["activate"])
         except DeployError:
             self.counts["failed"] += 1
             raise
 
     async def _rollback(self, args: dict[str, Any]) -> dict[str, Any]:
-        return await asyncio.to_thread(self.rollback, args["name"])
+        async with self._changing:
+            return await self.rollback(args["name"])
 
     # -- the steps ----------------------------------------------------------------------------
 
@@ -150,7 +160,7 @@ class ModelDeployments:
             return {"deploy_id": h.deploy_id, "count": h.count, "missing": [],
                     "state": installed, "version": h.version}
         missing = self.chunks.begin(h)
-        return {"deploy_id": h.deploy_id, "count": h.count, "missing": missing,
+        return {"deploy_id": h.deploy_id, "count": h.count, **_listed(missing),
                 "state": "receiving"}
 
     def chunk(self, deploy_id: str, index: int, sha256: str, data: str) -> dict[str, Any]:
@@ -214,7 +224,9 @@ class ModelDeployments:
         write_atomic(tmp / name, onnx)
         write_atomic(tmp / f"{h.name}.json", manifest)
         try:
-            verify(tmp / name, runtime=cfg.runtime)
+            verified = verify(tmp / name, runtime=cfg.runtime)
+            if verified.manifest.name != h.name:
+                raise ModelError(f"the manifest is for model {verified.manifest.name[:64]!r}")
         except ModelError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DeployError(f"version {h.version} refused: "
@@ -245,7 +257,7 @@ class ModelDeployments:
 
     def after_window(self) -> None:
         """Activate a deployed candidate once it has won on the live windows."""
-        for name, e in self.state.entries.items():
+        for name, e in list(self.state.entries.items()):
             if not (e.auto and e.candidate):
                 continue
             info = self.stage.candidate(name)
@@ -255,9 +267,9 @@ class ModelDeployments:
             log.info("model %s: the candidate won on live windows; activating it", name)
             self.activate(name, force=False)
 
-    def rollback(self, name: str) -> dict[str, Any]:
+    async def rollback(self, name: str) -> dict[str, Any]:
         was, now = self.state.rolled_back(self._base(name))
-        errors = self.stage.reload(self.configs())
+        errors = await asyncio.to_thread(self.stage.reload, self.configs())
         mine = [e for e in errors if f"model {name!r}" in e]
         self.counts["rolled_back"] += 1
         self.last[name] = f"rolled back to {Path(now).parent.name if now else 'the shipped'}"
@@ -268,3 +280,8 @@ class ModelDeployments:
     def status(self) -> dict[str, Any]:
         return {**self.counts, "refused": dict(self.refused), "last": dict(self.last),
                 "state_error": self.state.load_error, **self.chunks.status()}
+
+
+def _listed(missing: list[int]) -> dict[str, Any]:
+    """The missing chunk indices, the first ``MISSING_LISTED`` of them, and how many."""
+    return {"missing": missing[:MISSING_LISTED], "missing_count": len(missing)}
