@@ -417,3 +417,40 @@ async def test_a_deploy_with_more_missing_chunks_than_a_reply_lists_takes_severa
         assert result.chunks > 10 and result.sent == result.chunks
     finally:
         gw.close()
+
+
+def test_a_chunk_changed_on_disk_fails_the_whole_check_and_the_deploy_starts_over(
+        tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    h = header(data)
+    store = ChunkStore(tmp_path, 10_000, 3600)
+    store.begin(h)
+    for i in range(4):
+        put(store, h, data, i)
+    (tmp_path / "d1" / "000001.chunk").write_bytes(os.urandom(256))
+    with pytest.raises(DeployError, match="ONNX file does not match its sha256; its chunks"):
+        store.assemble("d1")
+    assert store.begin(h) == [0, 1, 2, 3]
+
+
+async def test_a_full_disk_fails_the_chunk_with_a_reason_and_the_deploy_resumes_after(
+        tmp_path: Path, key: SigningKey) -> None:
+    from tests.test_chaos import small_tmpfs
+
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        gw = Gateway(config(disk, key, offset_model(tmp_path, 100.0, "a")))
+        filler = disk / "filler"
+        try:
+            with open(filler, "wb") as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            result = await deploy_model(gw, GW, *files(cand), key, chunk_size=256)
+            assert not result.ok and result.error is not None
+            assert "cannot write its disk" in result.error, result.error
+            filler.unlink()
+            result = await deploy_model(gw, GW, *files(cand), key, chunk_size=256)
+            assert result.ok and result.state == "shadow", result.error
+        finally:
+            gw.close()

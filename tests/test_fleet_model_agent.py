@@ -3,21 +3,25 @@
 - A signed deploy interrupted midway (the broker is killed after a few chunks, and the agent
   restarted while it is down) resumes: the second call sends only the missing chunks.
 - The skill gate on live windows: the agent's clock is stepped through a load that rises on a
-  ramp, one meter reading stream; the configured model overshoots it. A deployed candidate that
-  overshoots more stays in shadow, an exact one is activated by the agent itself, and the
-  activation survives a restart. Models are the "next = current + offset" graphs of
-  tests/test_shadow.py.
+  ramp, one meter reading stream, where the shipped energy model runs. A perturbed copy of the
+  shipped model (its forecast moved by 250 W) stays in shadow; a "next = current + 20 W" graph
+  (tests/test_shadow.py), exact on this ramp, is activated by the agent itself. The activation
+  survives a reload and a restart, and ``model.rollback`` (also kept across a restart) returns
+  to the shipped model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from agent.fleet.deploy_client import (
     DeployInterrupted,
@@ -28,6 +32,7 @@ from agent.fleet.deploy_client import (
 from agent.fleet.signing import SigningKey
 from agent.readings import Reading
 from agent.runtime import Agent
+from models.manifest import sha256_bytes, shipped_paths
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until, write_toml
 from tests.test_guard_agent import SteppedClock
@@ -37,7 +42,7 @@ S = 10**9
 GW = "gw-test"
 
 
-def agent_config(tmp: Path, port: int, key: SigningKey, active: Path) -> dict[str, Any]:
+def agent_config(tmp: Path, port: int, key: SigningKey, active: Path | str) -> dict[str, Any]:
     return make_config(
         tmp, port,
         sensors=[{"name": "meter", "driver": "synthetic", "enabled": False}],
@@ -56,6 +61,33 @@ async def connected(agent: Agent) -> None:
         return p is not None and p.uplink.status()["state"] == "connected"
 
     await until(up, 20, "the agent connected")
+
+
+def perturbed_shipped(tmp: Path, offset_w: float) -> Path:
+    """The shipped energy model with ``offset_w`` added to its forecast, and its manifest."""
+    src, man = shipped_paths("energy")
+    model = onnx.load(str(src))
+    last = model.graph.node[-1]
+    assert list(last.output) == ["power_next_w"]
+    last.output[0] = "unperturbed"
+    model.graph.initializer.append(helper.make_tensor("perturbation", TensorProto.FLOAT, [1],
+                                                      [offset_w]))
+    model.graph.node.append(helper.make_node("Add", ["unperturbed", "perturbation"],
+                                             ["power_next_w"]))
+    onnx.checker.check_model(model)
+    dst = tmp / "energy-perturbed.onnx"
+    dst.write_bytes(model.SerializeToString())
+    doc = json.loads(man.read_text())
+    digest = sha256_bytes(dst.read_bytes())
+    doc.update(sha256=digest, version=digest[:12], file=dst.name)
+    dst.with_suffix(".json").write_text(json.dumps(doc))
+    return dst
+
+
+async def rollback(port: int, name: str) -> dict[str, Any]:
+    async with aiomqtt.Client("127.0.0.1", port, identifier="cloud-rollback") as client, \
+            MqttCommander(client, "t") as commander:
+        return await commander.request(GW, "model.rollback", {"name": name}, 10.0)
 
 
 async def deploy(port: int, model: Path, key: SigningKey | None,
@@ -141,10 +173,9 @@ class Site:
 
 async def test_a_worse_candidate_stays_in_shadow_a_better_one_is_activated_and_stays(
         tmp_path: Path, broker: Mosquitto, key: SigningKey) -> None:
-    active = offset_model(tmp_path, 100.0, "active")  # the configured model overshoots
-    worse = offset_model(tmp_path, 200.0, "worse")
+    worse = perturbed_shipped(tmp_path, 250.0)
     better = offset_model(tmp_path, SLOPE_W, "better")  # exact on this site's ramp
-    config = agent_config(tmp_path, broker.port, key, active)
+    config = agent_config(tmp_path, broker.port, key, "")  # the shipped model
     path = write_toml(tmp_path / "agent.toml", config)
     site = Site()
     async with running_agent(config, config_path=path, clock=site.clock) as agent:
@@ -159,6 +190,8 @@ async def test_a_worse_candidate_stays_in_shadow_a_better_one_is_activated_and_s
                     "an hour of scored live windows")
         info = agent.infer.candidate("energy")
         assert info is not None and info[1] is not None and "does not beat" in info[1].reason
+        assert info[1].candidate_mae is not None and info[1].active_mae is not None
+        assert info[1].candidate_mae > info[1].active_mae
         assert agent.infer.versions()["energy"] == first
 
         result = await deploy(broker.port, better, key)
@@ -179,3 +212,13 @@ async def test_a_worse_candidate_stays_in_shadow_a_better_one_is_activated_and_s
         assert agent.infer is not None
         assert agent.infer.versions()["energy"] == result.version
         assert agent.infer.candidate("energy") is None
+        await connected(agent)
+        reply = await rollback(broker.port, "energy")
+        assert reply["ok"] and reply["result"]["to"] == "shipped", reply
+        assert agent.infer.versions()["energy"] == first
+    async with running_agent(config, clock=Site().clock) as agent:
+        assert agent.infer is not None
+        assert agent.infer.versions()["energy"] == first
+        await connected(agent)
+        reply = await rollback(broker.port, "energy")
+        assert not reply["ok"] and "no previous version" in reply["error"]["message"]

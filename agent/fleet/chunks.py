@@ -217,10 +217,16 @@ class ChunkStore:
         d = self._dir(deploy_id)
         whole = b"".join((d / f"{i:06d}.chunk").read_bytes() for i in range(h.count))
         onnx, manifest = whole[:h.size], whole[h.size:]
-        if len(whole) != h.total or hashlib.sha256(onnx).hexdigest() != h.sha256:
-            raise DeployError(f"deploy {deploy_id!r}: the ONNX file does not match its sha256")
-        if hashlib.sha256(manifest).hexdigest() != h.manifest_sha256:
-            raise DeployError(f"deploy {deploy_id!r}: the manifest does not match its sha256")
+        for what, ok in (
+                ("the ONNX file", len(whole) == h.total
+                 and hashlib.sha256(onnx).hexdigest() == h.sha256),
+                ("the manifest", hashlib.sha256(manifest).hexdigest() == h.manifest_sha256)):
+            if not ok:
+                # Every chunk matched its own sha256 when it came: the sender declared other
+                # content, or a chunk changed on disk. Either way, start again from nothing.
+                self.drop(deploy_id)
+                raise DeployError(f"deploy {deploy_id!r}: {what} does not match its sha256; "
+                                  "its chunks were deleted, send it again")
         return h, onnx, manifest
 
     def drop(self, deploy_id: str) -> None:

@@ -109,6 +109,11 @@ class ModelDeployments:
         except DeployError:
             self.counts["failed"] += 1
             raise
+        except OSError as exc:  # a full or failing disk: say so, keep what is stored
+            self.counts["failed"] += 1
+            log.error("model deploy %s: %s: %s", args["deploy_id"], op, exc)
+            raise DeployError(f"{op}: the gateway cannot write its disk: "
+                              f"{exc.strerror or exc}") from None
 
     async def _rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         async with self._changing:
