@@ -120,6 +120,15 @@ class ModelState:
                 log.info("model %s: the config names another file now; its deploys and "
                          "activations no longer apply", cfg.name)
                 del self.entries[cfg.name]
+            if e is not None and e.active and not Path(e.active).is_file():
+                # Deleted behind the agent's back: the configured model is better than none.
+                log.error("model %s: %s is gone; running the configured model", cfg.name,
+                          e.active)
+                del self.entries[cfg.name]
+                e = None
+            if e is not None and e.candidate and not Path(e.candidate).is_file():
+                log.error("model %s: candidate %s is gone", cfg.name, e.candidate)
+                e.candidate, e.auto = "", False
             out.append(cfg if e is None else
                        cfg.model_copy(update={"path": e.active, "shadow": e.candidate}))
         return out
