@@ -84,10 +84,14 @@ def perturbed_shipped(tmp: Path, offset_w: float) -> Path:
     return dst
 
 
-async def rollback(port: int, name: str) -> dict[str, Any]:
-    async with aiomqtt.Client("127.0.0.1", port, identifier="cloud-rollback") as client, \
+async def command(port: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    async with aiomqtt.Client("127.0.0.1", port, identifier="cloud-command") as client, \
             MqttCommander(client, "t") as commander:
-        return await commander.request(GW, "model.rollback", {"name": name}, 10.0)
+        return await commander.request(GW, name, args, 10.0)
+
+
+async def rollback(port: int, name: str) -> dict[str, Any]:
+    return await command(port, "model.rollback", {"name": name})
 
 
 async def deploy(port: int, model: Path, key: SigningKey | None,
@@ -222,3 +226,24 @@ async def test_a_worse_candidate_stays_in_shadow_a_better_one_is_activated_and_s
         await connected(agent)
         reply = await rollback(broker.port, "energy")
         assert not reply["ok"] and "no previous version" in reply["error"]["message"]
+
+
+async def test_model_activate_is_remembered_across_a_restart(tmp_path: Path, broker: Mosquitto,
+                                                             key: SigningKey) -> None:
+    active = offset_model(tmp_path, 100.0, "active")
+    shadow = offset_model(tmp_path, SLOPE_W, "shadow")
+    config = agent_config(tmp_path, broker.port, key, active)
+    config["models"][0]["shadow"] = str(shadow)
+    async with running_agent(config) as agent:
+        assert agent.infer is not None
+        await connected(agent)
+        refused = await command(broker.port, "model.activate", {"name": "energy"})
+        assert not refused["ok"] and "needed" in refused["error"]["message"]  # not scored yet
+        forced = await command(broker.port, "model.activate", {"name": "energy", "force": True})
+        assert forced["ok"], forced
+        version = agent.infer.versions()["energy"]
+        assert agent.infer.candidate("energy") is None
+    async with running_agent(config) as agent:
+        assert agent.infer is not None
+        assert agent.infer.versions()["energy"] == version
+        assert agent.infer.candidate("energy") is None  # the shadow it was is the active now
