@@ -184,8 +184,10 @@ async def _call(commander: Commander, gateway: str, args: dict[str, Any],
             return result if isinstance(result, dict) else {}
         error = reply.get("error") or {}
         code, message = error.get("code"), error.get("message")
-        if code == "busy":
-            last = f"busy: {message}"
+        if code in ("busy", "timeout"):
+            # Every step can be repeated: a chunk stored twice is kept once, and a commit that
+            # ran out of time finds what it already installed.
+            last = f"{code}: {message}"
             await asyncio.sleep(BUSY_PAUSE_S)
             continue
         raise _Failed(f"{args['op']}: {code}: {message}")
