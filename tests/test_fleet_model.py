@@ -32,6 +32,7 @@ from agent.fleet.signing import SignatureRefused, SigningKey, TrustedKeys
 from agent.pipeline.infer import InferenceStage
 from agent.uplink.commands import CommandDispatcher
 from tests.test_shadow import SLOPE_W, offset_model, ramp
+from tests.waiting import until
 
 GW = "gw-test"
 
@@ -66,6 +67,7 @@ class Gateway:
         self.commands = CommandDispatcher(self.dep.handlers())
         self.sent = 0
         self.cut_after: int | None = None  # lose the connection after this many chunks
+        self.commit_timeout_s: float | None = None  # the dispatcher's limit for commits
 
     async def request(self, gateway: str, name: str, args: dict[str, Any],
                       timeout_s: float) -> dict[str, Any]:
@@ -74,7 +76,13 @@ class Gateway:
                 raise DeployInterrupted("connection lost (test)")
             self.sent += 1
         payload = json.dumps({"id": f"r{self.sent}-{os.urandom(4).hex()}", "args": args})
-        reply = await self.commands.handle(gateway, name, payload.encode())
+        limit = self.commands.timeout_s
+        if args.get("op") == "commit" and self.commit_timeout_s is not None:
+            self.commands.timeout_s = self.commit_timeout_s
+        try:
+            reply = await self.commands.handle(gateway, name, payload.encode())
+        finally:
+            self.commands.timeout_s = limit
         return json.loads(reply.model_dump_json(by_alias=True))
 
     async def play(self, minutes: int, start: int = 0) -> None:
@@ -336,3 +344,25 @@ async def test_a_full_disk_fails_the_chunk_with_a_reason_and_the_deploy_resumes_
             assert result.ok and result.state == "shadow", result.error
         finally:
             gw.close()
+
+
+@pytest.mark.parametrize("limit_s", [0.0005, 0.005, 0.05])
+async def test_a_commit_that_runs_out_of_time_is_completed_by_a_repeat(
+        tmp_path: Path, key: SigningKey, limit_s: float) -> None:
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    gw = Gateway(config(tmp_path, key, offset_model(tmp_path, 100.0, "a")))
+    try:
+        gw.commit_timeout_s = limit_s  # cut off wherever the commit happens to be
+        first = await deploy_model(gw, GW, *files(cand), key)
+        assert first.ok or (first.error is not None and "timeout" in first.error), first
+        gw.commit_timeout_s = None
+        result = await deploy_model(gw, GW, *files(cand), key)
+        assert result.ok and result.state == "shadow", result.error
+        info = gw.stage.candidate("energy")
+        assert info is not None and info[0].parent.name == result.version
+        folder = tmp_path / "state" / "models" / "energy"
+        # No leftovers, once the cut-off attempts' threads have finished.
+        await until(lambda: [p.name for p in folder.iterdir()] == [result.version], 10,
+                    "only the installed version in its folder")
+    finally:
+        gw.close()

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -215,28 +216,28 @@ class ModelDeployments:
         final = self._version_dir(h.name, h.version)
         name = f"{h.name}.onnx"
         if final.exists():
-            try:
-                same = hashlib.sha256((final / name).read_bytes()).hexdigest() == h.sha256
-            except OSError:
-                same = False
-            if same:
+            if _holds(final / name, h.sha256):
                 return final / name
             raise DeployError(f"version {h.version} of {h.name} is installed with other "
                               "content; give the new one its own version")
-        tmp = self.models_dir / h.name / INSTALL_TMP
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A folder of its own: a commit that ran out of time may still be installing.
+        tmp = self.models_dir / h.name / f"{INSTALL_TMP}-{uuid.uuid4().hex[:12]}"
         tmp.mkdir(parents=True)
-        write_atomic(tmp / name, onnx)
-        write_atomic(tmp / f"{h.name}.json", manifest)
         try:
+            write_atomic(tmp / name, onnx)
+            write_atomic(tmp / f"{h.name}.json", manifest)
             verified = verify(tmp / name, runtime=cfg.runtime)
             if verified.manifest.name != h.name:
                 raise ModelError(f"the manifest is for model {verified.manifest.name[:64]!r}")
+            os.replace(tmp, final)
         except ModelError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise DeployError(f"version {h.version} refused: "
                               f"{str(exc).replace(str(tmp), final.name)[:400]}") from None
-        os.replace(tmp, final)
+        except OSError:
+            if not _holds(final / name, h.sha256):  # not installed meanwhile by a repeat
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(final.parent)
         return final / name
 
@@ -245,7 +246,7 @@ class ModelDeployments:
         keep = {Path(p).parent.name for p in self.state.in_use(name)}
         folder = self.models_dir / name
         for d in folder.iterdir() if folder.is_dir() else ():
-            if d.is_dir() and d.name not in keep and d.name != INSTALL_TMP:
+            if d.is_dir() and d.name not in keep and not d.name.startswith(INSTALL_TMP):
                 log.info("model %s: version %s deleted (no longer active, candidate or a "
                          "rollback)", name, d.name)
                 shutil.rmtree(d, ignore_errors=True)
@@ -290,3 +291,10 @@ class ModelDeployments:
 def _listed(missing: list[int]) -> dict[str, Any]:
     """The missing chunk indices, the first ``MISSING_LISTED`` of them, and how many."""
     return {"missing": missing[:MISSING_LISTED], "missing_count": len(missing)}
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
+        return False
