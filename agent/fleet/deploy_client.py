@@ -100,6 +100,7 @@ class MqttCommander:
                 await self._pump
 
     async def _route(self) -> None:
+        lost: BaseException
         try:
             async for m in self.client.messages:
                 try:
@@ -112,13 +113,15 @@ class MqttCommander:
                 fut = self._waiting.get(key)
                 if fut is not None and not fut.done():
                     fut.set_result(body)
+            lost = ConnectionError("the message stream ended")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the client's error when the broker goes away
-            self._lost = exc
-            for fut in self._waiting.values():
-                if not fut.done():
-                    fut.set_exception(DeployInterrupted(f"connection lost: {exc}"))
+            lost = exc
+        self._lost = lost
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(DeployInterrupted(f"connection lost: {lost}"))
 
     async def request(self, gateway: str, name: str, args: dict[str, Any],
                       timeout_s: float) -> dict[str, Any]:
@@ -139,6 +142,9 @@ class MqttCommander:
                 return await fut
         finally:
             self._waiting.pop(key, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # seen: the publish's own error is what the caller gets
+            fut.cancel()
 
 
 @dataclass
