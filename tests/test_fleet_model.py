@@ -25,6 +25,7 @@ from agent.fleet.deploy_client import (
     begin_args,
     deploy_many,
     deploy_model,
+    plain_envelope,
     signed_envelope,
 )
 from agent.fleet.model_deploy import ModelDeployments
@@ -35,6 +36,8 @@ from tests.test_shadow import SLOPE_W, offset_model, ramp
 from tests.waiting import until
 
 GW = "gw-test"
+# How the tests' commands are wrapped: the request envelope the dispatcher takes.
+ENVELOPE = plain_envelope
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,8 @@ class Gateway:
             if self.cut_after is not None and self.sent >= self.cut_after:
                 raise DeployInterrupted("connection lost (test)")
             self.sent += 1
-        payload = json.dumps({"id": f"r{self.sent}-{os.urandom(4).hex()}", "args": args})
+        payload = json.dumps(ENVELOPE(gateway, name, f"r{self.sent}-{os.urandom(4).hex()}",
+                                      args))
         limit = self.commands.timeout_s
         if args.get("op") == "commit" and self.commit_timeout_s is not None:
             self.commands.timeout_s = self.commit_timeout_s

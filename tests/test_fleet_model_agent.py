@@ -35,6 +35,7 @@ from agent.runtime import Agent
 from models.manifest import sha256_bytes, shipped_paths
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until, write_toml
+from tests.test_fleet_model import ENVELOPE
 from tests.test_guard_agent import SteppedClock
 from tests.test_shadow import SLOPE_W, T0, offset_model
 
@@ -86,7 +87,7 @@ def perturbed_shipped(tmp: Path, offset_w: float) -> Path:
 
 async def command(port: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
     async with aiomqtt.Client("127.0.0.1", port, identifier="cloud-command") as client, \
-            MqttCommander(client, "t") as commander:
+            MqttCommander(client, "t", ENVELOPE) as commander:
         return await commander.request(GW, name, args, 10.0)
 
 
@@ -100,7 +101,7 @@ async def deploy(port: int, model: Path, key: SigningKey | None,
     client = aiomqtt.Client("127.0.0.1", port, identifier=f"cloud-{model.stem}")
     await client.__aenter__()
     try:
-        async with MqttCommander(client, "t") as commander:
+        async with MqttCommander(client, "t", ENVELOPE) as commander:
             return await deploy_model(commander, GW, model, model.with_suffix(".json"), key,
                                       timeout_s=5.0, **kwargs)
     finally:
