@@ -36,13 +36,14 @@ from tests.test_shadow import SLOPE_W, offset_model, ramp
 from tests.waiting import until
 
 GW = "gw-test"
+KEY = SigningKey.generate("ops-1")  # the operator's key every test gateway trusts
 # How the tests' commands are wrapped: the request envelope the dispatcher takes.
 ENVELOPE = plain_envelope
 
 
 @pytest.fixture(scope="module")
 def key() -> SigningKey:
-    return SigningKey.generate("ops-1")
+    return KEY
 
 
 def config(tmp: Path, key: SigningKey, active: Path, gateway: str = GW,

@@ -35,7 +35,7 @@ from agent.runtime import Agent
 from models.manifest import sha256_bytes, shipped_paths
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until, write_toml
-from tests.test_fleet_model import ENVELOPE
+from tests.test_fleet_model import ENVELOPE, KEY
 from tests.test_guard_agent import SteppedClock
 from tests.test_shadow import SLOPE_W, T0, offset_model
 
@@ -111,7 +111,7 @@ async def deploy(port: int, model: Path, key: SigningKey | None,
 
 @pytest.fixture(scope="module")
 def key() -> SigningKey:
-    return SigningKey.generate("ops-1")
+    return KEY
 
 
 async def test_a_deploy_interrupted_by_a_broker_restart_resumes_and_completes(

@@ -11,13 +11,13 @@ import pytest
 from agent.fleet.chunks import ChunkStore, DeployError, DeployHeader
 from agent.fleet.model_state import ModelState
 from agent.fleet.signing import SigningKey
-from tests.test_fleet_model import config
+from tests.test_fleet_model import KEY, config
 from tests.test_shadow import offset_model
 
 
 @pytest.fixture(scope="module")
 def key() -> SigningKey:
-    return SigningKey.generate("ops-1")
+    return KEY
 
 
 def header(data: bytes, deploy_id: str = "d1", chunk: int = 256) -> DeployHeader:
