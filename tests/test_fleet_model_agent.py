@@ -248,3 +248,19 @@ async def test_model_activate_is_remembered_across_a_restart(tmp_path: Path, bro
         assert agent.infer is not None
         assert agent.infer.versions()["energy"] == version
         assert agent.infer.candidate("energy") is None  # the shadow it was is the active now
+
+
+async def test_hostile_replies_on_the_result_topics_do_not_stop_the_commander(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    config = make_config(tmp_path, broker.port)
+    async with running_agent(config) as agent:
+        await connected(agent)
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-h") as client, \
+                MqttCommander(client, "t", ENVELOPE) as commander, \
+                aiomqtt.Client("127.0.0.1", broker.port, identifier="intruder") as intruder:
+            topic = f"t/{GW}/cmd/ping/result"
+            for junk in (b"[" * 100_000, b"\xff\xfe{", b"1e999999", b'{"id": 5}', b"[]",
+                         b'{"gateway": "gw-test", "name": "ping", "id": {"x": 1}}'):
+                await intruder.publish(topic, junk, qos=1)
+            reply = await commander.request(GW, "ping", {}, 10.0)
+            assert reply["ok"] and reply["result"]["pong"] is True

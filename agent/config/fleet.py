@@ -42,7 +42,7 @@ class CommandsConfig(_Frozen):
 
 
 class ModelDeployConfig(_Frozen):
-    max_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    max_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
     """Largest model deploy accepted over MQTT: the ONNX file and its manifest together."""
     partial_expire_s: Annotated[float, Field(ge=60, le=30 * 86_400, allow_inf_nan=False)] = (
         86_400.0)

@@ -31,10 +31,13 @@ from typing import Any, Final, Literal, Protocol
 from agent.fleet.chunks import artifact_body
 from agent.fleet.model_args import MAX_CHUNK
 from agent.fleet.signing import SigningKey
+from agent.jsontext import JsonRefused
+from agent.jsontext import parse as parse_json
 
 COMMAND: Final = "model.deploy"
 RETRIES: Final = 3
 BUSY_PAUSE_S: Final = 0.2
+MAX_REPLY_BYTES: Final = 256 * 1024
 
 Envelope = Callable[[str, str, str, dict[str, Any]], dict[str, Any]]
 
@@ -103,9 +106,10 @@ class MqttCommander:
         lost: BaseException
         try:
             async for m in self.client.messages:
-                try:
-                    body = json.loads(m.payload)
-                except (TypeError, ValueError):
+                payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                try:  # from the broker: bounded size, depth and numbers
+                    body = parse_json(payload, max_bytes=MAX_REPLY_BYTES)
+                except JsonRefused:
                     continue
                 if not isinstance(body, dict):
                     continue
@@ -213,7 +217,12 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
     failure is in the result."""
     onnx = await asyncio.to_thread(onnx_path.read_bytes)
     manifest = await asyncio.to_thread(manifest_path.read_bytes)
-    doc = json.loads(manifest)
+    try:
+        doc = json.loads(manifest)
+    except ValueError:
+        raise ValueError(f"{manifest_path}: not a JSON manifest") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{manifest_path}: not a JSON manifest")
     name = name or str(doc.get("name") or onnx_path.stem)
     version = version or str(doc.get("version") or hashlib.sha256(onnx).hexdigest()[:12])
     deploy_id = deploy_id or f"{name}-{version}"[:64]
