@@ -371,3 +371,22 @@ async def test_a_commit_that_runs_out_of_time_is_completed_by_a_repeat(
                     "only the installed version in its folder")
     finally:
         gw.close()
+
+
+async def test_a_partial_deploy_that_expired_while_the_agent_was_down_is_deleted_at_start(
+        tmp_path: Path, key: SigningKey) -> None:
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    cfg = config(tmp_path, key, offset_model(tmp_path, 100.0, "a"), partial_expire_s=3600)
+    gw = Gateway(cfg)
+    gw.cut_after = 2
+    with pytest.raises(DeployInterrupted):
+        await deploy_model(gw, GW, *files(cand), key, chunk_size=256)
+    gw.close()
+    partial = next((tmp_path / "state" / "deploys").iterdir())
+    day_ago = partial.stat().st_mtime - 86_400
+    os.utime(partial / "header.json", (day_ago, day_ago))
+    gw = Gateway(cfg)  # the agent comes back a day later
+    try:
+        assert not partial.exists() and gw.dep.status()["expired"] == 1
+    finally:
+        gw.close()

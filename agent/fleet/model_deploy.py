@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 INSTALL_TMP: Final = ".installing"
+SWEEP_S: Final = 600.0  # how often a running agent looks for expired partial deploys
 
 
 class Stage(Protocol):
@@ -73,6 +75,11 @@ class ModelDeployments:
         self.refused: dict[str, int] = {}
         self.last: dict[str, str] = {}  # model -> what happened to it last
         self._changing = asyncio.Lock()  # one commit or rollback at a time
+        self._swept = time.monotonic()
+        try:
+            self.chunks.sweep()  # what expired while the agent was down
+        except OSError as exc:
+            log.error("model deploys: cannot clean up expired deploys: %s", exc)
 
     # -- what the stage runs ------------------------------------------------------------------
 
@@ -262,7 +269,14 @@ class ModelDeployments:
         return reason
 
     def after_window(self) -> None:
-        """Activate a deployed candidate once it has won on the live windows."""
+        """Activate a deployed candidate once it has won on the live windows; now and then,
+        delete the partial deploys that expired."""
+        if time.monotonic() - self._swept > SWEEP_S:
+            self._swept = time.monotonic()
+            try:
+                self.chunks.sweep()
+            except OSError as exc:
+                log.error("model deploys: cannot clean up expired deploys: %s", exc)
         for name, e in list(self.state.entries.items()):
             if not (e.auto and e.candidate):
                 continue
