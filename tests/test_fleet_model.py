@@ -390,3 +390,27 @@ async def test_a_partial_deploy_that_expired_while_the_agent_was_down_is_deleted
         assert not partial.exists() and gw.dep.status()["expired"] == 1
     finally:
         gw.close()
+
+
+@pytest.mark.parametrize("reply", [
+    {"count": "12", "missing": []}, {"count": 3, "missing": [7]}, {"count": 3, "missing": "0"},
+    {"count": 3, "missing": [0], "missing_count": -1}, {"count": True, "missing": []}])
+async def test_a_gateway_answering_nonsense_fails_its_own_deploy_only(
+        tmp_path: Path, key: SigningKey, reply: dict[str, Any]) -> None:
+    cand = offset_model(tmp_path, SLOPE_W, "cand")
+    good = Gateway(config(tmp_path / "good", key, offset_model(tmp_path, 100.0, "a"), "gw-1"))
+
+    class Liar:
+        async def request(self, gateway: str, name: str, args: dict[str, Any],
+                          timeout_s: float) -> dict[str, Any]:
+            if gateway == "gw-1":
+                return await good.request(gateway, name, args, timeout_s)
+            return {"ok": True, "result": reply, "id": "x", "gateway": gateway}
+
+    try:
+        results = await deploy_many(Liar(), ["gw-1", "gw-liar"], *files(cand), key)
+        assert results["gw-1"].ok, results["gw-1"].error
+        liar = results["gw-liar"]
+        assert not liar.ok and liar.error is not None and "reply" in liar.error, liar
+    finally:
+        good.close()

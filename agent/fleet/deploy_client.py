@@ -204,6 +204,22 @@ async def _call(commander: Commander, gateway: str, args: dict[str, Any],
     raise _Failed(f"{args['op']}: {last}")
 
 
+def _count(value: object, limit: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise _Failed(f"the gateway's reply has no valid {what}")
+    return value
+
+
+def _missing(result: dict[str, Any], count: int) -> tuple[list[int], int]:
+    """The chunk indices a reply lists as missing, and how many are missing in all."""
+    listed = result.get("missing")
+    if not isinstance(listed, list):
+        raise _Failed("the gateway's reply has no list of missing chunks")
+    indices = [_count(i, count - 1, "chunk index") for i in listed]
+    total = result.get("missing_count", len(indices))
+    return sorted(set(indices)), _count(total, count, "missing_count")
+
+
 async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
                        manifest_path: Path, key: SigningKey | None, *,
                        name: str | None = None, version: str | None = None,
@@ -232,13 +248,13 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
         began = await _call(commander, gateway, begin_args(
             key, name=name, version=version, onnx=onnx, manifest=manifest,
             target=target or gateway, deploy_id=deploy_id, chunk_size=chunk_size), timeout_s)
-        out.chunks = int(began.get("count", 0))
-        out.state = str(began.get("state", ""))
+        out.chunks = _count(began.get("count"), 1 << 32, "count")
+        out.state = str(began.get("state", ""))[:32]
         if out.state in ("shadow", "active"):  # this very version already runs there
             out.ok, out.result = True, began
             return out
-        missing = [int(i) for i in began.get("missing", [])]
-        done = out.chunks - int(began.get("missing_count", len(missing)))
+        missing, left = _missing(began, out.chunks)
+        done = out.chunks - left
         gate = asyncio.Semaphore(max(1, in_flight))
 
         async def send(i: int) -> None:
@@ -263,8 +279,7 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
                     tg.create_task(send(i))
             status = await _call(commander, gateway, {"op": "status", "deploy_id": deploy_id},
                                  timeout_s)
-            missing = [int(i) for i in status.get("missing", [])]
-            now_left = int(status.get("missing_count", len(missing)))
+            missing, now_left = _missing(status, out.chunks)
             stalled = stalled + 1 if now_left >= left else 0
             left = now_left
             if stalled >= RETRIES:
@@ -272,7 +287,7 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
                               "progress")
         out.result = await _call(commander, gateway, {"op": "commit", "deploy_id": deploy_id,
                                                       "activate": activate}, timeout_s)
-        out.state = str(out.result.get("state", ""))
+        out.state = str(out.result.get("state", ""))[:32]
         out.ok = True
     except* _Failed as group:
         out.error = "; ".join(str(e) for e in group.exceptions)[:1000]
@@ -297,6 +312,9 @@ async def deploy_many(commander: Commander, gateways: Sequence[str], onnx_path: 
                                              target="*", **kwargs)
             except DeployInterrupted as exc:
                 out[gw] = DeployResult(gw, False, "", "", error=f"interrupted: {exc}")
+            except Exception as exc:  # one gateway's failure must not cost the others'
+                out[gw] = DeployResult(gw, False, "", "", error=f"{type(exc).__name__}: "
+                                                                f"{str(exc)[:500]}")
 
     async with asyncio.TaskGroup() as tg:
         for gw in gateways:
