@@ -98,7 +98,7 @@ async def rollback(port: int, name: str) -> dict[str, Any]:
 async def deploy(port: int, model: Path, key: SigningKey | None,
                  **kwargs: Any) -> DeployResult:
     """``deploy_model`` over a fresh cloud-side connection."""
-    client = aiomqtt.Client("127.0.0.1", port, identifier=f"cloud-{model.stem}")
+    client = aiomqtt.Client("127.0.0.1", port, identifier=f"cloud-{model.stem}", timeout=1)
     await client.__aenter__()
     try:
         async with MqttCommander(client, "t", ENVELOPE) as commander:
@@ -114,8 +114,10 @@ def key() -> SigningKey:
     return KEY
 
 
+@pytest.mark.parametrize("restart_agent", [False, True], ids=["broker", "broker+agent"])
 async def test_a_deploy_interrupted_by_a_broker_restart_resumes_and_completes(
-        tmp_path: Path, private_broker: Mosquitto, key: SigningKey) -> None:
+        tmp_path: Path, private_broker: Mosquitto, key: SigningKey,
+        restart_agent: bool) -> None:
     active = offset_model(tmp_path, 100.0, "active")
     cand = offset_model(tmp_path, SLOPE_W, "cand")
     config = agent_config(tmp_path, private_broker.port, key, active)
@@ -126,15 +128,18 @@ async def test_a_deploy_interrupted_by_a_broker_restart_resumes_and_completes(
         if done == 5:
             private_broker.stop(signal.SIGKILL)  # mid-deploy, nothing flushed
 
-    async with running_agent(config) as agent:
+    async with contextlib.AsyncExitStack() as stack:
+        agent = await stack.enter_async_context(running_agent(config))
         await connected(agent)
         with pytest.raises(DeployInterrupted):
             await deploy(private_broker.port, cand, key, chunk_size=256, in_flight=1,
                          progress=cut)
         assert acked == [1, 2, 3, 4, 5]
-    # The agent was stopped while the broker was down; both come back.
-    private_broker.start()
-    async with running_agent(config) as agent:
+        if restart_agent:  # stopped while the broker is down; both come back
+            await stack.aclose()
+        private_broker.start()
+        if restart_agent:
+            agent = await stack.enter_async_context(running_agent(config))
         await connected(agent)
         refused = await deploy(private_broker.port, cand, None, chunk_size=256)
         assert not refused.ok and refused.error is not None and "unsigned" in refused.error

@@ -90,6 +90,7 @@ class MqttCommander:
         self._waiting: dict[tuple[str, str, str], asyncio.Future[dict[str, Any]]] = {}
         self._pump: asyncio.Task[None] | None = None
         self._lost: BaseException | None = None
+        self._gone = asyncio.Event()
 
     async def __aenter__(self) -> MqttCommander:
         await self.client.subscribe(f"{self.prefix}/+/cmd/+/result", qos=1, timeout=10)
@@ -123,9 +124,33 @@ class MqttCommander:
         except Exception as exc:  # the client's error when the broker goes away
             lost = exc
         self._lost = lost
+        self._gone.set()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(DeployInterrupted(f"connection lost: {lost}"))
+
+    async def _publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
+        """Publish at QoS 1; a connection that goes away meanwhile ends the wait at once (the
+        client itself would wait for a PUBACK until ``timeout_s``)."""
+        pub = asyncio.ensure_future(self.client.publish(topic, payload, qos=1,
+                                                        timeout=timeout_s))
+        gone = asyncio.ensure_future(self._gone.wait())
+        try:
+            await asyncio.wait({pub, gone}, timeout=timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not pub.done():
+            pub.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pub
+            if self._lost is not None:
+                raise DeployInterrupted(f"connection lost: {self._lost}")
+            raise TimeoutError
+        try:
+            pub.result()
+        except Exception as exc:
+            raise DeployInterrupted(f"publish failed: {exc}") from exc
 
     async def request(self, gateway: str, name: str, args: dict[str, Any],
                       timeout_s: float) -> dict[str, Any]:
@@ -137,11 +162,7 @@ class MqttCommander:
         self._waiting[key] = fut
         try:
             payload = json.dumps(self.envelope(gateway, name, req_id, args)).encode()
-            try:
-                await self.client.publish(f"{self.prefix}/{gateway}/cmd/{name}", payload,
-                                          qos=1, timeout=timeout_s)
-            except Exception as exc:
-                raise DeployInterrupted(f"publish failed: {exc}") from exc
+            await self._publish(f"{self.prefix}/{gateway}/cmd/{name}", payload, timeout_s)
             async with asyncio.timeout(timeout_s):
                 return await fut
         finally:
