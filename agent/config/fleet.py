@@ -27,6 +27,11 @@ class CommandsConfig(_Frozen):
     """Public keys whose signatures this gateway accepts; list the new one beside the old one
     while rotating (`[[commands.trusted_keys]]`)."""
 
+    apply_health_timeout_s: Annotated[float, Field(ge=2, le=3600, allow_inf_nan=False)] = 120.0
+    """How long a config sent by `config.apply` has to become healthy (every enabled sensor up,
+    the uplink connected, the pipeline making progress, all for one second) before the agent
+    goes back to the previous config by itself."""
+
     @field_validator("trusted_keys")
     @classmethod
     def _unique_ids(cls, keys: list[TrustedKeyConfig]) -> list[TrustedKeyConfig]:

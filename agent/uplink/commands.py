@@ -39,6 +39,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.fleet.config_apply import ConfigApplyArgs, ConfigRollbackArgs
 from agent.fleet.model_args import ModelDeployArgs, ModelRollbackArgs
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
@@ -95,11 +96,14 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "outbox.stats": NoArgs,
     "sensors.read": SensorsReadArgs,
     "model.activate": ModelActivateArgs,
+    "config.apply": ConfigApplyArgs,
+    "config.rollback": ConfigRollbackArgs,
     "model.deploy": ModelDeployArgs,
     "model.rollback": ModelRollbackArgs,
 }
-# The commands that change the gateway: run only when signed, with `require_signature` on.
-STATE_CHANGING: Final = frozenset({"model.activate", "model.deploy", "model.rollback"})
+# The commands that change the gateway: run only when signed (``[commands] require_signature``).
+STATE_CHANGING: Final = frozenset({"config.apply", "config.rollback", "model.deploy",
+                                   "model.rollback"})
 
 
 class CommandErrorBody(_Strict):
