@@ -42,11 +42,15 @@ def variant(tmp_path: Path, name: str, tag: str) -> Path:
     return dst
 
 
-@pytest.fixture
-def stage() -> InferenceStage:
-    """Both shipped models with the skill guard off: what the model itself says."""
-    s = InferenceStage([ModelConfig(name="traffic", stream="traffic", guard=False),
-                        ModelConfig(name="energy", stream="cabinet", guard=False)])
+@pytest.fixture(params=["auto", "onnxruntime"])
+def stage(request: pytest.FixtureRequest) -> InferenceStage:
+    """Both shipped models with the skill guard off: what the model itself says, in each runtime
+    (``auto`` is the numpy executor for these graphs)."""
+    rt = request.param
+    s = InferenceStage([ModelConfig(name="traffic", stream="traffic", guard=False, runtime=rt),
+                        ModelConfig(name="energy", stream="cabinet", guard=False, runtime=rt)])
+    want = "numpy" if rt == "auto" else rt
+    assert {m["runtime"] for m in s.status()["models"].values()} == {want}
     yield s
     s.close()
 

@@ -167,7 +167,8 @@ def test_a_truncated_file_is_a_graph_error(cut: int) -> None:
 def test_verify_with_the_numpy_runtime_and_a_bad_runtime(tmp_path: Path) -> None:
     vm = verify(shipped_paths("energy")[0], runtime="numpy")
     assert vm.runtime == "numpy" and isinstance(vm.session, NumpySession)
-    assert verify(shipped_paths("energy")[0]).runtime == "onnxruntime"
+    assert verify(shipped_paths("energy")[0]).runtime == "numpy"  # auto: the executor runs it
+    assert verify(shipped_paths("energy")[0], runtime="onnxruntime").runtime == "onnxruntime"
     with pytest.raises(ModelError, match="unknown runtime 'tpu'"):
         verify(shipped_paths("energy")[0], runtime="tpu")  # type: ignore[arg-type]
 
@@ -176,6 +177,7 @@ def test_a_numpy_model_refused_by_the_executor_names_the_file(tmp_path: Path) ->
     onnx_path, man_path = shipped_paths("energy")
     model = onnx.load(str(onnx_path))
     model.graph.node[-1].op_type = "Softsign"
+    del model.graph.node[-1].input[1:]  # Softsign takes one input (Clip took three)
     dst = tmp_path / "energy.onnx"
     dst.write_bytes(model.SerializeToString())
     doc = json.loads(man_path.read_text())
@@ -185,6 +187,8 @@ def test_a_numpy_model_refused_by_the_executor_names_the_file(tmp_path: Path) ->
     with pytest.raises(ModelError, match=r"energy\.onnx: the numpy executor cannot run it.*"
                                          r"Softsign"):
         verify(dst, runtime="numpy")
+    # auto: a graph the executor does not run goes to onnxruntime
+    assert verify(dst, runtime="auto").runtime == "onnxruntime"
 
 
 def _hidden_env(tmp_path: Path) -> dict[str, str]:

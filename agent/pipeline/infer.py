@@ -1,7 +1,7 @@
 """The inference stage: stream windows -> feature rows -> ONNX graph -> Inference.
 
-The graph runs in onnxruntime where it is installed, else in the numpy executor
-(``models.numpy_exec``); a model's ``runtime`` setting chooses one explicitly.
+The graph runs in the package's numpy executor (``models.numpy_exec``) when it supports the
+graph, else in onnxruntime; a model's ``runtime`` setting chooses one explicitly.
 
 Every window of a model's stream gives one inference (``window_start_ns`` = that window's
 start), on the model window of ``window_s`` that ends with it (see ``agent.pipeline.features``): a

@@ -1,0 +1,87 @@
+"""The numpy executor's run plans: the same results as interpreting the graph node by node, on
+every shipped model and on a graph of every operator, and no state carried between runs."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import SHIPPED
+from models.manifest import shipped_paths
+from models.numpy_exec import PLANS_KEPT, GraphError, NumpySession
+from tests.test_numpy_exec import rows
+
+
+def _both(session: NumpySession, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    names = [o.name for o in session.get_outputs()]
+    interpreted, _ = session._interpret(names, {session.get_inputs()[0].name: x})
+    session.run(names, {session.get_inputs()[0].name: x})  # builds the plan for this shape
+    planned = session.run(names, {session.get_inputs()[0].name: x})
+    return interpreted, planned
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("batch", [1, 7])
+def test_a_plan_gives_what_interpreting_gives(name: str, batch: int) -> None:
+    session = NumpySession.from_path(shipped_paths(name)[0])
+    for x in rows(shipped_paths(name)[0], 64)[:batch * 9].reshape(9, batch, -1):
+        interpreted, planned = _both(session, x)
+        assert len(session._plans) == 1
+        for a, b in zip(interpreted, planned, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_are_not_overwritten_by_the_next_run() -> None:
+    session = NumpySession.from_path(shipped_paths("energy")[0])
+    x = rows(shipped_paths("energy")[0], 4)
+    names = [o.name for o in session.get_outputs()]
+    first = [session.run(names, {"features": x[i : i + 1]}) for i in range(4)]
+    again = [session.run(names, {"features": x[i : i + 1]}) for i in range(4)]
+    assert any(not np.array_equal(first[0][0], f[0]) for f in first[1:])
+    for a, b in zip(first, again, strict=True):  # the very first run is interpreted
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-6)
+
+
+def test_plans_are_bounded_and_other_shapes_still_run() -> None:
+    session = NumpySession.from_path(shipped_paths("traffic")[0])
+    x = rows(shipped_paths("traffic")[0], 16)
+    for n in range(1, PLANS_KEPT + 4):
+        out = session.run(None, {"features": x[:n]})
+        assert out[0].shape[0] == n
+    assert len(session._plans) == PLANS_KEPT
+
+
+def test_a_wrong_output_name_is_refused_on_the_planned_path_too() -> None:
+    session = NumpySession.from_path(shipped_paths("traffic")[0])
+    x = rows(shipped_paths("traffic")[0], 1)[:1]
+    session.run(None, {"features": x})
+    with pytest.raises(GraphError, match="not in the graph"):
+        session.run(["nope"], {"features": x})
+
+
+def test_runs_from_two_threads_do_not_mix(tmp_path: Path) -> None:
+    """A plan's arrays are shared; a second thread meanwhile is interpreted, not corrupted."""
+    session = NumpySession.from_path(shipped_paths("energy")[0])
+    x = rows(shipped_paths("energy")[0], 64)
+    want = [session._interpret([o.name for o in session.get_outputs()],
+                               {"features": x[i : i + 1]})[0][0] for i in range(len(x))]
+    bad: list[int] = []
+
+    def worker(offset: int) -> None:
+        for k in range(300):
+            i = (k + offset) % len(x)
+            got = session.run(None, {"features": x[i : i + 1]})[0]
+            if not np.allclose(got, want[i], rtol=1e-6, atol=1e-6):
+                bad.append(i)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in (0, 17, 33)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and bad == []
