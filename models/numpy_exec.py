@@ -363,11 +363,14 @@ class NumpySession:
         try:
             key = tuple((a.shape, a.dtype.str) for a in arrays.values())
             plan = self._plans.get(key)
-            if plan is not None:
+            if plan is not None and all(n in plan.values for n in wanted):
                 return plan.run(arrays, wanted)
+            if plan is not None:  # an intermediate a plan folded away: interpreted
+                return self._interpret(wanted, arrays)[0]
             out, values = self._interpret(wanted, arrays)
             if len(self._plans) < PLANS_KEPT:
-                self._plans[key] = Plan(self._nodes, self._constants, arrays, values, OPS)
+                self._plans[key] = Plan(self._nodes, self._constants, arrays, values, ops=OPS,
+                                       outputs=[o.name for o in self._outputs])
             return out
         finally:
             self._lock.release()

@@ -5,8 +5,15 @@ Interpreting a graph node by node costs a dict lookup, a call and a fresh array 
 for the gateway's tiny models is more than the arithmetic. A plan is built once per input shape
 (from one interpreted run, which gives every intermediate's shape and dtype): each node writes
 into its own array with ``out=``, a Slice becomes a view made once, an Identity an alias, and a
-run is a flat list of bound calls over fixed arrays. Results are those of the interpreter; the
-operators without an ``out=`` form run as in the interpreter and are copied into their array.
+run is a flat list of bound calls over fixed arrays. The operators without an ``out=`` form run
+as in the interpreter and are copied into their array.
+
+Fewer calls where the graph allows, each giving what the nodes it replaces give:
+
+- ``x * Sigmoid(x)`` (SiLU) is one sequence of four calls instead of five;
+- a comparison feeding only a Cast to a number writes the number directly;
+- a Gemm with constant B and C whose input array is written only by the plan reads that array
+  with a column of ones appended and B with C as its last row, so the bias costs no call.
 
 A graph whose intermediate shapes could depend on the input's values (a Slice with computed
 bounds) gets no plan and is always interpreted.
@@ -14,6 +21,7 @@ bounds) gets no plan and is always interpreted.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -21,6 +29,7 @@ from typing import Any
 import numpy as np
 
 Step = Callable[[], Any]
+Ops = Mapping[str, Callable[..., np.ndarray]]
 _ELEMENTWISE: dict[str, Any] = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "MatMul": np.matmul,
     "Less": np.less, "Greater": np.greater, "Neg": np.negative, "Abs": np.abs, "Tanh": np.tanh,
@@ -39,31 +48,95 @@ class Plan:
     around it)."""
 
     def __init__(self, nodes: Sequence[Any], constants: Mapping[str, np.ndarray],
-                 inputs: Mapping[str, np.ndarray], trial: Mapping[str, np.ndarray],
-                 ops: Mapping[str, Callable[..., np.ndarray]]) -> None:
+                 inputs: Mapping[str, np.ndarray], trial: Mapping[str, np.ndarray], *,
+                 ops: Ops, outputs: Sequence[str]) -> None:
         """``trial`` is every value of one interpreted run on ``inputs`` (shapes and dtypes)."""
         self.feeds = {name: np.empty_like(arr) for name, arr in inputs.items()}
-        self._constants = constants
+        self._constants, self._trial = constants, trial
+        self._uses = Counter(i for n in nodes for i in n.inputs)
+        self._uses.update(outputs)  # a graph output is read by the caller
+        self._readers: dict[str, list[Any]] = {}
+        for n in nodes:
+            for i in n.inputs:
+                self._readers.setdefault(i, []).append(n)
+        self._augmented: dict[str, np.ndarray] = {}  # value -> its array with a ones column
+        self._done: set[int] = set()
         values: dict[str, np.ndarray | None] = {**constants, **self.feeds, "": None}
         self.steps: list[Step] = []
-        for node in nodes:
+        for k, node in enumerate(nodes):
+            if k in self._done:
+                continue
             args = [values[i] for i in node.inputs]
             while args and args[-1] is None:
                 args.pop()
-            values[node.outputs[0]] = self._bind(node, args, trial[node.outputs[0]], ops)
+            fused = self._fuse(node, nodes[k + 1:], values)
+            if fused is not None:
+                later, out = fused
+                self._done.add(k + 1 + later)
+                values[nodes[k + 1 + later].outputs[0]] = out
+                continue
+            values[node.outputs[0]] = self._bind(node, args, ops)
         self.values = values
 
-    def _bind(self, node: Any, args: list[Any], like: np.ndarray,
-              ops: Mapping[str, Callable[..., np.ndarray]]) -> np.ndarray:
+    def _buffer(self, name: str) -> np.ndarray:
+        """The array a node writes ``name`` into; a Gemm reader may get it widened (see
+        ``_gemm``)."""
+        like = self._trial[name]
+        readers = self._readers.get(name, [])
+        if (like.ndim == 2 and like.dtype == np.float32 and readers
+                and self._uses[name] == len(readers)
+                and all(self._bias_gemm(r) and r.inputs[0] == name for r in readers)):
+            wide = np.ones((like.shape[0], like.shape[1] + 1), dtype=like.dtype)
+            self._augmented[name] = wide
+            return wide[:, :-1]
+        return np.empty_like(like)
+
+    def _bias_gemm(self, node: Any) -> bool:
+        a = node.attrs
+        c = self._constants.get(node.inputs[2]) if len(node.inputs) == 3 else None
+        return (node.op == "Gemm" and c is not None and node.inputs[1] in self._constants
+                and (c.ndim <= 1 or c.shape[0] == 1)
+                and not a.get("transA", 0) and a.get("alpha", 1.0) == 1.0
+                and a.get("beta", 1.0) == 1.0)
+
+    def _fuse(self, node: Any, rest: Sequence[Any], values: dict[str, np.ndarray | None]
+              ) -> tuple[int, np.ndarray] | None:
+        """(index in ``rest`` of the node folded in, its output array), or None."""
+        out_name = node.outputs[0]
+        if self._uses[out_name] != 1:
+            return None
+        later = next((k for k, r in enumerate(rest) if out_name in r.inputs), None)
+        if later is None:
+            return None
+        reader = rest[later]
+        if node.op == "Sigmoid" and reader.op == "Mul" and \
+                sorted(reader.inputs) == sorted((node.inputs[0], out_name)):
+            x, out = values[node.inputs[0]], self._buffer(reader.outputs[0])
+            t = np.empty_like(out)  # x * sigmoid(x) = z + z * tanh(z), z = x / 2
+            self.steps += [partial(np.multiply, x, _HALF, out=t), partial(np.tanh, t, out=out),
+                           partial(np.multiply, out, t, out=out), partial(np.add, out, t, out=out)]
+            return later, out
+        if node.op in ("Less", "Greater") and reader.op == "Cast":
+            out = self._buffer(reader.outputs[0])
+            if not np.issubdtype(out.dtype, np.number):
+                return None
+            a, b = (values[i] for i in node.inputs)
+            self.steps.append(partial(_ELEMENTWISE[node.op], a, b, out=out, casting="unsafe"))
+            return later, out
+        return None
+
+    def _bind(self, node: Any, args: list[Any], ops: Ops) -> np.ndarray:
         op, attrs, steps = node.op, node.attrs, self.steps
         if op == "Identity":
             return np.asarray(args[0])
         if op == "Slice":  # bounds are constants (see plannable): a view, made once
             view: np.ndarray = ops["Slice"](*args)
             return view
-        out = np.empty_like(like)
+        if op == "Gemm" and node.inputs[0] in self._augmented:
+            return self._gemm_augmented(node, args)
+        out = self._buffer(node.outputs[0])
         ufunc = _ELEMENTWISE.get(op)
-        if op == "Div" and not np.issubdtype(like.dtype, np.integer):
+        if op == "Div" and not np.issubdtype(out.dtype, np.integer):
             ufunc = np.divide
         if ufunc is not None:
             steps.append(partial(ufunc, *args, out=out))
@@ -74,11 +147,25 @@ class Plan:
                       partial(np.multiply, out, _HALF, out=out),
                       partial(np.add, out, _HALF, out=out)]
         elif op == "Relu":
-            steps.append(partial(np.maximum, args[0], np.zeros((), like.dtype), out=out))
+            steps.append(partial(np.maximum, args[0], np.zeros((), out.dtype), out=out))
         elif op == "Cast":
             steps.append(partial(np.copyto, out, args[0], casting="unsafe"))
-        else:  # Clip, Gather and the integer ops: as interpreted, then copied in place
+        elif op == "Clip" and out.dtype.kind == "f":
+            lo, hi = [*args, None, None][1:3]
+            steps.append(partial(np.clip, args[0], lo, hi, out=out) if lo is not None
+                         or hi is not None else partial(np.copyto, out, args[0]))
+        else:  # Gather and the integer ops: as interpreted, then copied in place
             steps.append(partial(_into, out, ops[op], args, attrs))
+        return out
+
+    def _gemm_augmented(self, node: Any, args: list[Any]) -> np.ndarray:
+        """A + B + C as one product: [A, 1] @ [B; C] (A's array has the ones column)."""
+        b, c = args[1], args[2]
+        b = b.T if node.attrs.get("transB", 0) else b
+        out = self._buffer(node.outputs[0])
+        weight = np.ascontiguousarray(np.vstack([b, np.broadcast_to(c, (1, b.shape[1]))]),
+                                      dtype=b.dtype)
+        self.steps.append(partial(np.matmul, self._augmented[node.inputs[0]], weight, out=out))
         return out
 
     def _gemm(self, out: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None,

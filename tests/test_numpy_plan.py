@@ -85,3 +85,14 @@ def test_runs_from_two_threads_do_not_mix(tmp_path: Path) -> None:
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads) and bad == []
+
+
+def test_an_intermediate_a_plan_folded_away_can_still_be_asked_for() -> None:
+    session = NumpySession.from_path(shipped_paths("traffic")[0])
+    x = rows(shipped_paths("traffic")[0], 1)[:1]
+    session.run(None, {"features": x})
+    sigmoids = [n.outputs[0] for n in session._nodes if n.op == "Sigmoid"]
+    plan = next(iter(session._plans.values()))
+    assert sigmoids and not any(s in plan.values for s in sigmoids)  # fused into SiLU
+    got = session.run(sigmoids[:1], {"features": x})[0]
+    assert got.shape == (1, 96) and np.all((got > 0) & (got < 1))
