@@ -36,13 +36,13 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
 
+from agent.pipeline.localtime import TIME_FEATURES, LocalTime
 from agent.readings import ChannelStats, Window
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ TRAFFIC_QUANTITIES = ("flow_veh_h", "speed_in_mean", "speed_out_mean", "speed_me
 ENERGY_QUANTITIES = ("power_mean_w",)
 WEATHER_QUANTITIES = ("temperature", "humidity")
 WINDOW_QUANTITIES = TRAFFIC_QUANTITIES + ENERGY_QUANTITIES
-TIME_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos", "doy_sin", "doy_cos")
 # Energy's lag287 (a day back) on 60 s windows keeps 1,455 stream windows (~1 MB), on 10 s
 # windows 8,730 (~4 MB); the cap bounds one model's history to ~9 MB whatever the stream.
 MAX_HISTORY_WINDOWS = 16_384
@@ -98,19 +97,6 @@ def parse_input(name: str) -> tuple[str, int]:
     if m and m["base"] in WINDOW_QUANTITIES + WEATHER_QUANTITIES:
         return m["base"], int(m["lag"])
     raise FeatureError(f"unknown model input {name!r}")
-
-
-def time_features(ts_s: float, tz: ZoneInfo) -> dict[str, float]:
-    local = datetime.fromtimestamp(ts_s, tz=tz)
-    hour = local.hour + local.minute / 60 + local.second / 3600
-    dow = local.weekday()
-    doy = local.timetuple().tm_yday - 1 + hour / 24
-    h, d, y = 2 * math.pi * hour / 24, 2 * math.pi * dow / 7, 2 * math.pi * doy / 365.25
-    return {
-        "hour_sin": math.sin(h), "hour_cos": math.cos(h),
-        "dow_sin": math.sin(d), "dow_cos": math.cos(d),
-        "doy_sin": math.sin(y), "doy_cos": math.cos(y),
-    }
 
 
 def _finite(x: float | None) -> bool:
@@ -280,7 +266,7 @@ class _Ring:
         hi = int(np.searchsorted(live, end_ns, side="left"))
         if lo >= hi:
             return _NAN_PERIOD
-        return _values_of(self.parts[self.head + lo:self.head + hi].sum(axis=0))
+        return _values_of(np.add.reduce(self.parts[self.head + lo:self.head + hi], axis=0))
 
     def period(self, end_ns: int) -> list[float]:
         """The roll-up of the model window ending at ``end_ns``."""
@@ -311,7 +297,7 @@ class FeatureBuilder:
         if spec.window_s <= 0:
             raise FeatureError(f"window_s must be positive, got {spec.window_s}")
         self.spec = spec
-        self._tz = ZoneInfo(spec.timezone)
+        self._clock = LocalTime(ZoneInfo(spec.timezone))
         self._window_ns = spec.window_s * _NS
         self._parsed = [parse_input(i.name) for i in spec.inputs]
         self._names = spec.names
@@ -434,7 +420,7 @@ class FeatureBuilder:
     def _row(self, end_ns: int, current: list[float]) -> FeatureRow:
         vals = [math.nan] * len(self._parsed)
         if self._time_inputs:
-            times = time_features(end_ns / _NS, self._tz)
+            times = self._clock.features(end_ns / _NS)
             for i, name in self._time_inputs:
                 vals[i] = times[name]
         for i, name, lag in self._weather_inputs:
