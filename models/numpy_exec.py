@@ -25,6 +25,7 @@ import numpy as np
 
 from models.numpy_plan import Plan, plannable
 
+_FLOAT32 = np.dtype(np.float32)
 PLANS_KEPT = 4  # input shapes with a plan; a caller cycling through more is interpreted
 
 class GraphError(ValueError):
@@ -330,7 +331,9 @@ class NumpySession:
         absent = [o.name for o in self._outputs if o.name not in known]
         if absent:
             raise GraphError(f"graph outputs {absent} are produced by no node")
-        self._known = known
+        self._known = frozenset(known)
+        self._fed = [(i.name, i.type == "tensor(float)") for i in self._inputs]
+        self._output_names = [o.name for o in self._outputs]
         self._plannable = plannable([(n.op, n.inputs) for n in self._nodes], self._constants)
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._lock = threading.Lock()  # a plan's arrays are shared: one run at a time
@@ -347,35 +350,35 @@ class NumpySession:
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, Any]) -> list[np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
-        for spec in self._inputs:
-            if spec.name not in feeds:
-                raise GraphError(f"input {spec.name!r} is not fed")
-            arr = np.asarray(feeds[spec.name])
-            if spec.type == "tensor(float)" and arr.dtype != np.float32:
-                raise GraphError(f"input {spec.name!r}: expected float32, got {arr.dtype}")
-            arrays[spec.name] = arr
-        wanted = [o.name for o in self._outputs] if names is None else list(names)
-        unknown = [n for n in wanted if n not in self._known]
-        if unknown:
+        for name, is_float in self._fed:
+            if name not in feeds:
+                raise GraphError(f"input {name!r} is not fed")
+            arr = np.asarray(feeds[name])
+            if is_float and arr.dtype != _FLOAT32:
+                raise GraphError(f"input {name!r}: expected float32, got {arr.dtype}")
+            arrays[name] = arr
+        wanted = self._output_names if names is None else names
+        if not self._known.issuperset(wanted):
+            unknown = [n for n in wanted if n not in self._known]
             raise GraphError(f"outputs {unknown} are not in the graph")
         if not self._plannable or not self._lock.acquire(blocking=False):
             return self._interpret(wanted, arrays)[0]  # busy on another thread: no waiting
         try:
-            key = tuple((a.shape, a.dtype.str) for a in arrays.values())
+            key = tuple([(a.shape, a.dtype.num) for a in arrays.values()])
             plan = self._plans.get(key)
-            if plan is not None and all(n in plan.values for n in wanted):
+            if plan is not None and plan.names.issuperset(wanted):
                 return plan.run(arrays, wanted)
             if plan is not None:  # an intermediate a plan folded away: interpreted
                 return self._interpret(wanted, arrays)[0]
             out, values = self._interpret(wanted, arrays)
             if len(self._plans) < PLANS_KEPT:
                 self._plans[key] = Plan(self._nodes, self._constants, arrays, values, ops=OPS,
-                                       outputs=[o.name for o in self._outputs])
+                                        outputs=self._output_names)
             return out
         finally:
             self._lock.release()
 
-    def _interpret(self, wanted: list[str], feeds: dict[str, np.ndarray]
+    def _interpret(self, wanted: Sequence[str], feeds: dict[str, np.ndarray]
                    ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """One run node by node: the outputs and every value."""
         values: dict[str, np.ndarray] = {**self._constants, **feeds}

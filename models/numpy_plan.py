@@ -77,6 +77,7 @@ class Plan:
                 continue
             values[node.outputs[0]] = self._bind(node, args, ops)
         self.values = values
+        self.names = frozenset(k for k, v in values.items() if v is not None)
 
     def _buffer(self, name: str) -> np.ndarray:
         """The array a node writes ``name`` into; a Gemm reader may get it widened (see
@@ -150,10 +151,15 @@ class Plan:
             steps.append(partial(np.maximum, args[0], np.zeros((), out.dtype), out=out))
         elif op == "Cast":
             steps.append(partial(np.copyto, out, args[0], casting="unsafe"))
-        elif op == "Clip" and out.dtype.kind == "f":
+        elif op == "Clip" and out.dtype.kind == "f":  # as the interpreter: NaN stays NaN
             lo, hi = [*args, None, None][1:3]
-            steps.append(partial(np.clip, args[0], lo, hi, out=out) if lo is not None
-                         or hi is not None else partial(np.copyto, out, args[0]))
+            src = args[0]
+            for bound, ufunc in ((lo, np.maximum), (hi, np.minimum)):
+                if bound is not None:
+                    steps.append(partial(ufunc, src, bound, out=out))
+                    src = out
+            if src is not out:
+                steps.append(partial(np.copyto, out, src))
         else:  # Gather and the integer ops: as interpreted, then copied in place
             steps.append(partial(_into, out, ops[op], args, attrs))
         return out
@@ -187,7 +193,7 @@ class Plan:
 
     def run(self, feeds: Mapping[str, Any], names: Sequence[str]) -> list[np.ndarray]:
         for name, buf in self.feeds.items():
-            np.copyto(buf, feeds[name])
+            buf[...] = feeds[name]
         for step in self.steps:
             step()
         values = self.values

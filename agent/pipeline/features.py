@@ -251,7 +251,7 @@ class _Ring:
     def prune(self, now_ns: int) -> None:
         """Forget windows that start before ``now - horizon`` or exceed the count cap."""
         live = self.starts[self.head:self.n]
-        drop = int(np.searchsorted(live, now_ns - self.horizon_ns, side="left"))
+        drop = int(live.searchsorted(now_ns - self.horizon_ns))
         if len(live) - drop > self.cap:
             self.capped += len(live) - drop - self.cap
             drop = len(live) - self.cap
@@ -262,8 +262,8 @@ class _Ring:
     def sums(self, start_ns: int, end_ns: int) -> list[float]:
         """The period vector of the windows starting in [start, end)."""
         live = self.starts[self.head:self.n]
-        lo = int(np.searchsorted(live, start_ns, side="left"))
-        hi = int(np.searchsorted(live, end_ns, side="left"))
+        lo = int(live.searchsorted(start_ns))
+        hi = int(live.searchsorted(end_ns))
         if lo >= hi:
             return _NAN_PERIOD
         return _values_of(np.add.reduce(self.parts[self.head + lo:self.head + hi], axis=0))
