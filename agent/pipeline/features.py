@@ -310,6 +310,11 @@ class FeatureBuilder:
                                 if b in WEATHER_QUANTITIES]
         self._window_inputs = [(i, index[b], lag, self._hold_ns[b])
                                for i, (b, lag) in enumerate(self._parsed) if b in index]
+        # The window inputs by lag (ns back from the row's end): one period lookup per lag.
+        by_lag: dict[int, list[tuple[int, int, float]]] = {}
+        for i, q, lag, hold_ns in self._window_inputs:
+            by_lag.setdefault(lag * self._window_ns, []).append((i, q, hold_ns))
+        self._lagged = list(by_lag.items())
         lags = [lag for base, lag in self._parsed if base in WINDOW_QUANTITIES]
         holds = [self._hold_periods(base) for base, _ in self._parsed if base in WINDOW_QUANTITIES]
         horizon = (max(lags, default=0) + max(holds, default=0) + 1) * self._window_ns
@@ -418,6 +423,7 @@ class FeatureBuilder:
         return p
 
     def _row(self, end_ns: int, current: list[float]) -> FeatureRow:
+        isfinite = math.isfinite
         vals = [math.nan] * len(self._parsed)
         if self._time_inputs:
             times = self._clock.features(end_ns / _NS)
@@ -426,16 +432,17 @@ class FeatureBuilder:
         for i, name, lag in self._weather_inputs:
             vals[i] = self._weather_at(name, end_ns - lag * self._window_ns)
         periods: dict[int, list[float]] = {end_ns: current}
-        for i, q, lag, hold_ns in self._window_inputs:
-            t = end_ns - lag * self._window_ns
+        for back_ns, inputs in self._lagged:
+            t = end_ns - back_ns
             p = periods.get(t)
             if p is None:
                 p = periods[t] = self._ring.period(t)
-            v = p[q]
-            vals[i] = v if math.isfinite(v) else self._held(q, hold_ns, t, periods)
+            for i, q, hold_ns in inputs:
+                v = p[q]
+                vals[i] = v if isfinite(v) else self._held(q, hold_ns, t, periods)
         missing = []
         for i, v in enumerate(vals):
-            if not math.isfinite(v):
+            if not isfinite(v):
                 vals[i] = self._fill_values[i]
                 missing.append(self._names[i])
         return FeatureRow(end_ns - self._window_ns, end_ns, np.array(vals, dtype=np.float32),
