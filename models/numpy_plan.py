@@ -10,7 +10,8 @@ as in the interpreter and are copied into their array.
 
 Fewer calls where the graph allows, each giving what the nodes it replaces give:
 
-- ``x * Sigmoid(x)`` (SiLU) is one sequence of four calls instead of five;
+- ``x * Sigmoid(x)`` (SiLU) is one sequence of three or four calls instead of five (three
+  when x comes from a Gemm, whose weights then give x / 2 exactly);
 - a comparison feeding only a Cast to a number writes the number directly;
 - a Gemm with constant B and C whose input array is written only by the plan reads that array
   with a column of ones appended and B with C as its last row, so the bias costs no call.
@@ -60,6 +61,7 @@ class Plan:
             for i in n.inputs:
                 self._readers.setdefault(i, []).append(n)
         self._augmented: dict[str, np.ndarray] = {}  # value -> its array with a ones column
+        self._halved: set[str] = set()  # values whose array holds half of them (see _fuse)
         self._done: set[int] = set()
         values: dict[str, np.ndarray | None] = {**constants, **self.feeds, "": None}
         self.steps: list[Step] = []
@@ -92,6 +94,16 @@ class Plan:
             return wide[:, :-1]
         return np.empty_like(like)
 
+    def _silu_only(self, name: str) -> bool:
+        """Whether ``name`` is read only by a ``name * Sigmoid(name)`` pair."""
+        readers = self._readers.get(name, [])
+        if self._uses[name] != 2 or len(readers) != 2:
+            return False
+        sig = next((r for r in readers if r.op == "Sigmoid"), None)
+        mul = next((r for r in readers if r.op == "Mul"), None)
+        return (sig is not None and mul is not None and self._uses[sig.outputs[0]] == 1
+                and sorted(mul.inputs) == sorted((name, sig.outputs[0])))
+
     def _bias_gemm(self, node: Any) -> bool:
         a = node.attrs
         c = self._constants.get(node.inputs[2]) if len(node.inputs) == 3 else None
@@ -113,9 +125,12 @@ class Plan:
         if node.op == "Sigmoid" and reader.op == "Mul" and \
                 sorted(reader.inputs) == sorted((node.inputs[0], out_name)):
             x, out = values[node.inputs[0]], self._buffer(reader.outputs[0])
-            t = np.empty_like(out)  # x * sigmoid(x) = z + z * tanh(z), z = x / 2
-            self.steps += [partial(np.multiply, x, _HALF, out=t), partial(np.tanh, t, out=out),
-                           partial(np.multiply, out, t, out=out), partial(np.add, out, t, out=out)]
+            # x * sigmoid(x) = z + z * tanh(z), z = x / 2 (which a halved Gemm wrote already)
+            z = x if node.inputs[0] in self._halved else np.empty_like(out)
+            if z is not x:
+                self.steps.append(partial(np.multiply, x, _HALF, out=z))
+            self.steps += [partial(np.tanh, z, out=out), partial(np.multiply, out, z, out=out),
+                           partial(np.add, out, z, out=out)]
             return later, out
         if node.op in ("Less", "Greater") and reader.op == "Cast":
             out = self._buffer(reader.outputs[0])
@@ -171,6 +186,9 @@ class Plan:
         out = self._buffer(node.outputs[0])
         weight = np.ascontiguousarray(np.vstack([b, np.broadcast_to(c, (1, b.shape[1]))]),
                                       dtype=b.dtype)
+        if self._silu_only(node.outputs[0]) and weight.dtype.kind == "f":
+            weight *= 0.5  # a power of two: the product is exactly half of what it was
+            self._halved.add(node.outputs[0])
         self.steps.append(partial(np.matmul, self._augmented[node.inputs[0]], weight, out=out))
         return out
 
