@@ -113,6 +113,7 @@ class LoadedModel:
         m = self.manifest
         names = m.input_names
         self._output_names = [o.name for o in m.outputs]
+        self._named_outputs = [(o.name, o.labels, label_key(o.name)) for o in m.outputs]
         self._input = m.input_tensor
         self._forecast = forecast_of(m)
         self._actual_index = (names.index(self._forecast.actual)
@@ -155,12 +156,11 @@ class LoadedModel:
         """Named outputs plus class labels and the anomaly score; on the event loop."""
         m = self.manifest
         out: dict[str, float | str] = {}
-        for spec, arr in zip(m.outputs, raw, strict=True):
-            value = float(arr.reshape(-1)[0])
-            out[spec.name] = value
-            if spec.labels:
-                out[label_key(spec.name)] = spec.labels[min(max(round(value), 0),
-                                                            len(spec.labels) - 1)]
+        for (name, labels, key), arr in zip(self._named_outputs, raw, strict=True):
+            value = float(arr.item(0))
+            out[name] = value
+            if labels:
+                out[key] = labels[min(max(round(value), 0), len(labels) - 1)]
         if m.anomaly is not None:
             actual = row.current.get(m.anomaly.actual, math.nan)
             pending = self.forecasts
