@@ -96,3 +96,51 @@ def test_an_intermediate_a_plan_folded_away_can_still_be_asked_for() -> None:
     assert sigmoids and not any(s in plan.values for s in sigmoids)  # fused into SiLU
     got = session.run(sigmoids[:1], {"features": x})[0]
     assert got.shape == (1, 96) and np.all((got > 0) & (got < 1))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_chained_gemms_and_a_sigmoid_times_something_else(tmp_path: Path, batch: int) -> None:
+    """Shapes the shipped graphs do not have: a Gemm feeding a Gemm (both biases folded through
+    ones columns, the inner one written into a widened array), a Gemm read by a SiLU and by a
+    graph output (not halved), and x * Sigmoid(y): the plan against onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    f = onnx.TensorProto.FLOAT
+    rng = np.random.default_rng(11)
+
+    def const(name: str, *shape: int) -> onnx.TensorProto:
+        return helper.make_tensor(name, f, list(shape), rng.normal(0, 0.5, shape).ravel())
+
+    nodes = [
+        helper.make_node("Gemm", ["features", "w1", "b1"], ["h1"], transB=1),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["h2"]),
+        helper.make_node("Sigmoid", ["h2"], ["s2"]),
+        helper.make_node("Mul", ["s2", "h2"], ["silu"]),
+        helper.make_node("Sigmoid", ["features"], ["sf"]),
+        helper.make_node("Gemm", ["silu", "w3", "b3"], ["y"]),
+        helper.make_node("Mul", ["sf", "features"], ["gate"]),
+        helper.make_node("Less", ["y", "zero"], ["neg"]),
+        helper.make_node("Cast", ["neg"], ["negf"], to=f),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("features", f, ["batch", 3])],
+        [helper.make_tensor_value_info(n, f, ["batch", k])
+         for n, k in (("y", 2), ("h2", 4), ("gate", 3), ("negf", 2))],
+        [const("w1", 5, 3), const("b1", 5), const("w2", 5, 4), const("b2", 1, 4),
+         const("w3", 4, 2), const("b3", 2), helper.make_tensor("zero", f, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    ours = NumpySession(data)
+    x = rng.normal(0, 2, (batch, 3)).astype(np.float32)
+    for _ in ("interpreted", "planned", "planned again"):
+        for got, want in zip(ours.run(None, {"features": x}), ref.run(None, {"features": x}),
+                             strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    plan = next(iter(ours._plans.values()))
+    assert {"h1", "silu"} <= set(plan._augmented) and "h2" not in plan._halved
