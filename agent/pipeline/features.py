@@ -36,14 +36,16 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import numpy.typing as npt
 
 from agent.pipeline.localtime import TIME_FEATURES, LocalTime
 from agent.readings import ChannelStats, Window
+
+if TYPE_CHECKING:  # numpy.typing is for the checker; the agent does not load it
+    import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
