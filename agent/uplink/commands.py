@@ -45,7 +45,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal, cast, get_args
+from typing import Annotated, Any, ClassVar, Final, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +57,7 @@ from agent.fleet.envelope import (
     Refusal,
     check,
 )
+from agent.fleet.model_args import ModelDeployArgs, ModelRollbackArgs
 from agent.fleet.signing import TrustedKeys
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
@@ -111,10 +112,13 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "model.activate": ModelActivateArgs,
     "config.apply": ConfigApplyArgs,
     "config.rollback": ConfigRollbackArgs,
+    "model.deploy": ModelDeployArgs,
+    "model.rollback": ModelRollbackArgs,
 }
 # Commands that change the gateway: with `[commands] require_signature` (the default) they run
 # only when signed by a trusted key.
-STATE_CHANGING: Final = frozenset({"model.activate", "config.apply", "config.rollback"})
+STATE_CHANGING: Final = frozenset({"model.activate", "config.apply", "config.rollback",
+                                   "model.deploy", "model.rollback"})
 
 
 class CommandErrorBody(_Strict):
@@ -151,6 +155,9 @@ def _summary(exc: ValidationError) -> str:
 
 
 class CommandDispatcher:
+    # The envelope's signature is checked here (``STATE_CHANGING``, ``agent.fleet.envelope``).
+    verifies_signatures: ClassVar[bool] = True
+
     def __init__(self, handlers: Mapping[str, Handler] | None = None, *,
                  trusted: TrustedKeys | None = None, require_signature: bool = True,
                  seen: SeenCommands | None = None,
