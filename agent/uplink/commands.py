@@ -261,10 +261,10 @@ class CommandDispatcher:
             log.info("command %r (id %r) is a repeat: answered with the first reply", name,
                      req_id)
             return await asyncio.shield(first)
-        # On disk: what changes the gateway, and anything signed. Unsigned read-only requests
-        # are remembered in memory only, so a flood of them cannot push a signed command's id
-        # out of the table (and let it be replayed before it expires).
-        seen = (self.seen if verdict.key_id is not None or name in STATE_CHANGING else None)
+        # On disk: what changes the gateway. Read-only requests are remembered in memory only,
+        # so a flood of them cannot push a signed command's id out of the table (and let it be
+        # replayed before it expires).
+        seen = self.seen if name in STATE_CHANGING else None
         earlier = seen.lookup(name, req_id) if seen is not None else None
         if earlier is not None:
             self.counts["repeated"] += 1
