@@ -2,13 +2,14 @@
 
 Two lanes share one bounded in-flight window (``max_inflight``):
 
-* **live**: rows committed while connected are handed over by the outbox at commit time and
-  sent at once, in seq order. A live row that waits longer than ``LIVE_LAG_S`` (the link is
-  slower than production) or overflows the live queue becomes backlog.
+* **live**: rows sealed while connected are handed over by the outbox as soon as they are sealed,
+  while their batch commits (publish-through, ``agent.outbox.release``), and sent at once, in seq
+  order. A live row that waits longer than ``LIVE_LAG_S`` (the link is slower than production)
+  or overflows the live queue becomes backlog.
 * **backlog**: everything older than the connection (or demoted from live) is read from the
-  outbox in seq order and replayed at a rate that follows link health (``ReplayPacer``: AIMD on
-  PUBACK latency), only while no live row waits, and never filling the whole window. Replayed
-  messages carry ``"replayed": true``; their ``msg_id`` is unchanged.
+  outbox in seq order once committed, and replayed at a rate that follows link health
+  (``ReplayPacer``: AIMD on PUBACK latency), only while no live row waits, and never filling the
+  whole window. Replayed messages carry ``"replayed": true``; their ``msg_id`` is unchanged.
 
 Within a lane, messages of one topic are sent in seq order over one connection, so the broker
 keeps them in order. Across lanes and reconnects the cloud restores order by ``seq``.
@@ -261,10 +262,10 @@ class Uplink:
                 self._end(link)
 
     def _begin(self) -> None:
-        self.outbox.add_listener(self._on_commit)
+        self.outbox.add_listener(self._on_commit, through=True)
         self.outbox.protect(self._inflight.keys)
-        # Registered first, read second: every later commit reaches _on_commit.
-        self._ceiling = self.outbox.accepted_seq
+        # Registered first, read second: every later hand-over reaches _on_commit.
+        self._ceiling = self.outbox.released_seq
         self._cursor = 0
         self._backlog.clear()
         self._live_enabled = not self._suspects
@@ -316,6 +317,7 @@ class Uplink:
     def _on_commit(self, rows: Sequence[Row]) -> None:
         fresh = [r for r in rows if r.seq > self._ceiling]
         if not fresh:
+            self._wake.set()  # a commit: backlog rows may be readable now
             return
         if not self._live_enabled:
             self._ceiling = max(self._ceiling, fresh[-1].seq)
@@ -400,7 +402,9 @@ class Uplink:
                 self._send(link, row, "backlog")
         while len(self._inflight) < cap:
             if not self._backlog:
-                if self._cursor >= self._ceiling:
+                # Only as far as committed: a row handed over before its commit is read once
+                # its commit is applied (which wakes the pump).
+                if self._cursor >= min(self._ceiling, self.outbox.accepted_seq):
                     break
                 await self._refill()
                 continue
@@ -414,7 +418,7 @@ class Uplink:
         return wait
 
     async def _refill(self) -> None:
-        start, upto = self._cursor, self._ceiling
+        start, upto = self._cursor, min(self._ceiling, self.outbox.accepted_seq)
         rows = await self.outbox.fetch(start, upto, BACKLOG_FETCH)
         end = upto if len(rows) < BACKLOG_FETCH else rows[-1].seq
         self._cursor = max(self._cursor, end)
