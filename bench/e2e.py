@@ -19,6 +19,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
+from agent.config.schema import OutboxConfig
 from agent.control.client import ControlClient
 from bench.procs import (
     GATEWAY,
@@ -33,6 +34,7 @@ from bench.procs import (
     rss_kib,
     synthetic,
 )
+from tests.harness import make_config, write_toml
 
 PREFIX = "t"
 READING_BYTES = 300  # a raw reading message as the agent encodes it
@@ -125,28 +127,35 @@ async def throughput(tmp: Path, port: int, seconds: float) -> dict[str, Any]:
 
 
 async def latency(tmp: Path, port: int, rate: int, seconds: float,
-                  commit_interval_ms: int) -> dict[str, Any]:
-    """Reading.ts -> subscriber receive at ``rate`` raw readings/s, vs bare publish->receive."""
-    d = tmp / f"latency-{commit_interval_ms}"
+                  commit_interval_ms: int | None = None) -> dict[str, Any]:
+    """Reading.ts -> subscriber receive at ``rate`` raw readings/s, vs bare publish->receive.
+
+    ``commit_interval_ms`` None: the outbox at its defaults (only its path is set)."""
+    d = tmp / f"latency-{rate}-{commit_interval_ms or 'default'}"
     d.mkdir()
     # Four sensors of rate/4 each, so the readings are spread over the period.
     period = 4 / rate
     sensors = [synthetic(f"s{i}", period) for i in range(4)]
-    cfg = agent_config(d, port, sensors=sensors,
+    data = make_config(d, port, sensors=sensors,
                        streams=[{"name": "fast", "sensors": [s["name"] for s in sensors],
-                                 **raw_share()}],
-                       outbox={"path": str(d / "outbox.db"),
-                               "commit_interval_ms": commit_interval_ms})
+                                 **raw_share()}])
+    data["gateway"] = {"id": GATEWAY}
+    data["outbox"] = {"path": str(d / "outbox.db")}
+    if commit_interval_ms is not None:
+        data["outbox"]["commit_interval_ms"] = commit_interval_ms
+    cfg = write_toml(d / "agent.toml", data)
 
-    async def agent_run(feed: Feed) -> list[float]:
+    async def agent_run(feed: Feed) -> tuple[list[float], dict[str, Any]]:
         with agent_running(cfg, d / "agent.log"):
             await asyncio.sleep(1.0)
             start = len(feed.got)
             await asyncio.sleep(seconds)
             got = feed.got[start:]
-        return [(recv - iso_ns(b["sampled_at"])) / 1e6 for recv, b in got if "sampled_at" in b]
+            st = await asyncio.to_thread(_status, d / "control.sock")
+        return [(recv - iso_ns(b["sampled_at"])) / 1e6 for recv, b in got
+                if "sampled_at" in b], st["outbox"]
 
-    agent_ms = await with_feed(port, f"{PREFIX}/{GATEWAY}/raw/#", agent_run)
+    agent_ms, outbox = await with_feed(port, f"{PREFIX}/{GATEWAY}/raw/#", agent_run)
 
     async def bare_run(feed: Feed) -> list[float]:
         await bare_publish(port, rate, seconds)
@@ -155,7 +164,9 @@ async def latency(tmp: Path, port: int, rate: int, seconds: float,
 
     bare_ms = await with_feed(port, "bench/bare", bare_run)
     return {"agent": pcts(agent_ms), "baseline": pcts(bare_ms), "rate": rate,
-            "commit_interval_ms": commit_interval_ms, "unit": "ms"}
+            "commit_interval_ms": commit_interval_ms or OutboxConfig().commit_interval_ms,
+            "unit": "ms", "outbox": {k: outbox.get(k) for k in (
+                "commits", "published_through", "acked_before_commit", "rows")}}
 
 
 IDLE_BASELINE = "import asyncio\nasyncio.run(asyncio.sleep(3600))"
@@ -230,3 +241,38 @@ async def rss_and_ready(tmp: Path, port: int, starts: int) -> dict[str, Any]:
         "ready": {"agent": float(np.median(ready)), "baseline": bare_start, "unit": "s",
                   "samples": [round(x, 3) for x in ready]},
     }
+
+
+def main() -> int:
+    """``python -m bench.e2e``: the latency figure at the default config, beside its baseline."""
+    import argparse
+    import tempfile
+
+    from tests.broker import Mosquitto
+
+    ap = argparse.ArgumentParser(description="end-to-end latency at the default config")
+    ap.add_argument("--rate", type=int, default=500, help="raw readings per second")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--commit-interval-ms", type=int, default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as d:
+        b = Mosquitto(Path(d) / "mosq")
+        b.start()
+        try:
+            r = asyncio.run(latency(Path(d), b.port, args.rate, args.seconds,
+                                    args.commit_interval_ms))
+        finally:
+            b.stop()
+    a, base = r["agent"], r["baseline"]
+    print(f"Reading.ts -> subscriber at {r['rate']}/s, commit_interval_ms "
+          f"{r['commit_interval_ms']}: {a['n']} messages; bare publish -> receive: "
+          f"{base['n']} messages")
+    for p in ("p50", "p99"):
+        print(f"  {p}: agent {a[p]:.2f} ms, baseline {base[p]:.2f} ms, "
+              f"ratio {a[p] / base[p]:.2f}")
+    print(f"  outbox: {r['outbox']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
