@@ -6,7 +6,7 @@ reservation (no reboot can give that seq to another message), no earlier message
 the sent marker (``agent.outbox.seqfiles``) has recorded its seq first. Otherwise it is held
 and handed over when its commit is applied, as without publish-through. Every message is
 handed over at most once and in seq order; ``released_seq`` is the highest seq handed over or
-passed while nobody listened (those are found by the publisher's backlog scan once committed).
+passed while nobody listened (the publisher's backlog scan reads those once they are committed).
 
 Hand-overs made in one turn of the event loop are batched: one marker write per batch.
 """
@@ -41,7 +41,10 @@ class Release:
         return self.next - 1
 
     def sealed(self, row: Row, reserved: int) -> None:
-        if (self.listeners and not self._broken and self.marker.usable
+        if not self.listeners and not self._queue:
+            self.next = row.seq + 1  # nobody to hand it to: a later listener reads it back
+            return
+        if (not self._broken and self.marker.usable
                 and row.seq < reserved and self._held_upto < self.next):
             self._queue.append(row)
             if not self._scheduled:
