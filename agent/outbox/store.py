@@ -20,15 +20,9 @@ Bounds (rows, bytes, age) are enforced inside each commit; when over, rows are d
 publisher has in flight. The in-memory buffer is bounded too; if the disk stalls long enough
 to fill it, the same policy applies there. Every drop is counted by class and reason.
 
-Use::
-
-    outbox = Outbox(cfg.outbox, gateway)
-    outbox.open()                        # blocking, at start: opens or repairs the file
-    outbox.put("window", "telemetry/climate", feed.window_message(gateway, w))
-    await outbox.run()                   # commits until cancelled (a task of the agent)
-    outbox.flush(); outbox.close()       # blocking, at stop: the last batch reaches the disk
-
-The publisher side (``add_listener``, ``fetch``, ``ack``, ``quarantine``) is for the uplink.
+Use: ``open()`` (blocking, at start: opens or repairs the file), ``put(kind, topic, draft)``,
+``await run()`` (commits until cancelled), ``flush(); close()`` (blocking, at stop). The
+publisher side (``add_listener``, ``fetch``, ``ack``, ``quarantine``) is for the uplink.
 """
 
 from __future__ import annotations
@@ -104,6 +98,7 @@ class Outbox:
         self._settled: set[int] = set()  # acked or quarantined, not yet committed
         self._pending_seqs: set[int] = set()  # the rows of self._batch
         self._early: set[int] = set()  # of those, acked by the broker: never written
+        self._acc_idx = 0  # self._batch.rows[:this] are accepted
         self._acked_early = 0
         self._release = Release(self._db.sent, 0)
         self._first_pending_ns = 0
@@ -133,14 +128,12 @@ class Outbox:
             max_workers=1, thread_name_prefix="outbox-db")
         try:
             info = self._executor.submit(self._db.open).result(timeout=OPEN_TIMEOUT_S)
-        except (OSError, sqlite3.Error, concurrent.futures.TimeoutError) as exc:
+        except (OSError, sqlite3.Error, concurrent.futures.TimeoutError,
+                OutboxPathError) as exc:
             self._executor.shutdown(wait=False)
             self._executor = None
-            raise OutboxError(f"{self.cfg.path}: cannot open the outbox: {exc}") from exc
-        except OutboxPathError as exc:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise OutboxError(f"{self.cfg.path}: {exc}") from exc
+            what = "" if isinstance(exc, OutboxPathError) else "cannot open the outbox: "
+            raise OutboxError(f"{self.cfg.path}: {what}{exc}") from exc
         self._next_seq = info.next_seq
         self._skipped = info.skipped
         self._snap = copy.deepcopy(info.snapshot)
@@ -239,6 +232,7 @@ class Outbox:
 
     def _shed_buffer(self) -> None:
         rows = self._batch.rows
+        self._acc_idx = 0
         if self._early:  # acknowledged already: they need no room
             rows = [r for r in rows if r.seq not in self._early]
             self._early.clear()
@@ -333,12 +327,16 @@ class Outbox:
     def accepted_seq(self) -> int:
         """Every seq up to this one is accepted (committed, or acknowledged before its commit)
         or was dropped and counted; everything above it that exists is yet to be committed."""
-        ahead = self._committing[0].rows if self._committing is not None else []
-        for rows in (ahead, self._batch.rows):
-            for r in rows:
-                if r.seq not in self._early and r.seq not in self._settled:
-                    return r.seq - 1
-        return self._next_seq - 1
+        done = self._early, self._settled
+        for r in self._committing[0].rows if self._committing is not None else ():
+            if r.seq not in done[0] and r.seq not in done[1]:
+                return r.seq - 1
+        # The pending rows known accepted only grow until the next take: resume the scan.
+        rows, i = self._batch.rows, self._acc_idx
+        while i < len(rows) and (rows[i].seq in done[0] or rows[i].seq in done[1]):
+            i += 1
+        self._acc_idx = i
+        return rows[i].seq - 1 if i < len(rows) else self._next_seq - 1
 
     @property
     def released_seq(self) -> int:
@@ -427,6 +425,7 @@ class Outbox:
 
     def _take(self, *, final: bool = False) -> Batch | None:
         batch, self._batch = self._batch, Batch()
+        self._acc_idx = 0
         self._pending_bytes = 0
         self._wake.clear()
         self._full.clear()
@@ -491,6 +490,7 @@ class Outbox:
         batch.attempts.update(nxt.attempts)
         batch.quarantine += nxt.quarantine
         self._batch = batch
+        self._acc_idx = 0
         self._pending_seqs = {r.seq for r in batch.rows}
         self._pending_bytes = sum(r.size for r in batch.rows)
         if len(batch.rows) > self.buffer_rows:

@@ -404,7 +404,7 @@ class Uplink:
             if not self._backlog:
                 # Only as far as committed: a row handed over before its commit is read once
                 # its commit is applied (which wakes the pump).
-                if self._cursor >= min(self._ceiling, self.outbox.accepted_seq):
+                if self._cursor >= self._ceiling or self._cursor >= self.outbox.accepted_seq:
                     break
                 await self._refill()
                 continue
