@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 from typing import Final
@@ -32,11 +33,21 @@ _SENT_RE: Final = re.compile(rb"edge-agent-sent 1 (\S{1,64}) (\d{1,20})\n *")
 _SIDE_MAX_READ: Final = 4096
 
 
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The first ``limit`` bytes of a regular file; never blocks on a FIFO or a device."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 def read_reservation(path: Path) -> tuple[str, int] | None:
     """(db_id, reserved) from ``path``; None when absent or unreadable (logged)."""
     try:
-        with open(path, "rb") as fh:
-            data = json.loads(fh.read(_SIDE_MAX_READ))
+        data = json.loads(_read_regular(path, _SIDE_MAX_READ))
         reserved = data["reserved"]
         if not isinstance(reserved, int) or isinstance(reserved, bool) or not (
                 0 <= reserved < 2**63):
@@ -85,8 +96,7 @@ class SentMarker:
         """The highest seq recorded for ``db_id``: 0 without a file, None when the file does
         not parse or names another database (logged)."""
         try:
-            with open(self.path, "rb") as fh:
-                data = fh.read(_SENT_MAX_READ)
+            data = _read_regular(self.path, _SENT_MAX_READ)
         except FileNotFoundError:
             return 0
         except OSError as exc:
@@ -115,6 +125,8 @@ class SentMarker:
                 return
             self._fd = fd
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError("not a regular file")
                 self._put(seq)
                 os.ftruncate(fd, _SENT_RECORD_BYTES)
             except OSError as exc:
