@@ -130,7 +130,8 @@ async def latency(tmp: Path, port: int, rate: int, seconds: float,
                   commit_interval_ms: int | None = None) -> dict[str, Any]:
     """Reading.ts -> subscriber receive at ``rate`` raw readings/s, vs bare publish->receive.
 
-    ``commit_interval_ms`` None: the outbox at its defaults (only its path is set)."""
+    ``commit_interval_ms`` None: the outbox and runtime at their defaults (only paths and the
+    clock policy are set)."""
     d = tmp / f"latency-{rate}-{commit_interval_ms or 'default'}"
     d.mkdir()
     # Four sensors of rate/4 each, so the readings are spread over the period.
@@ -141,6 +142,9 @@ async def latency(tmp: Path, port: int, rate: int, seconds: float,
                                  **raw_share()}])
     data["gateway"] = {"id": GATEWAY}
     data["outbox"] = {"path": str(d / "outbox.db")}
+    # Defaults but for the clock: this host's kernel clock is not NTP-synchronised, and under
+    # "detect" readings are held as provisional; a synchronised gateway behaves as "trust".
+    data["runtime"] = {"clock": "trust"}
     if commit_interval_ms is not None:
         data["outbox"]["commit_interval_ms"] = commit_interval_ms
     cfg = write_toml(d / "agent.toml", data)
