@@ -4,8 +4,8 @@ Two lanes share one bounded in-flight window (``max_inflight``):
 
 * **live**: rows sealed while connected are handed over by the outbox as soon as they are sealed,
   while their batch commits (publish-through, ``agent.outbox.release``), and sent at once, in seq
-  order. A live row that waits longer than ``LIVE_LAG_S`` (the link is slower than production)
-  or overflows the live queue becomes backlog.
+  order. A live row that waits too long or overflows the live queue becomes backlog
+  (``agent.uplink.live``).
 * **backlog**: everything older than the connection (or demoted from live) is read from the
   outbox in seq order once committed, and replayed at a rate that follows link health
   (``ReplayPacer``: AIMD on PUBACK latency), only while no live row waits, and never filling the
@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
 import random
@@ -51,6 +50,7 @@ from agent.uplink.backoff import Backoff, ReplayPacer
 from agent.uplink.commands import CommandDispatcher
 from agent.uplink.connection import ConnectFailed, Link, LinkError, TlsFailed, puback_reason
 from agent.uplink.connector import Connector
+from agent.uplink.live import Flight, LiveQueue
 from agent.uplink.poison import PoisonLedger
 from agent.uplink.reach import PortProbe
 from agent.uplink.replies import CommandLane
@@ -60,9 +60,6 @@ __all__ = ["Uplink"]
 
 log = logging.getLogger(__name__)
 
-LIVE_MAX_ROWS: Final = 10_000
-LIVE_MAX_BYTES: Final = 8 * 1024 * 1024
-LIVE_LAG_S: Final = 5.0
 BACKLOG_FETCH: Final = 256
 BLAME_WINDOW_S: Final = 2.0  # a broker that rejects a packet drops us at once, not later
 RETRY_BASE_S: Final = 0.2
@@ -73,14 +70,6 @@ PUBACK_TIMEOUT_S: Final = 30.0  # at least; twice the keepalive when that is lon
 # A PUBACK this overdue while nothing at all came from the broker for as long: the link is dead.
 DEAD_LINK_S: Final = 6.0
 STABLE_S: Final = 3.0  # a connection that lasted this long was no flap: reconnect at once
-
-
-@dataclasses.dataclass(slots=True)
-class _Flight:
-    row: Row
-    lane: str
-    sent_s: float
-    fut: asyncio.Future[int]
 
 
 class Uplink:
@@ -106,9 +95,8 @@ class Uplink:
         self._drained = asyncio.Event()
         self._state = "idle"
         self._link: Link | None = None
-        self._inflight: dict[int, _Flight] = {}
-        self._live: collections.deque[Row] = collections.deque()
-        self._live_bytes = 0
+        self._inflight: dict[int, Flight] = {}
+        self._live = LiveQueue()
         self._live_enabled = False
         self._backlog: collections.deque[Row] = collections.deque()
         self._retry: list[tuple[float, Row]] = []
@@ -302,7 +290,6 @@ class Uplink:
         flights = list(self._inflight.values())
         self._inflight.clear()
         self._live.clear()
-        self._live_bytes = 0
         self._live_enabled = False
         self._backlog.clear()
         self._retry.clear()
@@ -346,18 +333,9 @@ class Uplink:
         if not self._live_enabled:
             self._ceiling = max(self._ceiling, fresh[-1].seq)
         else:
-            for r in fresh:
-                self._live.append(r)
-                self._live_bytes += r.size
-            while len(self._live) > LIVE_MAX_ROWS or self._live_bytes > LIVE_MAX_BYTES:
-                self._demote()
+            self._ceiling = max(self._ceiling, self._live.push(fresh))
         self._drained.clear()
         self._wake.set()
-
-    def _demote(self) -> None:
-        r = self._live.popleft()
-        self._live_bytes -= r.size
-        self._ceiling = max(self._ceiling, r.seq)
 
     async def _pump(self, link: Link) -> None:
         while True:
@@ -367,13 +345,9 @@ class Uplink:
             if not careful and not self._live_enabled:
                 self._live_enabled = True
             cap = 1 if careful else self.cfg.max_inflight
-            stale_ns = time.time_ns() - int(LIVE_LAG_S * 1e9)
-            while self._live and self._live[0].created_ns < stale_ns:
-                self._demote()
+            self._ceiling = max(self._ceiling, self._live.demote_stale(time.time_ns()))
             while self._live and len(self._inflight) < cap:
-                r = self._live.popleft()
-                self._live_bytes -= r.size
-                self._send(link, r, "live")
+                self._send(link, self._live.pop(), "live")
             timeout: float | None = None
             if not self._live:
                 timeout = await self._fill_backlog(link, now, cap if careful else max(
@@ -466,14 +440,14 @@ class Uplink:
                                   f"({self.cfg.max_payload_bytes})")
             return
         fut = link.publish(f"{self.topics.base}/{row.topic}", payload)
-        flight = _Flight(row, lane, time.monotonic(), fut)
+        flight = Flight(row, lane, time.monotonic(), fut)
         self._inflight[row.seq] = flight
         fut.add_done_callback(functools.partial(self._on_puback, flight))
         self.counts["published"] += 1
         if lane != "live":
             self.counts["replayed"] += 1
 
-    def _on_puback(self, flight: _Flight, fut: asyncio.Future[int]) -> None:
+    def _on_puback(self, flight: Flight, fut: asyncio.Future[int]) -> None:
         seq = flight.row.seq
         if self._inflight.get(seq) is not flight or fut.cancelled() or fut.exception():
             return
