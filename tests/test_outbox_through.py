@@ -19,6 +19,7 @@ from agent.outbox.db import SEQ_BLOCK
 from agent.outbox.rows import Row
 from agent.outbox.store import Outbox
 from agent.uplink.forwarder import Uplink
+from agent.uplink.live import LiveQueue
 from tests.broker import Mosquitto
 from tests.test_uplink import mqtt, running, subscribed
 from tests.waiting import until
@@ -114,7 +115,6 @@ import asyncio, sys
 from agent.config.schema import OutboxConfig
 from agent.feed.messages import health_message
 from agent.outbox.store import Outbox
-from agent.uplink.forwarder import Uplink
 async def main():
     ob = Outbox(OutboxConfig(path=sys.argv[1], commit_interval_ms=int(sys.argv[2]),
                              commit_batch=int(sys.argv[3])), "gw")
@@ -266,3 +266,21 @@ async def test_a_fifo_in_place_of_the_side_files_does_not_hang_the_open(tmp_path
     third = await asyncio.wait_for(asyncio.to_thread(outbox, tmp_path), 10)
     assert third.next_seq > last + 1
     third.close()
+
+
+def test_the_live_queue_demotes_by_rows_bytes_and_age() -> None:
+    def row(seq: int, size: int = 10, created_ns: int = 10**18) -> Row:
+        return Row(seq, "raw", "raw/s", b"x" * size, created_ns)
+
+    q = LiveQueue(max_rows=3, max_bytes=10_000, lag_s=5.0)
+    assert q.push([row(1), row(2), row(3)]) == 0 and len(q) == 3
+    assert q.push([row(4), row(5)]) == 2  # the two oldest go to the backlog
+    assert [q.pop().seq for _ in range(3)] == [3, 4, 5]
+    big = LiveQueue(max_rows=100, max_bytes=3 * row(1, 500).size)
+    assert big.push([row(s, 500) for s in range(1, 5)]) == 1 and len(big) == 3
+    old = LiveQueue(lag_s=5.0)
+    now = 10**18 + 10 * 10**9
+    old.push([row(1, created_ns=now - 6 * 10**9), row(2, created_ns=now - 4 * 10**9)])
+    assert old.demote_stale(now) == 1 and old.demote_stale(now) == 0 and len(old) == 1
+    old.clear()
+    assert len(old) == 0 and old.demote_stale(now) == 0
