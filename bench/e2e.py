@@ -20,6 +20,8 @@ import aiomqtt
 import numpy as np
 
 from agent.control.client import ControlClient
+from agent.feed.messages import SCHEMA_RAW_BATCH, SCHEMA_READING
+from agent.feed.raw_batch import readings_of
 from bench.procs import (
     GATEWAY,
     ROOT,
@@ -65,6 +67,13 @@ class Feed:
 
 def iso_ns(text: str) -> int:
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e6) * 1000
+
+
+def raw_readings(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The readings of a raw message (either schema); none for any other message."""
+    if body.get("schema") not in (SCHEMA_READING, SCHEMA_RAW_BATCH):
+        return []
+    return readings_of(body)
 
 
 def pcts(ms: list[float]) -> dict[str, float]:
@@ -144,7 +153,7 @@ async def latency(tmp: Path, port: int, rate: int, seconds: float,
             start = len(feed.got)
             await asyncio.sleep(seconds)
             got = feed.got[start:]
-        return [(recv - iso_ns(b["sampled_at"])) / 1e6 for recv, b in got if "sampled_at" in b]
+        return [(recv - r["sampled_ns"]) / 1e6 for recv, b in got for r in raw_readings(b)]
 
     agent_ms = await with_feed(port, f"{PREFIX}/{GATEWAY}/raw/#", agent_run)
 
