@@ -39,27 +39,36 @@ class SyntheticSensor(PolledSensor):
         self.dropout = (int(options.get("dropout_every", 0)), int(options.get("dropout_len", 10)))
         self._n = 0
         self._last = self.base
+        self._step_ns = max(1, round(period_s * 1e9 / max(1, self.burst)))
+        self._omega = 2 * math.pi / (self.cycle_s * 1e9)  # radians per ns
 
     async def open(self) -> None:
         self._n = 0
 
     async def sample(self) -> Sequence[Reading]:
+        # A burst is the samples of the last period, evenly spaced, as a buffered ADC hands
+        # them over: one clock read per burst (this is the load generator of the throughput
+        # bench), and distinct times, so the cleaner does not take them for duplicates.
+        wall = self.clock.wall_ns()
+        mono = self.clock.mono_ns()
+        step = self._step_ns
         out = []
-        for _ in range(self.burst):
+        for i in range(self.burst):
             if self.fail_after and self._n >= self.fail_after:
                 raise DriverError("injected failure", where=f"synthetic:{self.name}")
             self._n += 1
             n = self._n
             if _in_run(n, *self.dropout):
                 continue
-            t = self.clock.mono_ns() / 1e9
-            value = self.base + self.amplitude * math.sin(2 * math.pi * t / self.cycle_s)
+            back = (self.burst - 1 - i) * step
+            value = self.base + self.amplitude * math.sin(self._omega * (mono - back))
             if _in_run(n, *self.stuck):
                 value = self._last
             self._last = value
             if self.spike[0] and n % self.spike[0] == 0:
                 value += self.spike[1]
-            out.append(self.reading(self.quantity, value, self.unit))
+            out.append(Reading(self.name, self.quantity, value, self.unit, wall - back,
+                               mono - back))
         return out
 
 

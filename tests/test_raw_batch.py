@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.config.load import ConfigError, parse_config
-from agent.feed.messages import RawBatchMessage, encode, mark_replayed
+from agent.feed.messages import Draft, RawBatchMessage, encode, mark_replayed
 from agent.feed.raw_batch import HOLD_MAX_NS, RawBatcher, readings_of
 from agent.feed.sharing import SharingPolicy
 from agent.readings import Reading
@@ -70,6 +70,14 @@ def test_a_batch_keeps_every_reading_exactly_with_its_quality() -> None:
         ("good", []), ("suspect", ["spike"]), ("good", []), ("bad", ["not_finite"]),
         ("good", [])]
     RawBatchMessage.model_validate(msg)  # the published JSON is the documented schema
+    # Sealed without validating the rows again, yet byte for byte what validation gives.
+    plain = Draft(draft.model, dict(draft.fields))
+    assert body(plain) == msg and encode(plain.seal(seq=7, boot_id="0123456789ab", ts_ns=T0)) \
+        == encode(draft.seal(seq=7, boot_id="0123456789ab", ts_ns=T0))
+    with pytest.raises(ValueError, match="quality 'fine'"):
+        b.add("fast", reading(9, quality="fine"))
+    b.flush()
+    assert len(b) == 0 and len(out) == 1  # nothing half-started is sealed
     assert (b.batches, b.readings, len(b)) == (1, 5, 0)
 
 

@@ -202,6 +202,20 @@ class Draft(Generic[M]):
         })
 
 
+@dataclass(frozen=True, slots=True)
+class TrustedRows(Draft[M]):
+    """A raw batch whose ``readings`` the gateway built itself from typed readings, each a
+    tuple of (int, int, float or None, quality, list of str): sealing validates the rest and
+    takes the rows as they are. Validating 500 rows again was most of the cost of a batch."""
+
+    def seal(self, *, seq: int, boot_id: str, ts_ns: int) -> M:
+        head = self.model.model_validate({
+            **self.fields, "readings": [], "seq": seq, "boot_id": boot_id,
+            "msg_id": msg_id(boot_id, seq), "ts": to_datetime(ts_ns),
+        })
+        return head.model_copy(update={"readings": self.fields["readings"]})
+
+
 def msg_id(boot_id: str, seq: int) -> str:
     return f"{boot_id}-{seq}"
 
@@ -273,9 +287,10 @@ def reading_message(gateway: str, stream: str, r: Reading) -> Draft[ReadingMessa
 
 def raw_batch_message(gateway: str, stream: str, start_ns: int,
                       channels: list[dict[str, str]],
-                      rows: list[list[Any]]) -> Draft[RawBatchMessage]:
-    """``start_ns`` is a whole number of microseconds (what ``start`` can say exactly)."""
-    return Draft(RawBatchMessage, {
+                      rows: list[tuple[Any, ...]]) -> Draft[RawBatchMessage]:
+    """``start_ns`` is a whole number of microseconds (what ``start`` can say exactly); the
+    rows are trusted (``TrustedRows``): build them only as ``agent.feed.raw_batch`` does."""
+    return TrustedRows(RawBatchMessage, {
         "schema": SCHEMA_RAW_BATCH, "gateway": gateway, "stream": stream,
         "start": EPOCH + timedelta(microseconds=start_ns // 1000), "channels": channels,
         "readings": rows,

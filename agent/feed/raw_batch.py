@@ -32,6 +32,7 @@ from agent.feed.messages import (
 )
 from agent.readings import Reading
 
+QUALITIES: Final = frozenset(("good", "suspect", "bad"))
 HOLD_MAX_NS: Final = 100_000_000  # linger 0 and the pipeline behind: seal after 100 ms anyway
 # Upper bounds of the encoded JSON, in bytes. The envelope: schema, msg_id, seq, boot_id, ts,
 # start, the keys, and the `"replayed":true` a late delivery adds.
@@ -51,7 +52,7 @@ class _Pending:
     def __init__(self, stream: str, start_ns: int, mono_ns: int) -> None:
         self.channels: list[dict[str, str]] = []
         self.index: dict[tuple[str, str, str], int] = {}
-        self.rows: list[list[Any]] = []
+        self.rows: list[tuple[Any, ...]] = []
         self.bytes = ENVELOPE_BYTES
         self.start_ns = start_ns
         self.first_mono_ns = mono_ns
@@ -82,6 +83,11 @@ class RawBatcher:
         return sum(len(p.rows) for p in self._pending.values())
 
     def add(self, stream: str, r: Reading) -> None:
+        if r.quality not in QUALITIES:
+            raise ValueError(f"{r.sensor}.{r.quantity}: quality {r.quality!r} is not one of "
+                             f"{', '.join(sorted(QUALITIES))}")
+        v = float(r.value)  # the rows are sealed without validation: types made sure here
+        ts = int(r.ts_ns)
         p = self._pending.get(stream)
         if p is None:
             p = self._start(stream, r)
@@ -100,9 +106,8 @@ class RawBatcher:
         if idx is None:
             idx = p.index[key] = len(p.channels)
             p.channels.append({"sensor": r.sensor, "quantity": r.quantity, "unit": r.unit})
-        v = r.value
-        p.rows.append([idx, r.ts_ns - p.start_ns, v if math.isfinite(v) else None, r.quality,
-                       list(r.reasons)])
+        p.rows.append((idx, ts - p.start_ns, v if math.isfinite(v) else None, r.quality,
+                       list(r.reasons)))
         p.bytes += size
         if len(p.rows) >= self.max_readings:
             self._seal(stream, p)
@@ -164,7 +169,7 @@ def filter_batch(draft: Draft[Any], rule: Callable[[str, str], tuple[bool, float
         return draft, 0, False
     keep = [i for i, (w, _) in enumerate(rules) if not w]
     index = {old: new for new, old in enumerate(keep)}
-    rows: list[list[Any]] = []
+    rows: list[tuple[Any, ...]] = []
     withheld = 0
     rounded = False
     for row in f["readings"]:
@@ -179,11 +184,12 @@ def filter_batch(draft: Draft[Any], rule: Callable[[str, str], tuple[bool, float
             if q != value:
                 rounded = True
                 value = q
-        rows.append([new, row[1], value, row[3], row[4]])
+        rows.append((new, row[1], value, row[3], row[4]))
     if not rows:
         return None, withheld, rounded
-    return Draft(draft.model, {**f, "channels": [f["channels"][i] for i in keep],
-                               "readings": rows}), withheld, rounded
+    # The same kind of draft: rows rebuilt from trusted rows are trusted too.
+    return type(draft)(draft.model, {**f, "channels": [f["channels"][i] for i in keep],
+                                     "readings": rows}), withheld, rounded
 
 
 def readings_of(body: Mapping[str, Any]) -> list[dict[str, Any]]:
