@@ -232,17 +232,22 @@ class Pipeline:
         if cleaned is None:
             return
         self.windower.add(cleaned)
-        for listener in self.reading_listeners:
-            listener(cleaned)
+        if self.reading_listeners:
+            for listener in self.reading_listeners:
+                listener(cleaned)
         if self.tail.active:
             self.tail.publish("reading", cleaned.sensor, {
                 "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,
                 "ts_ns": cleaned.ts_ns, "quality": cleaned.quality,
                 "reasons": list(cleaned.reasons)})
-        for stream in self.windower.raw_streams_for(cleaned.sensor):
-            self.raw_readings += 1
-            if self.raw_batches is not None:
-                self.raw_batches.add(stream, cleaned)
+        streams = self.windower.raw_streams_for(cleaned.sensor)
+        if not streams:
+            return
+        self.raw_readings += len(streams)
+        batches = self.raw_batches
+        for stream in streams:
+            if batches is not None:
+                batches.add(stream, cleaned)
             else:
                 self._put_raw(stream, self._feed.reading_message(self.gateway, stream, cleaned))
 

@@ -38,6 +38,7 @@ from bench.procs import (
 
 PREFIX = "t"
 READING_BYTES = 300  # a raw reading message as the agent encodes it
+OFFER_BURST = 500  # readings per 10 ms of each of 4 synthetic sensors: 200,000 offered/s
 
 
 class Feed:
@@ -111,26 +112,62 @@ def _status(sock: Path) -> dict[str, Any]:
         return result
 
 
-async def throughput(tmp: Path, port: int, seconds: float) -> dict[str, Any]:
-    """Raw readings/s from synthetic sensors to PUBACK, vs bare QoS 1 publishing."""
-    d = tmp / "throughput"
+class ReadingCounter:
+    """An independent subscriber counting the raw readings it receives (either schema)."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.port = port
+        self.topic = topic
+        self.readings = 0
+        self.messages = 0
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port,
+                                  identifier=f"bench-count-{time.monotonic_ns()}") as c:
+            c.pending_calls_threshold = 10_000
+            await c.subscribe(self.topic, qos=1)
+            self.ready.set()
+            async for m in c.messages:
+                body = json.loads(m.payload) if isinstance(m.payload, bytes) else {}
+                self.messages += 1
+                self.readings += len(body.get("readings", ())) or 1
+
+
+async def throughput(tmp: Path, port: int, seconds: float, fmt: str = "batch",
+                     bare: float | None = None) -> dict[str, Any]:
+    """Raw readings/s from synthetic sensors through the outbox to PUBACK, counted by an
+    independent subscriber, vs bare aiomqtt QoS 1 messages/s (``bare``: measured already)."""
+    d = tmp / f"throughput-{fmt}"
     d.mkdir()
-    sensors = [synthetic(f"s{i}", 0.01, burst=50) for i in range(4)]  # 20,000 offered/s
+    sensors = [synthetic(f"s{i}", 0.01, burst=OFFER_BURST) for i in range(4)]
     cfg = agent_config(d, port, sensors=sensors,
                        streams=[{"name": "fast", "sensors": [s["name"] for s in sensors],
-                                 **raw_share()}])
-    with agent_running(cfg, d / "agent.log"):
-        sock = d / "control.sock"
-        await asyncio.sleep(2.0)  # warm up: queues fill, the uplink reaches its pace
-        a0 = (await asyncio.to_thread(_status, sock))["uplink"]["acked"]
-        t0 = time.monotonic()
-        await asyncio.sleep(seconds)
-        a1 = (await asyncio.to_thread(_status, sock))["uplink"]["acked"]
-        agent_rate = (a1 - a0) / (time.monotonic() - t0)
-        st = await asyncio.to_thread(_status, sock)
-    bare = await bare_publish(port, 0, seconds)
-    return {"agent": agent_rate, "baseline": bare, "unit": "msg/s",
-            "offered": 20_000, "readings_queue": st["queues"]["readings"]}
+                                 **raw_share()}],
+                       raw={"format": fmt})
+    counter = ReadingCounter(port, f"{PREFIX}/{GATEWAY}/raw/#")
+    task = asyncio.create_task(counter.run(), name="bench-counter")
+    try:
+        await asyncio.wait_for(counter.ready.wait(), 10)
+        with agent_running(cfg, d / "agent.log"):
+            sock = d / "control.sock"
+            await asyncio.sleep(3.0)  # warm up: queues fill, the uplink reaches its pace
+            s0 = await asyncio.to_thread(_status, sock)
+            n0, m0, t0 = counter.readings, counter.messages, time.monotonic()
+            await asyncio.sleep(seconds)
+            n1, m1, t1 = counter.readings, counter.messages, time.monotonic()
+            s1 = await asyncio.to_thread(_status, sock)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if bare is None:
+        bare = await bare_publish(port, 0, seconds)
+    wall = t1 - t0
+    return {"agent": (n1 - n0) / wall, "baseline": bare, "unit": "readings/s vs msg/s",
+            "format": fmt, "messages_per_s": (m1 - m0) / wall,
+            "acked_per_s": (s1["uplink"]["acked"] - s0["uplink"]["acked"]) / wall,
+            "offered": 4 * OFFER_BURST * 100, "readings_queue": s1["queues"]["readings"],
+            "outbox_rows": s1["outbox"]["rows"]}
 
 
 async def latency(tmp: Path, port: int, rate: int, seconds: float,

@@ -39,19 +39,24 @@ class SyntheticSensor(PolledSensor):
         self.dropout = (int(options.get("dropout_every", 0)), int(options.get("dropout_len", 10)))
         self._n = 0
         self._last = self.base
-        self._step_ns = max(1, round(period_s * 1e9 / max(1, self.burst)))
+        self._period_ns = round(period_s * 1e9)
+        self._last_wall = self._last_mono = -(1 << 62)
         self._omega = 2 * math.pi / (self.cycle_s * 1e9)  # radians per ns
 
     async def open(self) -> None:
         self._n = 0
 
     async def sample(self) -> Sequence[Reading]:
-        # A burst is the samples of the last period, evenly spaced, as a buffered ADC hands
-        # them over: one clock read per burst (this is the load generator of the throughput
-        # bench), and distinct times, so the cleaner does not take them for duplicates.
+        # A burst is the samples since the last one (at most a period), evenly spaced, as a
+        # buffered ADC hands them over: one clock read per burst (this is the load generator
+        # of the throughput bench), and distinct, increasing times.
         wall = self.clock.wall_ns()
         mono = self.clock.mono_ns()
-        step = self._step_ns
+        step = min(self._period_ns, mono - self._last_mono) // self.burst
+        if step < 1:
+            step = 1
+            wall, mono = self._last_wall + self.burst, self._last_mono + self.burst
+        self._last_wall, self._last_mono = wall, mono
         out = []
         for i in range(self.burst):
             if self.fail_after and self._n >= self.fail_after:

@@ -32,6 +32,7 @@ from agent.feed.messages import (
 )
 from agent.readings import Reading
 
+_isfinite = math.isfinite
 QUALITIES: Final = frozenset(("good", "suspect", "bad"))
 HOLD_MAX_NS: Final = 100_000_000  # linger 0 and the pipeline behind: seal after 100 ms anyway
 # Upper bounds of the encoded JSON, in bytes. The envelope: schema, msg_id, seq, boot_id, ts,
@@ -83,34 +84,48 @@ class RawBatcher:
         return sum(len(p.rows) for p in self._pending.values())
 
     def add(self, stream: str, r: Reading) -> None:
-        if r.quality not in QUALITIES:
-            raise ValueError(f"{r.sensor}.{r.quantity}: quality {r.quality!r} is not one of "
+        # The per-reading path of the raw lane: kept to plain operations on purpose.
+        quality = r.quality
+        if quality not in QUALITIES:
+            raise ValueError(f"{r.sensor}.{r.quantity}: quality {quality!r} is not one of "
                              f"{', '.join(sorted(QUALITIES))}")
-        v = float(r.value)  # the rows are sealed without validation: types made sure here
-        ts = int(r.ts_ns)
+        # The rows are sealed without validation: their types are made sure of here.
+        v = r.value
+        if v.__class__ is not float:
+            v = float(v)
+        ts = r.ts_ns
+        if ts.__class__ is not int:
+            ts = int(ts)
         p = self._pending.get(stream)
         if p is None:
-            p = self._start(stream, r)
+            p = self._start(stream, ts)
+        reasons = r.reasons
         key = (r.sensor, r.quantity, r.unit)
         idx = p.index.get(key)
-        size = ROW_BYTES
-        if r.reasons:
-            size += sum(self._json_len(x) + 1 for x in r.reasons)
-        if idx is None:
-            size += (CHANNEL_BYTES + self._json_len(r.sensor) + self._json_len(r.quantity)
-                     + self._json_len(r.unit))
+        size = ROW_BYTES if idx is not None and not reasons else self._size(key, idx, reasons)
         if p.bytes + size > self.max_bytes and p.rows:
             self._seal(stream, p)
-            p = self._start(stream, r)
-            idx = None
+            p = self._start(stream, ts)
+            if idx is not None:
+                idx = None
+                size = self._size(key, idx, reasons)
         if idx is None:
             idx = p.index[key] = len(p.channels)
-            p.channels.append({"sensor": r.sensor, "quantity": r.quantity, "unit": r.unit})
-        p.rows.append((idx, ts - p.start_ns, v if math.isfinite(v) else None, r.quality,
-                       list(r.reasons)))
+            p.channels.append({"sensor": key[0], "quantity": key[1], "unit": key[2]})
+        rows = p.rows
+        rows.append((idx, ts - p.start_ns, v if _isfinite(v) else None, quality,
+                     list(reasons) if reasons else []))
         p.bytes += size
-        if len(p.rows) >= self.max_readings:
+        if len(rows) >= self.max_readings:
             self._seal(stream, p)
+
+    def _size(self, key: tuple[str, str, str], idx: int | None,
+              reasons: tuple[str, ...]) -> int:
+        """Encoded bytes a reading adds at most: its row, its reasons, a new channel."""
+        size = ROW_BYTES + sum(self._json_len(x) + 1 for x in reasons)
+        if idx is None:
+            size += CHANNEL_BYTES + sum(self._json_len(x) for x in key)
+        return size
 
     def flush_due(self, caught_up: bool) -> float | None:
         """Seal the batches that are due; seconds until the next one is, None when none waits.
@@ -134,9 +149,9 @@ class RawBatcher:
         for stream, p in list(self._pending.items()):
             self._seal(stream, p)
 
-    def _start(self, stream: str, r: Reading) -> _Pending:
+    def _start(self, stream: str, ts_ns: int) -> _Pending:
         # The base time is whole microseconds: what `start` (ISO 8601) can say exactly.
-        p = _Pending(stream, r.ts_ns // 1000 * 1000, self._mono_ns())
+        p = _Pending(stream, ts_ns // 1000 * 1000, self._mono_ns())
         p.bytes += self._gateway_bytes + self._json_len(stream)
         self._pending[stream] = p
         return p
