@@ -59,14 +59,18 @@ def extract(rev: str, dest: Path) -> Path:
     return dest
 
 
-async def one(tree: Path, d: Path, port: int, seconds: float) -> dict[str, float]:
-    """CPU % and CPU us per delivered reading of one agent run."""
+def config(d: Path, port: int) -> Path:
     d.mkdir(parents=True)
     sensors = [synthetic(f"m{i}", PERIOD_S, burst=PER_POLL) for i in range(SENSORS)]
-    cfg = agent_config(d, port, sensors=sensors,
-                       streams=[{"name": "meters", "sensors": [s["name"] for s in sensors],
-                                 **raw_share()}],
-                       runtime={"health_period_s": 30, "clock": "trust"})
+    return agent_config(d, port, sensors=sensors,
+                        streams=[{"name": "meters", "sensors": [s["name"] for s in sensors],
+                                  **raw_share()}],
+                        runtime={"health_period_s": 30, "clock": "trust"})
+
+
+async def one(tree: Path, d: Path, port: int, seconds: float) -> dict[str, float]:
+    """CPU % and CPU us per delivered reading of one agent run."""
+    cfg = config(d, port)
     counter = ReadingCounter(port, f"{PREFIX}/{GATEWAY}/raw/#")
     task = asyncio.create_task(counter.run(), name="bench-counter")
     try:
