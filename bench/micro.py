@@ -91,7 +91,7 @@ async def inference(rounds: int) -> dict[str, Any]:
     for name in SHIPPED:
         stream, windows = infer_bench.windows_for(name, rounds,
                                                   infer_bench.STREAM_WINDOW_S[name])
-        _build, bare = infer_bench.bench_bare(name, windows)
+        _build, bare, _whole = infer_bench.bench_bare(name, windows)
         staged, reported, _runs = await infer_bench.bench_stage(name, stream, windows)
         out[name] = {
             "agent": {"p50": float(np.percentile(staged, 50)),
