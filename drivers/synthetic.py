@@ -42,6 +42,7 @@ class SyntheticSensor(PolledSensor):
         self._period_ns = round(period_s * 1e9)
         self._last_wall = self._last_mono = -(1 << 62)
         self._omega = 2 * math.pi / (self.cycle_s * 1e9)  # radians per ns
+        self._plain = not (self.fail_after or self.spike[0] or self.stuck[0] or self.dropout[0])
 
     async def open(self) -> None:
         self._n = 0
@@ -57,6 +58,8 @@ class SyntheticSensor(PolledSensor):
             step = 1
             wall, mono = self._last_wall + self.burst, self._last_mono + self.burst
         self._last_wall, self._last_mono = wall, mono
+        if self._plain:
+            return self._plain_burst(wall, mono, step)
         out = []
         for i in range(self.burst):
             if self.fail_after and self._n >= self.fail_after:
@@ -74,6 +77,19 @@ class SyntheticSensor(PolledSensor):
                 value += self.spike[1]
             out.append(Reading(self.name, self.quantity, value, self.unit, wall - back,
                                mono - back))
+        return out
+
+
+    def _plain_burst(self, wall: int, mono: int, step: int) -> list[Reading]:
+        """A burst without injected faults: the load generator's path, kept lean."""
+        burst = self.burst
+        self._n += burst
+        first = (burst - 1) * step
+        name, quantity, unit = self.name, self.quantity, self.unit
+        base, amplitude, omega, sin = self.base, self.amplitude, self._omega, math.sin
+        out = [Reading(name, quantity, base + amplitude * sin(omega * (mono - back)), unit,
+                       wall - back, mono - back) for back in range(first, -1, -step)]
+        self._last = out[-1].value
         return out
 
 
