@@ -9,6 +9,7 @@ A test runs the check, so a model change without a doc update fails the suite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ if str(ROOT) not in sys.path:
 from pydantic import BaseModel  # noqa: E402
 
 from agent.feed import messages as feed  # noqa: E402
+from agent.feed.raw_batch import RawBatcher  # noqa: E402
 from agent.readings import ChannelStats, Inference, Reading, Window  # noqa: E402
 from agent.uplink import commands  # noqa: E402
 
@@ -45,6 +47,7 @@ def _examples() -> list[tuple[str, str, dict[str, Any]]]:
         ("window", "edge/cabinet-017/telemetry/climate", feed.window_message(gw, w)),
         ("inference", "edge/cabinet-017/inference/anomaly", feed.inference_message(gw, inf)),
         ("reading", "edge/cabinet-017/raw/traffic", feed.reading_message(gw, "traffic", r)),
+        ("raw batch", "edge/cabinet-017/raw/traffic", _raw_batch(gw, r)),
         ("health", "edge/cabinet-017/health", feed.health_message(
             gw, {"outbox": {"rows": 0, "drops": {"raw": 0}}, "uplink": {"state": "connected"}})),
     ]
@@ -53,6 +56,19 @@ def _examples() -> list[tuple[str, str, dict[str, Any]]]:
         msg = d.seal(seq=1042 + i, boot_id=BOOT, ts_ns=T0 + 50_000_000)
         out.append((name, topic, json.loads(feed.encode(msg))))
     return out
+
+
+def _raw_batch(gw: str, r: Reading) -> feed.Draft[Any]:
+    sealed: list[feed.Draft[Any]] = []
+    batch = RawBatcher(gw, lambda _s, d: sealed.append(d), max_readings=500,
+                       max_bytes=65536, linger_ms=0, mono_ns=lambda: 0)
+    for i, (v, q, why) in enumerate([(13.9, "suspect", ("spike",)), (12.5, "good", ()),
+                                     (12.8, "good", ())]):
+        batch.add("traffic", dataclasses.replace(
+            r, value=v, quality=q, reasons=why, ts_ns=r.ts_ns + i * 40_000_000))
+    batch.add("traffic", Reading("radar", "magnitude", 0.72, "1", r.ts_ns + 80_000_000, 0))
+    batch.flush()
+    return sealed[0]
 
 
 def _schema(model: type[BaseModel]) -> str:
@@ -65,6 +81,7 @@ def generated() -> str:
         ("Window (`telemetry/{stream}`)", feed.WindowMessage),
         ("Inference (`inference/{model}`)", feed.InferenceMessage),
         ("Raw reading (`raw/{stream}`)", feed.ReadingMessage),
+        ("Raw batch (`raw/{stream}`)", feed.RawBatchMessage),
         ("Health (`health`)", feed.HealthMessage),
         ("Command request (`cmd/{name}`)", commands.CommandRequest),
         ("Command result (`cmd/{name}/result`)", commands.CommandResult))

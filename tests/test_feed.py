@@ -125,6 +125,7 @@ def test_doc_examples_validate_against_the_models() -> None:
     gen = _load_generator()
     models: dict[str, type[feed.FeedMessage]] = {
         "window": feed.WindowMessage, "inference": feed.InferenceMessage,
-        "reading": feed.ReadingMessage, "health": feed.HealthMessage}
+        "reading": feed.ReadingMessage, "health": feed.HealthMessage,
+        "raw batch": feed.RawBatchMessage}
     for name, _topic, body in gen._examples():
         models[name].model_validate(body)
