@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from agent.control.client import (
     ControlClientError,
     ControlProtocolError,
 )
+from agent.jsontext import dumps
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 RELOAD_POLL_S = 0.2
@@ -98,7 +98,7 @@ def _status(client: ControlClient, args: argparse.Namespace) -> int:
 
     snap = client.call("status")
     if args.json:
-        print(json.dumps(snap, indent=2, sort_keys=True))
+        print(dumps(snap, indent=2, sort_keys=True))
     elif _rich_ok():
         render_rich(snap, sys.stdout)
     else:
@@ -110,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.schema:
         from agent.control.view import status_schema
 
-        print(json.dumps(status_schema(), indent=2))
+        print(dumps(status_schema(), indent=2))
         return EXIT_OK
     return _talking(_status)(args)
 
@@ -160,17 +160,6 @@ def known_names(snap: Mapping[str, Any]) -> dict[str, list[str]]:
     }
 
 
-def finite(value: Any) -> Any:
-    """``value`` with NaN and infinities as None: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
-
-
 def _tail(client: ControlClient, args: argparse.Namespace) -> int:
     shown = 0
     if args.target:
@@ -187,7 +176,7 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> int:
                 _err(f"({event.get('count')} items dropped: the output is too slow)")
             elif kind == "item":
                 item = event.get("item") or {}
-                print(json.dumps(finite(item), allow_nan=False) if args.json
+                print(dumps(item) if args.json
                       else format_item(item), flush=True)
                 shown += 1
                 if args.count and shown >= args.count:
@@ -200,38 +189,55 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> int:
 
 # -- reload -------------------------------------------------------------------------------
 
+def _reload_result(args: argparse.Namespace, ok: bool, text: str, **extra: Any) -> int:
+    if args.json:
+        print(dumps({"ok": ok, "message": text, **extra}, sort_keys=True))
+    elif ok:
+        print(text)
+    if not ok:
+        _err(f"edge-agent: {text}")
+    return EXIT_OK if ok else EXIT_FAIL
+
+
 def _reload(client: ControlClient, args: argparse.Namespace) -> int:
+    agent = client.call("status").get("agent") or {}
+    if not agent.get("config_file"):
+        # An agent started without a file (the demo runs a built-in config) has nothing to
+        # read again: say so now rather than wait for a result that never comes.
+        return _reload_result(args, False, f"the agent at {client.path} was not started from "
+                              "a config file (the demo runs a built-in one): nothing to reload",
+                              config_file=None)
     before = client.call("reload")
     if args.wait <= 0:
-        print("reload requested")
-        return EXIT_OK
+        return _reload_result(args, True, "reload requested", requested=True)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         time.sleep(RELOAD_POLL_S)
         agent = client.call("status").get("agent", {})
         if agent.get("reloads_rejected", 0) > (before.get("reloads_rejected") or 0):
-            _err(f"reload rejected, the agent keeps its running config: "
-                 f"{agent.get('last_reload_error') or 'see the journal'}")
-            return EXIT_FAIL
+            reason = agent.get("last_reload_error") or "no reason recorded"
+            return _reload_result(args, False, "reload rejected, the agent keeps its running "
+                                  f"config: {reason}", reason=reason)
         if agent.get("reloads_ok", 0) > (before.get("reloads_ok") or 0):
-            print(f"reloaded: generation {agent.get('generation')}")
-            return EXIT_OK
-    _err(f"reload requested, but not finished within {args.wait} s (see the journal)")
-    return EXIT_FAIL
+            return _reload_result(args, True, f"reloaded: generation {agent.get('generation')}",
+                                  generation=agent.get("generation"))
+    return _reload_result(args, False, f"reload of {agent.get('config_file')} requested, but "
+                          f"the agent reported no result within {args.wait:g} s (generation "
+                          f"{agent.get('generation')}, still starting the new one?); "
+                          "`edge-agent status` shows the outcome when it is there",
+                          generation=agent.get("generation"))
 
 
 # -- outbox -------------------------------------------------------------------------------
 
 def _outbox_stats(client: ControlClient, args: argparse.Namespace) -> int:
-    from agent.control.view import fmt_number
+    from agent.control.view import outbox_stats_lines
 
     stats = client.call("outbox.stats")
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-        return EXIT_OK
-    width = max((len(k) for k in stats), default=0)
-    for key, value in stats.items():
-        print(f"{key.ljust(width)}  {fmt_number(value)}")
+        print(dumps(stats, indent=2, sort_keys=True))
+    else:
+        print("\n".join(outbox_stats_lines(stats)))
     return EXIT_OK
 
 
@@ -300,7 +306,10 @@ def _outbox_export(client: ControlClient, args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
-    print(f"exported {rows} rows ({size} bytes) to {target}")
+    if args.json:
+        print(dumps({"file": str(target), "rows": rows, "bytes": size}))
+    else:
+        print(f"exported {rows} rows ({size} bytes) to {target}")
     return EXIT_OK
 
 
@@ -311,7 +320,7 @@ def _sensors_list(client: ControlClient, args: argparse.Namespace) -> int:
 
     sensors = client.call("sensors.list", {"name": args.name} if args.name else {})["sensors"]
     if args.json:
-        print(json.dumps(sensors, indent=2, sort_keys=True))
+        print(dumps(sensors, indent=2, sort_keys=True))
     elif not sensors:
         print("no sensors running")
     else:
@@ -372,6 +381,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="reload the config file (like systemctl reload) and report the result")
     p.add_argument("--wait", type=float, default=15.0, metavar="S",
                    help="seconds to wait for the result (0: just ask; default 15)")
+    p.add_argument("--json", action="store_true", help="print {ok, message, ...} as JSON")
     p.set_defaults(func=_talking(_reload))
 
     outbox = _subcommands(sub, "outbox", "inspect or export the store-and-forward outbox")
@@ -382,6 +392,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                           help="copy every stored message to FILE (JSON lines)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--json", action="store_true", help="print {file, rows, bytes} as JSON")
     p.set_defaults(func=_talking(_outbox_export))
 
     sensors = _subcommands(sub, "sensors", "sensors of the running agent")

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__
+from agent import __version__, jsontext
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -127,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg, problems = checked_config(args.file)
     if args.json:
-        print(json.dumps({"file": args.file, "ok": not problems, "problems": problems}))
+        print(jsontext.dumps({"file": args.file, "ok": not problems, "problems": problems}))
         return EXIT_USAGE if problems else EXIT_OK
     if problems or cfg is None:
         for line in problems:
@@ -153,7 +152,10 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"edge-agent {__version__}")
+    if args.json:
+        print(jsontext.dumps({"name": "edge-agent", "version": __version__}))
+    else:
+        print(f"edge-agent {__version__}")
     return EXIT_OK
 
 
@@ -214,6 +216,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("version", help="print the version")
+    p.add_argument("--json", action="store_true", help="print {name, version} as JSON")
     p.set_defaults(func=cmd_version)
 
     missing: list[str] = []

@@ -8,12 +8,12 @@ the candidate on live windows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from agent import jsontext
 from agent.cli.control import (
     EXIT_FAIL,
     EXIT_OK,
@@ -70,7 +70,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
     if args.out not in ("", "-"):
         summary = {"rows": n, "file": str(args.out), "history": str(path)}
         if args.json:
-            print(json.dumps(summary))
+            print(jsontext.dumps(summary))
         elif args.circuits:
             print(f"{n} circuit windows of {args.circuits} written to {args.out} "
                   f"(calibrate with `python -m models.anomaly_eval --calibrate {args.out} "
@@ -86,11 +86,11 @@ def _activate(client: ControlClient, args: argparse.Namespace) -> int:
         result = client.call("model.activate", {"name": args.name, "force": args.force})
     except ControlRequestError as exc:
         if args.json:
-            print(json.dumps({"activated": False, "name": args.name, "reason": exc.message}))
+            print(jsontext.dumps({"activated": False, "name": args.name, "reason": exc.message}))
         _err(f"edge-agent: {exc.message}")
         return EXIT_FAIL
     if args.json:
-        print(json.dumps(result))
+        print(jsontext.dumps(result))
     else:
         how = " (forced)" if args.force else ""
         print(f"model {args.name}: candidate activated{how}: {result.get('reason')}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 from typing import Any
 
+from agent import jsontext
 from agent.aio import within
 from agent.readings import Reading
 
@@ -74,7 +74,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         print(f"{args.name}: no reading within {args.timeout} s")
         return 1
     if args.json:
-        print(json.dumps([_as_dict(r) for r in readings], indent=2))
+        print(jsontext.dumps([_as_dict(r) for r in readings], indent=2))
         return 0
     for r in readings:
         flags = f"  [{r.quality}: {', '.join(r.reasons)}]" if r.reasons else ""
@@ -104,7 +104,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
         rows.append({"name": name, "kind": info.kind, "origin": info.origin,
                      "description": info.description, "addresses": addrs, "error": ""})
     if getattr(args, "json", False):
-        print(json.dumps(rows, indent=2))
+        print(jsontext.dumps(rows, indent=2))
     else:
         for r in rows:
             if r["error"]:

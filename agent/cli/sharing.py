@@ -6,8 +6,9 @@ Read from the configuration alone, so it can be checked before a gateway is inst
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
+
+from agent import jsontext
 
 if TYPE_CHECKING:
     from agent.config.schema import AgentConfig, StreamConfig
@@ -35,7 +36,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 2
     plan = describe(cfg)
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(jsontext.dumps(plan, indent=2))
     else:
         print("\n".join(render(plan)))
     return 0

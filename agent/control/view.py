@@ -191,6 +191,64 @@ def outbox_line(outbox: Mapping[str, Any]) -> str:
     return text
 
 
+def fmt_bytes(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return "-"  # not reached
+
+
+def fmt_value(value: Any) -> str:
+    """Any JSON value as a technician reads it: no braces, quotes or ``None``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        shown = [f"{k} {fmt_value(v)}" for k, v in value.items() if v not in (None, 0, {}, [])]
+        return ", ".join(shown) or "none"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt_value(v) for v in value) or "none"
+    return fmt_number(value)
+
+
+# The outbox figures a technician asks about first, each with its label and how it is shown;
+# whatever else the agent reports follows under its own name.
+OUTBOX_ROWS: tuple[tuple[str, str, Any], ...] = (
+    ("path", "file", str),
+    ("rows", "rows", fmt_number),
+    ("depth", "  by class", fmt_value),
+    ("bytes", "size", fmt_bytes),
+    ("oldest_age_s", "oldest", lambda v: f"{fmt_age(v)} ago" if v is not None else "-"),
+    ("pending", "not committed", fmt_number),
+    ("accepted_seq", "last seq", fmt_value),
+    ("next_seq", "next seq", fmt_value),
+    ("drops", "dropped", fmt_value),
+    ("drops_by_reason", "  by reason", fmt_value),
+    ("quarantined", "quarantined", fmt_value),
+    ("commits", "commits", fmt_number),
+    ("commit_errors", "commit errors", fmt_number),
+    ("last_commit_ms", "last commit", lambda v: f"{fmt_number(v)} ms"),
+    ("max_commit_ms", "slowest commit", lambda v: f"{fmt_number(v)} ms"),
+)
+OUTBOX_HIDDEN = {"bytes_by_class"}  # shown inside "size" would be noise; --json has it
+
+
+def outbox_stats_lines(stats: Mapping[str, Any]) -> list[str]:
+    rows: list[tuple[str, str]] = []
+    for key, label, show in OUTBOX_ROWS:
+        if key in stats:
+            rows.append((label, show(stats[key]) if stats[key] is not None else "-"))
+    known = {k for k, _, _ in OUTBOX_ROWS} | OUTBOX_HIDDEN
+    rows.extend((k.replace("_", " "), fmt_value(v)) for k, v in stats.items() if k not in known)
+    width = max((len(label) for label, _ in rows), default=0)
+    return [f"{label.ljust(width)}  {value}" for label, value in rows]
+
+
 MODEL_HEADER = ("MODEL", "VERSION", "SOURCE / SKILL", "LAST OUTPUT")
 
 
