@@ -126,7 +126,10 @@ async def test_outbox_stats(agent_sock, capsys) -> None:
     agent, path = agent_sock
     assert await run_in_thread(["outbox", "stats", "--socket", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "rows          3" in out and "oldest_age_s  42" in out
+    lines = out.splitlines()
+    assert "rows         3" in lines and "oldest       42 s ago" in lines, out
+    assert "dropped      window 3, raw 1" in lines and "  by class   window 3" in lines, out
+    assert not any(c in out for c in "{}'") and "None" not in out, out
     assert await run_in_thread(["outbox", "stats", "--json", "--socket", str(path)]) == 0
     assert json.loads(capsys.readouterr().out) == agent.outbox.stats()
 

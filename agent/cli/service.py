@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from agent import jsontext
+
 SERVICE = "edge-agent.service"
 USER = "edge-agent"
 DEVICE_GROUPS = ("i2c", "dialout", "gpio")  # named by SupplementaryGroups= in the unit
@@ -396,28 +398,43 @@ def _check_exec(exec_path: str, root: Path) -> None:
                            "under /opt or /usr/local, or pass --exec")
 
 
+def _plan_json(plan: Sequence[Action]) -> list[dict[str, object]]:
+    return [{"action": a.kind, "target": a.target, "detail": a.detail, "mode": a.mode,
+             "argv": list(a.argv), "changes": a.changes} for a in plan]
+
+
 def _execute(args: argparse.Namespace, make_plan: Callable[[Options, Host], list[Action]], *,
              installing: bool = True) -> int:
+    def fail(message: str, code: int) -> int:
+        if args.json:
+            print(jsontext.dumps({"ok": False, "error": message}))
+        print(f"{args.command}: {message}", file=sys.stderr)
+        return code
+
     try:
         opts = _options(args, installing=installing)
         if opts.live and not args.dry_run and os.geteuid() != 0:
-            print(f"{args.command} changes the system: run it as root "
-                  f"(sudo edge-agent {args.command})", file=sys.stderr)
-            return 1
+            return fail(f"changes the system: run it as root (sudo edge-agent {args.command})",
+                        1)
         host = Host()
         plan = make_plan(opts, host)
         if args.dry_run:
-            print_plan(plan)
+            if args.json:
+                print(jsontext.dumps({"ok": True, "dry_run": True, "plan": _plan_json(plan)},
+                                     indent=2))
+            else:
+                print_plan(plan)
             return 0
-        apply(plan, host)
-        if not any(a.changes for a in plan):
+        apply(plan, host, echo=(lambda line: None) if args.json else print)
+        if args.json:
+            print(jsontext.dumps({"ok": True, "dry_run": False, "plan": _plan_json(plan)},
+                                 indent=2))
+        elif not any(a.changes for a in plan):
             print("nothing to change")
     except ServiceError as exc:
-        print(f"{args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(str(exc), exc.exit_code)
     except OSError as exc:
-        print(f"{args.command}: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), 1)
     return 0
 
 
@@ -436,6 +453,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_argument("--root", metavar="DIR",
                         help="work on the tree at DIR (an image being prepared), not this system")
     common.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    common.add_argument("--json", action="store_true",
+                        help="print {ok, dry_run, plan: [{action, target, ...}]} as JSON")
 
     p = sub.add_parser("install-service", parents=[common],
                        help="install the hardened systemd unit, user and default config (root)")
