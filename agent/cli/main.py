@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__, jsontext
+from agent.cli.defaults import DEFAULT_CONFIG, missing_config
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -108,6 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime import Agent
 
     logs.setup(args.log_level, args.log_format)
+    if missing := missing_config(args.config):
+        print(missing, file=sys.stderr)
+        return EXIT_USAGE
     cfg, problems = checked_config(args.config, strict=False)
     if problems or cfg is None:
         for line in problems:
@@ -188,7 +192,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("run", help="run the agent in the foreground (what systemd runs)")
-    p.add_argument("-c", "--config", required=True, help="agent TOML file")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"agent TOML file (default {DEFAULT_CONFIG})")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="auto", choices=["auto", "journal", "text", "json"])

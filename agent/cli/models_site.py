@@ -23,9 +23,8 @@ from agent.cli.control import (
     _subcommands,
     _talking,
 )
+from agent.cli.defaults import DEFAULT_CONFIG
 from agent.control.client import ControlClient, ControlRequestError
-
-DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 
 
 def _history_path(args: argparse.Namespace) -> Path | None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 from typing import Any
 
 from agent import jsontext
 from agent.aio import within
+from agent.cli.defaults import DEFAULT_CONFIG, missing_config
 from agent.readings import Reading
 
 
@@ -58,6 +60,9 @@ def cmd_read(args: argparse.Namespace) -> int:
     from agent.config.load import ConfigError
     from drivers.base import DriverError
 
+    if missing := missing_config(args.config):
+        print(missing, file=sys.stderr)
+        return 2
     try:
         readings = asyncio.run(read_once(args.config, args.name, args.timeout, args.count))
     except ConfigError as exc:
@@ -122,7 +127,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = ssub.add_parser("read", help="take one reading of sensor NAME and print it "
                                      "(the agent need not be running)")
     r.add_argument("name")
-    r.add_argument("-c", "--config", required=True, help="agent TOML file")
+    r.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"agent TOML file (default {DEFAULT_CONFIG})")
     r.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     r.add_argument("--count", type=int, default=0,
                    help="readings to collect from a streaming sensor (default: one poll)")
