@@ -2,7 +2,8 @@
 
 ``status``, ``tail``, ``reload``, ``outbox stats``, ``outbox export`` and ``sensors list``. The
 socket is found from ``--socket``, else from the config file given with ``-c``, else the default
-``/run/edge-agent/control.sock``. When no agent answers, the command says so and exits 3.
+``/run/edge-agent/control.sock``, else (when that is absent) a running ``edge-agent demo``'s,
+which is said on stderr. When no agent answers, the command says so and exits 3.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def socket_path(args: argparse.Namespace) -> str:
         from agent.config.load import load_config
 
         return load_config(args.config).control.socket
+    if not os.path.exists(DEFAULT_SOCKET):
+        from agent.control.discovery import find_demo
+
+        demo = find_demo()
+        if demo is not None:
+            # Said on stderr so that --json output stays one document.
+            _err(f"(the installed agent's socket {DEFAULT_SOCKET} is absent: using the demo's, "
+                 f"{demo.socket}, pid {demo.pid})")
+            return demo.socket
     return DEFAULT_SOCKET
 
 
@@ -79,7 +89,10 @@ def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
             with ControlClient(path, timeout_s=args.timeout) as client:
                 return fn(client, args)
         except AgentNotRunning as exc:
-            _err(str(exc))
+            hint = "" if getattr(args, "socket", None) or getattr(args, "config", None) else (
+                "; start it (sudo systemctl start edge-agent), or run `edge-agent demo`, "
+                "which these commands find by themselves")
+            _err(f"{exc}{hint}")
             return EXIT_NOT_RUNNING
         except ControlClientError as exc:
             _err(f"edge-agent: {exc}")

@@ -132,12 +132,22 @@ def sensor_value(sensor: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _ago(seconds: Any) -> str:
+    return f" ({fmt_age(seconds)} ago)" if isinstance(seconds, (int, float)) else ""
+
+
+def _retry(seconds: Any, what: str) -> str:
+    return f"{what} in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+
+
 def sensor_errors(sensor: Mapping[str, Any]) -> str:
     failures = sensor.get("failures", 0)
     in_row = sensor.get("consecutive_failures", 0)
     text = f"{failures}" + (f" ({in_row} in a row)" if in_row else "")
+    if retry := _retry(sensor.get("next_retry_in_s"), "retry"):
+        text += f", {retry}"
     if sensor.get("last_error") and (failures or in_row):
-        text += f": {sensor['last_error']}"
+        text += f": {sensor['last_error']}{_ago(sensor.get('last_error_age_s'))}"
     return text
 
 
@@ -156,9 +166,11 @@ def uplink_line(uplink: Mapping[str, Any]) -> str:
     inflight = _first(uplink, "inflight", "in_flight")
     if inflight is not None:
         parts.append(f"in flight {inflight}")
+    if retry := _retry(uplink.get("next_attempt_in_s"), "next attempt"):
+        parts.append(retry)
     error = _first(uplink, "last_error", "error")
     if error:
-        parts.append(f"last error: {error}")
+        parts.append(f"last error{_ago(uplink.get('last_error_age_s'))}: {error}")
     return "  ".join(parts)
 
 
