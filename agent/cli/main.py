@@ -44,6 +44,7 @@ PLUGIN_MODULES = (
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",
+    "agent.cli.completion",
 )
 
 # The commands those modules add, with their one-line help, so that `--help` and a command
@@ -72,6 +73,8 @@ PLUGIN_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
                           ("agent.cli.service",)),
     "sharing": ("what each stream publishes, on which topics, how redacted",
                 ("agent.cli.sharing",)),
+    "completion": ("print the shell completion script for bash or zsh",
+                   ("agent.cli.completion",)),
 }
 
 def _print_config_error(exc: Any) -> None:
@@ -190,6 +193,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # Completion and install-service need every command, whichever one is being run.
+    parser.set_defaults(full_parser=lambda: build_parser(None))
 
     p = sub.add_parser("run", help="run the agent in the foreground (what systemd runs)")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",

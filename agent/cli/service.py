@@ -21,12 +21,13 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from agent import jsontext
+from agent.cli.completion import BASH_FILE, ZSH_FILE, script
 
 SERVICE = "edge-agent.service"
 USER = "edge-agent"
@@ -231,7 +232,9 @@ def _accounts(opts: Options, host: Host) -> list[Action]:
     return out
 
 
-def plan_install(opts: Options, t: Templates, host: Host) -> list[Action]:
+def plan_install(opts: Options, t: Templates, host: Host,
+                 completions: Mapping[str, str] | None = None) -> list[Action]:
+    """``completions``: shell completion scripts by the path they are installed at."""
     plan = _accounts(opts, host)
     plan.append(_file(opts, SYSUSERS, t.sysusers, 0o644, "service account (sysusers.d)"))
     plan.append(_dir(opts, CONFIG_DIR, 0o755, "configuration"))
@@ -262,6 +265,8 @@ def plan_install(opts: Options, t: Templates, host: Host) -> list[Action]:
             plan.append(Action("ok", SERVICE, "enabled and running"))
         else:
             plan.append(Action("run", SERVICE, argv=("systemctl", "enable", "--now", SERVICE)))
+    plan.extend(_file(opts, rel, text, 0o644, "shell completion")
+                for rel, text in (completions or {}).items())
     plan.append(Action("hint", "stable serial names (udev)", t.udev))
     return plan
 
@@ -273,7 +278,7 @@ def plan_uninstall(opts: Options, host: Host) -> list[Action]:
         plan.append(Action("run", SERVICE, argv=("systemctl", "disable", "--now", SERVICE)))
     elif not opts.live:
         plan.append(Action("defer", f"systemctl disable {SERVICE}", "not run with --root"))
-    for rel in (UNIT, SYSUSERS):
+    for rel in (UNIT, SYSUSERS, BASH_FILE, ZSH_FILE):
         path = opts.path(rel)
         plan.append(Action("remove", str(path)) if path.exists() or path.is_symlink()
                     else Action("ok", str(path), "not installed"))
@@ -440,7 +445,13 @@ def _execute(args: argparse.Namespace, make_plan: Callable[[Options, Host], list
 
 def cmd_install(args: argparse.Namespace) -> int:
     def make(opts: Options, host: Host) -> list[Action]:
-        return plan_install(opts, load_templates(find_templates(args.templates)), host)
+        # The completion scripts are made from the whole command tree, which the CLI builds.
+        full = getattr(args, "full_parser", None)
+        parser = full() if full is not None else None
+        return plan_install(opts, load_templates(find_templates(args.templates)), host,
+                            {rel: script(shell, parser)
+                             for shell, rel in (("bash", BASH_FILE), ("zsh", ZSH_FILE))}
+                            if parser is not None else None)
     return _execute(args, make)
 
 
