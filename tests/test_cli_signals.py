@@ -277,3 +277,46 @@ async def test_json_output_is_strict_and_no_traceback(agent_sock, tmp_path: Path
             if out.strip() else [])
     assert docs or code != 0, "no output"
     assert code != 0 or err.strip() == "" or command in ("sensors drivers",), err
+
+
+# -- a running demo is found ---------------------------------------------------------------------
+
+def test_socket_commands_find_a_running_demo(tmp_path: Path) -> None:
+    from agent.control.client import DEFAULT_SOCKET
+    from tests.test_control import short_dir
+
+    if os.path.exists(DEFAULT_SOCKET):
+        pytest.skip(f"an installed agent listens on {DEFAULT_SOCKET} here")
+    env = {**_env(), "XDG_RUNTIME_DIR": str(tmp_path)}
+    with short_dir() as state:
+        demo = subprocess.Popen([sys.executable, "-m", "agent.cli.main", "demo", "--quiet",
+                                 "--duration", "600", "--state-dir", str(state)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert demo.stdout is not None
+            said = [demo.stdout.readline().decode() for _ in range(2)]
+            assert f"control socket {state / 'control.sock'}" in said[1], said
+
+            def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run([sys.executable, "-m", "agent.cli.main", *argv],
+                                      env=env, capture_output=True, text=True, timeout=120,
+                                      check=False)
+
+            until_sync(lambda: cli("status", "--json").returncode == 0, 120,
+                       "status to reach the demo")
+            status = cli("status", "--json")
+            assert json.loads(status.stdout)["agent"]["config_file"] is None
+            assert f"using the demo's, {state / 'control.sock'}, pid {demo.pid}" in status.stderr
+            stats = cli("outbox", "stats")
+            assert stats.returncode == 0 and "rows" in stats.stdout, stats.stderr
+            reload = cli("reload")
+            assert reload.returncode == 1 and "Traceback" not in reload.stderr
+            assert "not started from a config file" in reload.stderr, reload.stderr
+        finally:
+            demo.send_signal(signal.SIGINT)
+            _, err = demo.communicate(timeout=60)
+        assert demo.returncode == 130 and "Traceback" not in err.decode()
+    gone = subprocess.run([sys.executable, "-m", "agent.cli.main", "status"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert gone.returncode == 3 and "edge-agent demo" in gone.stderr, gone.stderr
+    assert not list(tmp_path.glob("edge-agent-demo-*.json"))  # the demo withdrew its record
