@@ -80,8 +80,8 @@ def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
             try:
                 path = socket_path(args)
             except ConfigError as exc:
-                for p in exc.problems:
-                    _err(f"{exc.source}: {p}")
+                for line in exc.lines():
+                    _err(line)
                 return EXIT_USAGE
         else:
             path = socket_path(args)

@@ -78,8 +78,8 @@ PLUGIN_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 def _print_config_error(exc: Any) -> None:
-    for p in exc.problems:
-        print(f"{exc.source}: {p}", file=sys.stderr)
+    for line in exc.lines():
+        print(line, file=sys.stderr)
 
 
 def checked_config(path: str, *, strict: bool = True) -> tuple[Any, list[str]]:
@@ -100,7 +100,7 @@ def checked_config(path: str, *, strict: bool = True) -> tuple[Any, list[str]]:
         found = checked.problems if strict else checked.errors
         return cfg, [f"{path}: {p}" for p in found]
     except ConfigError as exc:
-        return None, [f"{exc.source}: {p}" for p in exc.problems]
+        return None, exc.lines()
     except Exception as exc:  # the promise is a line per problem, not a traceback
         log.debug("checking %s failed", path, exc_info=True)
         return None, [f"{path}: cannot be checked: {type(exc).__name__}: {str(exc)[:300]}"]

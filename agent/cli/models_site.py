@@ -35,8 +35,8 @@ def _history_path(args: argparse.Namespace) -> Path | None:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for p in exc.problems:
-            _err(f"{exc.source}: {p}")
+        for line in exc.lines():
+            _err(line)
         return None
     return Path(cfg.history_path())
 

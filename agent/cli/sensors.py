@@ -66,8 +66,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     try:
         readings = asyncio.run(read_once(args.config, args.name, args.timeout, args.count))
     except ConfigError as exc:
-        for p in exc.problems:
-            print(f"{exc.source}: {p}")
+        for line in exc.lines():
+            print(line)
         return 2
     except KeyError:
         print(f"no sensor named {args.name!r} in {args.config}")

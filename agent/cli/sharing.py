@@ -37,8 +37,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}")
+        for line in exc.lines():
+            print(line)
         return 2
     plan = describe(cfg)
     if args.json:

@@ -74,8 +74,8 @@ def cmd_ports(args: argparse.Namespace) -> int:
             cfg = load_config(args.config)
         except ConfigError as exc:
             print(f"{exc.source}: invalid config")
-            for p in exc.problems:
-                print(f"  {p}")
+            for line in exc.lines():
+                print(f"  {line}")
             return 2
         for s in cfg.sensors:
             if s.port and s.port != "emulated":
