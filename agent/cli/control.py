@@ -12,9 +12,7 @@ import argparse
 import base64
 import binascii
 import contextlib
-import datetime as dt
 import hashlib
-import json
 import os
 import sys
 import time
@@ -130,34 +128,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- tail ---------------------------------------------------------------------------------
 
-def _clock(ns: Any) -> str:
-    stamp = dt.datetime.fromtimestamp(ns / 1e9) if isinstance(ns, int) else dt.datetime.now()
-    return stamp.strftime("%H:%M:%S.%f")[:-3]
-
-
 def format_item(item: Mapping[str, Any]) -> str:
-    from agent.control.view import fmt_number
+    from agent.control.tail_lines import format_item as line
 
-    kind, name = item.get("kind", "?"), item.get("name", "?")
-    if kind == "reading":
-        flags = f" {','.join(item['reasons'])}" if item.get("reasons") else ""
-        return (f"{_clock(item.get('ts_ns'))}  reading    {name}.{item.get('quantity')}  "
-                f"{fmt_number(item.get('value'))} {item.get('unit', '')}  "
-                f"{item.get('quality', '')}{flags}")
-    if kind == "window":
-        channels = item.get("channels") or {}
-        shown = "  ".join(f"{ch}={fmt_number(c.get('mean'))} {c.get('unit', '')}".rstrip()
-                          for ch, c in channels.items())
-        flags = f"  [{','.join(item['flags'])}]" if item.get("flags") else ""
-        return f"{_clock(item.get('start_ns'))}  window     {name}  {shown}{flags}"
-    if kind == "inference":
-        outputs = item.get("outputs") or {}
-        shown = "  ".join(f"{k}={fmt_number(v)}" for k, v in outputs.items()) \
-            if isinstance(outputs, Mapping) else str(outputs)
-        shadow = " (shadow)" if item.get("shadow") else ""
-        return (f"{_clock(None)}  inference  {name}{shadow} {item.get('version', '')}  {shown}  "
-                f"{fmt_number(item.get('latency_ms'))} ms")
-    return f"{_clock(None)}  {kind}  {name}  {json.dumps(item, sort_keys=True)}"
+    return line(item)
 
 
 def known_names(snap: Mapping[str, Any]) -> dict[str, list[str]]:

@@ -81,9 +81,12 @@ def cmd_read(args: argparse.Namespace) -> int:
     if args.json:
         print(jsontext.dumps([_as_dict(r) for r in readings], indent=2))
         return 0
+    from agent.control.units import for_display
+
     for r in readings:
         flags = f"  [{r.quality}: {', '.join(r.reasons)}]" if r.reasons else ""
-        print(f"{r.sensor}.{r.quantity:<16} {r.value:>14.6g} {r.unit}{flags}")
+        value, unit = for_display(r.value, r.unit)
+        print(f"{r.sensor}.{r.quantity:<16} {value:>14.6g} {unit}".rstrip() + flags)
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.control.units import for_display
+
 OPEN = ConfigDict(extra="allow")
 
 
@@ -127,8 +129,8 @@ def sensor_value(sensor: Mapping[str, Any]) -> str:
     parts = []
     for quantity, v in values.items():
         flag = "" if v.get("quality") in (None, "good") else f" [{v.get('quality')}]"
-        parts.append(f"{quantity} {fmt_number(v.get('value'))} {v.get('unit', '')}".rstrip()
-                     + flag)
+        value, unit = for_display(v.get("value"), v.get("unit"))
+        parts.append(f"{quantity} {fmt_number(value)} {unit}".rstrip() + flag)
     return ", ".join(parts) or "-"
 
 
