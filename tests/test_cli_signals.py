@@ -210,7 +210,8 @@ JSON_CASES: list[tuple[str, list[str], int]] = [
     ("model activate", ["traffic", "--socket", "{sock}"], 1),
     ("firmware info", ["emulated"], 0),
     ("firmware pack", ["{tmp}/body.bin", "{tmp}/image.bin", "--version", "1.2.3"], 0),
-    ("firmware flash", ["emulated", "{tmp}/image.bin"], 0),
+    ("firmware flash", ["emulated", "{tmp}/image.bin", "--allow-unsigned"], 0),
+    ("firmware flash", ["emulated", "{tmp}/image.bin"], 2),  # unsigned: refused
     ("firmware flash", ["emulated", "{tmp}/missing.bin"], 2),
     ("install-service", ["--root", "{tmp}/root", "--dry-run", "--exec", "/usr/bin/edge-agent"],
      0),

@@ -33,6 +33,7 @@ from agent.config.base import (
     is_loopback,
 )
 from agent.config.cleaning import CleanOptions
+from agent.config.fleet import CommandsConfig
 from agent.config.services import HistoryConfig, SparkplugConfig, WebConfig
 from drivers import registry
 
@@ -345,6 +346,11 @@ class MqttConfig(_Frozen):
     """Backlog messages per second replayed after an outage, at full link health."""
     reconnect_max_s: Annotated[float, Field(ge=0.1, le=3600, allow_inf_nan=False)] = 60.0
     """Cap of the jittered exponential reconnect backoff."""
+    reconnect_spread_s: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 5.0
+    """After a connection that held is lost, the first reconnect waits a random time in
+    [0, this] once the broker's port is open again, so a fleet that lost the same broker comes
+    back spread over this time instead of in one burst. Nothing is lost meanwhile: the outbox
+    keeps every message."""
     max_payload_bytes: Annotated[int, Field(ge=256, le=MQTT_MAX_PACKET_BYTES)] = 256 * 1024
     """Larger messages are quarantined instead of sent."""
     poison_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
@@ -426,6 +432,8 @@ class AgentConfig(_Frozen):
     """The local status page and the Prometheus endpoint (both off by default)."""
     sparkplug: SparkplugConfig = SparkplugConfig()
     """The Sparkplug B output profile (off by default)."""
+    commands: CommandsConfig = CommandsConfig()
+    """Cloud commands: the keys that may sign state-changing ones."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
