@@ -111,10 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.outbox.store import OutboxError
     from agent.runtime import Agent
 
-    logs.setup(args.log_level, args.log_format)
-    if missing := missing_config(args.config):
+    if missing := missing_config(args.config):  # said before any logging is set up
         print(missing, file=sys.stderr)
         return EXIT_USAGE
+    logs.setup(args.log_level, args.log_format)
     cfg, problems = checked_config(args.config, strict=False)
     if problems or cfg is None:
         for line in problems:
