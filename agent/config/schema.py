@@ -33,7 +33,7 @@ from agent.config.base import (
     is_loopback,
 )
 from agent.config.cleaning import CleanOptions
-from agent.config.fleet import CommandsConfig
+from agent.config.fleet import CommandsConfig, ModelDeployConfig
 from agent.config.services import HistoryConfig, SparkplugConfig, WebConfig
 from drivers import registry
 
@@ -308,8 +308,9 @@ class ModelConfig(_Frozen):
         86_400.0)
     """Seconds of live windows the candidate must have been scored on before activation."""
     runtime: Literal["auto", "onnxruntime", "numpy"] = "auto"
-    """What runs the graph: `auto` is onnxruntime where it is installed, else the package's numpy
-    executor (32-bit Raspberry Pi OS, where onnxruntime has no wheel)."""
+    """What runs the graph: `auto` is the package's numpy executor when it supports every operator
+    of the graph (it does for the shipped models; the process then never loads onnxruntime),
+    else onnxruntime."""
 
 
 MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
@@ -434,6 +435,9 @@ class AgentConfig(_Frozen):
     """The Sparkplug B output profile (off by default)."""
     commands: CommandsConfig = CommandsConfig()
     """Cloud commands: the keys that may sign state-changing ones."""
+    model_deploy: ModelDeployConfig = ModelDeployConfig()
+    """Models sent by the cloud (`model.deploy`): size, expiry of partial deploys, versions
+    kept."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
