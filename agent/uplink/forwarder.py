@@ -112,6 +112,7 @@ class Uplink:
         self._last_puback_s: float | None = None
         self._connected_s: float | None = None
         self._last_error = ""
+        self._last_error_s = 0.0  # monotonic, when _last_error was set
         self._logged_error = ""
         self._nodelay = False
         self.counts: dict[str, int] = {
@@ -130,8 +131,8 @@ class Uplink:
             while True:
                 self._state = "probing"
                 if not await self._reachable():
-                    await asyncio.sleep(self.backoff.next_delay() if self.probe.dns_failed
-                                        else self.probe.interval_s())
+                    await self.backoff.sleep(self.backoff.next_delay() if self.probe.dns_failed
+                                             else self.probe.interval_s())
                     continue
                 if self._spread_due:
                     self._spread_due = False
@@ -154,7 +155,7 @@ class Uplink:
                 delay = self.backoff.next_delay()
                 self._state = "waiting"
                 log.debug("uplink: next connection attempt in %.2f s", delay)
-                await asyncio.sleep(delay)
+                await self.backoff.sleep(delay)
         finally:
             self._state = "stopped"
 
@@ -219,6 +220,8 @@ class Uplink:
             "replay_rate": round(self.pacer.rate, 1),
             **self.counts,
             "last_error": self._last_error,
+            "last_error_age_s": round(now - self._last_error_s, 3) if self._last_error else None,
+            "next_attempt_in_s": self.backoff.remaining_s(),
             "commands": self.commands.stats() if self.commands else None,
         }
 
@@ -233,7 +236,7 @@ class Uplink:
         if text != self._logged_error:
             (log.error if tls else log.warning)("uplink: %s", text)
             self._logged_error = text
-        self._last_error = text
+        self._last_error, self._last_error_s = text, time.monotonic()
 
     async def _session(self) -> None:
         async with self.connector.connect() as link:
