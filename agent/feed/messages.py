@@ -26,6 +26,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.health import HealthBody
 from agent.readings import ChannelStats, Inference, Reading, Window
 
 SCHEMA_WINDOW = "edge-agent/window/1"
@@ -152,7 +153,8 @@ class HealthMessage(FeedMessage):
     """A snapshot of the agent's health, on ``health``."""
 
     schema_: Literal["edge-agent/health/1"] = Field(alias="schema")
-    health: dict[str, Any]
+    health: HealthBody = Field(description="The same snapshot `edge-agent status --json` "
+                                               "prints (docs/status.schema.json).")
 
 
 M = TypeVar("M", bound=FeedMessage)
