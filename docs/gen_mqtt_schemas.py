@@ -158,20 +158,26 @@ def example_health() -> dict[str, Any]:
 
 
 def _examples() -> list[tuple[str, str, dict[str, Any]]]:
-    stats = ChannelStats(count=10, mean=21.43, min=21.2, max=21.7, last=21.6, std=0.15,
-                         unit="degC", suspect=1)
-    w = Window("climate", T0 - 10_000_000_000, T0, {"bme.temperature": stats},
-               derived={"dew_point": 11.9}, flags=())
-    inf = Inference("anomaly", "a1b2c3d4", T0 - 10_000_000_000, {"score": 0.07, "label": "ok"},
-                    latency_ms=1.8, stream="climate")
+    temp = ChannelStats(count=10, mean=21.43, min=21.2, max=21.7, last=21.6, std=0.15,
+                        unit="degC", suspect=1)
+    power = ChannelStats(count=30, mean=812.4166666666666, min=790.2, max=845.0, last=801.7,
+                         std=14.283333333333333, unit="W")
+    w = Window("cabinet", T0 - 10_000_000_000, T0,
+               {"bme.temperature": temp, "meter.active_power": power},
+               derived={"power_mean_w": 812.3891071428571, "energy_wh": 2.256636408730159},
+               flags=())
+    inf = Inference("energy", "c551728e751c", T0 - 300_000_000_000,
+                    {"power_next_w": 815.0, "power_next_w_model": 829.6113891601562,
+                     "anomaly_score": 0.8317, "anomaly": 0.0, "inputs_filled": 0.0},
+                    latency_ms=0.412, stream="cabinet", source="blend", skill=0.08)
     r = Reading("radar", "speed", 13.9, "m/s", T0 - 400_000_000, 0, "suspect", ("spike",))
     event = {"event_id": "energy-main-meter_stuck-1789999400", "type": "meter_stuck",
              "stream": "energy", "channel": "main", "start": "2026-09-21T14:03:20Z",
              "detected": "2026-09-21T14:13:20Z", "end": None, "severity": "warning",
              "evidence": {"check_change_w": 259.0, "main_change_w": 0.0}}
     drafts: list[tuple[str, str, feed.Draft[Any]]] = [
-        ("window", f"edge/{GW}/telemetry/climate", feed.window_message(GW, w)),
-        ("inference", f"edge/{GW}/inference/anomaly", feed.inference_message(GW, inf)),
+        ("window", f"edge/{GW}/telemetry/cabinet", feed.window_message(GW, w)),
+        ("inference", f"edge/{GW}/inference/energy", feed.inference_message(GW, inf)),
         ("reading", f"edge/{GW}/raw/traffic", feed.reading_message(GW, "traffic", r)),
         ("anomaly", f"edge/{GW}/anomaly/energy", feed.anomaly_message(GW, event)),
         ("health", f"edge/{GW}/health", feed.health_message(GW, example_health())),
