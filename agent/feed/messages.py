@@ -25,7 +25,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.feed.numbers import DERIVED_UNITS, rounded, rounded_any
+from agent.feed.numbers import DERIVED_UNITS, round_last_values, rounded, rounded_any
 from agent.health import HealthBody
 from agent.readings import ChannelStats, Inference, Reading, Window
 
@@ -244,20 +244,11 @@ def reading_message(gateway: str, stream: str, r: Reading) -> Draft[ReadingMessa
     })
 
 
-def _round_last_values(sensors: Any) -> None:
-    """The sensors' last values in a health body to the feed's precision, in place."""
-    for sensor in sensors if isinstance(sensors, list) else ():
-        values = sensor.get("last_values") if isinstance(sensor, dict) else None
-        for v in values.values() if isinstance(values, dict) else ():
-            if isinstance(v, dict) and isinstance(v.get("value"), float):
-                v["value"] = rounded(v["value"], str(v.get("unit", "")))
-
-
 def health_message(gateway: str, snapshot: Mapping[str, Any]) -> Draft[HealthMessage]:
     # Round-trip through JSON so a snapshot that cannot be published fails here, at the
     # caller, and not later in the publisher.
     body = json.loads(json.dumps(dict(snapshot), allow_nan=False, default=str))
-    _round_last_values(body.get("sensors"))
+    round_last_values(body.get("sensors"))
     return Draft(HealthMessage, {"schema": SCHEMA_HEALTH, "gateway": gateway, "health": body})
 
 

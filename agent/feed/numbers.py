@@ -45,3 +45,14 @@ def rounded(value: float, unit: str = "") -> float | None:
 def rounded_any(value: Any, unit: str = "") -> Any:
     """``rounded`` for a float; anything else (text, an integer, None) unchanged."""
     return rounded(value, unit) if isinstance(value, float) else value
+
+
+def round_last_values(sensors: Any) -> Any:
+    """Sensor snapshots (health, the ``sensors.read`` reply) with each last value rounded for
+    its unit, in place; returned for convenience. Anything not shaped so is left alone."""
+    for sensor in sensors if isinstance(sensors, list) else ():
+        values = sensor.get("last_values") if isinstance(sensor, dict) else None
+        for v in values.values() if isinstance(values, dict) else ():
+            if isinstance(v, dict) and isinstance(v.get("value"), float):
+                v["value"] = rounded(v["value"], str(v.get("unit", "")))
+    return sensors
