@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from agent.cli.main import main
 from agent.feed import messages as feed
+from agent.feed.numbers import rounded
 from agent.health import HealthSnapshot
 from agent.readings import Reading
 from agent.uplink.commands import CommandRequest, CommandResult
@@ -152,6 +153,8 @@ async def test_every_message_type_validates_against_its_published_schema(
                 await until(lambda: "c-1" in replies(got), 0.5, "the first reply")
                 break
         await client.publish("t/gw-test/cmd/ping", b'{"id": "c-2", "args": {"x": 1}}', qos=1)
+        await client.publish("t/gw-test/cmd/sensors.read",
+                             b'{"id": "c-3", "args": {"name": "gen"}}', qos=1)
         for k in range(30):
             clock.now = (T0 + 60 * k + 59) * S
             for r in energy_minute(k, offset):
@@ -162,7 +165,7 @@ async def test_every_message_type_validates_against_its_published_schema(
         def kinds() -> set[str]:
             return {b.get("schema", REQUEST) for b in _bodies(got)}
 
-        await until(lambda: set(TYPES) <= kinds() and {"c-1", "c-2"} <= replies(got).keys(),
+        await until(lambda: set(TYPES) <= kinds() and {"c-1", "c-2", "c-3"} <= replies(got).keys(),
                     30, "every message type at the broker")
         sock = data["control"]["socket"]
         assert await asyncio.to_thread(main, ["status", "--json", "--socket", sock]) == 0
@@ -194,6 +197,14 @@ async def test_every_message_type_validates_against_its_published_schema(
     assert any(topic.startswith("t/gw-test/city/raw/") for topic, _ in got)
     results = replies(got)
     assert results["c-1"]["ok"] is True and results["c-2"]["error"]["code"] == "bad_args"
+    # Values in the feed follow its rounding rule, in replies as in messages.
+    values = [v for s in results["c-3"]["result"]["sensors"] for v in s["last_values"].values()]
+    values += [v for h in health for s in h["sensors"] for v in s["last_values"].values()]
+    assert values and all(v["value"] == rounded(v["value"], v["unit"]) for v in values)
+    windows = [b for b in _bodies(got) if b.get("schema") == feed.SCHEMA_WINDOW]
+    means = [(c["mean"], c["unit"]) for w in windows for c in w["channels"].values()
+             if c["mean"] is not None]
+    assert means and all(m == rounded(m, u) for m, u in means)
 
 
 def _bodies(got: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
