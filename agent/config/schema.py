@@ -33,6 +33,7 @@ from agent.config.base import (
     is_loopback,
 )
 from agent.config.cleaning import CleanOptions
+from agent.config.fleet import CommandsConfig
 from agent.config.services import HistoryConfig, SparkplugConfig, WebConfig
 from drivers import registry
 
@@ -426,6 +427,8 @@ class AgentConfig(_Frozen):
     """The local status page and the Prometheus endpoint (both off by default)."""
     sparkplug: SparkplugConfig = SparkplugConfig()
     """The Sparkplug B output profile (off by default)."""
+    commands: CommandsConfig = CommandsConfig()
+    """Cloud commands: the keys that may sign state-changing ones."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:

@@ -1,0 +1,41 @@
+"""Config section of fleet operations: which keys may sign what the cloud sends."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from agent.config.base import _Frozen
+
+KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+BASE64_KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # 32 raw bytes in standard base64
+
+
+class TrustedKeyConfig(_Frozen):
+    id: Annotated[str, Field(pattern=KEY_ID_PATTERN, max_length=64)]
+    """The key id a signature names (`{"key": ID, ...}`)."""
+    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN)]
+    """The ed25519 public key: 32 bytes in standard base64 (`edge-agent fleet keygen`)."""
+
+
+class CommandsConfig(_Frozen):
+    require_signature: bool = True
+    """State-changing cloud commands (model, config and firmware changes) run only when signed
+    by one of `trusted_keys`. Read-only commands (`ping`, `config.get`, ...) need no signature."""
+    trusted_keys: list[TrustedKeyConfig] = Field(default_factory=list, max_length=16)
+    """Public keys whose signatures this gateway accepts; list the new one beside the old one
+    while rotating (`[[commands.trusted_keys]]`)."""
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _unique_ids(cls, keys: list[TrustedKeyConfig]) -> list[TrustedKeyConfig]:
+        seen: set[str] = set()
+        for k in keys:
+            if k.id in seen:
+                raise ValueError(f"key id {k.id!r} is listed twice")
+            seen.add(k.id)
+        return keys
+
+    def trusted(self) -> dict[str, str]:
+        return {k.id: k.public_key for k in self.trusted_keys}
