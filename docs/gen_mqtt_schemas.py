@@ -199,18 +199,20 @@ def _examples() -> list[tuple[str, str, dict[str, Any]]]:
 def generated() -> str:
     parts = ["## Message schemas (generated)", "",
              "One JSON Schema (draft 2020-12) per message type, generated from the models:",
-             "", "| message | topic | direction | schema |", "| --- | --- | --- | --- |"]
+             "", "| message | `schema` | topic | direction | file |",
+             "| --- | --- | --- | --- | --- |"]
     for m in MESSAGES:
-        ver = m.model.model_fields["schema_"].default if "schema_" in m.model.model_fields \
-            else None
-        label = f"{m.title} (`{ver}`)" if isinstance(ver, str) else m.title
-        parts.append(f"| {label} | `{m.topic}` | {m.direction} | "
+        const = m.model.model_json_schema(by_alias=True)["properties"].get(
+            "schema", {}).get("const")
+        version = f"`{const}`" if const else "-"
+        parts.append(f"| {m.title} | {version} | `{m.topic}` | {m.direction} | "
                      f"[{m.name}.schema.json](schemas/{m.name}.schema.json) |")
-    parts += ["", "The health body is the snapshot `edge-agent status --json` prints: "
-              "[status.schema.json](status.schema.json) is generated from the same model.",
-              "", "Command arguments, one schema per allowed command: "
-              + ", ".join(f"[`{n}`](schemas/cmd-args-{n}.schema.json)" for n in commands.ARGS)
-              + ".", ""]
+    parts += ["", "The health body is the snapshot `edge-agent status --json` prints;",
+              "[status.schema.json](status.schema.json) is generated from the same model.", "",
+              "Command arguments, one schema per allowed command:", ""]
+    parts += [f"- `{n}`: [cmd-args-{n}.schema.json](schemas/cmd-args-{n}.schema.json)"
+              for n in commands.ARGS]
+    parts += [""]
     parts += ["## Example messages (generated)", ""]
     examples = _examples()
     for name, topic, body in examples:
