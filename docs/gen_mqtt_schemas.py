@@ -59,7 +59,8 @@ class Message(NamedTuple):
     direction: str = PUBLISHED
 
 
-# Every JSON message type: adding one is one line here (then run this script).
+# Every JSON message type: adding one is one line here (then run this script). The tests then
+# check its file, its doc link, and every message of it a running agent publishes.
 MESSAGES: tuple[Message, ...] = (
     Message("window", feed.WindowMessage, "telemetry/{stream}", "Window"),
     Message("reading", feed.ReadingMessage, "raw/{stream}", "Raw reading"),

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_790_000_000_123_456_000
 
 
-def _load_generator() -> ModuleType:
+def load_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gen_mqtt_schemas",
                                                   ROOT / "docs" / "gen_mqtt_schemas.py")
     assert spec is not None and spec.loader is not None
@@ -108,14 +108,14 @@ def test_topics_build_and_parse() -> None:
 
 
 def test_generated_docs_and_schema_files_are_current() -> None:
-    gen = _load_generator()
+    gen = load_generator()
     assert gen.stale() == [], "run python docs/gen_mqtt_schemas.py"
     assert gen.main(["--check"]) == 0
 
 
 def test_doc_generator_detects_a_stale_doc_or_schema_file(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    gen = _load_generator()
+    gen = load_generator()
     doc = (ROOT / "docs" / "mqtt.md").read_text(encoding="utf-8")
     stale = doc.replace('"schema": "edge-agent/window/1"', '"schema": "edge-agent/window/0"')
     assert stale != doc
@@ -144,7 +144,7 @@ def _schema_file(name: str) -> dict[str, Any]:
 
 
 def test_doc_examples_validate_against_the_models_and_the_schema_files() -> None:
-    gen = _load_generator()
+    gen = load_generator()
     models = {m.name: m.model for m in gen.MESSAGES}
     seen = set()
     for name, _topic, body in gen._examples():
@@ -155,7 +155,7 @@ def test_doc_examples_validate_against_the_models_and_the_schema_files() -> None
 
 
 def test_every_json_message_type_has_a_schema_file_and_a_doc_link() -> None:
-    gen = _load_generator()
+    gen = load_generator()
     doc = (ROOT / "docs" / "mqtt.md").read_text(encoding="utf-8")
     kinds = {v for k, v in vars(feed).items() if k.startswith("SCHEMA_")}
     published = {m.model.model_json_schema(by_alias=True)["properties"]["schema"]["const"]
@@ -166,7 +166,7 @@ def test_every_json_message_type_has_a_schema_file_and_a_doc_link() -> None:
 
 
 def test_published_schemas_are_open_and_what_the_gateway_receives_is_strict() -> None:
-    gen = _load_generator()
+    gen = load_generator()
     for m in gen.MESSAGES:
         text = (ROOT / "docs" / "schemas" / f"{m.name}.schema.json").read_text()
         closed = '"additionalProperties": false' in text

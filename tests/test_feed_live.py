@@ -29,9 +29,10 @@ from agent.feed import messages as feed
 from agent.feed.numbers import rounded
 from agent.health import HealthSnapshot
 from agent.readings import Reading
-from agent.uplink.commands import CommandRequest, CommandResult
+from agent.uplink.commands import SCHEMA_RESULT, CommandRequest
 from tests.broker import Mosquitto
 from tests.harness import make_config, running_agent, until
+from tests.test_feed import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "docs" / "schemas"
@@ -39,15 +40,12 @@ S = 10**9
 T0 = 1_741_000_000  # 2025-03-03 11:06 UTC: daylight in Berlin, lamps are expected off
 METERS = ("meter", "check", "lights", "cp1", "cp2")
 
-# The `schema` field of each JSON message type -> its file and model.
+GEN = load_generator()
+# The `schema` field of each JSON message type the gateway publishes -> its file and model: the
+# generator's list, so a new message type is checked here as soon as it has a schema file.
 TYPES: dict[str, tuple[str, type[BaseModel]]] = {
-    feed.SCHEMA_WINDOW: ("window", feed.WindowMessage),
-    feed.SCHEMA_READING: ("reading", feed.ReadingMessage),
-    feed.SCHEMA_INFERENCE: ("inference", feed.InferenceMessage),
-    feed.SCHEMA_ANOMALY: ("anomaly", feed.AnomalyMessage),
-    feed.SCHEMA_HEALTH: ("health", feed.HealthMessage),
-    "edge-agent/cmd-result/1": ("cmd-result", CommandResult),
-}
+    m.model.model_json_schema(by_alias=True)["properties"]["schema"]["const"]: (m.name, m.model)
+    for m in GEN.MESSAGES if m.direction == GEN.PUBLISHED}
 REQUEST = "cmd-request"  # what the cloud sends, seen here because the test subscribes to it
 
 
@@ -219,4 +217,4 @@ def _bodies(got: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
 
 
 def replies(got: list[tuple[str, bytes]]) -> dict[str, dict[str, Any]]:
-    return {b["id"]: b for b in _bodies(got) if b.get("schema") == "edge-agent/cmd-result/1"}
+    return {b["id"]: b for b in _bodies(got) if b.get("schema") == SCHEMA_RESULT}
