@@ -185,21 +185,63 @@ class UplinkStatus(_Open):
     commands: CommandStats | None
 
 
+class GuardStatus(_Open):
+    """The skill guard of a forecast output: model against persistence at this site."""
+
+    source: str = Field(description="What is published now: `model`, `blend` or `fallback`.")
+    enabled: bool
+    skill: MaybeFloat = Field(description="1 - model MAE / persistence MAE; null until scored.")
+    published_skill: MaybeFloat = Field(description="The same for what was published.")
+    model_mae: MaybeFloat = Field(description="In the output's unit.")
+    persistence_mae: MaybeFloat = Field(description="In the output's unit.")
+    published_mae: MaybeFloat = Field(description="In the output's unit.")
+    room: float = Field(description="Error budget left for the model's moves (0..1).")
+    evaluated_s: float = Field(ge=0, description="Seconds of forecasts scored.")
+    evaluations: int = Field(ge=0)
+    switches: int = Field(ge=0, description="Changes of source.")
+    trusted_move_classes: int = Field(ge=0)
+    last_source: str | None = Field(default=None,
+                                    description="The source of the last published value.")
+
+
+class ShadowScores(_Open):
+    """A shadow candidate against the active model and persistence on the same windows."""
+
+    candidate_mae: MaybeFloat
+    active_mae: MaybeFloat
+    persistence_mae: MaybeFloat
+    evaluated_s: float = Field(ge=0)
+
+
 class ModelStatus(_Open):
     version: str = Field(description="sha256 prefix of the model file.")
     path: str
     stream: str
     runtime: str = Field(description="What runs the graph: `onnxruntime` or `numpy`.")
+    opset: int | None = None
     runs: int = Field(ge=0)
     failures: int = Field(ge=0)
+    last_window_start_ns: int | None = Field(default=None,
+                                             description="UNIX ns of the last window run.")
     window_s: float | None = None
+    forecast_output: str | None = Field(default=None,
+                                        description="The output the guard scores, if any.")
+    last_actual: MaybeFloat = Field(default=None,
+                                    description="The measured value of the last window.")
     last_latency_ms: MaybeFloat = None
     last_outputs: dict[str, float | str | None] = Field(default_factory=dict)
-    guard: dict[str, Any] = Field(default_factory=dict,
-                                  description="The skill guard: source, skill, errors.")
+    inputs_filled: list[str] = Field(default_factory=list,
+                                     description="Inputs that had no value in the last window.")
+    guard: GuardStatus | None = None
     out_of_range: list[str] = Field(default_factory=list)
-    shadow: dict[str, Any] | None = Field(default=None,
-                                          description="The candidate run beside this one.")
+    out_of_range_windows: int = Field(default=0, ge=0)
+    runs_on: str | None = Field(default=None, description="`loop` or `worker` (chosen at load "
+                                                          "from a timing probe).")
+    probe_p99_ms: MaybeFloat = None
+    shadow: ModelStatus | None = Field(default=None,
+                                       description="The candidate run beside this one.")
+    comparison: ShadowScores | None = Field(default=None,
+                                            description="On a shadow: how it scores.")
 
 
 class InferStatus(_Open):
@@ -218,6 +260,9 @@ class LastInference(_Open):
 class HistoryStatus(_Open):
     path: str
     rows_written: int = Field(ge=0)
+    circuit_rows_written: int = Field(default=0, ge=0)
+    circuit_errors: int = Field(default=0, ge=0)
+    late_windows: int = Field(default=0, ge=0)
     errors: int = Field(ge=0)
     last_error: str | None
 
@@ -239,7 +284,12 @@ class WebStatus(_Open):
     url: str
     page: bool
     metrics: bool
+    token: bool = Field(default=False, description="Whether requests need the token.")
     watchers: int = Field(ge=0)
+    requests: int = Field(default=0, ge=0)
+    unauthorized: int = Field(default=0, ge=0)
+    bad_requests: int = Field(default=0, ge=0)
+    refused: int = Field(default=0, ge=0)
 
 
 class SparkplugStatus(_Open):
@@ -247,8 +297,19 @@ class SparkplugStatus(_Open):
     group_id: str
     node_id: str
     bd_seq: int
+    devices: list[str] = Field(default_factory=list)
     backlog: int = Field(ge=0)
+    pending: int = Field(default=0, ge=0)
+    backlog_dropped: int = Field(default=0, ge=0)
+    backlog_unreadable: int = Field(default=0, ge=0)
     last_error: str | None = None
+    births: int = Field(default=0, ge=0)
+    rebirths: int = Field(default=0, ge=0)
+    data: int = Field(default=0, ge=0)
+    historical: int = Field(default=0, ge=0)
+    pending_dropped: int = Field(default=0, ge=0)
+    bad_commands: int = Field(default=0, ge=0)
+    connects: int = Field(default=0, ge=0)
 
 
 def _absent(value: object) -> bool:

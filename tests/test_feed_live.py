@@ -106,16 +106,29 @@ def schema_of(name: str) -> dict[str, Any]:
     return json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
 
 
-def undocumented_health(body: dict[str, Any]) -> list[str]:
-    """Fields of a live health body that the typed snapshot does not name (two levels)."""
-    out = [k for k in body if k not in HealthSnapshot.model_fields]
-    for name, field in HealthSnapshot.model_fields.items():
-        section = body.get(name)
-        args = getattr(field.annotation, "__args__", ())
-        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None or not isinstance(section, dict) or name == "clean":
-            continue
-        out += [f"{name}.{k}" for k in section if k not in model.model_fields]
+def undocumented(value: Any, schema: dict[str, Any], defs: dict[str, Any],
+                 path: str = "") -> list[str]:
+    """Fields of ``value`` that its schema does not name: in an object with named fields, a key
+    that is none of them (a map of named things, such as sensors by name, is not checked)."""
+    while "$ref" in schema:
+        schema = defs[schema["$ref"].rsplit("/", 1)[1]]
+    for branch in schema.get("anyOf", ()):
+        if branch.get("type") != "null" and (isinstance(value, dict) or "$ref" not in branch):
+            return undocumented(value, branch, defs, path)
+    out = []
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        more = schema.get("additionalProperties")
+        for k, v in value.items():
+            if k in props:
+                out += undocumented(v, props[k], defs, f"{path}.{k}")
+            elif isinstance(more, dict) and more:
+                out += undocumented(v, more, defs, f"{path}.{k}")
+            elif props:
+                out.append(f"{path}.{k}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            out += undocumented(v, schema["items"], defs, f"{path}[{i}]")
     return out
 
 
@@ -176,6 +189,8 @@ async def test_every_message_type_validates_against_its_published_schema(
         name, model = TYPES.get(body.get("schema", ""), (REQUEST, CommandRequest))
         jsonschema.validate(body, schema_of(name))
         model.model_validate(body)
+        missing = undocumented(body, schema_of(name), schema_of(name).get("$defs", {}))
+        assert missing == [], f"{name}: fields its schema does not name: {missing}"
         checked[name] = checked.get(name, 0) + 1
     assert set(checked) == {REQUEST, *(name for name, _ in TYPES.values())}, checked
     # One contract for the health body and `status --json`: each validates against both files.
@@ -187,7 +202,7 @@ async def test_every_message_type_validates_against_its_published_schema(
         jsonschema.validate(body, status_schema)
         jsonschema.validate(body, as_health)
         HealthSnapshot.model_validate(body)
-        assert undocumented_health(body) == []
+        assert undocumented(body, status_schema, status_schema["$defs"]) == []
     assert all(body[s] for body in health for s in ("pipeline", "outbox", "uplink", "models"))
     public = [json.loads(payload) for topic, payload in got
               if topic.startswith("t/gw-test/public/telemetry/")]
