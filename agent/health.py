@@ -338,7 +338,7 @@ def _require_sections(schema: dict[str, Any]) -> None:
         (present,) = [s for s in prop.pop("anyOf") if s.get("type") != "null"]
         prop.pop("default", None)
         if name in ALWAYS and "$ref" in present and name != "agent":
-            prop["anyOf"] = [present, EMPTY]
+            prop["anyOf"] = [present, dict(EMPTY)]
         else:
             prop.update(present)
     schema["required"] = list(ALWAYS)
