@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from agent.aio import within
@@ -23,6 +23,7 @@ from agent.feed import messages as feed
 from agent.feed.messages import Draft
 from agent.feed.numbers import round_last_values
 from agent.feed.sharing import SharingPolicy
+from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage, channel_map
@@ -35,7 +36,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher, CommandError
+from agent.uplink.commands import STATE_CHANGING, CommandDispatcher, CommandError, Handler
 from agent.uplink.forwarder import Uplink
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
@@ -52,6 +53,10 @@ class Host(Protocol):
 
     def on_pipeline_ready(self) -> None:
         """Called once every stage of the generation runs."""
+        ...
+
+    def command_handlers(self) -> Mapping[str, Handler]:
+        """Commands the agent answers across generations (``config.apply``, ...)."""
         ...
 
 log = logging.getLogger(__name__)
@@ -103,7 +108,9 @@ class Pipeline:
         self.history = self._history_recorder()
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
-        self.commands = CommandDispatcher(self._command_handlers())
+        # config.apply carries a whole config file: the dispatcher takes requests that size.
+        self.commands = CommandDispatcher({**self._command_handlers(), **self._fleet_handlers()},
+                                          max_bytes=MAX_APPLY_PAYLOAD_BYTES)
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
         self.ctx: BuildContext | None = None
@@ -398,6 +405,23 @@ class Pipeline:
 
         return {"config.get": config_get, "sensors.read": sensors_read,
                 "model.activate": model_activate}
+
+    def _fleet_handlers(self) -> dict[str, Handler]:
+        """The agent's commands that outlive a generation (``config.apply``, ...). While
+        ``[commands] require_signature`` is on, the state-changing ones are offered only by a
+        dispatcher that verifies signatures (``verifies_signatures``): never run unsigned."""
+        if self.agent is None:
+            return {}
+        handlers = dict(self.agent.command_handlers())
+        if self.cfg.commands.require_signature and not getattr(
+                CommandDispatcher, "verifies_signatures", False):
+            unsigned = sorted(n for n in handlers if n in STATE_CHANGING)
+            if unsigned:
+                log.warning("commands %s are off: they must be signed (commands."
+                            "require_signature) and this agent cannot verify command "
+                            "signatures", ", ".join(unsigned))
+            handlers = {n: h for n, h in handlers.items() if n not in STATE_CHANGING}
+        return handlers
 
     def activate_model(self, name: str, force: bool) -> str:
         """Promote ``name``'s shadow candidate (refused with the scores unless it won on the

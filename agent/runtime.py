@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +29,12 @@ from agent.config.load import ConfigError, load_config
 from agent.config.schema import AgentConfig
 from agent.control.server import ControlServer
 from agent.control.wire import ControlSocketError
+from agent.fleet.config_apply import ConfigDeployer
 from agent.generation import Pipeline
 from agent.pipeline.infer import InferenceStage
 from agent.preflight import Preflight, preflight
 from agent.sdnotify import Notifier
+from agent.uplink.commands import CommandResult, Handler, encode_result
 from drivers.base import BuildContext
 
 if TYPE_CHECKING:
@@ -74,6 +76,9 @@ class Agent:
         self.infer: InferenceStage | None = None
         self.web: WebServer | None = None
         self.sparkplug: SparkplugSession | None = None
+        # config.apply needs a file to replace: an agent started from a dict has none.
+        self.deployer = (ConfigDeployer(Path(config_path), self, self._check_file)
+                         if config_path is not None else None)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -103,6 +108,36 @@ class Agent:
     def _load_and_check(self, path: str | Path) -> tuple[AgentConfig, Preflight]:
         new = self._loader(path)
         return new, preflight(new)
+
+    def _check_file(self, path: Path) -> tuple[AgentConfig | None, list[str]]:
+        """What `config check` says of ``path``: the config and every problem (a model that
+        does not load included), one line each; never raises."""
+        try:
+            cfg, checked = self._load_and_check(path)
+        except ConfigError as exc:
+            return None, [str(p) for p in exc.problems]
+        except Exception as exc:  # the promise is a line per problem, not a traceback
+            log.debug("checking %s failed", path, exc_info=True)
+            return None, [f"cannot be checked: {type(exc).__name__}: {str(exc)[:300]}"]
+        return cfg, [str(p) for p in checked.problems]
+
+    def command_handlers(self) -> Mapping[str, Handler]:
+        return self.deployer.handlers() if self.deployer is not None else {}
+
+    def generation_ready(self) -> bool:
+        return self.pipeline is not None and self._gen_ready.is_set()
+
+    async def send_reply(self, name: str, req_id: str, ok: bool,
+                         result: dict[str, Any]) -> bool:
+        """A late result on ``cmd/{name}/result`` through the running generation's uplink."""
+        p = self.pipeline
+        if p is None or not self._gen_ready.is_set():
+            return False
+        from datetime import UTC, datetime
+
+        reply = CommandResult(id=req_id, name=name, ok=ok, result=result,
+                              gateway=self.cfg.gateway.id, ts=datetime.now(UTC))
+        return await p.uplink.send_reply(name, encode_result(reply))
 
     async def _try_reload(self) -> AgentConfig | None:
         """The new config if it loads, validates and builds; None (counted, logged) if not."""
@@ -141,7 +176,9 @@ class Agent:
         control_task = asyncio.create_task(self._serve_control(), name="control")
         web_task = await self._start_web()
         spb_task = self._start_sparkplug()
-        tasks = [t for t in (control_task, web_task, spb_task) if t is not None]
+        deploy_task = (asyncio.create_task(self.deployer.run(), name="config-deploy")
+                       if self.deployer is not None else None)
+        tasks = [t for t in (control_task, web_task, spb_task, deploy_task) if t is not None]
         try:
             return await self._generations()
         finally:
@@ -300,4 +337,5 @@ class Agent:
             **(p.snapshot() if p is not None else {}),
             **({"web": self.web.status()} if self.web is not None else {}),
             **({"sparkplug": self.sparkplug.status()} if self.sparkplug is not None else {}),
+            **({"config_apply": self.deployer.status()} if self.deployer is not None else {}),
         }

@@ -3,7 +3,14 @@
 - ``firmware info DEVICE``: versions, UID, uptime, update state and link statistics.
 - ``firmware flash DEVICE IMAGE``: transfer, verify, commit; resumes an interrupted transfer
   from the offset the device reports; a progress bar on a terminal, plain lines when piped.
-- ``firmware pack BODY OUT --version X.Y.Z``: wrap a raw binary into an image with its header.
+  Before the first byte of the image is sent, ``firmware_bridge.authorize`` checks its
+  signature (``IMAGE.sig``) against the trusted keys (``--trusted-keys FILE`` or the agent
+  config's ``[commands]`` keys, ``-c``), the board id (``--board``) and the version against
+  what the device runs and the floor recorded for it (``--state-dir``, or beside the agent's
+  outbox with ``-c``); a refusal exits 2 with its reason. An unsigned image needs
+  ``--allow-unsigned``, which is logged.
+- ``firmware pack BODY OUT --version X.Y.Z [--sign KEYFILE --board ID]``: wrap a raw binary into
+  an image with its header; with ``--sign``, write ``OUT.sig`` beside it.
 
 DEVICE is a serial path or ``emulated`` (an emulated MCU that lives for the command).
 """
@@ -22,6 +29,16 @@ from pathlib import Path
 from typing import TextIO
 
 from firmware_bridge import update
+from firmware_bridge.authorize import (
+    BOARD_PATTERN,
+    SIGNATURE_SUFFIX,
+    FirmwareRefused,
+    FirmwareState,
+    FlashPolicy,
+    approve,
+    read_trusted_keys,
+    sign_image,
+)
 from firmware_bridge.client import DEFAULT_BAUDRATE, BridgeClient, ClientConfig
 from firmware_bridge.emulator import BridgeEmulator
 from firmware_bridge.errors import BridgeError, LinkDown, RequestTimeout, UpdateError
@@ -30,6 +47,8 @@ from firmware_bridge.link import LinkConfig
 from firmware_bridge.messages import FwState, HelloFlag
 
 EMULATED = "emulated"
+EXIT_REFUSED = 2  # like any input the command refuses
+STATE_FILE = "firmware-state.json"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a bridge MCU's flash slot is far smaller
 BAUDRATES = (1_200, 4_000_000)  # what USB-serial bridges and MCU UARTs can be set to
 MAX_SECONDS = 3600.0
@@ -94,13 +113,63 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     flash.add_argument("--window", type=int, default=8, help="chunks in flight (1..32)")
     flash.add_argument("--boot-timeout", type=_seconds, default=15.0, metavar="S",
                        help="seconds for the new image to say HELLO after commit")
+    flash.add_argument("--signature", type=Path, metavar="FILE",
+                       help=f"the image's signature (default: IMAGE{SIGNATURE_SUFFIX})")
+    keys = flash.add_mutually_exclusive_group()
+    keys.add_argument("--trusted-keys", type=Path, metavar="FILE",
+                      help="public keys to trust, KEY_ID PUBLIC_KEY per line")
+    keys.add_argument("-c", "--config", type=Path, metavar="AGENT_TOML",
+                      help="trust the agent config's [commands] keys; floor beside its outbox")
+    flash.add_argument("--board", type=_board, help="this gateway's bridge board id")
+    flash.add_argument("--state-dir", type=Path, metavar="DIR",
+                       help="where the version floor per device and the refusals are kept")
+    flash.add_argument("--allow-unsigned", action="store_true",
+                       help="flash an image without a signature (technician only; logged)")
     flash.set_defaults(func=cmd_flash)
 
     pack = cmds.add_parser("pack", help="wrap a raw binary into a firmware image")
     pack.add_argument("body", type=Path)
     pack.add_argument("out", type=Path)
     pack.add_argument("--version", required=True, help="MAJOR.MINOR.PATCH")
+    pack.add_argument("--sign", type=Path, metavar="KEYFILE",
+                      help=f"sign the image with this key; writes OUT{SIGNATURE_SUFFIX}")
+    pack.add_argument("--board", type=_board, help="the board the image is for (with --sign)")
     pack.set_defaults(func=cmd_pack)
+
+
+def _board(text: str) -> str:
+    import re
+
+    if not re.fullmatch(BOARD_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"{text[:70]!r} is not a board id (letters, digits, "
+                                         "_ . -, up to 64)")
+    return text
+
+
+def _policy_inputs(args: argparse.Namespace) -> tuple[dict[str, str], Path | None]:
+    """The trusted keys and the floor file the options name; ValueError says what is wrong."""
+    keys: dict[str, str] = {}
+    state: Path | None = args.state_dir
+    if args.trusted_keys is not None:
+        try:
+            text = read_file(args.trusted_keys, 64 * 1024).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--trusted-keys {args.trusted_keys}: cannot be read: {exc}") from None
+        try:
+            keys = read_trusted_keys(text)
+        except ValueError as exc:
+            raise ValueError(f"--trusted-keys {args.trusted_keys}: {exc}") from None
+    elif args.config is not None:
+        from agent.config.load import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            raise ValueError("; ".join(f"{exc.source}: {p}" for p in exc.problems[:5])) from None
+        keys = cfg.commands.trusted()
+        if state is None:
+            state = Path(cfg.outbox.path).parent
+    return keys, (state / STATE_FILE if state is not None else None)
 
 
 @asynccontextmanager
@@ -241,17 +310,48 @@ def cmd_flash(args: argparse.Namespace) -> int:
     if not 1 <= args.window <= 32:
         print(f"error: --window {args.window} is outside 1..32")
         return 2
+    sig_path: Path = args.signature or args.image.with_name(args.image.name + SIGNATURE_SUFFIX)
+    try:
+        signature = read_file(sig_path, 64 * 1024) if (args.signature or sig_path.exists()) \
+            else None
+        keys, state_path = _policy_inputs(args)
+    except OSError as exc:
+        print(f"error: cannot read {sig_path}: {exc.strerror}")
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    from agent.fleet.signing import TrustedKeys
+
+    memory = FirmwareState(state_path) if state_path is not None else None
     progress = ProgressPrinter(sys.stdout, sys.stdout.isatty())
 
     async def go() -> int:
         try:
             async with _connected(args) as client:
-                print(f"flashing {version_str(header.version)} ({len(image)} bytes) to "
-                      f"{args.device}, running {version_str(client.hello.firmware)}"
-                      if client.hello else "")
+                hello = client.hello
+                assert hello is not None
+                floor = memory.floor(hello.uid) if memory is not None else None
+                policy = FlashPolicy(TrustedKeys(keys), args.board, args.allow_unsigned, floor)
+                # Every check before FW_BEGIN: nothing of a refused image reaches the device.
+                approval = approve(image, signature, policy, hello.firmware)
+                signer = (f"signed by {approval.signed_by}" if approval.signed_by
+                          else "UNSIGNED (--allow-unsigned)")
+                print(f"flashing {version_str(header.version)} ({len(image)} bytes, {signer}) "
+                      f"to {args.device}, running {version_str(hello.firmware)}")
                 result = await update.flash(
                     client, image, window=args.window, progress=progress,
                     timeouts=update.UpdateTimeouts(boot_s=args.boot_timeout))
+                if memory is not None:
+                    memory.raise_floor(hello.uid, result.version)
+        except FirmwareRefused as exc:
+            print(f"refused: {exc}")
+            if memory is not None:
+                try:
+                    memory.count_refusal(exc.reason)
+                except (OSError, UpdateError) as state_exc:  # the refusal stands regardless
+                    print(f"warning: the refusal was not counted: {state_exc}")
+            return EXIT_REFUSED
         except (LinkDown, RequestTimeout) as exc:
             progress.finish()
             print(f"error: interrupted: {exc}; run the same command again to resume from "
@@ -280,11 +380,28 @@ def cmd_pack(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot read {args.body}: {exc.strerror}")
         return 2
+    if (args.sign is None) != (args.board is None):
+        print("error: --sign and --board go together (a signature names the board)")
+        return 2
     image = build_image(version, body)
+    signature: bytes | None = None
+    if args.sign is not None:
+        from agent.fleet.signing import SigningKey
+
+        try:
+            key = SigningKey.load(args.sign)
+        except (OSError, ValueError) as exc:
+            print(f"error: --sign {args.sign}: {exc}")
+            return 2
+        signature = sign_image(image, args.board, key)
+    sig_out = args.out.with_name(args.out.name + SIGNATURE_SUFFIX)
     try:
         args.out.write_bytes(image)
+        if signature is not None:
+            sig_out.write_bytes(signature)
     except OSError as exc:
         print(f"error: cannot write {args.out}: {exc.strerror}")
         return 2
-    print(f"{args.out}: image {version_str(version)}, {len(image)} bytes")
+    signed = f", signed for board {args.board} in {sig_out}" if signature is not None else ""
+    print(f"{args.out}: image {version_str(version)}, {len(image)} bytes{signed}")
     return 0

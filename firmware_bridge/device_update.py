@@ -53,6 +53,9 @@ class UpdateReceiver:
         self.chunk_bytes = chunk_bytes
         self.pending: PendingImage | None = None
         self.flash_fault_at: int | None = None  # a byte offset that flash programs wrong
+        # What the host sent of images, refused or not (tests assert a refused image never came).
+        self.begins = 0
+        self.chunk_bytes_received = 0
 
     def power_cycle(self) -> None:
         if self.pending is not None:
@@ -68,6 +71,7 @@ class UpdateReceiver:
         return FwStatus(u.state, u.prefix_bytes(), u.size, u.chunk, u.version, u.sha256)
 
     def begin(self, msg: FwBegin) -> Message:
+        self.begins += 1
         if msg.size > self.slot_bytes:
             return Nak(NakCode.TOO_LARGE,
                        f"{msg.size} bytes do not fit a {self.slot_bytes}-byte slot")
@@ -85,6 +89,7 @@ class UpdateReceiver:
         return self.status()
 
     def chunk(self, msg: FwChunk) -> Message:
+        self.chunk_bytes_received += len(msg.data)
         u = self.pending
         if u is None or u.state != FwState.RECEIVING:
             return Nak(NakCode.BAD_STATE, "no update in progress: send FW_BEGIN")

@@ -45,7 +45,8 @@ def test_pack_then_flash_the_emulated_device(tmp_path: Path,
     image = tmp_path / "app.img"
     assert run(["firmware", "pack", str(raw), str(image), "--version", "2.0.1"]) == 0
     assert check_image(image.read_bytes()).version == (2, 0, 1)
-    assert run(["firmware", "flash", "emulated", str(image), "--window", "4"]) == 0
+    assert run(["firmware", "flash", "emulated", str(image), "--window", "4",
+                "--allow-unsigned"]) == 0
     out = capsys.readouterr().out
     assert "flashing 2.0.1 (" in out and "running 1.0.0" in out
     assert "flash: 0% (0/" in out and f"flash: 100% ({48 * 1024 + HEADER_BYTES}/" in out

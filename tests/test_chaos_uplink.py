@@ -77,7 +77,7 @@ def connected_for(up: Uplink) -> float:
     return float(up.status()["connected_for_s"] or 0.0)
 
 
-async def test_ten_broker_restarts_each_recovered_within_two_seconds(
+async def test_ten_broker_restarts_each_recovered_within_the_spread_and_two_seconds(
         tmp_path: Path, private_broker: Mosquitto) -> None:
     b = private_broker
     ob = outbox(tmp_path)
@@ -104,7 +104,9 @@ async def test_ten_broker_restarts_each_recovered_within_two_seconds(
                     f"PUBACK; connect failures {st['connect_failures']}")
     assert lost == 0
     assert st["quarantined"] == 0
-    assert chaos_table.p95(times) <= 2.0, times
+    # The first connect after a lost link waits up to reconnect_spread_s on purpose (a fleet
+    # must not come back in one burst); past that, the link is back within two seconds.
+    assert chaos_table.p95(times) <= up.cfg.reconnect_spread_s + 2.0, times
 
 
 async def _frozen(b: Mosquitto, up: Uplink, *, keepalive_s: int | None, flowing: bool,

@@ -15,7 +15,7 @@ BASE64_KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # 32 raw bytes in standard base64
 class TrustedKeyConfig(_Frozen):
     id: Annotated[str, Field(pattern=KEY_ID_PATTERN, max_length=64)]
     """The key id a signature names (`{"key": ID, ...}`)."""
-    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN)]
+    public_key: Annotated[str, Field(pattern=BASE64_KEY_PATTERN, max_length=44)]
     """The ed25519 public key: 32 bytes in standard base64 (`edge-agent fleet keygen`)."""
 
 
@@ -26,6 +26,11 @@ class CommandsConfig(_Frozen):
     trusted_keys: list[TrustedKeyConfig] = Field(default_factory=list, max_length=16)
     """Public keys whose signatures this gateway accepts; list the new one beside the old one
     while rotating (`[[commands.trusted_keys]]`)."""
+
+    apply_health_timeout_s: Annotated[float, Field(ge=2, le=3600, allow_inf_nan=False)] = 120.0
+    """How long a config sent by `config.apply` has to become healthy (every enabled sensor up,
+    the uplink connected, the pipeline making progress, all for one second) before the agent
+    goes back to the previous config by itself."""
 
     @field_validator("trusted_keys")
     @classmethod

@@ -346,6 +346,11 @@ class MqttConfig(_Frozen):
     """Backlog messages per second replayed after an outage, at full link health."""
     reconnect_max_s: Annotated[float, Field(ge=0.1, le=3600, allow_inf_nan=False)] = 60.0
     """Cap of the jittered exponential reconnect backoff."""
+    reconnect_spread_s: Annotated[float, Field(ge=0, le=600, allow_inf_nan=False)] = 5.0
+    """After a connection that held is lost, the first reconnect waits a random time in
+    [0, this] once the broker's port is open again, so a fleet that lost the same broker comes
+    back spread over this time instead of in one burst. Nothing is lost meanwhile: the outbox
+    keeps every message."""
     max_payload_bytes: Annotated[int, Field(ge=256, le=MQTT_MAX_PACKET_BYTES)] = 256 * 1024
     """Larger messages are quarantined instead of sent."""
     poison_attempts: Annotated[int, Field(ge=1, le=1000)] = 5

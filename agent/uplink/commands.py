@@ -39,6 +39,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.fleet.config_apply import ConfigApplyArgs, ConfigRollbackArgs
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
 
@@ -94,7 +95,11 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "outbox.stats": NoArgs,
     "sensors.read": SensorsReadArgs,
     "model.activate": ModelActivateArgs,
+    "config.apply": ConfigApplyArgs,
+    "config.rollback": ConfigRollbackArgs,
 }
+# The commands that change the gateway: run only when signed (``[commands] require_signature``).
+STATE_CHANGING: Final = frozenset({"config.apply", "config.rollback"})
 
 
 class CommandErrorBody(_Strict):

@@ -21,6 +21,8 @@ connection on its own is identified. A drop during an outage never counts.
 
 Reconnecting (``agent.uplink.reach``): while the broker's port takes no TCP connection the
 uplink probes it every ``PROBE_INTERVAL_S`` (jittered) and connects as soon as it does; the
+first connect after a connection that held was lost waits a random time in
+``[0, reconnect_spread_s]`` once the port is open, so a fleet does not reconnect in one burst; the
 jittered exponential backoff applies to full connects that fail with the port open, and to
 connections that end within ``STABLE_S``. A dead link is noticed by an overdue PUBACK while
 nothing at all comes back from the broker (``DEAD_LINK_S``), and by silence past 1.5 x the
@@ -93,6 +95,8 @@ class Uplink:
         self.backoff = Backoff(cfg.reconnect_max_s, rng=rng)
         self.probe = PortProbe(cfg.host, cfg.port, rng=rng)
         self.pacer = ReplayPacer(cfg.replay_rate)
+        self._rng = rng or random.Random()
+        self._spread_due = False  # a link that held was lost: spread the next connect
         self.puback_timeout_s = max(PUBACK_TIMEOUT_S, 2.0 * cfg.keepalive_s)
         self.lane = CommandLane(commands, self.topics, gateway)
         if commands is not None:
@@ -140,6 +144,10 @@ class Uplink:
                     await asyncio.sleep(self.backoff.next_delay() if self.probe.dns_failed
                                         else self.probe.interval_s())
                     continue
+                if self._spread_due:
+                    self._spread_due = False
+                    self._state = "waiting"
+                    await asyncio.sleep(self._rng.uniform(0.0, self.cfg.reconnect_spread_s))
                 self._state = "connecting"
                 self._stable = False
                 try:
@@ -174,6 +182,21 @@ class Uplink:
         if pending is not None and time.monotonic() - pending[1] <= 2 * BLAME_WINDOW_S:
             self.poison.silent_drop(pending[0])
         return True
+
+    async def send_reply(self, name: str, payload: bytes, timeout_s: float = 10.0) -> bool:
+        """Publish a late reply on ``cmd/{name}/result`` (a deployment's outcome, decided long
+        after its command was answered); True once the broker acknowledged it."""
+        link = self._link
+        if link is None:
+            return False
+        try:
+            fut = link.publish(self.topics.cmd_result(name), payload)
+        except LinkError:
+            return False
+        await asyncio.wait({fut}, timeout=timeout_s)
+        if not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return False
+        return fut.result() < 0x80
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until everything committed has its PUBACK; False on timeout."""
@@ -310,6 +333,7 @@ class Uplink:
         self._stable = lasted_s >= STABLE_S
         if self._stable:
             self.backoff.reset()  # a connection that held was a success: start over
+            self._spread_due = self.cfg.reconnect_spread_s > 0
 
     # -- lanes ----------------------------------------------------------------------------
 

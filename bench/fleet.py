@@ -1,0 +1,300 @@
+"""Fleet scale: many simulated gateways, each a real Outbox and Uplink, on one mosquitto.
+
+    python -m bench.fleet                      # 1,000 gateways over 4 processes
+    python -m bench.fleet --gateways 200 --procs 2 --json
+
+Each gateway is what the agent runs between its pipeline and the broker: its own SQLite outbox
+(on tmpfs) and its own ``Uplink`` (paho, QoS 1, its own client id), producing one health-sized
+message every ``--period`` seconds. An independent subscriber (its own process, a persistent
+session) records every (gateway, seq) it receives.
+
+The broker is restarted twice, once with ``mqtt.reconnect_spread_s = 0`` (the baseline: every
+gateway reconnects as soon as the port is open) and once at the default. For each, the report
+gives the peak connect rate seen by the broker (its own log, one-second bins), the time from the
+broker's start until every gateway is connected again, and, after a final drain, how many
+accepted messages the subscriber never received (lost) and received twice (duplicated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from agent.config.schema import MqttConfig, OutboxConfig
+from agent.feed.messages import health_message
+from agent.outbox.store import Outbox
+from agent.uplink.forwarder import Uplink
+from tests.broker import Mosquitto
+
+PREFIX = "fleet"
+CONNECT_LINE = re.compile(r"^(\d+): New client connected from \S+ as (gw-\d+)")
+
+
+def _gateway_id(i: int) -> str:
+    return f"gw-{i:05d}"
+
+
+# -- one worker process: a slice of the fleet ---------------------------------------------
+
+
+async def _worker_main(ids: list[str], host: str, port: int, tmp: str, period_s: float,
+                       spread_s: float, conn: Connection) -> None:
+    mqtt = MqttConfig(host=host, port=port, topic_prefix=PREFIX, keepalive_s=30,
+                      reconnect_spread_s=spread_s)
+    gateways: list[tuple[str, Outbox, Uplink]] = []
+    first: dict[str, int] = {}
+    for gw in ids:
+        ob = Outbox(OutboxConfig(path=f"{tmp}/{gw}.db"), gw)
+        ob.open()
+        first[gw] = ob.next_seq  # a new outbox starts its seq from the wall clock
+        gateways.append((gw, ob, Uplink(mqtt.model_copy(update={"client_id": gw}), gw, ob)))
+    producing = asyncio.Event()
+    producing.set()
+
+    async def produce(gw: str, ob: Outbox, offset: float) -> None:
+        await asyncio.sleep(offset)  # spread the producers' phases over one period
+        n = 0
+        while producing.is_set():
+            n += 1
+            ob.put("health", "health", health_message(gw, {"n": n, "pad": "x" * 200}))
+            await asyncio.sleep(period_s)
+
+    loop = asyncio.get_running_loop()
+    async with asyncio.TaskGroup() as tg:
+        for k, (gw, ob, up) in enumerate(gateways):
+            tg.create_task(ob.run(), name=f"outbox-{gw}")
+            tg.create_task(up.run(), name=f"uplink-{gw}")
+            tg.create_task(produce(gw, ob, period_s * k / len(gateways)), name=f"produce-{gw}")
+        while True:
+            cmd = await loop.run_in_executor(None, conn.recv)
+            if cmd == "connected":
+                conn.send(sum(up.status()["state"] == "connected" for _, _, up in gateways))
+            elif cmd == "stop-producing":
+                producing.clear()
+                conn.send(True)
+            elif cmd == "drain":
+                for _, ob, _ in gateways:
+                    ob.flush()
+                done = await asyncio.gather(*(up.drain(120) for _, _, up in gateways))
+                conn.send({"drained": all(done),
+                           "accepted": {gw: (first[gw], ob.accepted_seq)
+                                        for gw, ob, _ in gateways}})
+            elif cmd == "quit":
+                break
+        for t in list(asyncio.all_tasks()):
+            if t is not asyncio.current_task():
+                t.cancel()
+
+
+def _worker(ids: list[str], host: str, port: int, tmp: str, period_s: float, spread_s: float,
+            conn: Connection) -> None:
+    logging.basicConfig(level=logging.ERROR)
+    with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+        asyncio.run(_worker_main(ids, host, port, tmp, period_s, spread_s, conn))
+
+
+# -- the subscriber: what the cloud received ----------------------------------------------
+
+
+def _subscriber(host: str, port: int, conn: Connection) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    received: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    lock = threading.Lock()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        body = json.loads(msg.payload)
+        with lock:
+            received[body["gateway"]][body["seq"]] += 1
+
+    def on_connect(c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
+        c.subscribe(f"{PREFIX}/+/health", qos=1)
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="fleet-bench-cloud",
+                         clean_session=False)
+    client.max_queued_messages_set(0)
+    client.on_message = on_message
+    client.on_connect = on_connect
+    client.reconnect_delay_set(0.1, 1.0)
+    client.connect(host, port, keepalive=30)
+    client.loop_start()
+    conn.send("ready")
+    while (cmd := conn.recv()) != "quit":
+        if cmd == "report":
+            with lock:
+                conn.send({gw: dict(c) for gw, c in received.items()})
+    client.loop_stop()
+    client.disconnect()
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+class Fleet:
+    def __init__(self, n: int, procs: int, host: str, port: int, tmp: str, period_s: float,
+                 spread_s: float) -> None:
+        ctx = mp.get_context("spawn")
+        ids = [_gateway_id(i) for i in range(n)]
+        self.ids = ids
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for k in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, name=f"fleet-{k}",
+                            args=(ids[k::procs], host, port, tmp, period_s, spread_s, child))
+            p.start()
+            self.pipes.append(parent)
+            self.procs.append(p)
+
+    def ask(self, cmd: str, timeout_s: float = 180.0) -> list[Any]:
+        for p in self.pipes:
+            p.send(cmd)
+        out = []
+        for p in self.pipes:
+            if not p.poll(timeout_s):
+                raise RuntimeError(f"a worker did not answer {cmd!r} within {timeout_s} s")
+            out.append(p.recv())
+        return out
+
+    def wait_connected(self, timeout_s: float) -> float:
+        """Seconds until every gateway is connected; raise past ``timeout_s``."""
+        t0 = time.monotonic()
+        while (n := sum(self.ask("connected"))) < len(self.ids):
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"only {n} of {len(self.ids)} gateways connected after "
+                                   f"{timeout_s} s")
+            time.sleep(0.2)  # poll interval of a bounded wait
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            for p in self.pipes:
+                p.send("quit")
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
+def _connects_after(log: Path, since_s: int) -> list[int]:
+    """Unix seconds of every gateway connect the broker logged at or after ``since_s``."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        m = CONNECT_LINE.match(line)
+        if m and int(m.group(1)) >= since_s:
+            out.append(int(m.group(1)))
+    return out
+
+
+def one_run(n: int, procs: int, period_s: float, spread_s: float, outage_s: float,
+            steady_s: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        broker = Mosquitto(Path(d) / "broker", extra_conf=(
+            "log_type notice\nconnection_messages true\nlog_timestamp true\n"
+            "log_timestamp_format %s\nmax_connections -1\n"))
+        broker.start()
+        ctx = mp.get_context("spawn")
+        sub_parent, sub_child = ctx.Pipe()
+        sub = ctx.Process(target=_subscriber, args=(broker.host, broker.port, sub_child))
+        sub.start()
+        if not sub_parent.poll(30):
+            raise RuntimeError("the subscriber did not start")
+        sub_parent.recv()
+        (Path(d) / "gw").mkdir()
+        fleet = Fleet(n, procs, broker.host, broker.port, f"{d}/gw", period_s, spread_s)
+        try:
+            first_up_s = fleet.wait_connected(300)
+            time.sleep(steady_s)  # traffic before the outage (pacing, not synchronisation)
+            broker.stop()
+            time.sleep(outage_s)  # the outage's length
+            since = int(time.time())
+            t_start = time.monotonic()
+            broker.start()
+            fleet.wait_connected(300)
+            back_s = time.monotonic() - t_start
+            time.sleep(steady_s)
+            fleet.ask("stop-producing")
+            drained = fleet.ask("drain", 300)
+            accepted: dict[str, tuple[int, int]] = {}
+            for part in drained:
+                accepted.update(part["accepted"])
+            sub_parent.send("report")
+            if not sub_parent.poll(60):
+                raise RuntimeError("the subscriber did not report")
+            got: dict[str, dict[int, int]] = sub_parent.recv()
+        finally:
+            fleet.close()
+            with contextlib.suppress(OSError, BrokenPipeError):
+                sub_parent.send("quit")
+            sub.join(10)
+            if sub.is_alive():
+                sub.kill()
+            broker.stop()
+        connects = _connects_after(broker.log, since)
+    per_s = collections.Counter(connects)
+    lost = dup = 0
+    for gw, (lo, hi) in accepted.items():
+        seen = got.get(gw, {})
+        lost += sum(1 for s in range(lo, hi + 1) if s not in seen)
+        dup += sum(c - 1 for c in seen.values() if c > 1)
+    return {
+        "gateways": n, "reconnect_spread_s": spread_s,
+        "all_connected_at_start_s": round(first_up_s, 2),
+        "outage_s": outage_s,
+        "all_back_after_broker_start_s": round(back_s, 2),
+        "reconnects_logged": len(connects),
+        "peak_connects_per_s": max(per_s.values(), default=0),
+        "drained": all(p["drained"] for p in drained),
+        "accepted": sum(hi - lo + 1 for lo, hi in accepted.values()),
+        "received": sum(len(v) for v in got.values()),
+        "lost": lost, "duplicated": dup,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gateways", type=int, default=1000)
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--period", type=float, default=2.0,
+                    help="seconds between one gateway's messages (default 2)")
+    ap.add_argument("--outage", type=float, default=5.0, help="broker down for (s)")
+    ap.add_argument("--steady", type=float, default=10.0, help="traffic before/after (s)")
+    ap.add_argument("--spread", type=float, default=MqttConfig().reconnect_spread_s,
+                    help="reconnect_spread_s of the second run (default: the config default)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    runs = []
+    for spread in (0.0, a.spread):
+        print(f"{a.gateways} gateways, reconnect_spread_s = {spread:g} ...", file=sys.stderr)
+        runs.append(one_run(a.gateways, a.procs, a.period, spread, a.outage, a.steady))
+    base, agent = runs
+    if a.json:
+        print(json.dumps({"baseline": base, "default": agent}, indent=2))
+        return 0 if agent["lost"] == 0 and base["lost"] == 0 else 1
+    print(f"{'figure':<44} {'default':>10} {'spread 0':>10} {'ratio':>7}")
+    for key in ("peak_connects_per_s", "all_back_after_broker_start_s", "reconnects_logged",
+                "accepted", "received", "lost", "duplicated"):
+        x, b = agent[key], base[key]
+        ratio = f"{x / b:.2f}" if isinstance(b, int | float) and b else "-"
+        print(f"{key:<44} {x:>10} {b:>10} {ratio:>7}")
+    return 0 if agent["lost"] == 0 and base["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
