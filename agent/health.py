@@ -312,6 +312,25 @@ class SparkplugStatus(_Open):
     connects: int = Field(default=0, ge=0)
 
 
+class ConfigApplyStatus(_Open):
+    """The last remote config deployment (docs/fleet.md), when the agent runs from a file."""
+
+    counts: dict[str, int] = Field(description="`applied`, `refused`, `confirmed`, "
+                                               "`rolled_back`, `requested_rollbacks`.")
+    deployment: str | None = None
+    state: str | None = Field(default=None, description="`trial`, `confirmed`, `rolled_back`.")
+    sha256: str | None = None
+    reason: str | None = None
+    changes: dict[str, Any] | None = Field(default=None,
+                                           description="What the deployment changed.")
+    reported: bool | None = Field(default=None,
+                                  description="The outcome was acknowledged by the broker.")
+    timeout_s: float | None = None
+    problems: list[str] | None = Field(default=None,
+                                       description="During a trial: why it is not healthy yet.")
+    remaining_s: float | None = Field(default=None, description="During a trial.")
+
+
 def _absent(value: object) -> bool:
     return value is None
 
@@ -364,6 +383,8 @@ class HealthSnapshot(_Open):
     anomalies: AnomalyStatus | None = _section()
     web: WebStatus | None = _section("Present when the web server is on.")
     sparkplug: SparkplugStatus | None = _section("Present when Sparkplug is on.")
+    config_apply: ConfigApplyStatus | None = _section("Present when the agent runs from a "
+                                                      "config file.")
 
 
 class _DescribedBy:

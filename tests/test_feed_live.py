@@ -5,8 +5,8 @@ mosquitto, validated against its standalone schema in docs/schemas/ and against 
 The energy stream's meters are played in by the test on a stepped clock (60 s windows, a day's
 worth of minutes in a few seconds), so the anomaly detectors see enough windows to open an
 event; a synthetic sensor on a stream with two audiences (one gets raw readings, one windows
-with fields withheld), the shipped energy model, the health loop and two cloud commands give
-the rest.
+with fields withheld), the shipped energy model, the health loop and cloud commands give the
+rest.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from agent.health import HealthSnapshot
 from agent.readings import Reading
 from agent.uplink.commands import SCHEMA_RESULT, CommandRequest
 from tests.broker import Mosquitto
-from tests.harness import make_config, running_agent, until
+from tests.harness import make_config, running_agent, until, write_toml
 from tests.test_feed import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,11 +148,13 @@ async def test_every_message_type_validates_against_its_published_schema(
                  # Per-audience copies, one with fields withheld and rounded.
                  {"name": "air", "sensors": ["gen"], "window_s": 60, "audiences": [
                      {"name": "city", "share": "raw"},
-                     {"name": "public", "share": "window", "drop": ["channels.*.std"],
-                      "round": {"channels.*.mean": 0.5}}]}],
+                     {"name": "public", "share": "window", "drop": ["channels.*.std"]}]}],
         models=[{"name": "energy", "stream": "energy"}],
         runtime={"health_period_s": 0.5, "clock": "trust"})
-    async with cloud(broker) as (client, got), running_agent(data, clock=clock) as agent:
+    # Run from a file, as a gateway does: health then also reports config deployments.
+    path = write_toml(tmp_path / "agent.toml", data)
+    async with cloud(broker) as (client, got), \
+            running_agent(data, config_path=path, clock=clock) as agent:
         p = agent.pipeline
         assert p is not None
         offset = clock.mono_ns() - clock.wall_ns()
@@ -203,7 +205,8 @@ async def test_every_message_type_validates_against_its_published_schema(
         jsonschema.validate(body, as_health)
         HealthSnapshot.model_validate(body)
         assert undocumented(body, status_schema, status_schema["$defs"]) == []
-    assert all(body[s] for body in health for s in ("pipeline", "outbox", "uplink", "models"))
+    assert all(body[s] for body in health for s in ("pipeline", "outbox", "uplink", "models",
+                                                     "config_apply"))
     public = [json.loads(payload) for topic, payload in got
               if topic.startswith("t/gw-test/public/telemetry/")]
     assert public and all("redacted" in w["flags"] for w in public)

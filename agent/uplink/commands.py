@@ -118,7 +118,8 @@ class CommandResult(_Strict):
         "The command's answer when ok (null otherwise): ping {pong, mono_s}; config.get the "
         "config, or one section of it, as JSON; outbox.stats the health message's `outbox` "
         "object; sensors.read {sensors: [...]} shaped as health's `sensors`; model.activate "
-        "{activated, force, reason}."))
+        "{activated, force, reason}; config.apply {deployment, state, sha256, ...} at once and "
+        "again when the trial ends (docs/fleet.md); config.rollback the same record."))
     error: CommandErrorBody | None = Field(default=None,
                                            description="Why it failed, when not ok.")
     gateway: str
