@@ -98,7 +98,7 @@ def _model_problems(i: int, m: ModelConfig, out: Preflight) -> None:
                 out.warnings.append(Problem(where, repr(path), bad))
             continue
         try:
-            feature_spec(verify(onnx).manifest)
+            feature_spec(verify(onnx, runtime=m.runtime).manifest)
         except Exception as exc:  # ModelError, FeatureError, or a manifest that is not one
             out.warnings.append(Problem(where, repr(path), str(exc)))
 

@@ -3,11 +3,17 @@
     python bench/memory.py [--repeat 5]
 
 - RSS by component: a bare interpreter, then what each import and the two shipped sessions add
-  (each row is its own fresh child, so nothing is shared between rows), with onnxruntime's
-  default session options and with its memory arena and pattern planner off, after 100 runs
-  of each model on its manifest's fill values.
-- RSS of the agent itself 3 s after READY=1 with no model and with both shipped models (a
-  synthetic sensor per stream, a real mosquitto on loopback), beside the bare interpreter.
+  (each row is its own fresh child, so nothing is shared between rows): the package's numpy
+  executor (what ``runtime = "auto"`` runs them in), and onnxruntime with its default session
+  options and with its memory arena and pattern planner off, after 100 runs of each model on
+  its manifest's fill values. Baselines: ``import numpy`` and ``import onnxruntime, numpy`` in
+  a bare interpreter.
+- RSS of the agent itself 3 s after READY=1 with no model, with both shipped models (default
+  runtime) and with both forced onto onnxruntime (a synthetic sensor per stream, a real
+  mosquitto on loopback), beside the bare interpreter and the baselines above.
+- The tree's bytecode is compiled first (``compileall``), as installing the package does: an
+  interpreter that has to compile the agent's sources at every start (``PYTHONDONTWRITEBYTECODE``
+  with no ``__pycache__``) holds about half a MiB more after READY, which no gateway pays.
 - ``edge-agent --help`` and ``edge-agent status`` (no agent listening: exit 3) wall time, median
   of ``--repeat`` runs, beside ``python -c pass`` and beside the interpreter importing numpy and
   onnxruntime.
@@ -16,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import subprocess
@@ -53,16 +60,45 @@ for name in ("traffic", "energy"):
     keep.append(s)
 """
 
+_EXECUTOR = """
+import numpy as np
+from models.manifest import load_manifest, shipped_paths
+from models.numpy_exec import NumpySession
+keep = []
+for name in ("traffic", "energy"):
+    onnx_path, man_path = shipped_paths(name)
+    m = load_manifest(man_path)
+    s = NumpySession.from_path(onnx_path)
+    x = np.array([[i.fill for i in m.inputs]], dtype=np.float32)
+    for _ in range(100):
+        s.run(None, {m.input_tensor: x})
+    keep.append(s)
+"""
+
+BASELINES: list[tuple[str, str]] = [
+    ("baseline: import numpy", "import numpy"),
+    ("baseline: import onnxruntime, numpy", "import onnxruntime, numpy"),
+]
 COMPONENTS: list[tuple[str, str]] = [
     ("bare interpreter", ""),
     ("+ agent.runtime (no model)", "import agent.runtime"),
     ("+ numpy", "import agent.runtime, numpy"),
+    ("+ both numpy executor sessions, 100 runs each", "import agent.runtime\n" + _EXECUTOR),
     ("+ onnxruntime", "import agent.runtime, numpy, onnxruntime"),
-    ("+ both sessions, 100 runs each, default options",
+    ("+ both onnxruntime sessions, 100 runs each, default options",
      "import agent.runtime\n" + _SESSIONS.format(arena_off=False)),
-    ("+ both sessions, 100 runs each, arena and mem pattern off",
+    ("+ both onnxruntime sessions, 100 runs each, arena and pattern off",
      "import agent.runtime\n" + _SESSIONS.format(arena_off=True)),
 ]
+
+# What each row adds to: the row it builds on.
+BASE_OF = {label: base for label, base in (
+    ("+ agent.runtime (no model)", "bare interpreter"),
+    ("+ numpy", "+ agent.runtime (no model)"),
+    ("+ both numpy executor sessions, 100 runs each", "+ numpy"),
+    ("+ onnxruntime", "+ numpy"),
+    ("+ both onnxruntime sessions, 100 runs each, default options", "+ onnxruntime"),
+    ("+ both onnxruntime sessions, 100 runs each, arena and pattern off", "+ onnxruntime"))}
 
 
 def _env() -> dict[str, str]:
@@ -88,14 +124,14 @@ def wall_s(argv: list[str], repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def agent_rss_mib(tmp: Path, port: int, with_models: bool) -> tuple[float, float]:
+def agent_rss_mib(tmp: Path, port: int, runtime: str | None) -> tuple[float, float]:
     """(RSS 3 s after READY, seconds to READY) of ``edge-agent run``."""
     sensors = [synthetic("meter", 1.0, quantity="active_power", unit="W", base=500.0),
                synthetic("radar", 1.0, quantity="speed_in", unit="m/s", base=12.0)]
     streams = [{"name": "energy", "sensors": ["meter"], "window_s": 10},
                {"name": "traffic", "sensors": ["radar"], "window_s": 10}]
-    models = ([{"name": "traffic", "stream": "traffic"}, {"name": "energy", "stream": "energy"}]
-              if with_models else [])
+    models = ([{"name": n, "stream": n, "runtime": runtime} for n in ("traffic", "energy")]
+              if runtime is not None else [])
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = agent_config(tmp, port, sensors=sensors, streams=streams, models=models)
     with agent_running(cfg, tmp / "agent.log") as a:
@@ -104,16 +140,21 @@ def agent_rss_mib(tmp: Path, port: int, with_models: bool) -> tuple[float, float
 
 
 def measure(repeat: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"components_mib": {}, "agent": {}, "cli_s": {}}
+    for package in ("agent", "drivers", "models"):
+        compileall.compile_dir(ROOT / package, quiet=1)
+    out: dict[str, Any] = {"components_mib": {}, "baselines_mib": {}, "agent": {}, "cli_s": {}}
     for label, code in COMPONENTS:
         out["components_mib"][label] = round(child_rss_mib(code), 1)
+    for label, code in BASELINES:
+        out["baselines_mib"][label] = round(child_rss_mib(code), 1)
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as d:
         tmp = Path(d)
         broker = Mosquitto(tmp / "mosq")
         broker.start()
         try:
-            for key, models in (("no_models", False), ("both_models", True)):
-                rss, ready = agent_rss_mib(tmp / key, broker.port, models)
+            for key, runtime in (("no_models", None), ("both_models", "auto"),
+                                 ("both_models_onnxruntime", "onnxruntime")):
+                rss, ready = agent_rss_mib(tmp / key, broker.port, runtime)
                 out["agent"][key] = {"rss_mib": round(rss, 1), "ready_s": round(ready, 2)}
         finally:
             broker.stop()
@@ -133,17 +174,20 @@ def measure(repeat: int) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     comp = r["components_mib"]
     bare = comp["bare interpreter"]
-    lines = ["RSS by component (each a fresh interpreter; MiB, and what it adds to the row above)"]
-    prev = bare
+    lines = ["RSS by component (each a fresh interpreter; MiB, and what it adds to the row it "
+             "builds on)"]
     for label, mib in comp.items():
-        base = comp["+ onnxruntime"] if "sessions" in label else prev
-        lines.append(f"  {label:58s} {mib:6.1f}  (+{mib - base:5.1f})")
-        if "sessions" not in label:
-            prev = mib
-    lines.append(f"agent RSS {SETTLE_S:.0f} s after READY (bare interpreter {bare:.1f} MiB)")
+        base = comp[BASE_OF.get(label, "bare interpreter")]
+        lines.append(f"  {label:66s} {mib:6.1f}  (+{mib - base:5.1f})")
+    for label, mib in r["baselines_mib"].items():
+        lines.append(f"  {label:66s} {mib:6.1f}  (+{mib - bare:5.1f} over bare)")
+    both = r["baselines_mib"]["baseline: import onnxruntime, numpy"]
+    lines.append(f"agent RSS {SETTLE_S:.0f} s after READY (bare interpreter {bare:.1f} MiB, "
+                 f"import onnxruntime, numpy {both:.1f} MiB)")
     for key, row in r["agent"].items():
-        lines.append(f"  {key:12s} {row['rss_mib']:6.1f} MiB  = {row['rss_mib'] / bare:4.1f} x "
-                     f"bare  (READY after {row['ready_s']:.2f} s)")
+        lines.append(f"  {key:24s} {row['rss_mib']:6.1f} MiB  = {row['rss_mib'] / bare:4.1f} x "
+                     f"bare, {row['rss_mib'] / both:4.2f} x import onnxruntime, numpy  "
+                     f"(READY after {row['ready_s']:.2f} s)")
     cli = r["cli_s"]
     base = cli["python -c pass"]
     lines.append("CLI wall time, median (s)")

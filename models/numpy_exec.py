@@ -15,6 +15,7 @@ onnxruntime's CPU kernels; results agree to about 1e-6 (tests compare every ship
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from models.numpy_plan import Plan, plannable
+
+_FLOAT32 = np.dtype(np.float32)
+PLANS_KEPT = 4  # input shapes with a plan; a caller cycling through more is interpreted
 
 class GraphError(ValueError):
     """The file is not a graph this executor can run; the message says why."""
@@ -214,8 +219,9 @@ def _gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None, *, alpha: f
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return np.asarray(1.0 / (1.0 + np.exp(-x)), dtype=x.dtype)
+    # 1 / (1 + exp(-x)) written through tanh, which cannot overflow (and is what a plan runs)
+    half = np.float32(0.5)
+    return np.asarray(np.tanh(x * half) * half + half, dtype=x.dtype)
 
 
 def _clip(x: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None
@@ -325,6 +331,12 @@ class NumpySession:
         absent = [o.name for o in self._outputs if o.name not in known]
         if absent:
             raise GraphError(f"graph outputs {absent} are produced by no node")
+        self._known = frozenset(known)
+        self._fed = [(i.name, i.type == "tensor(float)") for i in self._inputs]
+        self._output_names = [o.name for o in self._outputs]
+        self._plannable = plannable([(n.op, n.inputs) for n in self._nodes], self._constants)
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._lock = threading.Lock()  # a plan's arrays are shared: one run at a time
 
     @classmethod
     def from_path(cls, path: str | Path) -> NumpySession:
@@ -337,22 +349,43 @@ class NumpySession:
         return list(self._outputs)
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, Any]) -> list[np.ndarray]:
-        values: dict[str, np.ndarray] = dict(self._constants)
-        for spec in self._inputs:
-            if spec.name not in feeds:
-                raise GraphError(f"input {spec.name!r} is not fed")
-            arr = np.asarray(feeds[spec.name])
-            if spec.type == "tensor(float)" and arr.dtype != np.float32:
-                raise GraphError(f"input {spec.name!r}: expected float32, got {arr.dtype}")
-            values[spec.name] = arr
+        arrays: dict[str, np.ndarray] = {}
+        for name, is_float in self._fed:
+            if name not in feeds:
+                raise GraphError(f"input {name!r} is not fed")
+            arr = np.asarray(feeds[name])
+            if is_float and arr.dtype != _FLOAT32:
+                raise GraphError(f"input {name!r}: expected float32, got {arr.dtype}")
+            arrays[name] = arr
+        wanted = self._output_names if names is None else names
+        if not self._known.issuperset(wanted):
+            unknown = [n for n in wanted if n not in self._known]
+            raise GraphError(f"outputs {unknown} are not in the graph")
+        if not self._plannable or not self._lock.acquire(blocking=False):
+            return self._interpret(wanted, arrays)[0]  # busy on another thread: no waiting
+        try:
+            key = tuple([(a.shape, a.dtype.num) for a in arrays.values()])
+            plan = self._plans.get(key)
+            if plan is not None and plan.names.issuperset(wanted):
+                return plan.run(arrays, wanted)
+            if plan is not None:  # an intermediate a plan folded away: interpreted
+                return self._interpret(wanted, arrays)[0]
+            out, values = self._interpret(wanted, arrays)
+            if len(self._plans) < PLANS_KEPT:
+                self._plans[key] = Plan(self._nodes, self._constants, arrays, values, ops=OPS,
+                                        outputs=self._output_names)
+            return out
+        finally:
+            self._lock.release()
+
+    def _interpret(self, wanted: Sequence[str], feeds: dict[str, np.ndarray]
+                   ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """One run node by node: the outputs and every value."""
+        values: dict[str, np.ndarray] = {**self._constants, **feeds}
         for node in self._nodes:
             args = [values[i] if i else None for i in node.inputs]
             while args and args[-1] is None:  # trailing optional inputs left out
                 args.pop()
             result = OPS[node.op](*args, **node.attrs)
             values[node.outputs[0]] = np.asarray(result)
-        wanted = [o.name for o in self._outputs] if names is None else list(names)
-        unknown = [n for n in wanted if n not in values]
-        if unknown:
-            raise GraphError(f"outputs {unknown} are not in the graph")
-        return [values[n] for n in wanted]
+        return [values[n] for n in wanted], values

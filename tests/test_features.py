@@ -17,8 +17,8 @@ from agent.pipeline.features import (
     InputSpec,
     parse_input,
     rollup,
-    time_features,
 )
+from agent.pipeline.localtime import LocalTime, time_features
 from agent.readings import ChannelStats, Window
 
 NS = 1_000_000_000
@@ -55,6 +55,19 @@ def test_time_features_in_local_time() -> None:
     assert (f["dow_sin"], f["dow_cos"]) == pytest.approx((0.0, 1.0))
     utc = time_features(T0 + 300, ZoneInfo("UTC"))
     assert utc["hour_sin"] != pytest.approx(f["hour_sin"])
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "Australia/Lord_Howe", "Asia/Kathmandu",
+                                  "America/St_Johns", "UTC"])
+def test_the_remembered_offsets_give_the_definition_across_offset_changes(zone: str) -> None:
+    """A year and a half in steps of 7 s to 2 h, in zones with half-hour and 45-minute offsets and a
+    half-hour daylight-saving change (Lord Howe): the same numbers as the definition."""
+    tz = ZoneInfo(zone)
+    clock, rng = LocalTime(tz), np.random.default_rng(4)
+    t = float(T0)
+    for step in rng.choice([7, 10, 60, 300, 900, 7200], 40_000):
+        t += float(step)
+        assert clock.features(t) == time_features(t, tz), t
 
 
 def test_short_windows_roll_up_into_the_model_window() -> None:

@@ -42,11 +42,15 @@ def variant(tmp_path: Path, name: str, tag: str) -> Path:
     return dst
 
 
-@pytest.fixture
-def stage() -> InferenceStage:
-    """Both shipped models with the skill guard off: what the model itself says."""
-    s = InferenceStage([ModelConfig(name="traffic", stream="traffic", guard=False),
-                        ModelConfig(name="energy", stream="cabinet", guard=False)])
+@pytest.fixture(params=["auto", "onnxruntime"])
+def stage(request: pytest.FixtureRequest) -> InferenceStage:
+    """Both shipped models with the skill guard off: what the model itself says, in each runtime
+    (``auto`` is the numpy executor for these graphs)."""
+    rt = request.param
+    s = InferenceStage([ModelConfig(name="traffic", stream="traffic", guard=False, runtime=rt),
+                        ModelConfig(name="energy", stream="cabinet", guard=False, runtime=rt)])
+    want = "numpy" if rt == "auto" else rt
+    assert {m["runtime"] for m in s.status()["models"].values()} == {want}
     yield s
     s.close()
 
@@ -99,25 +103,25 @@ async def test_sessions_run_where_the_load_time_probe_put_them(
 
 
 def test_the_probe_keeps_a_slow_model_on_the_worker(stage: InferenceStage) -> None:
-    from agent.pipeline.loaded_model import INLINE_P99_MS
+    from agent.pipeline.loaded_model import INLINE_MS
 
     model = stage._slots["traffic"].active
     st = stage.status()["models"]["traffic"]
-    # The choice follows the measured p99 on the manifest's fill values.
-    assert st["probe_p99_ms"] is not None and st["probe_p99_ms"] >= 0
-    assert st["runs_on"] == ("loop" if model.probe_p99_ms <= INLINE_P99_MS else "worker")
+    # The choice follows the measured p90 on the manifest's fill values.
+    assert 0 <= st["probe_p90_ms"] <= st["probe_p99_ms"]
+    assert st["runs_on"] == ("loop" if model.probe_p90_ms <= INLINE_MS else "worker")
     original = model.run
 
     def slow(row):  # the real session, then the CPU kept busy as a large model would
         out = original(row)
-        t_end = time.perf_counter() + 2 * INLINE_P99_MS / 1000
+        t_end = time.perf_counter() + 2 * INLINE_MS / 1000
         while time.perf_counter() < t_end:
             pass
         return out
 
     model.run = slow  # type: ignore[method-assign]
     model.probe()
-    assert model.runs_on == "worker" and model.probe_p99_ms > INLINE_P99_MS
+    assert model.runs_on == "worker" and model.probe_p90_ms > INLINE_MS
 
 
 async def test_energy_anomaly_score_flags_a_spike(stage: InferenceStage) -> None:

@@ -90,6 +90,45 @@ result = {{'windows': asyncio.run(go())}}
     assert got["loaded"] == []
 
 
+def test_an_agent_with_the_shipped_models_never_imports_onnxruntime(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    """The default runtime runs the shipped graphs in the numpy executor: neither the start-up
+    check of the config nor the running agent loads onnxruntime (about 30 MiB of RSS)."""
+    code = f"""
+import asyncio
+from pathlib import Path
+from agent.config.load import parse_config
+from agent.preflight import preflight
+from tests.harness import make_config, running_agent, until
+
+def synthetic(name, quantity, unit, base):
+    return {{"name": name, "driver": "synthetic", "period_s": 0.05,
+             "options": {{"quantity": quantity, "unit": unit, "base": base}}}}
+
+async def go():
+    data = make_config(
+        Path({str(tmp_path)!r}), {broker.port},
+        sensors=[synthetic("meter", "active_power", "W", 500.0),
+                 synthetic("radar", "speed_in", "m/s", 12.0)],
+        streams=[{{"name": "energy", "sensors": ["meter"], "window_s": 1}},
+                 {{"name": "traffic", "sensors": ["radar"], "window_s": 1}}],
+        models=[{{"name": "traffic", "stream": "traffic"}},
+                {{"name": "energy", "stream": "energy"}}])
+    checked = preflight(parse_config(data))
+    assert not checked.problems, checked.problems
+    async with running_agent(data) as agent:
+        p = agent.pipeline
+        await until(lambda: len(p.last_inference) >= 2, what="an inference of each model",
+                    timeout_s=30)
+        return sorted(m["runtime"] for m in p.infer.status()["models"].values())
+
+result = {{'runtimes': asyncio.run(go())}}
+"""
+    got = fresh(code)
+    assert got["runtimes"] == ["numpy", "numpy"]
+    assert got["loaded"] == ["numpy"]
+
+
 def test_the_default_socket_is_one_value_everywhere() -> None:
     from agent.config.schema import ControlConfig
     from agent.control import client, server

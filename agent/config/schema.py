@@ -308,8 +308,9 @@ class ModelConfig(_Frozen):
         86_400.0)
     """Seconds of live windows the candidate must have been scored on before activation."""
     runtime: Literal["auto", "onnxruntime", "numpy"] = "auto"
-    """What runs the graph: `auto` is onnxruntime where it is installed, else the package's numpy
-    executor (32-bit Raspberry Pi OS, where onnxruntime has no wheel)."""
+    """What runs the graph: `auto` is the package's numpy executor when it supports every operator
+    of the graph (it does for the shipped models; the process then never loads onnxruntime),
+    else onnxruntime."""
 
 
 MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode

@@ -36,14 +36,16 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import numpy.typing as npt
 
+from agent.pipeline.localtime import TIME_FEATURES, LocalTime
 from agent.readings import ChannelStats, Window
+
+if TYPE_CHECKING:  # numpy.typing is for the checker; the agent does not load it
+    import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ TRAFFIC_QUANTITIES = ("flow_veh_h", "speed_in_mean", "speed_out_mean", "speed_me
 ENERGY_QUANTITIES = ("power_mean_w",)
 WEATHER_QUANTITIES = ("temperature", "humidity")
 WINDOW_QUANTITIES = TRAFFIC_QUANTITIES + ENERGY_QUANTITIES
-TIME_FEATURES = ("hour_sin", "hour_cos", "dow_sin", "dow_cos", "doy_sin", "doy_cos")
 # Energy's lag287 (a day back) on 60 s windows keeps 1,455 stream windows (~1 MB), on 10 s
 # windows 8,730 (~4 MB); the cap bounds one model's history to ~9 MB whatever the stream.
 MAX_HISTORY_WINDOWS = 16_384
@@ -98,19 +99,6 @@ def parse_input(name: str) -> tuple[str, int]:
     if m and m["base"] in WINDOW_QUANTITIES + WEATHER_QUANTITIES:
         return m["base"], int(m["lag"])
     raise FeatureError(f"unknown model input {name!r}")
-
-
-def time_features(ts_s: float, tz: ZoneInfo) -> dict[str, float]:
-    local = datetime.fromtimestamp(ts_s, tz=tz)
-    hour = local.hour + local.minute / 60 + local.second / 3600
-    dow = local.weekday()
-    doy = local.timetuple().tm_yday - 1 + hour / 24
-    h, d, y = 2 * math.pi * hour / 24, 2 * math.pi * dow / 7, 2 * math.pi * doy / 365.25
-    return {
-        "hour_sin": math.sin(h), "hour_cos": math.cos(h),
-        "dow_sin": math.sin(d), "dow_cos": math.cos(d),
-        "doy_sin": math.sin(y), "doy_cos": math.cos(y),
-    }
 
 
 def _finite(x: float | None) -> bool:
@@ -265,7 +253,7 @@ class _Ring:
     def prune(self, now_ns: int) -> None:
         """Forget windows that start before ``now - horizon`` or exceed the count cap."""
         live = self.starts[self.head:self.n]
-        drop = int(np.searchsorted(live, now_ns - self.horizon_ns, side="left"))
+        drop = int(live.searchsorted(now_ns - self.horizon_ns))
         if len(live) - drop > self.cap:
             self.capped += len(live) - drop - self.cap
             drop = len(live) - self.cap
@@ -276,11 +264,11 @@ class _Ring:
     def sums(self, start_ns: int, end_ns: int) -> list[float]:
         """The period vector of the windows starting in [start, end)."""
         live = self.starts[self.head:self.n]
-        lo = int(np.searchsorted(live, start_ns, side="left"))
-        hi = int(np.searchsorted(live, end_ns, side="left"))
+        lo = int(live.searchsorted(start_ns))
+        hi = int(live.searchsorted(end_ns))
         if lo >= hi:
             return _NAN_PERIOD
-        return _values_of(self.parts[self.head + lo:self.head + hi].sum(axis=0))
+        return _values_of(np.add.reduce(self.parts[self.head + lo:self.head + hi], axis=0))
 
     def period(self, end_ns: int) -> list[float]:
         """The roll-up of the model window ending at ``end_ns``."""
@@ -311,7 +299,7 @@ class FeatureBuilder:
         if spec.window_s <= 0:
             raise FeatureError(f"window_s must be positive, got {spec.window_s}")
         self.spec = spec
-        self._tz = ZoneInfo(spec.timezone)
+        self._clock = LocalTime(ZoneInfo(spec.timezone))
         self._window_ns = spec.window_s * _NS
         self._parsed = [parse_input(i.name) for i in spec.inputs]
         self._names = spec.names
@@ -324,6 +312,11 @@ class FeatureBuilder:
                                 if b in WEATHER_QUANTITIES]
         self._window_inputs = [(i, index[b], lag, self._hold_ns[b])
                                for i, (b, lag) in enumerate(self._parsed) if b in index]
+        # The window inputs by lag (ns back from the row's end): one period lookup per lag.
+        by_lag: dict[int, list[tuple[int, int, float]]] = {}
+        for i, q, lag, hold_ns in self._window_inputs:
+            by_lag.setdefault(lag * self._window_ns, []).append((i, q, hold_ns))
+        self._lagged = list(by_lag.items())
         lags = [lag for base, lag in self._parsed if base in WINDOW_QUANTITIES]
         holds = [self._hold_periods(base) for base, _ in self._parsed if base in WINDOW_QUANTITIES]
         horizon = (max(lags, default=0) + max(holds, default=0) + 1) * self._window_ns
@@ -432,24 +425,26 @@ class FeatureBuilder:
         return p
 
     def _row(self, end_ns: int, current: list[float]) -> FeatureRow:
+        isfinite = math.isfinite
         vals = [math.nan] * len(self._parsed)
         if self._time_inputs:
-            times = time_features(end_ns / _NS, self._tz)
+            times = self._clock.features(end_ns / _NS)
             for i, name in self._time_inputs:
                 vals[i] = times[name]
         for i, name, lag in self._weather_inputs:
             vals[i] = self._weather_at(name, end_ns - lag * self._window_ns)
         periods: dict[int, list[float]] = {end_ns: current}
-        for i, q, lag, hold_ns in self._window_inputs:
-            t = end_ns - lag * self._window_ns
+        for back_ns, inputs in self._lagged:
+            t = end_ns - back_ns
             p = periods.get(t)
             if p is None:
                 p = periods[t] = self._ring.period(t)
-            v = p[q]
-            vals[i] = v if math.isfinite(v) else self._held(q, hold_ns, t, periods)
+            for i, q, hold_ns in inputs:
+                v = p[q]
+                vals[i] = v if isfinite(v) else self._held(q, hold_ns, t, periods)
         missing = []
         for i, v in enumerate(vals):
-            if not math.isfinite(v):
+            if not isfinite(v):
                 vals[i] = self._fill_values[i]
                 missing.append(self._names[i])
         return FeatureRow(end_ns - self._window_ns, end_ns, np.array(vals, dtype=np.float32),

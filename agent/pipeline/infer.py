@@ -1,7 +1,7 @@
 """The inference stage: stream windows -> feature rows -> ONNX graph -> Inference.
 
-The graph runs in onnxruntime where it is installed, else in the numpy executor
-(``models.numpy_exec``); a model's ``runtime`` setting chooses one explicitly.
+The graph runs in the package's numpy executor (``models.numpy_exec``) when it supports the
+graph, else in onnxruntime; a model's ``runtime`` setting chooses one explicitly.
 
 Every window of a model's stream gives one inference (``window_start_ns`` = that window's
 start), on the model window of ``window_s`` that ends with it (see ``agent.pipeline.features``): a
@@ -37,7 +37,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +77,10 @@ class InferenceStage:
         self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
         self._feature_errors: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-infer")
+        # Bound when the first model loads (importing them loads numpy); on_window runs per
+        # window and an import statement there costs more than its lookups.
+        self._feature_errors_type: type[Exception] = ValueError
+        self._run_all: Callable[[list[tuple[LoadedModel, FeatureRow]]], list[Any]] | None = None
         self.load_errors = self.reload(models)
 
     # -- loading -------------------------------------------------------------------------------
@@ -97,8 +101,11 @@ class InferenceStage:
                 continue
             # numpy and onnxruntime come in here, with the first configured model.
             from agent.pipeline.features import FeatureError
+            from agent.pipeline.loaded_model import run_all
             from agent.pipeline.skill import ShadowComparison
             from models.manifest import ModelError
+
+            self._feature_errors_type, self._run_all = FeatureError, run_all
 
             old = current.get(cfg.name)
             try:
@@ -159,10 +166,9 @@ class InferenceStage:
         """Feed a window of any stream; returns one inference per model (and shadow) of its
         stream, on the model window ending with it."""
         slots = self._slots
-        if not slots:
+        run_all = self._run_all
+        if not slots or run_all is None:
             return []
-        from agent.pipeline.features import FeatureError
-
         jobs: list[tuple[LoadedModel, FeatureRow]] = []
         for slot in slots.values():
             for m in (slot.active, slot.candidate):
@@ -173,15 +179,13 @@ class InferenceStage:
                     continue
                 try:
                     row = m.builder.push(w)
-                except FeatureError as exc:
+                except self._feature_errors_type as exc:
                     self._feature_error(m, str(exc))
                     continue
                 if row is not None:
                     jobs.append((m, row))
         if not jobs:
             return []
-        from agent.pipeline.loaded_model import run_all
-
         # Models measured as tiny at load run here on the loop; the others go to the worker in
         # one hop. Results keep the order of the jobs.
         worker = [j for j in jobs if j[0].runs_on == "worker"]
