@@ -5,7 +5,9 @@ and ``docs/status.schema.json`` cannot disagree.
 Every object is open (unknown fields are accepted and kept): a stage may add a counter without
 breaking a consumer, which by the feed's rule ignores fields it does not know. The fields listed
 here are the contract of the current major version. Times are in seconds (``_s``) or
-milliseconds (``_ms``), as their names say; counts are since the agent started.
+milliseconds (``_ms``), as their names say; counts are since the agent started. A stage that
+reports a new field names it here (then ``python docs/gen_mqtt_schemas.py``): a test fails on
+any field of a live health message that this model does not name.
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ class ModelStatus(_Open):
     out_of_range_windows: int = Field(default=0, ge=0)
     runs_on: str | None = Field(default=None, description="`loop` or `worker` (chosen at load "
                                                           "from a timing probe).")
+    probe_p90_ms: MaybeFloat = Field(default=None, description="The load-time probe's run "
+                                                               "time, 90th percentile.")
     probe_p99_ms: MaybeFloat = None
     shadow: ModelStatus | None = Field(default=None,
                                        description="The candidate run beside this one.")

@@ -192,7 +192,9 @@ async def test_every_message_type_validates_against_its_published_schema(
         jsonschema.validate(body, schema_of(name))
         model.model_validate(body)
         missing = undocumented(body, schema_of(name), schema_of(name).get("$defs", {}))
-        assert missing == [], f"{name}: fields its schema does not name: {missing}"
+        assert missing == [], (f"{name}: fields its schema does not name: {missing} (add them "
+                               "to the model, agent/health.py for health, then run "
+                               "python docs/gen_mqtt_schemas.py)")
         checked[name] = checked.get(name, 0) + 1
     assert set(checked) == {REQUEST, *(name for name, _ in TYPES.values())}, checked
     # One contract for the health body and `status --json`: each validates against both files.
@@ -204,7 +206,8 @@ async def test_every_message_type_validates_against_its_published_schema(
         jsonschema.validate(body, status_schema)
         jsonschema.validate(body, as_health)
         HealthSnapshot.model_validate(body)
-        assert undocumented(body, status_schema, status_schema["$defs"]) == []
+        missing = undocumented(body, status_schema, status_schema["$defs"])
+        assert missing == [], f"add {missing} to agent/health.py"
     assert all(body[s] for body in health for s in ("pipeline", "outbox", "uplink", "models",
                                                      "config_apply"))
     public = [json.loads(payload) for topic, payload in got
