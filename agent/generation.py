@@ -24,6 +24,7 @@ from agent.feed.messages import Draft
 from agent.feed.numbers import round_last_values
 from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
+from agent.fleet.model_deploy import ModelDeployments
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage, channel_map
@@ -99,12 +100,14 @@ class Pipeline:
         self.cleaner = Cleaner(cfg.sensors, self.clock, fuse_groups=fuse_groups(cfg.streams))
         self.windower = Windower(cfg.streams, cfg.sensors, clock=self.clock)
         self.anomalies = AnomalyStage(cfg)
-        models = [m for m in cfg.models if m.enabled]
         # The stage outlives a reload: a model that fails to load keeps its predecessor.
         self._owns_infer = infer is None
-        self.infer = InferenceStage(models) if infer is None else infer
-        if infer is not None:
-            infer.reload(models)
+        self.infer = InferenceStage() if infer is None else infer
+        # Deploys, activations and rollbacks choose the files; they outlive a restart.
+        self.deployments = ModelDeployments(cfg, self.infer)
+        errors = self.infer.reload(self.deployments.configs())
+        if infer is None:
+            self.infer.load_errors = errors
         self.history = self._history_recorder()
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
@@ -250,6 +253,8 @@ class Pipeline:
                     results: list[Inference] = await self.infer.on_window(w)
                     for inf in results:
                         self._publish_inference(inf)
+                    if results:
+                        self.deployments.after_window()
                 except Exception:  # a model failure must not stop the pipeline
                     self._error("infer", f"a window of {w.stream}")
             if self._process_done.is_set() and not len(self.windows_q):
@@ -282,8 +287,7 @@ class Pipeline:
             now = await asyncio.to_thread(self.infer.files)
             if now != seen:
                 log.info("model files changed: reloading models")
-                await asyncio.to_thread(self.infer.reload,
-                                        [m for m in self.cfg.models if m.enabled])
+                await asyncio.to_thread(self.infer.reload, self.deployments.configs())
                 seen = await asyncio.to_thread(self.infer.files)
 
     async def _health(self) -> None:
@@ -407,12 +411,13 @@ class Pipeline:
                 "model.activate": model_activate}
 
     def _fleet_handlers(self) -> dict[str, Handler]:
-        """The agent's commands that outlive a generation (``config.apply``, ...). While
-        ``[commands] require_signature`` is on, the state-changing ones are offered only by a
-        dispatcher that verifies signatures (``verifies_signatures``): never run unsigned."""
-        if self.agent is None:
-            return {}
-        handlers = dict(self.agent.command_handlers())
+        """The fleet commands: model deploys and rollbacks, and the agent's commands that
+        outlive a generation (``config.apply``, ...). While ``[commands] require_signature`` is
+        on, the state-changing ones are offered only by a dispatcher that verifies signatures
+        (``verifies_signatures``): never run unsigned."""
+        handlers = dict(self.deployments.handlers())
+        if self.agent is not None:
+            handlers.update(self.agent.command_handlers())
         if self.cfg.commands.require_signature and not getattr(
                 CommandDispatcher, "verifies_signatures", False):
             unsigned = sorted(n for n in handlers if n in STATE_CHANGING)
@@ -426,7 +431,7 @@ class Pipeline:
     def activate_model(self, name: str, force: bool) -> str:
         """Promote ``name``'s shadow candidate (refused with the scores unless it won on the
         live windows, or ``force``); returns how it scored."""
-        return self.infer.activate(name, force=force)
+        return self.deployments.activate(name, force)
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -448,6 +453,7 @@ class Pipeline:
             "sharing": self.sharing.stats(),
             "uplink": self.uplink.status(),
             "models": {"status": self.infer.status(), "last": self.last_inference,
+                       "deployments": self.deployments.status(),
                        "history": self.history.status() if self.history else None},
             "anomalies": self.anomalies.status(),
         }

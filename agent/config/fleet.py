@@ -44,3 +44,15 @@ class CommandsConfig(_Frozen):
 
     def trusted(self) -> dict[str, str]:
         return {k.id: k.public_key for k in self.trusted_keys}
+
+
+class ModelDeployConfig(_Frozen):
+    max_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
+    """Largest model deploy accepted over MQTT: the ONNX file and its manifest together."""
+    partial_expire_s: Annotated[float, Field(ge=60, le=30 * 86_400, allow_inf_nan=False)] = (
+        86_400.0)
+    """A deploy whose chunks stopped arriving this long ago is deleted (its chunks are on disk
+    beside the outbox until then, so a restart or a broker outage resumes it)."""
+    versions_kept: Annotated[int, Field(ge=1, le=16)] = 3
+    """Installed versions of a model kept on disk for `model.rollback`, besides the active one
+    and the candidate."""

@@ -33,7 +33,7 @@ from agent.config.base import (
     is_loopback,
 )
 from agent.config.cleaning import CleanOptions
-from agent.config.fleet import CommandsConfig
+from agent.config.fleet import CommandsConfig, ModelDeployConfig
 from agent.config.services import HistoryConfig, SparkplugConfig, WebConfig
 from drivers import registry
 
@@ -435,6 +435,9 @@ class AgentConfig(_Frozen):
     """The Sparkplug B output profile (off by default)."""
     commands: CommandsConfig = CommandsConfig()
     """Cloud commands: the keys that may sign state-changing ones."""
+    model_deploy: ModelDeployConfig = ModelDeployConfig()
+    """Models sent by the cloud (`model.deploy`): size, expiry of partial deploys, versions
+    kept."""
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:

@@ -49,7 +49,7 @@ from agent.readings import Inference, Window
 if TYPE_CHECKING:
     from agent.pipeline.features import FeatureRow
     from agent.pipeline.loaded_model import LoadedModel
-    from agent.pipeline.skill import ShadowComparison
+    from agent.pipeline.skill import ShadowComparison, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,17 @@ class InferenceStage:
         log.info("model %s: activated version %s (was %s)%s: %s", name, promoted.version,
                  slot.active.version, " by force" if force else "", reason)
         return reason
+
+    def candidate(self, name: str) -> tuple[Path, Verdict | None] | None:
+        """The shadow candidate of ``name`` (its file) and how it scores so far; None if it
+        has none."""
+        slot = self._slots.get(name)
+        if slot is None or slot.candidate is None:
+            return None
+        verdict = (slot.comparison.verdict(slot.config.activate_margin,
+                                           slot.config.activate_min_s)
+                   if slot.comparison is not None else None)
+        return slot.candidate.model.path, verdict
 
     # -- running -------------------------------------------------------------------------------
 
