@@ -271,10 +271,34 @@ class HistoryStatus(_Open):
     last_error: str | None
 
 
+class DeployInProgress(_Open):
+    name: str
+    version: str
+    count: int = Field(ge=0, description="Chunks in the deploy.")
+    missing: int = Field(ge=0, description="Chunks not received yet.")
+
+
+class ModelDeployStatus(_Open):
+    """Model files sent by the cloud in chunks (``model.deploy``, docs/fleet.md)."""
+
+    installed: int = Field(ge=0)
+    activated: int = Field(ge=0)
+    rolled_back: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    refused: dict[str, int] = Field(description="By reason.")
+    last: dict[str, str] = Field(description="By model: what happened to it last.")
+    state_error: str | None = None
+    in_progress: dict[str, DeployInProgress] = Field(default_factory=dict,
+                                                     description="By deploy id.")
+    expired: int = Field(default=0, ge=0)
+    evicted: int = Field(default=0, ge=0)
+
+
 class ModelsStatus(_Open):
     status: InferStatus
     last: dict[str, LastInference] = Field(description="By model (`<name>:shadow` for a "
                                                        "candidate).")
+    deployments: ModelDeployStatus | None = None
     history: HistoryStatus | None
 
 

@@ -123,7 +123,8 @@ class CommandResult(_Strict):
         "config, or one section of it, as JSON; outbox.stats the health message's `outbox` "
         "object; sensors.read {sensors: [...]} shaped as health's `sensors`; model.activate "
         "{activated, force, reason}; config.apply {deployment, state, sha256, ...} at once and "
-        "again when the trial ends (docs/fleet.md); config.rollback the same record."))
+        "again when the trial ends (docs/fleet.md); config.rollback the same record; "
+        "model.deploy and model.rollback the deploy's progress or outcome (docs/fleet.md)."))
     error: CommandErrorBody | None = Field(default=None,
                                            description="Why it failed, when not ok.")
     gateway: str
