@@ -21,6 +21,7 @@ from agent.config.schema import AgentConfig
 from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
+from agent.feed.numbers import round_last_values
 from agent.feed.raw_batch import RawBatcher
 from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
@@ -433,7 +434,7 @@ class Pipeline:
             if name is not None and not sensors:
                 raise ValueError(f"no sensor named {name!r}")
             # The reply leaves the gateway: the sharing policy decides which values it may carry.
-            return {"sensors": self.sharing.scrub_sensors(sensors)}
+            return {"sensors": round_last_values(self.sharing.scrub_sensors(sensors))}
 
         async def model_activate(args: dict[str, Any]) -> dict[str, Any]:
             name = args.get("name")

@@ -1,9 +1,8 @@
 """The ``edge-agent status`` screen and the JSON Schema of what ``status --json`` prints.
 
-The schema fixes the top-level sections and the parts this screen relies on (agent, sensors,
-clock) and stays open inside the sections other stages own, so they can grow without breaking
-old readers. ``docs/status.schema.json`` is generated from these models (``edge-agent status
---schema``); a test keeps the two equal.
+The snapshot is the health message's body, typed once in ``agent.health``; its objects are open
+so the stages can add counters without breaking old readers. ``docs/status.schema.json`` is
+generated from that model (``edge-agent status --schema``); a test keeps the two equal.
 
 Rendering takes the snapshot as plain data: plain text when the output is piped, a coloured
 table (``rich``, when installed) on a terminal.
@@ -15,67 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from agent.control.units import for_display
-
-OPEN = ConfigDict(extra="allow")
-
-
-class AgentInfo(BaseModel):
-    model_config = OPEN
-    version: str
-    gateway: str
-    uptime_s: float = Field(ge=0)
-    config_file: str | None
-    generation: int = Field(ge=0)
-    reloads_ok: int = Field(default=0, ge=0)
-    reloads_rejected: int = Field(default=0, ge=0)
-    last_reload_error: str = ""
-
-
-class LastValue(BaseModel):
-    model_config = OPEN
-    value: float | None
-    unit: str
-    quality: str
-
-
-class SensorStatus(BaseModel):
-    model_config = OPEN
-    name: str
-    driver: str
-    state: str
-    readings: int = Field(ge=0)
-    failures: int = Field(ge=0)
-    consecutive_failures: int = Field(ge=0)
-    last_error: str | None
-    last_reading_age_s: float | None
-    last_values: dict[str, LastValue]
-
-
-class ClockStatus(BaseModel):
-    model_config = OPEN
-    synced: bool | None
-
-
-class StatusSnapshot(BaseModel):
-    """What ``edge-agent status --json`` prints: one snapshot of the running agent."""
-
-    model_config = OPEN
-    agent: AgentInfo
-    sensors: list[SensorStatus]
-    queues: dict[str, Any]
-    pipeline: dict[str, Any]
-    clean: dict[str, Any]
-    clock: ClockStatus
-    outbox: dict[str, Any]
-    uplink: dict[str, Any]
-    models: dict[str, Any]
+from agent.health import HealthSnapshot
 
 
 def status_schema() -> dict[str, Any]:
-    schema = StatusSnapshot.model_json_schema()
+    schema = HealthSnapshot.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 

@@ -18,7 +18,6 @@ Builders turn pipeline contracts (Window, Inference, Reading, a health snapshot)
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.feed.numbers import DERIVED_UNITS, round_last_values, rounded, rounded_any
+from agent.health import HealthBody
 from agent.readings import ChannelStats, Inference, Reading, Window
 
 SCHEMA_WINDOW = "edge-agent/window/1"
@@ -71,7 +72,7 @@ class ChannelStatsModel(_Model):
     max: MaybeFloat
     last: MaybeFloat
     std: MaybeFloat
-    unit: str
+    unit: str = Field(description="From the unit vocabulary (docs/mqtt.md, Units).")
     suspect: Annotated[int, Field(ge=0)] = 0
     bad: Annotated[int, Field(ge=0)] = 0
 
@@ -86,7 +87,9 @@ class WindowMessage(FeedMessage):
     channels: dict[str, ChannelStatsModel] = Field(
         description="By channel `sensor.quantity`; statistics over good readings only.")
     fused: dict[str, ChannelStatsModel] = Field(default_factory=dict)
-    derived: dict[str, MaybeFloat] = Field(default_factory=dict)
+    derived: dict[str, MaybeFloat] = Field(
+        default_factory=dict, description="Values computed from the channels, by name: "
+        "meaning and unit in docs/mqtt.md (Derived values); null without input.")
     flags: list[str] = Field(default_factory=list)
 
 
@@ -98,8 +101,11 @@ class InferenceMessage(FeedMessage):
     version: str = Field(description="sha256 prefix of the model file.")
     stream: str
     window_start: datetime
-    outputs: dict[str, float | str | None]
-    latency_ms: MaybeFloat
+    outputs: dict[str, float | str | None] = Field(
+        description="By output name (units in the model's manifest) plus `<output>_model`, "
+        "class labels, `anomaly_score`, `anomaly`, `inputs_filled`: docs/mqtt.md (Model "
+        "outputs).")
+    latency_ms: MaybeFloat = Field(description="The model's run time, milliseconds.")
     shadow: bool = Field(default=False, description="True for a candidate model run beside "
                                                     "the active one.")
     source: Literal["model", "blend", "fallback"] = Field(
@@ -144,7 +150,7 @@ class ReadingMessage(FeedMessage):
     sensor: str
     quantity: str
     value: MaybeFloat
-    unit: str
+    unit: str = Field(description="From the unit vocabulary (docs/mqtt.md, Units).")
     sampled_at: datetime
     quality: Literal["good", "suspect", "bad"]
     reasons: list[str] = Field(default_factory=list)
@@ -182,7 +188,8 @@ class HealthMessage(FeedMessage):
     """A snapshot of the agent's health, on ``health``."""
 
     schema_: Literal["edge-agent/health/1"] = Field(alias="schema")
-    health: dict[str, Any]
+    health: HealthBody = Field(description="The same snapshot `edge-agent status --json` "
+                                               "prints (docs/status.schema.json).")
 
 
 M = TypeVar("M", bound=FeedMessage)
@@ -237,14 +244,11 @@ def to_datetime(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, UTC)
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
 def _stats(s: ChannelStats) -> dict[str, Any]:
-    return {"count": s.count, "mean": _finite(s.mean), "min": _finite(s.min),
-            "max": _finite(s.max), "last": _finite(s.last), "std": _finite(s.std),
-            "unit": s.unit, "suspect": s.suspect, "bad": s.bad}
+    u = s.unit
+    return {"count": s.count, "mean": rounded(s.mean, u), "min": rounded(s.min, u),
+            "max": rounded(s.max, u), "last": rounded(s.last, u), "std": rounded(s.std, u),
+            "unit": u, "suspect": s.suspect, "bad": s.bad}
 
 
 def window_message(gateway: str, w: Window) -> Draft[WindowMessage]:
@@ -253,26 +257,25 @@ def window_message(gateway: str, w: Window) -> Draft[WindowMessage]:
         "start": to_datetime(w.start_ns), "end": to_datetime(w.end_ns),
         "channels": {k: _stats(v) for k, v in w.channels.items()},
         "fused": {k: _stats(v) for k, v in w.fused.items()},
-        "derived": {k: _finite(v) for k, v in w.derived.items()},
+        "derived": {k: rounded(v, DERIVED_UNITS.get(k, "")) for k, v in w.derived.items()},
         "flags": list(w.flags),
     })
 
 
 def inference_message(gateway: str, i: Inference) -> Draft[InferenceMessage]:
-    outputs = {k: (_finite(v) if isinstance(v, float) else v) for k, v in i.outputs.items()}
+    outputs = {k: rounded_any(v) for k, v in i.outputs.items()}
     return Draft(InferenceMessage, {
         "schema": SCHEMA_INFERENCE, "gateway": gateway, "model": i.model, "version": i.version,
         "stream": i.stream, "window_start": to_datetime(i.window_start_ns), "outputs": outputs,
-        "latency_ms": _finite(i.latency_ms), "shadow": i.shadow, "source": i.source,
-        "skill": None if i.skill is None else _finite(i.skill),
+        "latency_ms": rounded(i.latency_ms), "shadow": i.shadow, "source": i.source,
+        "skill": None if i.skill is None else rounded(i.skill),
         "out_of_range": list(i.out_of_range),
     })
 
 
 def anomaly_message(gateway: str, event: Mapping[str, Any]) -> Draft[AnomalyMessage]:
     """``event`` is an ``AnomalyEvent.to_message()`` body (schema, times as ISO 8601)."""
-    evidence = {k: (_finite(v) if isinstance(v, float) else v)
-                for k, v in dict(event.get("evidence") or {}).items()}
+    evidence = {k: rounded_any(v) for k, v in dict(event.get("evidence") or {}).items()}
     return Draft(AnomalyMessage, {**event, "schema": SCHEMA_ANOMALY, "gateway": gateway,
                                   "evidence": evidence})
 
@@ -280,7 +283,7 @@ def anomaly_message(gateway: str, event: Mapping[str, Any]) -> Draft[AnomalyMess
 def reading_message(gateway: str, stream: str, r: Reading) -> Draft[ReadingMessage]:
     return Draft(ReadingMessage, {
         "schema": SCHEMA_READING, "gateway": gateway, "stream": stream, "sensor": r.sensor,
-        "quantity": r.quantity, "value": _finite(r.value), "unit": r.unit,
+        "quantity": r.quantity, "value": rounded(r.value, r.unit), "unit": r.unit,
         "sampled_at": to_datetime(r.ts_ns), "quality": r.quality, "reasons": list(r.reasons),
     })
 
@@ -301,6 +304,7 @@ def health_message(gateway: str, snapshot: Mapping[str, Any]) -> Draft[HealthMes
     # Round-trip through JSON so a snapshot that cannot be published fails here, at the
     # caller, and not later in the publisher.
     body = json.loads(json.dumps(dict(snapshot), allow_nan=False, default=str))
+    round_last_values(body.get("sensors"))
     return Draft(HealthMessage, {"schema": SCHEMA_HEALTH, "gateway": gateway, "health": body})
 
 
