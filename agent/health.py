@@ -60,6 +60,10 @@ class SensorStatus(_Open):
                                                  "errors, ...).")
     next_retry_s: MaybeFloat = Field(default=None,
                                      description="Seconds until the next open attempt.")
+    last_error_age_s: MaybeFloat = Field(default=None,
+                                         description="Seconds since `last_error`; null when none.")
+    next_retry_in_s: MaybeFloat = Field(default=None, description=(
+        "Seconds until the next attempt while retrying; null when not waiting."))
 
 
 class QueueStats(_Open):
@@ -75,6 +79,8 @@ class PipelineStats(_Open):
     windows: int = Field(ge=0, description="Windows published.")
     inferences: int = Field(ge=0, description="Model results published.")
     raw: int = Field(ge=0, description="Raw readings published.")
+    raw_readings: int = Field(default=0, ge=0, description=(
+        "Readings handed to the raw lane, counted once per stream (a batch holds many)."))
     heartbeat_age_s: float = Field(ge=0, description="Since the processing loop last ran.")
     errors: dict[str, int] = Field(default_factory=dict, description="By stage.")
 
@@ -135,6 +141,10 @@ class OutboxStats(_Open):
     commit_errors: int = Field(ge=0)
     last_commit_ms: float
     max_commit_ms: float
+    published_through: int = Field(default=0, ge=0, description=(
+        "Messages handed to the uplink before their commit (publish-through)."))
+    acked_before_commit: int = Field(default=0, ge=0, description=(
+        "Of those, acknowledged by the broker before their commit, so never written."))
     seq_skipped: list[Any] | None = Field(description="Seq ranges skipped after a power cut or "
                                                       "a replaced file: not a loss.")
 
@@ -184,6 +194,10 @@ class UplinkStatus(_Open):
     blamed: int = Field(ge=0)
     probes_refused: int = Field(ge=0)
     last_error: str | None
+    last_error_age_s: MaybeFloat = Field(default=None,
+                                         description="Seconds since `last_error`; null when none.")
+    next_attempt_in_s: MaybeFloat = Field(default=None, description=(
+        "Seconds until the next connection attempt while waiting; null otherwise."))
     commands: CommandStats | None
 
 
