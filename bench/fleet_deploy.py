@@ -191,7 +191,7 @@ async def _pings(commander: TimedCommander, ids: list[str]) -> dict[str, Any]:
             "total_s": round(total, 2), **_percentiles(commander.per_gateway_s())}
 
 
-async def _cloud_main(host: str, port: int, prefix: str, ids: list[str],
+async def run_cloud(host: str, port: int, prefix: str, ids: list[str],
                       key_path: str) -> dict[str, Any]:
     import aiomqtt
 
@@ -223,7 +223,7 @@ def cloud(host: str, port: int, prefix: str, ids: list[str], key_path: str,
     # aiomqtt warns whenever more than ten publishes wait for their PUBACK: here, by design.
     logging.getLogger("mqtt").setLevel(logging.ERROR)
     try:
-        out: dict[str, Any] = asyncio.run(_cloud_main(host, port, prefix, ids, key_path))
+        out: dict[str, Any] = asyncio.run(run_cloud(host, port, prefix, ids, key_path))
     except Exception as exc:  # reported to the parent, which fails the run
         out = {"error": f"{type(exc).__name__}: {exc}"}
     with contextlib.suppress(OSError, BrokenPipeError):
