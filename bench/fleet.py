@@ -227,16 +227,19 @@ def _deploy(host: str, port: int, ids: list[str], key_path: Path, fleet: Fleet,
     if "error" in out:
         raise RuntimeError(f"the cloud side failed: {out['error']}")
     seen: dict[str, Any] = {"in_shadow": 0, "wrong": {}, "refused": collections.Counter(),
+                            "refused_commands": collections.Counter(),
                             "commands": collections.Counter()}
     for part in fleet.ask("deployed"):
         seen["in_shadow"] += part["in_shadow"]
         seen["wrong"].update(part["wrong"])
         seen["refused"].update(part["refused"])
+        seen["refused_commands"].update(part["refused_commands"])
         seen["commands"].update(part["commands"])
     out["gateways_say"] = {"in_shadow": seen["in_shadow"],
                            "wrong": dict(list(seen["wrong"].items())[:10]),
                            "wrong_count": len(seen["wrong"]),
                            "refused": dict(seen["refused"]),
+                           "refused_commands": dict(seen["refused_commands"]),
                            "commands": dict(seen["commands"])}
     return out
 
@@ -333,8 +336,9 @@ def _print_deploy(d: dict[str, Any]) -> None:
           f"{json.dumps(ping['failed'])}")
     print(f"{'requests, chunks sent':<44} {dep['requests']}, {dep['chunks_sent']}")
     say = d["gateways_say"]
-    print(f"{'gateways running it in shadow':<44} {say['in_shadow']}  (refused: "
-          f"{json.dumps(say['refused'])}, not: {say['wrong_count']})")
+    print(f"{'gateways running it in shadow':<44} {say['in_shadow']}  (not: "
+          f"{say['wrong_count']}; artifacts refused: {json.dumps(say['refused'])}, commands "
+          f"refused: {json.dumps(say['refused_commands'])})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import importlib
 import inspect
 import logging
 import re
@@ -91,6 +92,9 @@ class FleetGateway:
             extra["trusted"] = TrustedKeys(cfg.commands.trusted())
         if "require_signature" in _PARAMS:
             extra["require_signature"] = cfg.commands.require_signature
+        self.seen = _seen_ids(Path(cfg.outbox.path).parent)
+        if self.seen is not None:
+            extra["seen"] = self.seen
         self.commands = CommandDispatcher(self.deployments.handlers(), **extra)
         self.uplink = Uplink(cfg.mqtt, self.id, self.outbox, self.commands)
 
@@ -111,6 +115,19 @@ class FleetGateway:
 
     def close(self) -> None:
         self.stage.close()
+        if self.seen is not None:
+            self.seen.close()
+
+
+def _seen_ids(root: Path) -> Any:
+    """The gateway's SQLite table of command ids beside its outbox, where this code base's
+    dispatcher keeps one (its ``seen``); else None."""
+    if "seen" not in _PARAMS:
+        return None
+    mod = importlib.import_module("agent.uplink.seen")  # absent where ids are not kept
+    seen = mod.SeenCommands(root / mod.SEEN_FILE)
+    seen.open()
+    return seen
 
 
 def check_deployed(gateways: list[FleetGateway]) -> dict[str, Any]:
@@ -118,15 +135,18 @@ def check_deployed(gateways: list[FleetGateway]) -> dict[str, Any]:
     sha = hashlib.sha256(MODEL.read_bytes()).hexdigest()
     wrong: dict[str, str] = {}
     refused: collections.Counter[str] = collections.Counter()
+    refused_commands: collections.Counter[str] = collections.Counter()
     commands: collections.Counter[str] = collections.Counter()
     for g in gateways:
         why = g.deployed(sha)
         if why is not None:
             wrong[g.id] = why
         refused.update(g.deployments.refused)
+        refused_commands.update(getattr(g.commands, "refused", {}))  # where it counts them
         commands.update({k: v for k, v in g.commands.counts.items() if isinstance(v, int)})
     return {"in_shadow": len(gateways) - len(wrong), "wrong": wrong,
-            "refused": dict(refused), "commands": dict(commands)}
+            "refused": dict(refused), "refused_commands": dict(refused_commands),
+            "commands": dict(commands)}
 
 
 # -- the cloud side ----------------------------------------------------------------------
