@@ -13,6 +13,12 @@ gateway reconnects as soon as the port is open) and once at the default. For eac
 gives the peak connect rate seen by the broker (its own log, one-second bins), the time from the
 broker's start until every gateway is connected again, and, after a final drain, how many
 accepted messages the subscriber never received (lost) and received twice (duplicated).
+
+After the second restart, while the gateways keep producing, the cloud side (its own process,
+``bench.fleet_deploy``) deploys the shipped energy model, signed, to every gateway and collects
+a result per gateway: succeeded, failed by reason, total and p50/p99 per-gateway time, beside a
+``ping`` round trip to each gateway over the same connection. The gateways then say what they
+run. The exit status is 1 if any gateway failed or any message was lost.
 """
 
 from __future__ import annotations

@@ -215,6 +215,9 @@ async def run_cloud(host: str, port: int, prefix: str, ids: list[str],
                       key_path: str) -> dict[str, Any]:
     import aiomqtt
 
+    # aiomqtt (at import) sets its logger to warn whenever more than ten publishes wait for
+    # their PUBACK: here, by design.
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
     key = SigningKey.load(Path(key_path))
     envelope: Envelope = signed_envelope(key) if SIGNED_COMMANDS else plain_envelope
     async with aiomqtt.Client(host, port, identifier="fleet-bench-ops", timeout=30) as client, \
@@ -240,8 +243,6 @@ def cloud(host: str, port: int, prefix: str, ids: list[str], key_path: str,
           conn: Connection) -> None:
     """Process entry: deploy to ``ids``, send the report (or the error) down ``conn``."""
     logging.basicConfig(level=logging.ERROR)
-    # aiomqtt warns whenever more than ten publishes wait for their PUBACK: here, by design.
-    logging.getLogger("mqtt").setLevel(logging.ERROR)
     try:
         out: dict[str, Any] = asyncio.run(run_cloud(host, port, prefix, ids, key_path))
     except Exception as exc:  # reported to the parent, which fails the run
