@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config.schema import MqttConfig
+from agent.uplink.backoff import Backoff
 from agent.uplink.connection import ConnectFailed, Link, NoConnack, Refused, TlsFailed
 from agent.uplink.reach import PortProbe
 from agent.uplink.tls import ClientContext, read_credentials, tls_context
@@ -93,6 +94,12 @@ class Connector:
     @property
     def probe(self) -> PortProbe:
         return self.probes[self.index]
+
+    def probe_wait_s(self, backoff: Backoff) -> float:
+        """Until the next probe of a port that took no connection: soon (a restarting broker),
+        but backed off when its name did not resolve (asking the resolver twice a second would
+        load it)."""
+        return backoff.next_delay() if self.probe.dns_failed else self.probe.interval_s()
 
     def failover(self) -> bool:
         """The current broker failed: move to the next. True when that one has not failed in

@@ -130,11 +130,8 @@ class Uplink:
             while True:
                 self._state = "probing"
                 if not await self._reachable():
-                    if self.connector.failover():
-                        continue
-                    probe = self.connector.probe
-                    await self.backoff.sleep(self.backoff.next_delay() if probe.dns_failed
-                                             else probe.interval_s())
+                    if not self.connector.failover():  # else the next broker, at once
+                        await self.backoff.sleep(self.connector.probe_wait_s(self.backoff))
                     continue
                 if self._spread_due:
                     self._spread_due = False
