@@ -14,11 +14,11 @@ Only ``id`` is always required. The checks, in order (``check`` returns the firs
   ``DEFAULT_LIFETIME_S``. A lifetime above ``MAX_LIFETIME_S`` is refused, so the table of seen
   ids only ever has to remember a bounded stretch of time.
 * A command in ``STATE_CHANGING`` with ``require_signature`` on must carry ``sig``, and then also
-  ``gateway``, ``issued_at`` and ``expires_at``: they are part of what is signed. Refusals
-  carry the ``SignatureRefused`` reason (``unsigned``, ``malformed_signature``, ``unknown_key``,
-  ``bad_signature``). A command that needs no signature runs whether it carries one or not:
-  checking it would protect nothing (whoever could send a bad one could send none), and a
-  cloud that signs everything must still reach gateways that trust other keys.
+  ``gateway``, ``issued_at`` and ``expires_at``: they are part of what is signed. A ``sig`` that
+  is present is checked on every command, whatever the setting: a bad signature is never
+  ignored (a cloud that signs everything learns of a gateway that trusts other keys from its
+  first ping). Refusals carry the ``SignatureRefused`` reason (``unsigned``,
+  ``malformed_signature``, ``unknown_key``, ``bad_signature``).
 
 The signed body is ``{gateway, name, id, issued_at, expires_at, args}`` with the values exactly
 as sent (``args`` before any defaults are filled in), in the ``cmd`` domain of
@@ -121,7 +121,7 @@ def check(req: CommandRequest, *, gateway: str, name: str, now: datetime,
     if issued is not None and (issued - now).total_seconds() > CLOCK_SKEW_S:
         return Refusal("issued_in_future", f"issued_at {issued.isoformat()} is more than "
                                            f"{CLOCK_SKEW_S:g} s ahead of this gateway's clock")
-    if not signature_required:
+    if req.sig is None and not signature_required:
         return Validity(expires, None)
     if req.sig is None:
         return Refusal("unsigned", f"{name!r} changes the gateway and must be signed by a "
