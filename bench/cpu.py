@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import logging
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +30,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.e2e import PREFIX, ReadingCounter  # noqa: E402
-from bench.procs import GATEWAY, agent_config, agent_running, cpu_s, raw_share, synthetic  # noqa: E402
+from bench.procs import (  # noqa: E402
+    GATEWAY,
+    agent_config,
+    agent_running,
+    cpu_s,
+    extract,
+    raw_share,
+    rev_before,
+    synthetic,
+)
 from tests.broker import Mosquitto  # noqa: E402
 
 SENSORS = 10
@@ -42,21 +48,7 @@ PER_POLL = 7
 
 
 def before_rev() -> str:
-    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--",
-                            "agent/feed/raw_batch.py"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    if not added:
-        raise SystemExit("agent/feed/raw_batch.py is not committed yet: pass --before REV")
-    return added[-1] + "~1"
-
-
-def extract(rev: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
-                             capture_output=True).stdout
-    dest.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
+    return rev_before("agent/feed/raw_batch.py")
 
 
 def config(d: Path, port: int) -> Path:

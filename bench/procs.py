@@ -6,10 +6,12 @@ CPU time and memory come from ``/proc/<pid>/stat`` and ``/proc/<pid>/status`` (L
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +155,22 @@ def bare_startup_s(repeat: int = 5) -> float:
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         times.append(time.monotonic() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def rev_before(path: str) -> str:
+    """The commit before the one that added ``path``: the tree a before/after bench compares."""
+    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", path],
+                           cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    if not added:
+        raise SystemExit(f"{path} is not committed yet: pass --before REV")
+    return added[-1] + "~1"
+
+
+def extract(rev: str, dest: Path) -> Path:
+    """The tree of ``rev`` written to ``dest`` (git archive, no checkout)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest

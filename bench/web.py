@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,28 +34,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.e2e import IDLE_BASELINE  # noqa: E402
-from bench.procs import NotifySocket, cpu_s, python_child, rss_kib, synthetic  # noqa: E402
+from bench.procs import NotifySocket, cpu_s, extract, python_child, rev_before, rss_kib, synthetic  # noqa: E402
 from tests.broker import Mosquitto, free_port  # noqa: E402
 from tests.harness import make_config, write_toml  # noqa: E402
 from tests.web import chromium  # noqa: E402
 
 
 def before_rev() -> str:
-    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--",
-                            "agent/web/__init__.py"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
-    if not added:
-        raise SystemExit("agent/web is not committed yet: pass --before REV")
-    return added[-1] + "~1"
-
-
-def extract(rev: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
-                             capture_output=True).stdout
-    dest.mkdir(parents=True)
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
-    return dest
+    return rev_before("agent/web/__init__.py")
 
 
 def config(d: Path, port: int, web: dict[str, Any] | None) -> Path:

@@ -141,3 +141,21 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
     proc.send_signal(sig)
     rc = proc.wait(timeout_s)
     return rc, time.monotonic() - t0
+
+
+class SteppedClock:
+    """Wall time set by the test (a simulated day, a played-in history); monotonic time moves
+    with it, so timers and windows follow the test's time."""
+
+    def __init__(self, wall_ns: int) -> None:
+        self.now = wall_ns
+        self._offset = time.monotonic_ns() - wall_ns
+
+    def wall_ns(self) -> int:
+        return self.now
+
+    def mono_ns(self) -> int:
+        return self.now + self._offset
+
+    def synced(self) -> bool:
+        return True

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from agent.health import HealthSnapshot
 from agent.readings import Reading
 from agent.uplink.commands import SCHEMA_RESULT, CommandRequest
 from tests.broker import Mosquitto
-from tests.harness import make_config, running_agent, until, write_toml
+from tests.harness import SteppedClock, make_config, running_agent, until, write_toml
 from tests.test_feed import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,23 +46,6 @@ TYPES: dict[str, tuple[str, type[BaseModel]]] = {
     m.model.model_json_schema(by_alias=True)["properties"]["schema"]["const"]: (m.name, m.model)
     for m in GEN.MESSAGES if m.direction == GEN.PUBLISHED}
 REQUEST = "cmd-request"  # what the cloud sends, seen here because the test subscribes to it
-
-
-class SteppedClock:
-    """Wall time set by the test; monotonic time moves with it."""
-
-    def __init__(self, wall_ns: int) -> None:
-        self.now = wall_ns
-        self._offset = time.monotonic_ns() - wall_ns
-
-    def wall_ns(self) -> int:
-        return self.now
-
-    def mono_ns(self) -> int:
-        return self.now + self._offset
-
-    def synced(self) -> bool:
-        return True
 
 
 @contextlib.asynccontextmanager

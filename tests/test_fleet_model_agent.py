@@ -37,9 +37,8 @@ from agent.runtime import Agent
 from agent.uplink.commands import CommandDispatcher
 from models.manifest import sha256_bytes, shipped_paths
 from tests.broker import Mosquitto
-from tests.harness import make_config, running_agent, until, write_toml
+from tests.harness import SteppedClock, make_config, running_agent, until, write_toml
 from tests.test_fleet_model import KEY
-from tests.test_guard_agent import SteppedClock
 from tests.test_shadow import SLOPE_W, T0, offset_model
 
 S = 10**9

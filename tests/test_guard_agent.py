@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import math
-import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,30 +28,13 @@ from models.csvdata import SiteData
 from models.simulate import simulate_site
 from models.sites import preset
 from tests.broker import Mosquitto
-from tests.harness import make_config, running_agent, until
+from tests.harness import SteppedClock, make_config, running_agent, until
 from tests.test_cli_control import run_in_thread
 
 S = 10**9
 WINDOW_S = 300
 TOLERANCE = 0.02
 SPREAD = (-1.5, -0.5, 0.5, 1.5)  # vehicle speeds around the window's mean (m/s), mean 0
-
-
-class SteppedClock:
-    """Wall time set by the test (the simulated day); monotonic time moves with it."""
-
-    def __init__(self, wall_ns: int) -> None:
-        self.now = wall_ns
-        self._offset = time.monotonic_ns() - wall_ns
-
-    def wall_ns(self) -> int:
-        return self.now
-
-    def mono_ns(self) -> int:
-        return self.now + self._offset
-
-    def synced(self) -> bool:
-        return True
 
 
 def readings_of(data: SiteData, i: int, mono_offset: int) -> list[Reading]:
