@@ -173,6 +173,7 @@ NO_JSON = {
     "config reference": "prints the Markdown reference document",
     "model train": "its result is the model files and their manifests (JSON) in --out",
     "completion": "prints a shell script",
+    "fleet sign": "its output is always JSON: the signed envelope or document",
 }
 # Commands whose --json case needs a live stream and is a test of its own above.
 COVERED = {"tail": "test_tail_of_a_known_name_follows_it"}
@@ -181,6 +182,8 @@ EMULATED_PMS = ["--driver", "pms5003", "--count", "1", "--duration", "60"]
 # (command, argv after it, exit code). {sock}: the agent's socket, {tmp}: a fresh directory.
 JSON_CASES: list[tuple[str, list[str], int]] = [
     ("version", [], 0),
+    ("fleet keygen", ["--id", "ops-1", "--out", "{tmp}/ops.key"], 0),
+    ("fleet send", ["ping", "--gateway", "gw-x", "--port", "1", "--timeout", "2"], 1),
     ("config check", [str(DEMO_TOML)], 0),
     ("config check", ["{tmp}/missing.toml"], 2),
     ("sensors read", ["env", "-c", str(DEMO_TOML)], 0),
