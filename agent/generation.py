@@ -17,13 +17,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import gateway_commands
 from agent.aio import within
 from agent.clock import Clock
 from agent.config.schema import AgentConfig
 from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
-from agent.feed.numbers import round_last_values
 from agent.feed.raw_batch import RawBatcher
 from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
@@ -41,7 +41,7 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import CommandDispatcher, CommandError, Handler
+from agent.uplink.commands import CommandDispatcher, Handler
 from agent.uplink.forwarder import Uplink
 from agent.uplink.seen import SEEN_FILE, SeenCommands
 from drivers.base import BuildContext
@@ -434,38 +434,9 @@ class Pipeline:
 
     # -- cloud commands and health ----------------------------------------------------------
 
-    def _command_handlers(self) -> dict[str, Any]:
-        async def config_get(args: dict[str, Any]) -> dict[str, Any]:
-            whole = self.cfg.model_dump(mode="json",
-                                        exclude={"mqtt": {"credentials_file", "key_file"}})
-            section = args.get("section")
-            if section is None:
-                return whole
-            if not isinstance(section, str) or section not in whole:
-                raise CommandError(f"args.section: {str(section)[:64]!r} is not a section "
-                                   f"(sections: {', '.join(whole)})")
-            return {section: whole[section]}
-
-        async def sensors_read(args: dict[str, Any]) -> dict[str, Any]:
-            now = time.monotonic()
-            name = args.get("name")
-            sensors = [s.snapshot(now) for s in self.supervisors
-                       if name is None or s.health.name == name]
-            if name is not None and not sensors:
-                raise ValueError(f"no sensor named {name!r}")
-            # The reply leaves the gateway: the sharing policy decides which values it may carry.
-            return {"sensors": round_last_values(self.sharing.scrub_sensors(sensors))}
-
-        async def model_activate(args: dict[str, Any]) -> dict[str, Any]:
-            name = args.get("name")
-            if not isinstance(name, str):
-                raise ValueError("args.name (the model to activate) is required")
-            force = args.get("force") is True
-            reason = self.activate_model(name, force)
-            return {"activated": name, "force": force, "reason": reason}
-
-        return {"config.get": config_get, "sensors.read": sensors_read,
-                "model.activate": model_activate}
+    def _command_handlers(self) -> dict[str, Handler]:
+        return gateway_commands.handlers(self.cfg, lambda: self.supervisors, self.sharing,
+                                         self.activate_model)
 
     def _fleet_handlers(self) -> dict[str, Handler]:
         """The fleet commands: model deploys and rollbacks, and the agent's commands that
