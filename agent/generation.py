@@ -23,6 +23,7 @@ from agent.feed import messages as feed
 from agent.feed.messages import Draft
 from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
+from agent.fleet.firmware_deploy import FirmwareDeployments
 from agent.fleet.model_deploy import ModelDeployments
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
@@ -104,6 +105,7 @@ class Pipeline:
         self.infer = InferenceStage() if infer is None else infer
         # Deploys, activations and rollbacks choose the files; they outlive a restart.
         self.deployments = ModelDeployments(cfg, self.infer)
+        self.firmware = FirmwareDeployments(cfg, lambda: self.ctx.shared if self.ctx else None)
         errors = self.infer.reload(self.deployments.configs())
         if infer is None:
             self.infer.load_errors = errors
@@ -414,7 +416,7 @@ class Pipeline:
         outlive a generation (``config.apply``, ...). While ``[commands] require_signature`` is
         on, the state-changing ones are offered only by a dispatcher that verifies signatures
         (``verifies_signatures``): never run unsigned."""
-        handlers = dict(self.deployments.handlers())
+        handlers = {**self.deployments.handlers(), **self.firmware.handlers()}
         if self.agent is not None:
             handlers.update(self.agent.command_handlers())
         if self.cfg.commands.require_signature and not getattr(
@@ -455,4 +457,5 @@ class Pipeline:
                        "deployments": self.deployments.status(),
                        "history": self.history.status() if self.history else None},
             "anomalies": self.anomalies.status(),
+            "firmware": self.firmware.status(),
         }

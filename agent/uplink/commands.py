@@ -40,6 +40,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.fleet.config_apply import ConfigApplyArgs, ConfigRollbackArgs
+from agent.fleet.firmware_args import FirmwareFlashArgs
 from agent.fleet.model_args import ModelDeployArgs, ModelRollbackArgs
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
@@ -100,10 +101,11 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "config.rollback": ConfigRollbackArgs,
     "model.deploy": ModelDeployArgs,
     "model.rollback": ModelRollbackArgs,
+    "firmware.flash": FirmwareFlashArgs,
 }
 # The commands that change the gateway: run only when signed (``[commands] require_signature``).
 STATE_CHANGING: Final = frozenset({"config.apply", "config.rollback", "model.deploy",
-                                   "model.rollback"})
+                                   "model.rollback", "firmware.flash"})
 
 
 class CommandErrorBody(_Strict):

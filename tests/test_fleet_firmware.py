@@ -1,0 +1,152 @@
+"""``firmware.flash`` over a real mosquitto, into the running agent's bridge sensor.
+
+The agent runs a ``bridge`` sensor on the emulated MCU (a real pty). The cloud sends the image
+and its signature file in chunks; the gateway checks signature, board id (the sensor's
+``options.board``) and the anti-rollback floor before FW_BEGIN, then flashes through the link
+the sensor holds. The device's own counters (``begins``, ``chunk_bytes_received``) prove that
+nothing of a refused image reached it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from agent.fleet.deploy_client import MqttCommander, plain_envelope, signed_envelope
+from agent.fleet.firmware_client import flash_firmware
+from agent.fleet.signing import SigningKey
+from agent.runtime import Agent
+from agent.uplink.commands import CommandDispatcher
+from firmware_bridge.authorize import FirmwareState, sign_image
+from firmware_bridge.emulator import BridgeEmulator
+from firmware_bridge.image import HEADER_BYTES, build_image
+from firmware_bridge.messages import Version3
+from tests.broker import Mosquitto
+from tests.harness import make_config, running_agent, until
+from tests.test_fleet_model import KEY
+
+GW = "gw-test"
+BOARD = "ea-bridge-rp2040"
+INSTALLED: Version3 = (1, 2, 0)
+SIGNED_COMMANDS = bool(getattr(CommandDispatcher, "verifies_signatures", False))
+ENVELOPE = signed_envelope(KEY) if SIGNED_COMMANDS else plain_envelope
+
+
+def config(tmp: Path, port: int, key: SigningKey) -> dict[str, Any]:
+    return make_config(
+        tmp, port,
+        sensors=[{"name": "loops", "driver": "bridge", "port": "emulated", "period_s": 0.2,
+                  "timeout_s": 1.0,
+                  "options": {"channel": 0, "board": BOARD,
+                              "emulator": {"firmware": "1.2.0", "trial_timeout_s": 0.5}}}],
+        commands={"require_signature": SIGNED_COMMANDS,
+                  "trusted_keys": [{"id": key.key_id, "public_key": key.public}]},
+        runtime={"stop_timeout_s": 1.0},
+        mqtt={"reconnect_max_s": 0.5})
+
+
+def image_of(version: Version3, seed: int = 7) -> bytes:
+    return build_image(version, random.Random(seed).randbytes(12 * 1024 - HEADER_BYTES))
+
+
+def emulator(agent: Agent) -> BridgeEmulator:
+    p = agent.pipeline
+    assert p is not None and p.ctx is not None
+    emu = p.ctx.shared["firmware_bridge:emulator"]
+    assert isinstance(emu, BridgeEmulator)
+    return emu
+
+
+def nothing_sent(emu: BridgeEmulator) -> bool:
+    rx = emu.device.receiver
+    return rx.begins == 0 and rx.chunk_bytes_received == 0 and rx.pending is None
+
+
+@pytest.fixture
+async def agent(tmp_path: Path, broker: Mosquitto) -> AsyncIterator[Agent]:
+    async with running_agent(config(tmp_path, broker.port, KEY)) as a:
+        def ready() -> bool:
+            p = a.pipeline
+            return (p is not None and p.uplink.status()["state"] == "connected"
+                    and p.ctx is not None and "firmware_bridge:emulator" in p.ctx.shared
+                    and emulator(a).device.firmware == INSTALLED)
+
+        await until(ready, 20, "the agent connected and its bridge sensor built")
+        yield a
+
+
+async def send(port: int, image: bytes, signature: bytes | None, version: str,
+               deploy_id: str, sensor: str = "loops") -> dict[str, Any]:
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"cloud-{deploy_id}") as client, \
+            MqttCommander(client, "t", ENVELOPE) as commander:
+        return await flash_firmware(commander, GW, image, signature, sensor=sensor,
+                                    version=version, deploy_id=deploy_id, chunk_size=4096,
+                                    timeout_s=10.0, commit_timeout_s=15.0)
+
+
+async def test_a_signed_image_is_flashed_through_the_running_sensor(
+        agent: Agent, broker: Mosquitto, tmp_path: Path) -> None:
+    image = image_of((1, 3, 0))
+    reply = await send(broker.port, image, sign_image(image, BOARD, KEY), "1.3.0", "fw-130")
+    assert reply["ok"] is True, reply
+    result = reply["result"]
+    assert result["state"] == "flashed" and result["version"] == "1.3.0"
+    assert result["previous"] == "1.2.0" and result["signed_by"] == KEY.key_id
+    assert result["bytes_sent"] == len(image)
+    emu = emulator(agent)
+    assert emu.device.firmware == (1, 3, 0)
+    state = json.loads((tmp_path / "firmware-state.json").read_text())
+    assert state["floors"] == {emu.device.uid.hex(): "1.3.0"}
+    p = agent.pipeline
+    assert p is not None
+    assert p.snapshot()["firmware"]["flashed"] == 1
+    assert not (tmp_path / "firmware-deploys" / "fw-130").exists()
+
+    # The sensor keeps reading after the device rebooted into the new image.
+    def readings() -> int:
+        return int(p.snapshot()["sensors"][0]["readings"])
+
+    after = readings()
+    await until(lambda: readings() >= after + 4, 15, "readings after the flash")
+
+
+@pytest.mark.parametrize("case", ["unsigned", "untrusted_key", "forged_with_trusted_id",
+                                  "wrong_board", "downgrade", "other_image"])
+async def test_refused_before_the_first_byte(case: str, agent: Agent, broker: Mosquitto,
+                                             tmp_path: Path) -> None:
+    attacker = SigningKey.generate("mallory")
+    image, version = image_of((9, 9, 9)), "9.9.9"
+    signature: bytes | None
+    if case == "unsigned":  # the header's sha256 is right: only a signature can tell
+        signature, reason = None, "unsigned"
+    elif case == "untrusted_key":
+        signature, reason = sign_image(image, BOARD, attacker), "unknown_key"
+    elif case == "forged_with_trusted_id":
+        signature = sign_image(image, BOARD, SigningKey(KEY.key_id, attacker.private))
+        reason = "bad_signature"
+    elif case == "wrong_board":
+        signature, reason = sign_image(image, "ea-bridge-stm32", KEY), "wrong_board"
+    elif case == "downgrade":
+        image, version = image_of((0, 0, 1)), "0.0.1"
+        signature, reason = sign_image(image, BOARD, KEY), "downgrade"
+    else:  # a genuine signature, sent beside a different image
+        signature, reason = sign_image(image_of((9, 9, 9), seed=8), BOARD, KEY), "mismatch"
+    reply = await send(broker.port, image, signature, version, f"fw-{case}"[:64])
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "failed"
+    assert reply["error"]["message"].startswith(f"{reason}:"), reply
+    emu = emulator(agent)
+    assert nothing_sent(emu), "part of a refused image reached the device"
+    assert emu.device.firmware == INSTALLED
+    p = agent.pipeline
+    assert p is not None
+    assert p.snapshot()["firmware"]["refused"] == {reason: 1}
+    assert FirmwareState(tmp_path / "firmware-state.json").refusals() == {reason: 1}
+    # A refused image is not kept: it would never pass.
+    assert not (tmp_path / "firmware-deploys" / f"fw-{case}").exists()
