@@ -9,6 +9,8 @@ nothing of a refused image reached it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 from collections.abc import AsyncIterator
@@ -19,7 +21,7 @@ import aiomqtt
 import pytest
 
 from agent.fleet.deploy_client import MqttCommander, plain_envelope, signed_envelope
-from agent.fleet.firmware_client import flash_firmware
+from agent.fleet.firmware_client import begin_args, flash_firmware
 from agent.fleet.signing import SigningKey
 from agent.runtime import Agent
 from agent.uplink.commands import CommandDispatcher
@@ -150,3 +152,85 @@ async def test_refused_before_the_first_byte(case: str, agent: Agent, broker: Mo
     assert FirmwareState(tmp_path / "firmware-state.json").refusals() == {reason: 1}
     # A refused image is not kept: it would never pass.
     assert not (tmp_path / "firmware-deploys" / f"fw-{case}").exists()
+
+
+async def test_a_repeated_commit_gets_the_result_without_flashing_again(
+        agent: Agent, broker: Mosquitto) -> None:
+    image = image_of((1, 4, 0))
+    reply = await send(broker.port, image, sign_image(image, BOARD, KEY), "1.4.0", "fw-140")
+    assert reply["ok"] is True, reply
+    begins = emulator(agent).device.receiver.begins
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-again") as client, \
+            MqttCommander(client, "t", ENVELOPE) as commander:
+        again = await commander.request(GW, "firmware.flash",
+                                        {"op": "commit", "deploy_id": "fw-140"}, 10.0)
+    assert again["ok"] is True and again["result"] == reply["result"]
+    assert emulator(agent).device.receiver.begins == begins
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"gateway": "gw-other"}, "wrong_gateway:"),
+    ({"sensor": "meter"}, "no enabled bridge sensor named 'meter'"),
+])
+async def test_a_flash_for_another_gateway_or_sensor_is_refused_at_begin(
+        change: dict[str, Any], expected: str, agent: Agent, broker: Mosquitto) -> None:
+    image = image_of((1, 5, 0))
+    signature = sign_image(image, BOARD, KEY)
+    args = begin_args(image, signature, sensor="loops", version="1.5.0", deploy_id="fw-x",
+                      target=GW)
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-x") as client, \
+            MqttCommander(client, "t", ENVELOPE) as commander:
+        reply = await commander.request(GW, "firmware.flash", {**args, **change}, 10.0)
+    assert reply["ok"] is False and reply["error"]["code"] == "failed"
+    assert expected in reply["error"]["message"]
+    assert nothing_sent(emulator(agent))
+
+
+@pytest.mark.parametrize("change", [
+    {"version": "1.5"}, {"size": 2**40}, {"size": True}, {"size": 1.5}, {"sensor": "../x"},
+    {"signature_size": 10**9}, {"chunk_size": 1}, {"deploy_id": "é" * 10}, {"extra": 1},
+])
+async def test_hostile_begin_args_are_refused_by_name(change: dict[str, Any], agent: Agent,
+                                                      broker: Mosquitto) -> None:
+    image = image_of((1, 5, 0))
+    args = begin_args(image, sign_image(image, BOARD, KEY), sensor="loops", version="1.5.0",
+                      deploy_id="fw-h", target=GW)
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-h") as client, \
+            MqttCommander(client, "t", ENVELOPE) as commander:
+        reply = await commander.request(GW, "firmware.flash", {**args, **change}, 10.0)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_args", reply
+    assert next(iter(change)) in reply["error"]["message"]
+    assert nothing_sent(emulator(agent))
+
+
+async def test_hostile_chunks_are_refused_and_the_transfer_still_completes(
+        agent: Agent, broker: Mosquitto) -> None:
+    image = image_of((1, 6, 0))
+    signature = sign_image(image, BOARD, KEY)
+    args = begin_args(image, signature, sensor="loops", version="1.6.0", deploy_id="fw-160",
+                      target=GW, chunk_size=4096)
+    good = image[:4096]
+    sha = hashlib.sha256(good).hexdigest()
+    data = base64.b64encode(good).decode()
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-c") as client, \
+            MqttCommander(client, "t", ENVELOPE) as commander:
+        began = await commander.request(GW, "firmware.flash", args, 10.0)
+        assert began["ok"] is True and began["result"]["missing_count"] == 4  # 12 KiB + .sig
+        for bad, code, says in [
+                ({"index": True}, "bad_args", "index"),
+                ({"index": 99}, "failed", "outside 0..3"),
+                ({"sha256": "0" * 64}, "failed", "does not match its sha256"),
+                ({"data": base64.b64encode(good[:-1]).decode(),
+                  "sha256": hashlib.sha256(good[:-1]).hexdigest()}, "failed", "4095 bytes"),
+                ({"data": "@@@@"}, "bad_args", "data")]:
+            chunk = {"op": "chunk", "deploy_id": "fw-160", "index": 0, "sha256": sha,
+                     "data": data, **bad}
+            reply = await commander.request(GW, "firmware.flash", chunk, 10.0)
+            assert reply["ok"] is False and reply["error"]["code"] == code, (bad, reply)
+            assert says in reply["error"]["message"], (bad, reply)
+        status = await commander.request(GW, "firmware.flash",
+                                         {"op": "status", "deploy_id": "fw-160"}, 10.0)
+        assert status["result"]["missing"] == [0, 1, 2, 3]  # nothing bad was stored
+    assert nothing_sent(emulator(agent))
+    reply = await send(broker.port, image, signature, "1.6.0", "fw-160")
+    assert reply["ok"] is True and emulator(agent).device.firmware == (1, 6, 0)

@@ -25,7 +25,6 @@ from agent.fleet.model_args import (
     MAX_CHUNK,
     MIN_CHUNK,
     NAME_PATTERN,
-    DeployChunk,
     DeployId,
     DeployStatus,
     Sha256,
@@ -36,6 +35,8 @@ MAX_SIGNATURE_FILE: Final = 8 * 1024
 
 
 class _Strict(BaseModel):
+    """Unknown fields refused; sizes are strict integers (``true`` is not 1)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -47,13 +48,22 @@ class FlashBegin(_Strict):
     version: Annotated[str, Field(pattern=r"^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$",
                                   description="The image's version, X.Y.Z.")]
     sha256: Sha256
-    size: Annotated[int, Field(ge=1, le=MAX_IMAGE_BYTES)]
+    size: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGE_BYTES)]
     signature_sha256: Sha256 | None = Field(default=None, description=(
         "Of the signature file; null for an unsigned image, which is refused."))
-    signature_size: Annotated[int, Field(ge=1, le=MAX_SIGNATURE_FILE)] | None = None
-    chunk_size: Annotated[int, Field(ge=MIN_CHUNK, le=MAX_CHUNK)] = MAX_CHUNK
+    signature_size: Annotated[int, Field(strict=True, ge=1, le=MAX_SIGNATURE_FILE)] | None = None
+    chunk_size: Annotated[int, Field(strict=True, ge=MIN_CHUNK, le=MAX_CHUNK)] = MAX_CHUNK
     gateway: Annotated[str, Field(min_length=1, max_length=128, description=(
         'The gateway this flash is meant for, or "*" for any.'))] = "*"
+
+
+class FlashChunk(_Strict):
+    op: Literal["chunk"]
+    deploy_id: DeployId
+    index: Annotated[int, Field(strict=True, ge=0, le=2**32)]
+    sha256: Sha256
+    data: Annotated[str, Field(max_length=4 * MAX_CHUNK // 3 + 4,
+                               pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
 
 
 class FlashCommit(_Strict):
@@ -61,5 +71,5 @@ class FlashCommit(_Strict):
     deploy_id: DeployId
 
 
-FirmwareFlashArgs = RootModel[Annotated[FlashBegin | DeployChunk | DeployStatus | FlashCommit,
+FirmwareFlashArgs = RootModel[Annotated[FlashBegin | FlashChunk | DeployStatus | FlashCommit,
                                         Field(discriminator="op")]]

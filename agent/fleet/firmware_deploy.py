@@ -47,6 +47,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 COMMAND: Final = "firmware.flash"
 STATE_FILE: Final = "firmware-state.json"  # as `firmware flash -c CONFIG`
 DRIVER: Final = "bridge"
+DONE_KEPT: Final = 16  # results of finished commits, for a commit repeated after a timeout
 
 
 class FirmwareDeployments:
@@ -66,6 +67,8 @@ class FirmwareDeployments:
         self.refused: dict[str, int] = {}
         self.last: dict[str, str] = {}  # sensor -> what happened to its device last
         self._flashing = asyncio.Lock()  # one image at a time on this gateway
+        self._running: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._done: dict[str, dict[str, Any]] = {}  # deploy id -> its result, the latest few
         try:
             self.chunks.sweep()
         except OSError as exc:
@@ -84,8 +87,7 @@ class FirmwareDeployments:
             if op == "status":
                 missing = await asyncio.to_thread(self.chunks.missing, args["deploy_id"])
                 return {"deploy_id": args["deploy_id"], **_listed(missing)}
-            async with self._flashing:
-                return await self.commit(args["deploy_id"])
+            return await self._commit(args["deploy_id"])
         except DeployError:
             self.counts["failed"] += 1
             raise
@@ -94,6 +96,31 @@ class FirmwareDeployments:
             log.error("firmware deploy %s: %s: %s", args["deploy_id"], op, exc)
             raise DeployError(f"{op}: the gateway cannot write its disk: "
                               f"{exc.strerror or exc}") from None
+
+    async def _commit(self, deploy_id: str) -> dict[str, Any]:
+        """Run the commit in a task of its own, so that a command that runs out of time does
+        not cut a flash short: a repeated commit waits for the same task, or gets its result."""
+        if deploy_id in self._done:
+            return self._done[deploy_id]
+        task = self._running.get(deploy_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._flash(deploy_id),
+                                                          name=f"firmware-flash:{deploy_id}")
+            self._running[deploy_id] = task
+            task.add_done_callback(lambda t: self._finished(deploy_id, t))
+        return await asyncio.shield(task)
+
+    def _finished(self, deploy_id: str, task: asyncio.Task[dict[str, Any]]) -> None:
+        self._running.pop(deploy_id, None)
+        if task.cancelled() or task.exception() is not None:  # retrieved: a retry retries
+            return
+        self._done[deploy_id] = task.result()
+        while len(self._done) > DONE_KEPT:
+            self._done.pop(next(iter(self._done)))
+
+    async def _flash(self, deploy_id: str) -> dict[str, Any]:
+        async with self._flashing:
+            return await self.commit(deploy_id)
 
     # -- refusals ------------------------------------------------------------------------------
 
@@ -191,13 +218,11 @@ class FirmwareDeployments:
         try:
             result = await update.flash(client, image)
         except (LinkDown, RequestTimeout) as exc:
-            self.counts["failed"] += 1
             self.last[sensor.name] = f"{h.version} interrupted"
             raise DeployError(f"interrupted: {exc}; commit again to resume from the offset "
                               "the device holds") from None
         except BridgeError as exc:
             self.chunks.drop(deploy_id)
-            self.counts["failed"] += 1
             self.last[sensor.name] = f"{h.version} failed: {str(exc)[:120]}"
             raise DeployError(f"flash failed: {exc}") from None
         await asyncio.to_thread(self.state.raise_floor, hello.uid, result.version)
