@@ -234,3 +234,27 @@ async def test_hostile_chunks_are_refused_and_the_transfer_still_completes(
     assert nothing_sent(emulator(agent))
     reply = await send(broker.port, image, signature, "1.6.0", "fw-160")
     assert reply["ok"] is True and emulator(agent).device.firmware == (1, 6, 0)
+
+
+async def test_the_floor_this_gateway_recorded_refuses_an_older_image(
+        agent: Agent, broker: Mosquitto, tmp_path: Path) -> None:
+    # The device runs 1.2.0, but this gateway once installed 2.0.0 there (re-flashed by hand
+    # since): 1.3.0 is newer than what runs and still refused.
+    emu = emulator(agent)
+    FirmwareState(tmp_path / "firmware-state.json").raise_floor(emu.device.uid, (2, 0, 0))
+    image = image_of((1, 3, 0))
+    reply = await send(broker.port, image, sign_image(image, BOARD, KEY), "1.3.0", "fw-floor")
+    assert reply["ok"] is False and reply["error"]["message"].startswith("downgrade:"), reply
+    assert "2.0.0" in reply["error"]["message"]
+    assert nothing_sent(emu) and emu.device.firmware == INSTALLED
+
+
+async def test_an_image_whose_body_was_changed_is_refused_before_the_first_byte(
+        agent: Agent, broker: Mosquitto) -> None:
+    image = image_of((1, 3, 0))
+    signature = sign_image(image, BOARD, KEY)
+    tampered = image[:-1] + bytes([image[-1] ^ 0xFF])  # its header still names the old body
+    reply = await send(broker.port, tampered, signature, "1.3.0", "fw-tampered")
+    assert reply["ok"] is False and "not a firmware image" in reply["error"]["message"], reply
+    emu = emulator(agent)
+    assert nothing_sent(emu) and emu.device.firmware == INSTALLED

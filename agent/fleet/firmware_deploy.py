@@ -27,6 +27,7 @@ from agent.config.schema import AgentConfig, SensorConfig
 from agent.fleet.chunks import MISSING_LISTED, ChunkStore, DeployError, DeployHeader
 from agent.fleet.firmware_args import MAX_IMAGE_BYTES, MAX_SIGNATURE_FILE
 from agent.fleet.signing import TrustedKeys
+from drivers.base import DriverError
 from firmware_bridge import update
 from firmware_bridge.authorize import (
     REFUSALS,
@@ -36,8 +37,8 @@ from firmware_bridge.authorize import (
     Reason,
     approve,
 )
-from firmware_bridge.errors import BridgeError, LinkDown, RequestTimeout, UpdateError
-from firmware_bridge.image import parse_header, version_str
+from firmware_bridge.errors import LinkDown, RequestTimeout, UpdateError
+from firmware_bridge.image import check_image, version_str
 from firmware_bridge.messages import Version3
 from firmware_bridge.sensor import running_hub
 
@@ -180,7 +181,7 @@ class FirmwareDeployments:
         h, image, signature = await asyncio.to_thread(self.chunks.assemble, deploy_id)
         sensor = self._sensor(h.name)
         try:
-            header = parse_header(image)
+            header = check_image(image)
         except UpdateError as exc:
             self.chunks.drop(deploy_id)
             raise DeployError(f"not a firmware image: {exc}") from None
@@ -195,7 +196,7 @@ class FirmwareDeployments:
                               "commit again once it is")
         try:
             client = await hub.acquire()
-        except BridgeError as exc:
+        except (DriverError, OSError) as exc:
             raise DeployError(f"sensor {sensor.name!r}: its device cannot be reached ({exc}); "
                               "the image is kept, commit again") from None
         hello = client.hello
@@ -221,11 +222,17 @@ class FirmwareDeployments:
             self.last[sensor.name] = f"{h.version} interrupted"
             raise DeployError(f"interrupted: {exc}; commit again to resume from the offset "
                               "the device holds") from None
-        except BridgeError as exc:
+        except DriverError as exc:  # refused by the device, or it did not boot the image
             self.chunks.drop(deploy_id)
             self.last[sensor.name] = f"{h.version} failed: {str(exc)[:120]}"
             raise DeployError(f"flash failed: {exc}") from None
-        await asyncio.to_thread(self.state.raise_floor, hello.uid, result.version)
+        floor_recorded = True
+        try:
+            await asyncio.to_thread(self.state.raise_floor, hello.uid, result.version)
+        except (OSError, UpdateError) as exc:  # flashed all the same: say so, do not hide it
+            floor_recorded = False
+            log.error("firmware.flash: the anti-rollback floor %s was not recorded: %s",
+                      version_str(result.version), exc)
         self.chunks.drop(deploy_id)
         self.counts["flashed"] += 1
         now = version_str(result.version)
@@ -234,7 +241,7 @@ class FirmwareDeployments:
         return {"deploy_id": deploy_id, "sensor": sensor.name, "state": "flashed",
                 "version": now, "previous": was, "signed_by": approval.signed_by,
                 "board": approval.board, "bytes_sent": result.bytes_sent,
-                "resumed_from": result.resumed_from}
+                "resumed_from": result.resumed_from, "floor_recorded": floor_recorded}
 
     def _floor(self, uid: bytes) -> Version3 | None:
         try:
