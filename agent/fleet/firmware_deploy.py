@@ -62,7 +62,7 @@ class FirmwareDeployments:
         self._shared = shared
         root = Path(cfg.outbox.path).parent
         self.chunks = ChunkStore(root / "firmware-deploys", MAX_IMAGE_BYTES + MAX_SIGNATURE_FILE,
-                                 cfg.model_deploy.partial_expire_s)
+                                 cfg.model_deploy.partial_expire_s, kind="firmware deploy")
         self.state = FirmwareState(root / STATE_FILE)
         self.counts: dict[str, int] = {"flashed": 0, "failed": 0}
         self.refused: dict[str, int] = {}
