@@ -85,10 +85,56 @@ class OriginalMLP(Forecaster):
         return out
 
 
+class TreeEnsemble(nn.Module):  # type: ignore[misc, unused-ignore]
+    """``models.trees.LeafTables`` as a module: one Gather per path level (so the graph needs
+    no Reshape), then Mul, Greater, Cast and one MatMul over the leaves."""
+
+    sign: torch.Tensor
+    threshold: torch.Tensor
+    value: torch.Tensor
+
+    def __init__(self, index: torch.Tensor, sign: torch.Tensor, threshold: torch.Tensor,
+                 value: torch.Tensor, base: float) -> None:
+        super().__init__()
+        self.levels = int(index.shape[0])
+        for k in range(self.levels):
+            self.register_buffer(f"index{k}", index[k].long())
+        self.register_buffer("sign", sign.float())
+        self.register_buffer("threshold", threshold.float())
+        self.register_buffer("value", value.float().reshape(-1, 1))
+        self.base = float(base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        on: torch.Tensor | None = None
+        for k in range(self.levels):
+            cond = (x.index_select(1, getattr(self, f"index{k}")) * self.sign[k]
+                    > self.threshold[k]).float()
+            on = cond if on is None else on * cond
+        assert on is not None
+        out: torch.Tensor = on @ self.value + self.base
+        return out
+
+
+class Blend(nn.Module):  # type: ignore[misc, unused-ignore]
+    """The mean of the net's forecast and the trees' (which forecast the change from the
+    ``anchor`` input): two learners whose errors differ, on a history too short for either."""
+
+    def __init__(self, net: Forecaster, trees: TreeEnsemble, anchor: int) -> None:
+        super().__init__()
+        self.net = net
+        self.trees = trees
+        self.anchor = anchor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tree = x[:, self.anchor : self.anchor + 1] + self.trees(x)
+        out: torch.Tensor = 0.5 * self.net(x) + 0.5 * torch.clamp(tree, min=self.net.floor)
+        return out
+
+
 class TrafficGraph(nn.Module):  # type: ignore[misc, unused-ignore]
     """Exported traffic model: next-window mean speed and its congestion level (0, 1, 2)."""
 
-    def __init__(self, net: Forecaster, free_flow_m_s: float, slowing_below: float,
+    def __init__(self, net: Forecaster | Blend, free_flow_m_s: float, slowing_below: float,
                  congested_below: float) -> None:
         super().__init__()
         self.net = net

@@ -7,9 +7,10 @@ For each simulated site: its first ``history-days`` go through the gateway's his
 (``agent.pipeline.history``) as 10 s traffic and 60 s energy stream windows, come out of the
 export as the training CSV, and train a site model with the shipped recipe (``models.train``,
 short-history split, the training site's simulated year as a prior that the site's rows
-outweigh). The site model, the shipped model, the shipped model calibrated from the
-same history (``models.calibrate``) and persistence are then scored on the ``test-days`` that
-follow, which no step has seen. Needs the ``train`` extra.
+outweigh for energy, the net averaged with a tree ensemble for traffic). The site model, the
+shipped model, the shipped model calibrated from the same history (``models.calibrate``) and
+persistence are then scored on the ``test-days`` that follow, which no step has seen. Needs
+the ``train`` extra.
 """
 
 from __future__ import annotations

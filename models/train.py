@@ -284,7 +284,31 @@ def with_prior(md: ModelData, prior: SiteData | None) -> tuple[ModelData, np.nda
     return joined, np.concatenate([site_w * SITE_WEIGHT, np.ones(int(keep.sum()))])
 
 
-def train_traffic(data: SiteData, cfg: TrainConfig, prior: SiteData | None = None) -> Trained:
+def short_history(md: ModelData) -> bool:
+    """A site's first weeks (the short split: validation days, no test weeks)."""
+    return not bool((md.split == 2).any())
+
+
+def with_trees(net: Any, md: ModelData, anchor: int, info: dict[str, Any]) -> Any:
+    """The net blended with gradient-boosted trees fitted on the same training rows."""
+    from models.nets import Blend, TreeEnsemble
+    from models.trees import fit_trees
+
+    torch = require_torch()
+    tr = md.split == 0
+    t0 = time.perf_counter()
+    tables = fit_trees(md.x[tr], (md.y - md.x[:, anchor])[tr])
+    trees = TreeEnsemble(torch.from_numpy(tables.index), torch.from_numpy(tables.sign),
+                         torch.from_numpy(tables.threshold), torch.from_numpy(tables.value),
+                         tables.base)
+    info["trees"] = {"leaves": int(tables.value.size), "blend": "mean of net and trees",
+                     "seconds": round(time.perf_counter() - t0, 1)}
+    return Blend(net, trees, anchor).eval()
+
+
+def train_traffic(data: SiteData, cfg: TrainConfig, prior: SiteData | None = None,
+                  trees: bool | None = None) -> Trained:
+    """The traffic model; ``trees`` (default: on a short history) blends in a tree ensemble."""
     from models.nets import TrafficGraph
 
     torch = require_torch()
@@ -293,9 +317,11 @@ def train_traffic(data: SiteData, cfg: TrainConfig, prior: SiteData | None = Non
     free_flow = free_flow_speed(site)
     md, rows_w = with_prior(site, prior)
     weight = np.where(slow_rows(md, free_flow), SLOW_WEIGHT, 1.0) * rows_w
-    net, orig, info = _fit_both(md, md.split == 0, cfg,
-                                anchor=md.spec.names.index("speed_mean"), huber=HUBER,
+    anchor = md.spec.names.index("speed_mean")
+    net, orig, info = _fit_both(md, md.split == 0, cfg, anchor=anchor, huber=HUBER,
                                 weight=weight)
+    if short_history(md) if trees is None else trees:
+        net = with_trees(net, md, anchor, info)
     pred, opred = _predict(net, md.x), _predict(orig, md.original_x)
     metrics = _comparison(md, pred, opred)
     te, _ = scored_rows(md)
