@@ -258,3 +258,43 @@ async def test_an_image_whose_body_was_changed_is_refused_before_the_first_byte(
     assert reply["ok"] is False and "not a firmware image" in reply["error"]["message"], reply
     emu = emulator(agent)
     assert nothing_sent(emu) and emu.device.firmware == INSTALLED
+
+
+async def test_a_commit_that_outlasts_the_command_timeout_goes_on_and_is_asked_again(
+        agent: Agent, broker: Mosquitto) -> None:
+    p = agent.pipeline
+    assert p is not None
+    image = image_of((1, 7, 0))
+    signature = sign_image(image, BOARD, KEY)
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-slow") as client, \
+            MqttCommander(client, "t", ENVELOPE) as commander:
+        began = await commander.request(GW, "firmware.flash", begin_args(
+            image, signature, sensor="loops", version="1.7.0", deploy_id="fw-170",
+            target=GW, chunk_size=4096), 10.0)
+        whole = image + signature
+        for i in began["result"]["missing"]:
+            data = whole[i * 4096:(i + 1) * 4096]
+            stored = await commander.request(GW, "firmware.flash", {
+                "op": "chunk", "deploy_id": "fw-170", "index": i,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "data": base64.b64encode(data).decode()}, 10.0)
+            assert stored["ok"] is True, stored
+        p.commands.timeout_s = 0.05  # far shorter than a flash and the device's reboot
+        replies: list[dict[str, Any]] = []
+
+        async def committed() -> bool:
+            replies.append(await commander.request(
+                GW, "firmware.flash", {"op": "commit", "deploy_id": "fw-170"}, 10.0))
+            return replies[-1]["ok"] is True
+
+        for _ in range(400):
+            if await committed():
+                break
+            assert replies[-1]["error"]["code"] == "timeout", replies[-1]
+        else:
+            pytest.fail("the commit never finished")
+    assert replies[0]["ok"] is False  # the first commit did run out of time
+    assert replies[-1]["result"]["version"] == "1.7.0"
+    emu = emulator(agent)
+    assert emu.device.firmware == (1, 7, 0)
+    assert emu.device.receiver.begins == 1  # one transfer, never restarted by the repeats

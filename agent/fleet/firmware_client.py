@@ -65,5 +65,13 @@ async def flash_firmware(commander: Commander, gateway: str, image: bytes,
     else:
         if missing:
             raise ValueError(f"chunks still missing after {ROUNDS} rounds: {missing[:5]}")
-    return await commander.request(gateway, COMMAND, {"op": "commit", "deploy_id": deploy_id},
-                                   commit_timeout_s)
+    for _ in range(ROUNDS):
+        reply = await commander.request(gateway, COMMAND, {"op": "commit",
+                                                           "deploy_id": deploy_id},
+                                        commit_timeout_s)
+        # A commit that outlasts the gateway's command timeout goes on there; asking again
+        # waits for it, or gets its result.
+        error = reply.get("error")
+        if not isinstance(error, dict) or error.get("code") not in ("timeout", "busy"):
+            break
+    return reply

@@ -164,6 +164,7 @@ class FirmwareDeployments:
                          manifest_size=args["signature_size"], chunk_size=args["chunk_size"],
                          gateway=args["gateway"])
         missing = self.chunks.begin(h)
+        self._done.pop(h.deploy_id, None)  # a new transfer under an old id: a new result
         return {"deploy_id": h.deploy_id, "count": h.count, **_listed(missing),
                 "state": "receiving"}
 
