@@ -330,6 +330,7 @@ class Pipeline:
                 stack.callback(self.infer.close)
             ctx = BuildContext(clock=self.clock, stack=stack)
             self.ctx = ctx  # emulators live in ctx.shared: the demo and tests reach them here
+            stack.push_async_callback(self.firmware.aclose)
             if self._setup is not None:
                 self._setup(ctx)  # e.g. an emulated bus prepared before any sensor is built
             async with asyncio.TaskGroup() as tg:

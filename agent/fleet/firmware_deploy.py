@@ -119,6 +119,14 @@ class FirmwareDeployments:
         while len(self._done) > DONE_KEPT:
             self._done.pop(next(iter(self._done)))
 
+    async def aclose(self) -> None:
+        """Stop a flash still running when the generation ends (the device keeps what it
+        holds; the same image resumes from there)."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _flash(self, deploy_id: str) -> dict[str, Any]:
         async with self._flashing:
             return await self.commit(deploy_id)
