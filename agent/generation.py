@@ -21,6 +21,8 @@ from agent.config.schema import AgentConfig
 from agent.control.tail import TailHub
 from agent.feed import messages as feed
 from agent.feed.messages import Draft
+from agent.feed.numbers import round_last_values
+from agent.feed.raw_batch import RawBatcher
 from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
 from agent.fleet.firmware_deploy import FirmwareDeployments
@@ -63,6 +65,7 @@ class Host(Protocol):
 log = logging.getLogger(__name__)
 
 READ_BATCH = 512
+IDLE_WAIT_S = 0.25  # the process stage wakes at least this often (windows close on time)
 WINDOW_GRACE_NS = 200_000_000  # readings stamped just before a boundary may arrive a bit late
 
 
@@ -128,7 +131,13 @@ class Pipeline:
         self.heartbeat_mono = time.monotonic()
         self.windows_published = 0
         self.inferences_published = 0
-        self.raw_published = 0
+        self.raw_published = 0  # raw messages put into the outbox (per topic)
+        self.raw_readings = 0  # readings handed to the raw lane (per stream)
+        raw = cfg.raw
+        self.raw_batches = None if raw.format == "reading" else RawBatcher(
+            self.gateway, self._put_raw, max_readings=raw.max_readings,
+            max_bytes=min(raw.max_bytes, cfg.mqtt.max_payload_bytes),
+            linger_ms=raw.linger_ms, mono_ns=self.clock.mono_ns)
         self.errors: dict[str, int] = {}
         self.last_inference: dict[str, dict[str, Any]] = {}
         self._windows_for_stream: dict[str, int] = {}
@@ -190,15 +199,17 @@ class Pipeline:
 
     async def _process(self) -> None:
         """Clean and window readings; close windows on wall-clock boundaries."""
+        wait_s = IDLE_WAIT_S
         try:
             while True:
-                batch = await self.readings.get_batch(READ_BATCH, timeout_s=0.25)
+                batch = await self.readings.get_batch(READ_BATCH, timeout_s=wait_s)
                 self.heartbeat_mono = time.monotonic()
                 for r in batch:
                     try:
                         self._ingest(r)
                     except Exception:  # one odd reading must not stop the stage
                         self._error("process", f"reading {r.channel}={r.value!r}")
+                wait_s = self._flush_raw()
                 try:
                     for w in self.windower.close_due(self.clock.wall_ns(), WINDOW_GRACE_NS):
                         self._publish_window(w)
@@ -208,26 +219,53 @@ class Pipeline:
                     break
         finally:
             try:
+                if self.raw_batches is not None:
+                    try:
+                        self.raw_batches.flush()
+                    except Exception:
+                        self._error("raw", "sealing the raw batches at stop")
                 for w in self.windower.flush():
                     self._publish_window(w)
             finally:
                 self._process_done.set()
+
+    def _flush_raw(self) -> float:
+        """Seal the raw batches that are due; how long the stage may wait for readings."""
+        if self.raw_batches is None:
+            return IDLE_WAIT_S
+        try:
+            due = self.raw_batches.flush_due(caught_up=not len(self.readings))
+        except Exception:  # a batch that cannot be sealed must not stop the stage
+            self._error("raw", "sealing a raw batch")
+            return IDLE_WAIT_S
+        return IDLE_WAIT_S if due is None else min(IDLE_WAIT_S, due)
 
     def _ingest(self, r: Reading) -> None:
         cleaned = self.cleaner.process(r)
         if cleaned is None:
             return
         self.windower.add(cleaned)
-        for listener in self.reading_listeners:
-            listener(cleaned)
+        if self.reading_listeners:
+            for listener in self.reading_listeners:
+                listener(cleaned)
         if self.tail.active:
             self.tail.publish("reading", cleaned.sensor, {
                 "quantity": cleaned.quantity, "value": cleaned.value, "unit": cleaned.unit,
                 "ts_ns": cleaned.ts_ns, "quality": cleaned.quality,
                 "reasons": list(cleaned.reasons)})
-        for stream in self.windower.raw_streams_for(cleaned.sensor):
-            self.raw_published += self._share(
-                "raw", stream, self._feed.reading_message(self.gateway, stream, cleaned))
+        streams = self.windower.raw_streams_for(cleaned.sensor)
+        if not streams:
+            return
+        self.raw_readings += len(streams)
+        batches = self.raw_batches
+        for stream in streams:
+            if batches is not None:
+                batches.add(stream, cleaned)
+            else:
+                self._put_raw(stream, self._feed.reading_message(self.gateway, stream, cleaned))
+
+    def _put_raw(self, stream: str, draft: Draft[Any]) -> None:
+        self.raw_published += self._share("raw", stream, draft)
 
     def _share(self, kind: Kind, stream: str, draft: Draft[Any]) -> int:
         """Put ``draft`` into the outbox on every topic the sharing policy allows."""
@@ -399,7 +437,7 @@ class Pipeline:
             if name is not None and not sensors:
                 raise ValueError(f"no sensor named {name!r}")
             # The reply leaves the gateway: the sharing policy decides which values it may carry.
-            return {"sensors": self.sharing.scrub_sensors(sensors)}
+            return {"sensors": round_last_values(self.sharing.scrub_sensors(sensors))}
 
         async def model_activate(args: dict[str, Any]) -> dict[str, Any]:
             name = args.get("name")
@@ -444,6 +482,7 @@ class Pipeline:
                 "windows": self.windows_published,
                 "inferences": self.inferences_published,
                 "raw": self.raw_published,
+                "raw_readings": self.raw_readings,
                 "heartbeat_age_s": round(now - self.heartbeat_mono, 3),
                 "errors": dict(self.errors),
             },

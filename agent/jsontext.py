@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, Final
 
 MAX_DEPTH: Final = 32  # no message of the agent nests deeper than a handful of levels
@@ -107,3 +108,20 @@ def _check_strings(value: Any, depth: int) -> None:
     elif depth >= 0 and isinstance(value, list):
         for v in value:
             _check_strings(v, depth - 1)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, through mappings and sequences: JSON has
+    no NaN, and a reader that is strict (most are) refuses the whole document for one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:
+    """Strict JSON text of what the agent writes (command output, files): never a bare NaN."""
+    return json.dumps(finite(value), indent=indent, sort_keys=sort_keys, allow_nan=False)

@@ -149,7 +149,7 @@ class Agent:
             # keeps the running generation going meanwhile.
             new, checked = await asyncio.to_thread(self._load_and_check, self.config_path)
         except ConfigError as exc:
-            lines = [str(p) for p in exc.problems]
+            lines = [f"{p.origin}: {p}" if p.origin else str(p) for p in exc.problems]
             self._reject("; ".join(lines), lines)
             return None
         except Exception as exc:  # whatever the file does to the loader, the agent goes on

@@ -47,10 +47,13 @@ class SensorHealth:
     last_values: dict[str, tuple[float, str, str]] = field(default_factory=dict)
     driver_counters: dict[str, int] = field(default_factory=dict)
     next_retry_s: float | None = None
+    last_error_mono: float | None = None
+    next_retry_mono: float | None = None  # when the retry under way opens the sensor again
 
     def snapshot(self, now_mono: float) -> dict[str, Any]:
         last = self.last_reading_mono
         age = None if last is None else round(now_mono - last, 3)
+        error_at, retry_at = self.last_error_mono, self.next_retry_mono
         return {
             "name": self.name,
             "driver": self.driver,
@@ -60,11 +63,14 @@ class SensorHealth:
             "consecutive_failures": self.consecutive_failures,
             "restarts": self.restarts,
             "last_error": self.last_error,
+            "last_error_age_s": None if error_at is None else round(now_mono - error_at, 3),
             "last_reading_age_s": age,
             "last_values": {q: {"value": v, "unit": u, "quality": ql}
                             for q, (v, u, ql) in self.last_values.items()},
             "counters": dict(self.driver_counters),
             "next_retry_s": self.next_retry_s,
+            "next_retry_in_s": None if retry_at is None else round(max(0.0, retry_at - now_mono),
+                                                                   3),
         }
 
 
@@ -126,9 +132,11 @@ class SensorSupervisor:
                 h.consecutive_failures += 1
                 h.last_error = f"{type(exc).__name__}: {exc}"
                 h.last_error_wall = time.time()
+                h.last_error_mono = time.monotonic()
                 h.state = "down" if h.consecutive_failures >= self._down_after else "backoff"
                 delay = backoff_delay(h.consecutive_failures - 1, *self._backoff, self._rng)
                 h.next_retry_s = round(delay, 3)
+                h.next_retry_mono = time.monotonic() + delay
                 n = h.consecutive_failures
                 # A device that stays away must not flood the journal: warn on the first
                 # failures and then at powers of two; the rest go to debug.
@@ -140,7 +148,7 @@ class SensorSupervisor:
                     h.driver_counters = dict(self.sensor.counters)
                 await asyncio.sleep(delay)
                 h.restarts += 1
-                h.next_retry_s = None
+                h.next_retry_s = h.next_retry_mono = None
 
     async def _close(self) -> None:
         if self.sensor is None:

@@ -13,6 +13,12 @@ gateway reconnects as soon as the port is open) and once at the default. For eac
 gives the peak connect rate seen by the broker (its own log, one-second bins), the time from the
 broker's start until every gateway is connected again, and, after a final drain, how many
 accepted messages the subscriber never received (lost) and received twice (duplicated).
+
+After the second restart, while the gateways keep producing, the cloud side (its own process,
+``bench.fleet_deploy``) deploys the shipped energy model, signed, to every gateway and collects
+a result per gateway: succeeded, failed by reason, total and p50/p99 per-gateway time, beside a
+``ping`` round trip to each gateway over the same connection. The gateways then say what they
+run. The exit status is 1 if any gateway failed or any message was lost.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from agent.config.schema import MqttConfig, OutboxConfig
+from agent.config.schema import MqttConfig
 from agent.feed.messages import health_message
+from agent.fleet.signing import SigningKey
 from agent.outbox.store import Outbox
-from agent.uplink.forwarder import Uplink
+from bench.fleet_deploy import FleetGateway, check_deployed, cloud, gateway_config
 from tests.broker import Mosquitto
 
 PREFIX = "fleet"
@@ -52,16 +59,17 @@ def _gateway_id(i: int) -> str:
 
 
 async def _worker_main(ids: list[str], host: str, port: int, tmp: str, period_s: float,
-                       spread_s: float, conn: Connection) -> None:
+                       spread_s: float, key: tuple[str, str], conn: Connection) -> None:
     mqtt = MqttConfig(host=host, port=port, topic_prefix=PREFIX, keepalive_s=30,
                       reconnect_spread_s=spread_s)
-    gateways: list[tuple[str, Outbox, Uplink]] = []
+    fleet: list[FleetGateway] = []
     first: dict[str, int] = {}
     for gw in ids:
-        ob = Outbox(OutboxConfig(path=f"{tmp}/{gw}.db"), gw)
-        ob.open()
-        first[gw] = ob.next_seq  # a new outbox starts its seq from the wall clock
-        gateways.append((gw, ob, Uplink(mqtt.model_copy(update={"client_id": gw}), gw, ob)))
+        g = FleetGateway(gateway_config(gw, Path(tmp) / gw,
+                                        mqtt.model_copy(update={"client_id": gw}), *key))
+        first[gw] = g.outbox.next_seq  # a new outbox starts its seq from the wall clock
+        fleet.append(g)
+    gateways = [(g.id, g.outbox, g.uplink) for g in fleet]
     producing = asyncio.Event()
     producing.set()
 
@@ -93,18 +101,22 @@ async def _worker_main(ids: list[str], host: str, port: int, tmp: str, period_s:
                 conn.send({"drained": all(done),
                            "accepted": {gw: (first[gw], ob.accepted_seq)
                                         for gw, ob, _ in gateways}})
+            elif cmd == "deployed":
+                conn.send(check_deployed(fleet))
             elif cmd == "quit":
                 break
         for t in list(asyncio.all_tasks()):
             if t is not asyncio.current_task():
                 t.cancel()
+    for g in fleet:
+        g.close()
 
 
 def _worker(ids: list[str], host: str, port: int, tmp: str, period_s: float, spread_s: float,
-            conn: Connection) -> None:
+            key: tuple[str, str], conn: Connection) -> None:
     logging.basicConfig(level=logging.ERROR)
     with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
-        asyncio.run(_worker_main(ids, host, port, tmp, period_s, spread_s, conn))
+        asyncio.run(_worker_main(ids, host, port, tmp, period_s, spread_s, key, conn))
 
 
 # -- the subscriber: what the cloud received ----------------------------------------------
@@ -147,7 +159,7 @@ def _subscriber(host: str, port: int, conn: Connection) -> None:
 
 class Fleet:
     def __init__(self, n: int, procs: int, host: str, port: int, tmp: str, period_s: float,
-                 spread_s: float) -> None:
+                 spread_s: float, key: tuple[str, str]) -> None:
         ctx = mp.get_context("spawn")
         ids = [_gateway_id(i) for i in range(n)]
         self.ids = ids
@@ -156,7 +168,8 @@ class Fleet:
         for k in range(procs):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, name=f"fleet-{k}",
-                            args=(ids[k::procs], host, port, tmp, period_s, spread_s, child))
+                            args=(ids[k::procs], host, port, tmp, period_s, spread_s, key,
+                                  child))
             p.start()
             self.pipes.append(parent)
             self.procs.append(p)
@@ -201,8 +214,44 @@ def _connects_after(log: Path, since_s: int) -> list[int]:
     return out
 
 
+def _deploy(host: str, port: int, ids: list[str], key_path: Path, fleet: Fleet,
+            timeout_s: float) -> dict[str, Any]:
+    """The cloud's signed deploy to every gateway (its own process), and what they say."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=cloud, name="fleet-cloud",
+                    args=(host, port, PREFIX, ids, str(key_path), child))
+    p.start()
+    try:
+        if not parent.poll(timeout_s):
+            raise RuntimeError(f"the deploy did not finish within {timeout_s} s")
+        out: dict[str, Any] = parent.recv()
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    if "error" in out:
+        raise RuntimeError(f"the cloud side failed: {out['error']}")
+    seen: dict[str, Any] = {"in_shadow": 0, "wrong": {}, "refused": collections.Counter(),
+                            "refused_commands": collections.Counter(),
+                            "commands": collections.Counter()}
+    for part in fleet.ask("deployed"):
+        seen["in_shadow"] += part["in_shadow"]
+        seen["wrong"].update(part["wrong"])
+        seen["refused"].update(part["refused"])
+        seen["refused_commands"].update(part["refused_commands"])
+        seen["commands"].update(part["commands"])
+    out["gateways_say"] = {"in_shadow": seen["in_shadow"],
+                           "wrong": dict(list(seen["wrong"].items())[:10]),
+                           "wrong_count": len(seen["wrong"]),
+                           "refused": dict(seen["refused"]),
+                           "refused_commands": dict(seen["refused_commands"]),
+                           "commands": dict(seen["commands"])}
+    return out
+
+
 def one_run(n: int, procs: int, period_s: float, spread_s: float, outage_s: float,
-            steady_s: float) -> dict[str, Any]:
+            steady_s: float, deploy: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         broker = Mosquitto(Path(d) / "broker", extra_conf=(
             "log_type notice\nconnection_messages true\nlog_timestamp true\n"
@@ -216,7 +265,11 @@ def one_run(n: int, procs: int, period_s: float, spread_s: float, outage_s: floa
             raise RuntimeError("the subscriber did not start")
         sub_parent.recv()
         (Path(d) / "gw").mkdir()
-        fleet = Fleet(n, procs, broker.host, broker.port, f"{d}/gw", period_s, spread_s)
+        key = SigningKey.generate("fleet-ops")
+        key.save(Path(d) / "ops.key")
+        fleet = Fleet(n, procs, broker.host, broker.port, f"{d}/gw", period_s, spread_s,
+                      (key.key_id, key.public))
+        deployed: dict[str, Any] | None = None
         try:
             first_up_s = fleet.wait_connected(300)
             time.sleep(steady_s)  # traffic before the outage (pacing, not synchronisation)
@@ -228,6 +281,9 @@ def one_run(n: int, procs: int, period_s: float, spread_s: float, outage_s: floa
             fleet.wait_connected(300)
             back_s = time.monotonic() - t_start
             time.sleep(steady_s)
+            if deploy:  # while the gateways keep producing: the feed must lose nothing
+                deployed = _deploy(broker.host, broker.port, fleet.ids, Path(d) / "ops.key",
+                                   fleet, 3600)
             fleet.ask("stop-producing")
             drained = fleet.ask("drain", 300)
             accepted: dict[str, tuple[int, int]] = {}
@@ -263,7 +319,32 @@ def one_run(n: int, procs: int, period_s: float, spread_s: float, outage_s: floa
         "accepted": sum(hi - lo + 1 for lo, hi in accepted.values()),
         "received": sum(len(v) for v in got.values()),
         "lost": lost, "duplicated": dup,
+        **({"model_deploy": deployed} if deployed is not None else {}),
     }
+
+
+def _deploy_ok(d: dict[str, Any], n: int) -> bool:
+    return (d["deploy"]["ok"] == n and not d["deploy"]["failed"]
+            and d["gateways_say"]["in_shadow"] == n)
+
+
+def _print_deploy(d: dict[str, Any]) -> None:
+    dep, ping = d["deploy"], d["ping"]
+    print(f"\nmodel.deploy to every gateway ({dep['model_bytes']} bytes, "
+          f"{'signed' if d['signed_commands'] else 'plain'} commands, signed artifact, "
+          f"{d['concurrency']} at a time)")
+    print(f"{'figure':<44} {'deploy':>10} {'ping':>10} {'ratio':>7}")
+    for key in ("ok", "total_s", "p50_s", "p99_s", "max_s"):
+        x, b = dep[key], ping[key]
+        ratio = f"{x / b:.1f}" if b else "-"
+        print(f"{key:<44} {x:>10} {b:>10} {ratio:>7}")
+    print(f"{'failed (by reason)':<44} {json.dumps(dep['failed'])}  ping: "
+          f"{json.dumps(ping['failed'])}")
+    print(f"{'requests, chunks sent':<44} {dep['requests']}, {dep['chunks_sent']}")
+    say = d["gateways_say"]
+    print(f"{'gateways running it in shadow':<44} {say['in_shadow']}  (not: "
+          f"{say['wrong_count']}; artifacts refused: {json.dumps(say['refused'])}, commands "
+          f"refused: {json.dumps(say['refused_commands'])})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,23 +358,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steady", type=float, default=10.0, help="traffic before/after (s)")
     ap.add_argument("--spread", type=float, default=MqttConfig().reconnect_spread_s,
                     help="reconnect_spread_s of the second run (default: the config default)")
+    ap.add_argument("--no-deploy", action="store_true",
+                    help="skip the model.deploy to every gateway after the second restart")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     runs = []
     for spread in (0.0, a.spread):
         print(f"{a.gateways} gateways, reconnect_spread_s = {spread:g} ...", file=sys.stderr)
-        runs.append(one_run(a.gateways, a.procs, a.period, spread, a.outage, a.steady))
+        runs.append(one_run(a.gateways, a.procs, a.period, spread, a.outage, a.steady,
+                            deploy=not a.no_deploy and spread == a.spread))
     base, agent = runs
+    deployed = agent.get("model_deploy")
+    ok = (agent["lost"] == 0 and base["lost"] == 0
+          and (deployed is None or _deploy_ok(deployed, a.gateways)))
     if a.json:
         print(json.dumps({"baseline": base, "default": agent}, indent=2))
-        return 0 if agent["lost"] == 0 and base["lost"] == 0 else 1
+        return 0 if ok else 1
     print(f"{'figure':<44} {'default':>10} {'spread 0':>10} {'ratio':>7}")
     for key in ("peak_connects_per_s", "all_back_after_broker_start_s", "reconnects_logged",
                 "accepted", "received", "lost", "duplicated"):
         x, b = agent[key], base[key]
         ratio = f"{x / b:.2f}" if isinstance(b, int | float) and b else "-"
         print(f"{key:<44} {x:>10} {b:>10} {ratio:>7}")
-    return 0 if agent["lost"] == 0 and base["lost"] == 0 else 1
+    if deployed is not None:
+        _print_deploy(deployed)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ async def inference(rounds: int) -> dict[str, Any]:
     for name in SHIPPED:
         stream, windows = infer_bench.windows_for(name, rounds,
                                                   infer_bench.STREAM_WINDOW_S[name])
-        _build, bare = infer_bench.bench_bare(name, windows)
-        staged, reported, _runs = await infer_bench.bench_stage(name, stream, windows)
+        _build, bare, *_more = infer_bench.bench_bare(name, windows)
+        staged, reported, *_info = await infer_bench.bench_stage(name, stream, windows)
         out[name] = {
             "agent": {"p50": float(np.percentile(staged, 50)),
                       "p99": float(np.percentile(staged, 99)), "n": len(staged)},

@@ -86,19 +86,20 @@ class NotifySocket:
 
 
 class AgentProcess:
-    """``python -m agent.cli.main run -c CONFIG`` with a notify socket; ``ready_s`` once READY."""
+    """``python -m agent.cli.main run -c CONFIG`` with a notify socket; ``ready_s`` once READY.
+    ``tree``: the source tree to run (another revision, extracted, for a baseline)."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, tree: Path = ROOT) -> None:
         self.config = config
         self.notify = NotifySocket(config.parent / "notify.sock")
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify.path),
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+               "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli.main", "run", "-c", str(config),
              "--log-format", "text"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tree)
         self.ready_s = 0.0
 
     @property
@@ -127,8 +128,9 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def agent_running(config: Path, log: Path, timeout_s: float = 60.0) -> Iterator[AgentProcess]:
-    a = AgentProcess(config, log)
+def agent_running(config: Path, log: Path, timeout_s: float = 60.0,
+                  tree: Path = ROOT) -> Iterator[AgentProcess]:
+    a = AgentProcess(config, log, tree)
     try:
         a.wait_ready(timeout_s)
         yield a

@@ -17,7 +17,7 @@ from agent.config.schema import MqttConfig, OutboxConfig
 from agent.feed.messages import window_message
 from agent.outbox.store import Outbox
 from agent.readings import ChannelStats, Window
-from bench.e2e import PREFIX, Feed, iso_ns, pcts
+from bench.e2e import PREFIX, Feed, pcts, raw_readings
 from bench.procs import GATEWAY, agent_config, agent_running, raw_share, synthetic
 
 # Messages per hour of the demo gateway: windows 720 + 360 + 360, inferences 720 + 360,
@@ -92,10 +92,9 @@ async def replay(tmp: Path, port: int) -> dict[str, Any]:
     during: list[float] = []
     after: list[float] = []
     for recv, body in got:
-        if "sampled_at" not in body:
-            continue
-        ms = (recv - iso_ns(body["sampled_at"])) / 1e6
-        (during if recv <= t_drained else after).append(ms)
+        for r in raw_readings(body):
+            ms = (recv - r["sampled_ns"]) / 1e6
+            (during if recv <= t_drained else after).append(ms)
     return {"drain": {"agent": drain_s, "baseline": count / rate, "unit": "s",
                       "messages": count, "replay_rate": rate},
             "live_latency": {"agent": pcts(during), "baseline": pcts(after), "unit": "ms",

@@ -39,27 +39,57 @@ class SyntheticSensor(PolledSensor):
         self.dropout = (int(options.get("dropout_every", 0)), int(options.get("dropout_len", 10)))
         self._n = 0
         self._last = self.base
+        self._period_ns = round(period_s * 1e9)
+        self._last_wall = self._last_mono = -(1 << 62)
+        self._omega = 2 * math.pi / (self.cycle_s * 1e9)  # radians per ns
+        self._plain = not (self.fail_after or self.spike[0] or self.stuck[0] or self.dropout[0])
 
     async def open(self) -> None:
         self._n = 0
 
     async def sample(self) -> Sequence[Reading]:
+        # A burst is the samples since the last one (at most a period), evenly spaced, as a
+        # buffered ADC hands them over: one clock read per burst (this is the load generator
+        # of the throughput bench), and distinct, increasing times.
+        wall = self.clock.wall_ns()
+        mono = self.clock.mono_ns()
+        step = min(self._period_ns, mono - self._last_mono) // self.burst
+        if step < 1:
+            step = 1
+            wall, mono = self._last_wall + self.burst, self._last_mono + self.burst
+        self._last_wall, self._last_mono = wall, mono
+        if self._plain:
+            return self._plain_burst(wall, mono, step)
         out = []
-        for _ in range(self.burst):
+        for i in range(self.burst):
             if self.fail_after and self._n >= self.fail_after:
                 raise DriverError("injected failure", where=f"synthetic:{self.name}")
             self._n += 1
             n = self._n
             if _in_run(n, *self.dropout):
                 continue
-            t = self.clock.mono_ns() / 1e9
-            value = self.base + self.amplitude * math.sin(2 * math.pi * t / self.cycle_s)
+            back = (self.burst - 1 - i) * step
+            value = self.base + self.amplitude * math.sin(self._omega * (mono - back))
             if _in_run(n, *self.stuck):
                 value = self._last
             self._last = value
             if self.spike[0] and n % self.spike[0] == 0:
                 value += self.spike[1]
-            out.append(self.reading(self.quantity, value, self.unit))
+            out.append(Reading(self.name, self.quantity, value, self.unit, wall - back,
+                               mono - back))
+        return out
+
+
+    def _plain_burst(self, wall: int, mono: int, step: int) -> list[Reading]:
+        """A burst without injected faults: the load generator's path, kept lean."""
+        burst = self.burst
+        self._n += burst
+        first = (burst - 1) * step
+        name, quantity, unit = self.name, self.quantity, self.unit
+        base, amplitude, omega, sin = self.base, self.amplitude, self._omega, math.sin
+        out = [Reading(name, quantity, base + amplitude * sin(omega * (mono - back)), unit,
+                       wall - back, mono - back) for back in range(first, -1, -step)]
+        self._last = out[-1].value
         return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import math
 import os
 import stat
@@ -26,8 +27,9 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from agent import jsontext
 from firmware_bridge import update
 from firmware_bridge.authorize import (
     BOARD_PATTERN,
@@ -105,6 +107,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     info = cmds.add_parser("info", help="versions, UID, uptime and link statistics")
     common(info)
+    info.add_argument("--json", action="store_true", help="print the facts as JSON")
     info.set_defaults(func=cmd_info)
 
     flash = cmds.add_parser("flash", help="write a firmware image (resumes if interrupted)")
@@ -125,6 +128,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="where the version floor per device and the refusals are kept")
     flash.add_argument("--allow-unsigned", action="store_true",
                        help="flash an image without a signature (technician only; logged)")
+    flash.add_argument("--json", action="store_true",
+                       help="no progress lines; print the result as one JSON object")
     flash.set_defaults(func=cmd_flash)
 
     pack = cmds.add_parser("pack", help="wrap a raw binary into a firmware image")
@@ -134,7 +139,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pack.add_argument("--sign", type=Path, metavar="KEYFILE",
                       help=f"sign the image with this key; writes OUT{SIGNATURE_SUFFIX}")
     pack.add_argument("--board", type=_board, help="the board the image is for (with --sign)")
+    pack.add_argument("--json", action="store_true", help="print {file, version, bytes} as JSON")
     pack.set_defaults(func=cmd_pack)
+
+
+def _error(args: argparse.Namespace, message: str) -> None:
+    """A failure: ``error: ...`` on stdout, or ``{"ok": false, "error": ...}`` with --json."""
+    if getattr(args, "json", False):
+        print(jsontext.dumps({"ok": False, "error": message}))
+    else:
+        print(f"error: {message}")
 
 
 def _board(text: str) -> str:
@@ -165,7 +179,7 @@ def _policy_inputs(args: argparse.Namespace) -> tuple[dict[str, str], Path | Non
         try:
             cfg = load_config(args.config)
         except ConfigError as exc:
-            raise ValueError("; ".join(f"{exc.source}: {p}" for p in exc.problems[:5])) from None
+            raise ValueError("; ".join(exc.lines()[:5])) from None
         keys = cfg.commands.trusted()
         if state is None:
             state = Path(cfg.outbox.path).parent
@@ -196,17 +210,14 @@ async def _connected(args: argparse.Namespace) -> AsyncIterator[BridgeClient]:
             await emulator.close()
 
 
-def _run(coro_fn: Callable[[], Awaitable[int]]) -> int:
+def _run(args: argparse.Namespace, coro_fn: Callable[[], Awaitable[int]]) -> int:
     async def main() -> int:
         return await coro_fn()
 
     try:
         return asyncio.run(main())
-    except KeyboardInterrupt:
-        print("interrupted")
-        return 1
     except (OSError, ValueError, OverflowError) as exc:  # the port or its driver refused
-        print(f"error: {type(exc).__name__}: {exc}")
+        _error(args, f"{type(exc).__name__}: {exc}")
         return 1
 
 
@@ -214,16 +225,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     async def go() -> int:
         try:
             async with _connected(args) as client:
-                await _print_info(args.device, client, sys.stdout)
+                rows, facts = await _facts(args.device, client)
         except BridgeError as exc:
-            print(f"error: {exc}")
+            _error(args, str(exc))
             return 1
+        if args.json:
+            print(jsontext.dumps({"ok": True, **facts}, indent=2))
+        else:
+            _print_rows(rows, sys.stdout)
         return 0
 
-    return _run(go)
+    return _run(args, go)
 
 
 async def _print_info(device: str, client: BridgeClient, out: TextIO) -> None:
+    _print_rows(await _info(device, client), out)
+
+
+def _print_rows(rows: dict[str, str], out: TextIO) -> None:
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        print(f"{key.replace('_', ' '):<{width}}  {value}", file=out)
+
+
+async def _info(device: str, client: BridgeClient) -> dict[str, str]:
+    """What ``firmware info`` shows, by name (the keys are the text's labels)."""
+    return (await _facts(device, client))[0]
+
+
+async def _facts(device: str, client: BridgeClient) -> tuple[dict[str, str], dict[str, Any]]:
+    """``firmware info`` as text rows, and as typed values for ``--json``."""
     hello = client.hello
     assert hello is not None
     stats = await client.stats()
@@ -264,9 +295,22 @@ async def _print_info(device: str, client: BridgeClient, out: TextIO) -> None:
                  f"frames {stats.rx_bad_frames}, tx {stats.tx_frames}, retransmits "
                  f"{stats.retransmits}, duplicates {stats.duplicates}, reports dropped "
                  f"{stats.reports_dropped}"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}", file=out)
+    facts: dict[str, Any] = {
+        "device": device, "protocol": hello.protocol, "firmware": version_str(hello.firmware),
+        "slot": "AB"[hello.active_slot & 1], "boot_count": hello.boot_count, "flags": flags,
+        "uid": hello.uid.hex(),
+        "capabilities": [(c.name or "").lower() for c in type(hello.capabilities)
+                         if c & hello.capabilities],
+        "channels": [k.name.lower() for k in hello.channels], "uptime_s": uptime,
+        "update": {"state": fw.state.name.lower(), "offset": fw.offset, "size": fw.size,
+                   "version": version_str(fw.version)},
+        "host_link": {k: v for k, v in ls.items() if isinstance(v, int | float)},
+        "device_link": {"rx_frames": stats.rx_frames, "rx_crc_errors": stats.rx_crc_errors,
+                        "rx_bad_frames": stats.rx_bad_frames, "tx_frames": stats.tx_frames,
+                        "retransmits": stats.retransmits, "duplicates": stats.duplicates,
+                        "reports_dropped": stats.reports_dropped},
+    }
+    return {k.replace(" ", "_"): v for k, v in rows}, facts
 
 
 class ProgressPrinter:
@@ -302,13 +346,13 @@ def cmd_flash(args: argparse.Namespace) -> int:
         image = read_file(args.image)
         header = parse_header(image)
     except OSError as exc:
-        print(f"error: cannot read {args.image}: {exc.strerror}")
+        _error(args, f"cannot read {args.image}: {exc.strerror}")
         return 2
     except UpdateError as exc:
-        print(f"error: {args.image}: {exc}")
+        _error(args, f"{args.image}: {exc}")
         return 2
     if not 1 <= args.window <= 32:
-        print(f"error: --window {args.window} is outside 1..32")
+        _error(args, f"--window {args.window} is outside 1..32")
         return 2
     sig_path: Path = args.signature or args.image.with_name(args.image.name + SIGNATURE_SUFFIX)
     try:
@@ -316,15 +360,17 @@ def cmd_flash(args: argparse.Namespace) -> int:
             else None
         keys, state_path = _policy_inputs(args)
     except OSError as exc:
-        print(f"error: cannot read {sig_path}: {exc.strerror}")
+        _error(args, f"cannot read {sig_path}: {exc.strerror}")
         return 2
     except ValueError as exc:
-        print(f"error: {exc}")
+        _error(args, str(exc))
         return 2
     from agent.fleet.signing import TrustedKeys
 
     memory = FirmwareState(state_path) if state_path is not None else None
-    progress = ProgressPrinter(sys.stdout, sys.stdout.isatty())
+    # With --json the only output is the result: progress goes nowhere.
+    progress = ProgressPrinter(io.StringIO() if args.json else sys.stdout,
+                               not args.json and sys.stdout.isatty())
 
     async def go() -> int:
         try:
@@ -337,37 +383,47 @@ def cmd_flash(args: argparse.Namespace) -> int:
                 approval = approve(image, signature, policy, hello.firmware)
                 signer = (f"signed by {approval.signed_by}" if approval.signed_by
                           else "UNSIGNED (--allow-unsigned)")
-                print(f"flashing {version_str(header.version)} ({len(image)} bytes, {signer}) "
-                      f"to {args.device}, running {version_str(hello.firmware)}")
+                if not args.json:
+                    print(f"flashing {version_str(header.version)} ({len(image)} bytes, "
+                          f"{signer}) to {args.device}, running {version_str(hello.firmware)}")
                 result = await update.flash(
                     client, image, window=args.window, progress=progress,
                     timeouts=update.UpdateTimeouts(boot_s=args.boot_timeout))
                 if memory is not None:
                     memory.raise_floor(hello.uid, result.version)
         except FirmwareRefused as exc:
-            print(f"refused: {exc}")
+            if args.json:
+                print(jsontext.dumps({"ok": False, "refused": True, "error": str(exc)}))
+            else:
+                print(f"refused: {exc}")
             if memory is not None:
                 try:
                     memory.count_refusal(exc.reason)
                 except (OSError, UpdateError) as state_exc:  # the refusal stands regardless
-                    print(f"warning: the refusal was not counted: {state_exc}")
+                    print(f"warning: the refusal was not counted: {state_exc}", file=sys.stderr)
             return EXIT_REFUSED
         except (LinkDown, RequestTimeout) as exc:
             progress.finish()
-            print(f"error: interrupted: {exc}; run the same command again to resume from "
-                  "the offset the device reports")
+            _error(args, f"interrupted: {exc}; run the same command again to resume from "
+                   "the offset the device reports")
             return 1
         except BridgeError as exc:
             progress.finish()
-            print(f"error: {exc}")
+            _error(args, str(exc))
             return 1
         progress.finish()
+        if args.json:
+            print(jsontext.dumps({"ok": True, "version": version_str(result.version),
+                                  "bytes_sent": result.bytes_sent,
+                                  "elapsed_s": round(result.elapsed_s, 3),
+                                  "resumed_from": result.resumed_from}))
+            return 0
         resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
         print(f"ok: the device runs {version_str(result.version)} (verified sha256, "
               f"{result.bytes_sent} bytes sent in {result.elapsed_s:.1f} s{resumed})")
         return 0
 
-    return _run(go)
+    return _run(args, go)
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -375,13 +431,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
         version = parse_version(args.version)
         body = read_file(args.body)
     except ValueError as exc:
-        print(f"error: --version: {exc}")
+        _error(args, f"--version: {exc}")
         return 2
     except OSError as exc:
-        print(f"error: cannot read {args.body}: {exc.strerror}")
+        _error(args, f"cannot read {args.body}: {exc.strerror}")
         return 2
     if (args.sign is None) != (args.board is None):
-        print("error: --sign and --board go together (a signature names the board)")
+        _error(args, "--sign and --board go together (a signature names the board)")
         return 2
     image = build_image(version, body)
     signature: bytes | None = None
@@ -391,7 +447,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         try:
             key = SigningKey.load(args.sign)
         except (OSError, ValueError) as exc:
-            print(f"error: --sign {args.sign}: {exc}")
+            _error(args, f"--sign {args.sign}: {exc}")
             return 2
         signature = sign_image(image, args.board, key)
     sig_out = args.out.with_name(args.out.name + SIGNATURE_SUFFIX)
@@ -400,8 +456,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
         if signature is not None:
             sig_out.write_bytes(signature)
     except OSError as exc:
-        print(f"error: cannot write {args.out}: {exc.strerror}")
+        _error(args, f"cannot write {args.out}: {exc.strerror}")
         return 2
+    if args.json:
+        print(jsontext.dumps({"ok": True, "file": str(args.out), "version": version_str(version),
+                              "bytes": len(image), "signature": str(sig_out) if signature
+                              is not None else None}))
+        return 0
     signed = f", signed for board {args.board} in {sig_out}" if signature is not None else ""
     print(f"{args.out}: image {version_str(version)}, {len(image)} bytes{signed}")
     return 0

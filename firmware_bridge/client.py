@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-import serial
-import serial_asyncio_fast
-
+from drivers.base import DeviceNotReady
+from drivers.serial.transport import open_serial_connection
 from firmware_bridge.errors import (
     BridgeError,
     LinkDown,
@@ -98,13 +97,12 @@ class BridgeClient:
         """Open ``port`` and return a client whose link is up (not yet connected)."""
         cfg = config or ClientConfig()
         link = Link(port, cfg.link, mono_ns=mono_ns)
-        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(serial_asyncio_fast.create_serial_connection(
-                loop, lambda: link, port, baudrate=baudrate, exclusive=True), open_timeout_s)
+            await asyncio.wait_for(open_serial_connection(lambda: link, port, baudrate=baudrate),
+                                   open_timeout_s)
         except TimeoutError:
             raise LinkDown(f"opening took longer than {open_timeout_s} s", where=port) from None
-        except (serial.SerialException, OSError) as exc:
+        except (DeviceNotReady, OSError, ValueError) as exc:
             raise LinkDown(f"cannot open the port: {exc}", where=port) from exc
         return cls(link, cfg)
 

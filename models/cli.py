@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import jsontext
 from models import SAMPLES_DIR, SHIPPED
 
 SAMPLE_TOLERANCE = 1e-3  # relative; expected outputs are stored rounded to 5 decimals
@@ -19,18 +20,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("model", help="edge models: list, test, verify, train")
     msub = p.add_subparsers(dest="model_cmd", required=True)
 
-    ls = msub.add_parser("list", help="the shipped models and whether they pass their checks")
+    ls = msub.add_parser("list", help="the shipped models and whether they pass their checks "
+                                      "(manifest and sample windows); exit 1 if one fails")
+    ls.add_argument("--json", action="store_true", help="print one object per model as JSON")
     ls.set_defaults(func=cmd_list)
 
     t = msub.add_parser("test", help="run a model on its shipped sample windows")
     t.add_argument("name", help="model name (traffic, energy)")
     t.add_argument("--path", default="", help="model file to test instead of the shipped one")
     t.add_argument("--samples", default="", help="sample file (default: the shipped samples)")
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_test)
 
     v = msub.add_parser("verify", help="check an ONNX file against its manifest")
     v.add_argument("file", help="model .onnx (the manifest is the .json beside it)")
     v.add_argument("--manifest", default="", help="manifest file, if not beside the model")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.set_defaults(func=cmd_verify)
 
     tr = msub.add_parser("train", help="retrain the models (needs the train extra)")
@@ -49,22 +54,38 @@ def cmd_list(args: argparse.Namespace) -> int:
     # numpy and onnxruntime come in with the command that needs them, never with `--help`.
     from models.manifest import ModelError, shipped_paths, verify
 
-    failed = 0
+    rows: list[dict[str, Any]] = []
     for name in SHIPPED:
         onnx_path, man_path = shipped_paths(name)
         try:
             vm = verify(onnx_path, man_path)
         except ModelError as exc:
-            failed += 1
-            print(f"{name:8s} REFUSED  {exc}")
+            rows.append({"name": name, "ok": False, "verified": False, "error": str(exc)})
             continue
         m = vm.manifest
         metrics = m.metrics.get("model", {})
-        print(f"{name:8s} {m.version}  opset {m.opset}  {len(m.inputs)} inputs -> "
-              f"{', '.join(o.name for o in m.outputs)}  window {m.window_s} s  "
-              f"{onnx_path.stat().st_size / 1024:.0f} KiB  test MAE {metrics.get('mae')} "
-              f"RMSE {metrics.get('rmse')}")
-    return 1 if failed else 0
+        checked = run_samples(name, "", "")
+        rows.append({
+            "name": name, "ok": checked["ok"], "verified": True, "version": m.version,
+            "opset": m.opset, "inputs": len(m.inputs), "outputs": [o.name for o in m.outputs],
+            "window_s": m.window_s, "size_bytes": onnx_path.stat().st_size,
+            "test_mae": metrics.get("mae"), "test_rmse": metrics.get("rmse"),
+            "samples": checked.get("summary"), "error": checked.get("error")})
+    if args.json:
+        print(jsontext.dumps(rows, indent=2))
+    for r in rows:
+        if args.json:
+            break
+        if not r["verified"]:
+            print(f"{r['name']:8s} REFUSED  {r['error']}")
+            continue
+        verdict = "PASS" if r["ok"] else "FAIL"
+        print(f"{r['name']:8s} {verdict}  {r['version']}  opset {r['opset']}  {r['inputs']} "
+              f"inputs -> {', '.join(r['outputs'])}  window {r['window_s']} s  "
+              f"{r['size_bytes'] / 1024:.0f} KiB  test MAE {r['test_mae']} RMSE {r['test_rmse']}")
+        if not r["ok"]:
+            print(f"         {r['error']}")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -73,9 +94,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         vm = verify(args.file, args.manifest or None)
     except ModelError as exc:
-        print(f"REFUSED: {exc}")
+        if args.json:
+            print(jsontext.dumps({"ok": False, "file": args.file, "error": str(exc)}))
+        else:
+            print(f"REFUSED: {exc}")
         return 1
     m = vm.manifest
+    if args.json:
+        print(jsontext.dumps({"ok": True, "file": args.file, "name": m.name,
+                              "version": m.version, "opset": m.opset, "runtime": vm.runtime,
+                              "inputs": list(m.input_names)}))
+        return 0
     print(f"ok: {m.name} version {m.version}, opset {m.opset}, runs in {vm.runtime}, "
           f"inputs {', '.join(m.input_names)}")
     return 0
@@ -87,58 +116,86 @@ def _close(a: float | str, b: Any) -> bool:
     return abs(a - float(b)) <= SAMPLE_TOLERANCE * max(1.0, abs(float(b)))
 
 
-def cmd_test(args: argparse.Namespace) -> int:
+def run_samples(name: str, path: str, samples: str) -> dict[str, Any]:
+    """Model ``name`` (or the file ``path``) on its sample windows: ``ok``, what ran, the
+    last outputs, latency, and ``error`` saying why it did not pass."""
     import numpy as np
 
     from agent.config.schema import ModelConfig
     from agent.pipeline.infer import InferenceStage
     from models.windows_io import window_from_dict
 
-    sample_path = Path(args.samples) if args.samples else SAMPLES_DIR / f"{args.name}.json"
+    sample_path = Path(samples) if samples else SAMPLES_DIR / f"{name}.json"
     try:
         doc = json.loads(sample_path.read_text(encoding="utf-8"))
         windows = [window_from_dict(w) for w in doc["windows"]]
+        stream = str(doc["stream"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: cannot read samples {sample_path}: {exc}")
-        return 2
+        return {"ok": False, "usage": True, "name": name,
+                "error": f"cannot read samples {sample_path}: {exc}"}
     # The model itself, not what the skill guard would publish at a site.
-    stage = InferenceStage([ModelConfig(name=args.name, stream=doc["stream"], path=args.path,
-                                        guard=False)])
+    stage = InferenceStage([ModelConfig(name=name, stream=stream, path=path, guard=False)])
     try:
         if stage.load_errors:
-            print(f"REFUSED: {stage.load_errors[0]}")
-            return 1
+            return {"ok": False, "name": name, "error": f"REFUSED: {stage.load_errors[0]}"}
         t0 = time.perf_counter()
         results = asyncio.run(_replay(stage, windows))
         wall_s = time.perf_counter() - t0
+        version = stage.versions().get(name)
+        runtime = stage.status()["models"].get(name, {}).get("runtime")
     finally:
         stage.close()
     expected = doc.get("expected", [])
-    same_model = not args.path or stage.versions().get(args.name) == doc.get("version")
-    mismatches = 0
-    if same_model and len(expected) == len(results):
-        for got, want in zip(results, expected, strict=True):
-            mismatches += sum(not _close(got["outputs"][k], want.get(k)) for k in want)
+    same_model = not path or version == doc.get("version")
     lat = np.array([r["latency_ms"] for r in results])
-    runtime = stage.status()["models"].get(args.name, {}).get("runtime")
-    print(f"{args.name} version {stage.versions().get(args.name)} ({runtime}): {len(windows)} "
-          f"sample windows -> {len(results)} inferences in {wall_s:.2f} s")
-    for r in results[-3:]:
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r["outputs"].items()}
-        print(f"  window {r['start']}: {shown}")
-    if len(lat):
-        print(f"  latency per run: p50 {np.percentile(lat, 50):.3f} ms, "
-              f"p99 {np.percentile(lat, 99):.3f} ms")
+    out: dict[str, Any] = {
+        "name": name, "version": version, "runtime": runtime, "windows": len(windows),
+        "inferences": len(results), "wall_s": wall_s, "last": results[-3:],
+        "latency_ms": ({"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+                       if len(lat) else None),
+        "compared": same_model, "ok": True, "error": None}
     if not same_model:
-        print("  (a different model than the samples were made with: outputs not compared)")
+        out["summary"] = "a different model than the samples were made with: not compared"
+    elif len(expected) != len(results):
+        out.update(ok=False, error=f"{len(results)} inferences, the samples expect "
+                                   f"{len(expected)}")
+    else:
+        mismatches = sum(not _close(got["outputs"][k], want.get(k))
+                         for got, want in zip(results, expected, strict=True) for k in want)
+        if mismatches:
+            out.update(ok=False, error=f"{mismatches} outputs differ from the expected values")
+        else:
+            out["summary"] = f"{len(results)} outputs match the expected values"
+    return out
+
+
+def _outputs_text(outputs: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}"
+                     for k, v in outputs.items())
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    r = run_samples(args.name, args.path, args.samples)
+    if args.json:
+        print(jsontext.dumps(r, indent=2))
+        return 2 if r.get("usage") else 0 if r["ok"] else 1
+    if "windows" not in r:
+        print(r["error"] if r["error"].startswith("REFUSED") else f"error: {r['error']}")
+        return 2 if r.get("usage") else 1
+    print(f"{args.name} version {r['version']} ({r['runtime']}): {r['windows']} "
+          f"sample windows -> {r['inferences']} inferences in {r['wall_s']:.2f} s")
+    for x in r["last"]:
+        print(f"  window {x['start']}: {_outputs_text(x['outputs'])}")
+    if r["latency_ms"]:
+        print(f"  latency per run: p50 {r['latency_ms']['p50']:.3f} ms, "
+              f"p99 {r['latency_ms']['p99']:.3f} ms")
+    if not r["compared"]:
+        print(f"  ({r['summary']})")
         return 0
-    if len(expected) != len(results):
-        print(f"  FAIL: {len(results)} inferences, the samples expect {len(expected)}")
+    if not r["ok"]:
+        print(f"  FAIL: {r['error']}")
         return 1
-    if mismatches:
-        print(f"  FAIL: {mismatches} outputs differ from the expected values")
-        return 1
-    print("  outputs match the expected values")
+    print(f"  {r['summary']}")
     return 0
 
 

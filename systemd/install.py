@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.cli import service as cli_service
+from agent.cli.main import build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "uninstall-service"
     parser = argparse.ArgumentParser(prog="install.py")
     cli_service.register(parser.add_subparsers(dest="command"))
+    # The shell completion it installs covers every edge-agent command.
+    parser.set_defaults(full_parser=lambda: build_parser(None))
     args = parser.parse_args([command, *argv])
     rc: int = args.func(args)
     return rc

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiomqtt
 
+from agent.feed.raw_batch import readings_of
 from agent.runtime import Agent
 from drivers.base import BuildContext
 from drivers.emulated.bme280 import Bme280Emulator
@@ -170,6 +171,7 @@ async def test_published_windows_carry_quality_counts_and_leave_faults_out(
         streams=[{"name": "s", "sensors": ["gen"], "window_s": 1, "share": "raw"}])
     windows: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
+    raw_messages: list[dict[str, Any]] = []
     ready = asyncio.Event()
 
     async def subscribe() -> None:
@@ -184,7 +186,8 @@ async def test_published_windows_carry_quality_counts_and_leave_faults_out(
                 if "/telemetry/" in topic:
                     windows.append(doc)
                 elif "/raw/" in topic:
-                    raw.append(doc)
+                    raw_messages.append(doc)
+                    raw.extend(readings_of(doc))
 
     sub = asyncio.create_task(subscribe())
     await asyncio.wait_for(ready.wait(), 10)
@@ -193,7 +196,7 @@ async def test_published_windows_carry_quality_counts_and_leave_faults_out(
             await until(lambda: len(windows) >= 4, timeout_s=20, what="four windows")
             pipeline = agent.pipeline
         assert pipeline is not None
-        await until(lambda: len(raw) >= pipeline.raw_published
+        await until(lambda: len(raw_messages) >= pipeline.raw_published
                     and len(windows) >= pipeline.windows_published, what="all delivered")
     finally:
         sub.cancel()

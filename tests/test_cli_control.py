@@ -102,9 +102,10 @@ async def test_tail_prints_only_the_named_source(agent_sock, capsys) -> None:
     assert await job == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2, lines
-    assert "reading" in lines[0] and "bme.temperature  21.5 degC  good" in lines[0]
+    assert lines[0].split()[1:] == ["reading", "bme.temperature", "21.5", "degC", "good"]
     assert "window" in lines[1] and "bme.temperature=21.4 degC" in lines[1]
     assert "[partial]" in lines[1]
+    assert lines[0][:12] <= lines[1][:12]  # stamped when they arrived: in time order
     assert "radar" not in "\n".join(lines)
     await until(lambda: not hub.active, "tail unsubscribed after the CLI left")
 
@@ -126,7 +127,10 @@ async def test_outbox_stats(agent_sock, capsys) -> None:
     agent, path = agent_sock
     assert await run_in_thread(["outbox", "stats", "--socket", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "rows          3" in out and "oldest_age_s  42" in out
+    lines = out.splitlines()
+    assert "rows         3" in lines and "oldest       42 s ago" in lines, out
+    assert "dropped      window 3, raw 1" in lines and "  by class   window 3" in lines, out
+    assert not any(c in out for c in "{}'") and "None" not in out, out
     assert await run_in_thread(["outbox", "stats", "--json", "--socket", str(path)]) == 0
     assert json.loads(capsys.readouterr().out) == agent.outbox.stats()
 
@@ -247,3 +251,38 @@ def test_numbers_are_shown_without_exponents(value, shown) -> None:
     from agent.control.view import fmt_number
 
     assert fmt_number(value) == shown
+
+
+def test_tail_lines_are_in_columns_with_screen_units_and_derived_values() -> None:
+    from agent.cli.control import format_item
+
+    lines = [
+        format_item({"kind": "reading", "name": "env", "quantity": "pressure",
+                     "value": 101325.0, "unit": "Pa", "quality": "good"}),
+        format_item({"kind": "reading", "name": "lights", "quantity": "power_factor",
+                     "value": 0.98, "unit": "1", "quality": "good"}),
+        format_item({"kind": "window", "name": "energy", "start_ns": 1_700_000_000 * 10**9,
+                     "end_ns": 1_700_000_060 * 10**9, "flags": [],
+                     "channels": {"env.pressure": {"mean": 100000.0, "unit": "Pa"}},
+                     "derived": {"power_mean_w": 230.5, "energy_wh": 3.84}}),
+        format_item({"kind": "inference", "name": "traffic", "version": "3fa2",
+                     "outputs": {"speed_next": 12.3}, "latency_ms": 0.4}),
+    ]
+    assert lines[0].endswith("1013.2 hPa  good") and "Pa " not in lines[0].replace("hPa", "")
+    assert lines[1].endswith("0.98  good") and " 1 " not in lines[1]
+    assert "env.pressure=1000 hPa" in lines[2]
+    assert "power_mean_w=230.5" in lines[2] and "energy_wh=3.84" in lines[2]
+    # The name column starts at the same place on every line, whatever the kind.
+    starts = {line.index(name) for line, name in zip(
+        lines, ["env.pressure", "lights.power_factor", "energy", "traffic"], strict=True)}
+    assert len(starts) == 1, lines
+    assert sorted(line[:12] for line in lines) == [line[:12] for line in lines]  # time order
+
+
+def test_status_shows_screen_units() -> None:
+    from agent.control.view import sensor_value
+
+    text = sensor_value({"last_values": {
+        "pressure": {"value": 101325.0, "unit": "Pa", "quality": "good"},
+        "power_factor": {"value": 0.5, "unit": "1", "quality": "good"}}})
+    assert text == "pressure 1013.2 hPa, power_factor 0.5"

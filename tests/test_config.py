@@ -140,3 +140,34 @@ def test_every_config_key_is_documented() -> None:
     for line in reference_markdown().splitlines():
         if line.startswith("| `"):
             assert not line.rstrip().endswith("|  |"), f"undocumented key: {line}"
+
+
+def test_env_override_errors_name_the_variable(tmp_path: Path) -> None:
+    f = tmp_path / "a.toml"
+    f.write_text('[gateway]\nid = "g"\n[[sensors]]\nname = "s"\ndriver = "synthetic"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, env={"EDGE_AGENT__MQTT__PORT": "abc"})
+    assert ei.value.lines()[0].startswith(
+        "EDGE_AGENT__MQTT__PORT (environment): mqtt.port: 'abc'")
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, env={"EDGE_AGENT__MQTT__PORT": "99999", "EDGE_AGENT__GATEWAY__ID": "ok",
+                            "EDGE_AGENT__SENSORS__0__PERIOD_S": "-1"})
+    lines = ei.value.lines()
+    assert any(x.startswith("EDGE_AGENT__MQTT__PORT (environment): mqtt.port") for x in lines)
+    assert any(x.startswith("EDGE_AGENT__SENSORS__0__PERIOD_S (environment): "
+                            "sensors[0].period_s") for x in lines)
+    assert not any(x.startswith(str(f)) for x in lines), lines
+
+
+@pytest.mark.parametrize(("var", "says"), [
+    ("EDGE_AGENT__SENSORS__1__PERIOD_S", "sensors has 1 items, so there is no index 1"),
+    ("EDGE_AGENT__SENSORS__PERIOD_S", "sensors is a list: name an item by its index"),
+    ("EDGE_AGENT__GATEWAY__ID__X", "gateway.id is a value, not a table: it has no key 'x'"),
+])
+def test_an_env_override_that_names_no_key_is_an_error(tmp_path: Path, var: str,
+                                                       says: str) -> None:
+    f = tmp_path / "a.toml"
+    f.write_text('[gateway]\nid = "g"\n[[sensors]]\nname = "s"\ndriver = "synthetic"\n')
+    with pytest.raises(ConfigError) as ei:
+        load_config(f, env={var: "2.5"})
+    assert ei.value.lines() == [f"{var} (environment): {says}"]

@@ -29,6 +29,14 @@ SCHEMA_FILE = ROOT / "docs" / "status.schema.json"
 
 # -- a stand-in for agent.runtime.Agent with the surface the server uses ---------------------
 
+# The rest of a real outbox's stats (agent.outbox.store), for the status snapshot.
+OUTBOX_REST: dict[str, Any] = {
+    "path": "/var/lib/edge-agent/outbox.db", "boot_id": "b0", "accepted_seq": 3, "next_seq": 4,
+    "bytes": 900, "bytes_by_class": {"window": 900}, "pending": 0, "drops_by_reason": {"rows": 4},
+    "quarantine_rows": 0, "corrupt_resets": 0, "salvaged": 0, "unreadable": 0, "commits": 10,
+    "commit_errors": 0, "last_commit_ms": 0.5, "max_commit_ms": 3.0, "seq_skipped": None}
+
+
 class FakeOutbox:
     def __init__(self, rows: list[dict[str, Any]]) -> None:
         self.rows = rows
@@ -93,19 +101,28 @@ class FakeAgent:
                       "reloads_rejected": self.reloads_rejected,
                       "last_reload_error": self.last_reload_error},
             "sensors": [h.snapshot(now) for h in self._health],
-            "queues": {"readings": {"depth": 0, "maxsize": 4096, "dropped": 0}},
+            "queues": {"readings": {"depth": 0, "maxsize": 4096, "policy": "drop_oldest",
+                                    "put": 125, "dropped": 0, "high_water": 2}},
             "pipeline": {"windows": 10, "inferences": 4, "raw": 0, "heartbeat_age_s": 0.1},
-            "clean": {"bme.temperature": {"good": 118, "suspect": 2}},
+            "clean": {"bme.temperature": {"good": 118, "suspect": 2, "bad": 0, "stale": False},
+                      "stale": []},
             "clock": {"synced": True},
-            "outbox": self.outbox.stats(),
+            "outbox": {**OUTBOX_REST, **self.outbox.stats()},
             "uplink": {"state": "connected", "broker": "mqtt.example.net:8883",
-                       "last_puback_age_s": 1.5, "inflight": 2},
-            "models": {"status": {"models": {"traffic": {"version": "3fa2c1d0",
-                                                         "last_outputs": {"congestion": 0.12}}},
-                                  "errors": []},
+                       "protocol": "5", "tls": True, "last_puback_age_s": 1.5, "inflight": 2,
+                       "backlog_pending": 1, "replay_rate": 50.0, "published": 14,
+                       "replayed": 0, "acked": 12, "refused": 0, "quarantined": 0,
+                       "connects": 1, "reconnects": 0, "connect_failures": 0, "blamed": 0,
+                       "probes_refused": 0, "last_error": "", "commands": None},
+            "models": {"status": {"models": {"traffic": {
+                "version": "3fa2c1d0", "path": "/var/lib/edge-agent/models/traffic.onnx",
+                "stream": "traffic", "runtime": "onnxruntime", "runs": 4, "failures": 0,
+                "last_outputs": {"congestion": 0.12}}}, "errors": []},
                        "last": {"traffic": {"version": "3fa2c1d0",
                                             "outputs": {"congestion": 0.12, "flow": 840.0},
-                                            "latency_ms": 0.4}}},
+                                            "latency_ms": 0.4,
+                                            "window_start_ns": 1_790_000_000_000_000_000}},
+                       "history": None},
         }
 
 

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.cli.main import main
+from agent.feed.raw_batch import readings_of
 from drivers import plugins
 from tests.broker import Mosquitto
 from tests.harness import feed_of, make_config, running_agent, until, write_toml
@@ -117,16 +119,19 @@ async def test_plugin_readings_reach_the_feed_and_a_broken_one_stops_nothing(
     write_toml(tmp_path / "agent.toml", data)  # the file form parses too
     async with feed_of(broker.port, "t/gw-test/raw/#", "plugin-feed") as raw:
         async with running_agent(data) as agent:
+            def readings() -> list[dict[str, Any]]:
+                return [r for m in raw for r in readings_of(m)]
+
             def counted() -> list[float]:
-                return [d["value"] for d in raw if d.get("sensor") == "counter"]
+                return [d["value"] for d in readings() if d["sensor"] == "counter"]
 
             await until(lambda: len(counted()) >= 5, 20, "plugin readings in the feed")
-            await until(lambda: sum(d.get("sensor") == "other" for d in raw) >= 5, 20,
+            await until(lambda: sum(d["sensor"] == "other" for d in readings()) >= 5, 20,
                         "the other sensor's readings")
             sups = {s.health.name: s.health for s in agent.pipeline.supervisors}  # type: ignore[union-attr]
             await until(lambda: sups["vendor"].failures >= 1, 10, "the broken plugin reported")
         values = counted()
         assert values[:3] == [2.5, 5.0, 7.5]
-        assert all(d["unit"] == "count" for d in raw if d.get("sensor") == "counter")
+        assert all(d["unit"] == "count" for d in readings() if d["sensor"] == "counter")
         assert "libfoo" in sups["vendor"].last_error
         assert sups["counter"].failures == 0 and sups["other"].failures == 0

@@ -7,7 +7,9 @@ import json
 import math
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import jsonschema
 import pytest
 from pydantic import ValidationError
 
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_790_000_000_123_456_000
 
 
-def _load_generator() -> ModuleType:
+def load_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("gen_mqtt_schemas",
                                                   ROOT / "docs" / "gen_mqtt_schemas.py")
     assert spec is not None and spec.loader is not None
@@ -105,26 +107,85 @@ def test_topics_build_and_parse() -> None:
         feed.Topics("edge", "gw+1")
 
 
-def test_mqtt_doc_is_current() -> None:
-    gen = _load_generator()
-    doc = (ROOT / "docs" / "mqtt.md").read_text(encoding="utf-8")
-    assert gen.render(doc) == doc, "docs/mqtt.md is stale: run python docs/gen_mqtt_schemas.py"
+def test_generated_docs_and_schema_files_are_current() -> None:
+    gen = load_generator()
+    assert gen.stale() == [], "run python docs/gen_mqtt_schemas.py"
+    assert gen.main(["--check"]) == 0
 
 
-def test_doc_generator_detects_a_stale_doc() -> None:
-    gen = _load_generator()
+def test_doc_generator_detects_a_stale_doc_or_schema_file(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = load_generator()
     doc = (ROOT / "docs" / "mqtt.md").read_text(encoding="utf-8")
-    stale = doc.replace('"const": "edge-agent/window/1"', '"const": "edge-agent/window/0"')
+    stale = doc.replace('"schema": "edge-agent/window/1"', '"schema": "edge-agent/window/0"')
     assert stale != doc
     assert gen.render(stale) == doc
     with pytest.raises(ValueError, match="markers"):
         gen.render("no markers here")
+    # The same check on a copy: an edited schema, a missing one and a leftover one are stale.
+    schemas = tmp_path / "schemas"
+    monkeypatch.setattr(gen, "SCHEMAS", schemas)
+    monkeypatch.setattr(gen, "STATUS_SCHEMA", tmp_path / "status.schema.json")
+    monkeypatch.setattr(gen, "DOC", tmp_path / "mqtt.md")
+    (tmp_path / "mqtt.md").write_text(stale, encoding="utf-8")
+    gen.write()
+    assert gen.stale() == [] and (tmp_path / "mqtt.md").read_text(encoding="utf-8") == doc
+    window = schemas / "window.schema.json"
+    window.write_text(window.read_text().replace('"stream"', '"streams"'))
+    (schemas / "health.schema.json").unlink()
+    (schemas / "gone.schema.json").write_text("{}")
+    assert {p.name for p in gen.stale()} == {"window.schema.json", "health.schema.json",
+                                             "gone.schema.json"}
+    assert gen.main(["--check"]) == 1
 
 
-def test_doc_examples_validate_against_the_models() -> None:
-    gen = _load_generator()
-    models: dict[str, type[feed.FeedMessage]] = {
-        "window": feed.WindowMessage, "inference": feed.InferenceMessage,
-        "reading": feed.ReadingMessage, "health": feed.HealthMessage}
+def _schema_file(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "docs" / "schemas" / f"{name}.schema.json").read_text())
+
+
+def test_doc_examples_validate_against_the_models_and_the_schema_files() -> None:
+    gen = load_generator()
+    models = {m.name: m.model for m in gen.MESSAGES}
+    seen = set()
     for name, _topic, body in gen._examples():
         models[name].model_validate(body)
+        jsonschema.validate(body, _schema_file(name))
+        seen.add(name)
+    assert seen == set(models) - {"cmd-request"}
+
+
+def test_every_json_message_type_has_a_schema_file_and_a_doc_link() -> None:
+    gen = load_generator()
+    doc = (ROOT / "docs" / "mqtt.md").read_text(encoding="utf-8")
+    kinds = {v for k, v in vars(feed).items() if k.startswith("SCHEMA_")}
+    published = {m.model.model_json_schema(by_alias=True)["properties"]["schema"]["const"]
+                 for m in gen.MESSAGES if m.direction == gen.PUBLISHED}
+    assert kinds <= published, f"a feed message type without a schema file: {kinds - published}"
+    for m in gen.MESSAGES:
+        assert f"](schemas/{m.name}.schema.json)" in doc
+
+
+def test_published_schemas_are_open_and_what_the_gateway_receives_is_strict() -> None:
+    gen = load_generator()
+    for m in gen.MESSAGES:
+        text = (ROOT / "docs" / "schemas" / f"{m.name}.schema.json").read_text()
+        closed = '"additionalProperties": false' in text
+        assert closed == (m.direction != gen.PUBLISHED), m.name
+    # A consumer validating with the files accepts a field a later minor version adds.
+    gen_body = gen._examples()[0][2]
+    jsonschema.validate({**gen_body, "added_in_1_1": 5,
+                         "channels": {"bme.temperature": {
+                             **gen_body["channels"]["bme.temperature"], "p95": 21.7}}},
+                        _schema_file("window"))
+
+
+def test_the_health_schema_and_the_status_schema_agree() -> None:
+    health = _schema_file("health")
+    status = json.loads((ROOT / "docs" / "status.schema.json").read_text())
+    body = health["properties"]["health"]
+    if "$ref" in body:
+        body = health["$defs"][body["$ref"].rsplit("/", 1)[1]]
+    assert body["required"] == status["required"]
+    assert body["properties"] == status["properties"]
+    for name, definition in status["$defs"].items():
+        assert health["$defs"][name] == definition, name

@@ -26,7 +26,29 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("traffic", "energy"):
         version = json.loads(shipped_paths(name)[1].read_text())["version"]
-        assert f"{name:8s} {version}  opset 20" in out
+        assert f"{name:8s} PASS  {version}  opset 20" in out
+    assert run("model", "list", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["ok"], r["verified"]) for r in rows] == [
+        ("traffic", True, True), ("energy", True, True)]
+    assert all(r["samples"].endswith("outputs match the expected values") for r in rows)
+
+
+def test_list_fails_a_model_whose_samples_do_not_match(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import models.cli
+
+    samples = tmp_path / "samples"
+    shutil.copytree(Path(shipped_paths("traffic")[0]).parent / "samples", samples)
+    doc = json.loads((samples / "energy.json").read_text())
+    doc["expected"][0]["power_next_w"] += 100.0
+    (samples / "energy.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(models.cli, "SAMPLES_DIR", samples)
+    assert run("model", "list") == 1
+    out = capsys.readouterr().out
+    assert "traffic  PASS" in out and "energy   FAIL" in out
+    assert "1 outputs differ from the expected values" in out
 
 
 @pytest.mark.parametrize("name", ["traffic", "energy"])

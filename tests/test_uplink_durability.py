@@ -198,13 +198,20 @@ async def test_kill_9_five_times_loses_nothing_accepted(tmp_path: Path,
         assert await asyncio.wait_for(final.wait(), 30) == 0
         assert out[-1] == "drained"
         resumed = int(out[0].split()[1])
-        expected = set(range(accepted[0][0], resumed))
+        span = set(range(accepted[0][0], resumed))
+        # A run's seqs above its last accepted one may have been published before their commit
+        # and died with it (never accepted): those may be missing. Nothing else may.
+        starts = [first for first, _ in accepted[1:]] + [resumed]
+        maybe = {s for (_, last), nxt in zip(accepted, starts, strict=True)
+                 for s in range(last + 1, nxt)}
+        expected = span - maybe
         await wait_until(lambda: c.seqs(gw) >= expected, 20)
     for first, last in accepted:
         assert set(range(first, last + 1)) <= c.seqs(gw)
-    # Every run resumed right after the last committed seq of the one before: no hole, and
-    # every seq belongs to exactly one message.
-    check_exactly_once(c.feed(gw), expected)
+    # Every run resumed above every seq the one before used, and every seq belongs to exactly
+    # one message.
+    assert expected <= c.seqs(gw) <= span
+    check_exactly_once(c.feed(gw), c.seqs(gw))
     offline = [b for t, b in c.msgs if t == f"edge/{gw}/status" and b == "offline"]
     assert len(offline) >= 5  # the last will, after every kill
 

@@ -2,7 +2,8 @@
 
 ``status``, ``tail``, ``reload``, ``outbox stats``, ``outbox export`` and ``sensors list``. The
 socket is found from ``--socket``, else from the config file given with ``-c``, else the default
-``/run/edge-agent/control.sock``. When no agent answers, the command says so and exits 3.
+``/run/edge-agent/control.sock``, else (when that is absent) a running ``edge-agent demo``'s,
+which is said on stderr. When no agent answers, the command says so and exits 3.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import argparse
 import base64
 import binascii
 import contextlib
-import datetime as dt
 import hashlib
-import json
-import math
 import os
 import sys
 import time
@@ -29,6 +27,7 @@ from agent.control.client import (
     ControlClientError,
     ControlProtocolError,
 )
+from agent.jsontext import dumps
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 RELOAD_POLL_S = 0.2
@@ -58,6 +57,15 @@ def socket_path(args: argparse.Namespace) -> str:
         from agent.config.load import load_config
 
         return load_config(args.config).control.socket
+    if not os.path.exists(DEFAULT_SOCKET):
+        from agent.control.discovery import find_demo
+
+        demo = find_demo()
+        if demo is not None:
+            # Said on stderr so that --json output stays one document.
+            _err(f"(the installed agent's socket {DEFAULT_SOCKET} is absent: using the demo's, "
+                 f"{demo.socket}, pid {demo.pid})")
+            return demo.socket
     return DEFAULT_SOCKET
 
 
@@ -70,8 +78,8 @@ def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
             try:
                 path = socket_path(args)
             except ConfigError as exc:
-                for p in exc.problems:
-                    _err(f"{exc.source}: {p}")
+                for line in exc.lines():
+                    _err(line)
                 return EXIT_USAGE
         else:
             path = socket_path(args)
@@ -79,7 +87,10 @@ def _talking(fn: Talk) -> Callable[[argparse.Namespace], int]:
             with ControlClient(path, timeout_s=args.timeout) as client:
                 return fn(client, args)
         except AgentNotRunning as exc:
-            _err(str(exc))
+            hint = "" if getattr(args, "socket", None) or getattr(args, "config", None) else (
+                "; start it (sudo systemctl start edge-agent), or run `edge-agent demo`, "
+                "which these commands find by themselves")
+            _err(f"{exc}{hint}")
             return EXIT_NOT_RUNNING
         except ControlClientError as exc:
             _err(f"edge-agent: {exc}")
@@ -98,7 +109,7 @@ def _status(client: ControlClient, args: argparse.Namespace) -> int:
 
     snap = client.call("status")
     if args.json:
-        print(json.dumps(snap, indent=2, sort_keys=True))
+        print(dumps(snap, indent=2, sort_keys=True))
     elif _rich_ok():
         render_rich(snap, sys.stdout)
     else:
@@ -110,41 +121,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.schema:
         from agent.control.view import status_schema
 
-        print(json.dumps(status_schema(), indent=2))
+        print(dumps(status_schema(), indent=2))
         return EXIT_OK
     return _talking(_status)(args)
 
 
 # -- tail ---------------------------------------------------------------------------------
 
-def _clock(ns: Any) -> str:
-    stamp = dt.datetime.fromtimestamp(ns / 1e9) if isinstance(ns, int) else dt.datetime.now()
-    return stamp.strftime("%H:%M:%S.%f")[:-3]
-
-
 def format_item(item: Mapping[str, Any]) -> str:
-    from agent.control.view import fmt_number
+    from agent.control.tail_lines import format_item as line
 
-    kind, name = item.get("kind", "?"), item.get("name", "?")
-    if kind == "reading":
-        flags = f" {','.join(item['reasons'])}" if item.get("reasons") else ""
-        return (f"{_clock(item.get('ts_ns'))}  reading    {name}.{item.get('quantity')}  "
-                f"{fmt_number(item.get('value'))} {item.get('unit', '')}  "
-                f"{item.get('quality', '')}{flags}")
-    if kind == "window":
-        channels = item.get("channels") or {}
-        shown = "  ".join(f"{ch}={fmt_number(c.get('mean'))} {c.get('unit', '')}".rstrip()
-                          for ch, c in channels.items())
-        flags = f"  [{','.join(item['flags'])}]" if item.get("flags") else ""
-        return f"{_clock(item.get('start_ns'))}  window     {name}  {shown}{flags}"
-    if kind == "inference":
-        outputs = item.get("outputs") or {}
-        shown = "  ".join(f"{k}={fmt_number(v)}" for k, v in outputs.items()) \
-            if isinstance(outputs, Mapping) else str(outputs)
-        shadow = " (shadow)" if item.get("shadow") else ""
-        return (f"{_clock(None)}  inference  {name}{shadow} {item.get('version', '')}  {shown}  "
-                f"{fmt_number(item.get('latency_ms'))} ms")
-    return f"{_clock(None)}  {kind}  {name}  {json.dumps(item, sort_keys=True)}"
+    return line(item)
 
 
 def known_names(snap: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -158,17 +145,6 @@ def known_names(snap: Mapping[str, Any]) -> dict[str, list[str]]:
         "streams": sorted(str(k) for k in ((snap.get("windows") or {}).get("late") or {})),
         "models": sorted(str(k) for k in model_names),
     }
-
-
-def finite(value: Any) -> Any:
-    """``value`` with NaN and infinities as None: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 def _tail(client: ControlClient, args: argparse.Namespace) -> int:
@@ -187,7 +163,7 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> int:
                 _err(f"({event.get('count')} items dropped: the output is too slow)")
             elif kind == "item":
                 item = event.get("item") or {}
-                print(json.dumps(finite(item), allow_nan=False) if args.json
+                print(dumps(item) if args.json
                       else format_item(item), flush=True)
                 shown += 1
                 if args.count and shown >= args.count:
@@ -200,38 +176,55 @@ def _tail(client: ControlClient, args: argparse.Namespace) -> int:
 
 # -- reload -------------------------------------------------------------------------------
 
+def _reload_result(args: argparse.Namespace, ok: bool, text: str, **extra: Any) -> int:
+    if args.json:
+        print(dumps({"ok": ok, "message": text, **extra}, sort_keys=True))
+    elif ok:
+        print(text)
+    if not ok:
+        _err(f"edge-agent: {text}")
+    return EXIT_OK if ok else EXIT_FAIL
+
+
 def _reload(client: ControlClient, args: argparse.Namespace) -> int:
+    agent = client.call("status").get("agent") or {}
+    if not agent.get("config_file"):
+        # An agent started without a file (the demo runs a built-in config) has nothing to
+        # read again: say so now rather than wait for a result that never comes.
+        return _reload_result(args, False, f"the agent at {client.path} was not started from "
+                              "a config file (the demo runs a built-in one): nothing to reload",
+                              config_file=None)
     before = client.call("reload")
     if args.wait <= 0:
-        print("reload requested")
-        return EXIT_OK
+        return _reload_result(args, True, "reload requested", requested=True)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         time.sleep(RELOAD_POLL_S)
         agent = client.call("status").get("agent", {})
         if agent.get("reloads_rejected", 0) > (before.get("reloads_rejected") or 0):
-            _err(f"reload rejected, the agent keeps its running config: "
-                 f"{agent.get('last_reload_error') or 'see the journal'}")
-            return EXIT_FAIL
+            reason = agent.get("last_reload_error") or "no reason recorded"
+            return _reload_result(args, False, "reload rejected, the agent keeps its running "
+                                  f"config: {reason}", reason=reason)
         if agent.get("reloads_ok", 0) > (before.get("reloads_ok") or 0):
-            print(f"reloaded: generation {agent.get('generation')}")
-            return EXIT_OK
-    _err(f"reload requested, but not finished within {args.wait} s (see the journal)")
-    return EXIT_FAIL
+            return _reload_result(args, True, f"reloaded: generation {agent.get('generation')}",
+                                  generation=agent.get("generation"))
+    return _reload_result(args, False, f"reload of {agent.get('config_file')} requested, but "
+                          f"the agent reported no result within {args.wait:g} s (generation "
+                          f"{agent.get('generation')}, still starting the new one?); "
+                          "`edge-agent status` shows the outcome when it is there",
+                          generation=agent.get("generation"))
 
 
 # -- outbox -------------------------------------------------------------------------------
 
 def _outbox_stats(client: ControlClient, args: argparse.Namespace) -> int:
-    from agent.control.view import fmt_number
+    from agent.control.view import outbox_stats_lines
 
     stats = client.call("outbox.stats")
     if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-        return EXIT_OK
-    width = max((len(k) for k in stats), default=0)
-    for key, value in stats.items():
-        print(f"{key.ljust(width)}  {fmt_number(value)}")
+        print(dumps(stats, indent=2, sort_keys=True))
+    else:
+        print("\n".join(outbox_stats_lines(stats)))
     return EXIT_OK
 
 
@@ -300,7 +293,10 @@ def _outbox_export(client: ControlClient, args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
-    print(f"exported {rows} rows ({size} bytes) to {target}")
+    if args.json:
+        print(dumps({"file": str(target), "rows": rows, "bytes": size}))
+    else:
+        print(f"exported {rows} rows ({size} bytes) to {target}")
     return EXIT_OK
 
 
@@ -311,7 +307,7 @@ def _sensors_list(client: ControlClient, args: argparse.Namespace) -> int:
 
     sensors = client.call("sensors.list", {"name": args.name} if args.name else {})["sensors"]
     if args.json:
-        print(json.dumps(sensors, indent=2, sort_keys=True))
+        print(dumps(sensors, indent=2, sort_keys=True))
     elif not sensors:
         print("no sensors running")
     else:
@@ -372,6 +368,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="reload the config file (like systemctl reload) and report the result")
     p.add_argument("--wait", type=float, default=15.0, metavar="S",
                    help="seconds to wait for the result (0: just ask; default 15)")
+    p.add_argument("--json", action="store_true", help="print {ok, message, ...} as JSON")
     p.set_defaults(func=_talking(_reload))
 
     outbox = _subcommands(sub, "outbox", "inspect or export the store-and-forward outbox")
@@ -382,6 +379,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                           help="copy every stored message to FILE (JSON lines)")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--json", action="store_true", help="print {file, rows, bytes} as JSON")
     p.set_defaults(func=_talking(_outbox_export))
 
     sensors = _subcommands(sub, "sensors", "sensors of the running agent")

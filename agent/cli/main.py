@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent import __version__
+from agent import __version__, jsontext
+from agent.cli.defaults import DEFAULT_CONFIG, missing_config
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -44,6 +44,7 @@ PLUGIN_MODULES = (
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",
+    "agent.cli.completion",
 )
 
 # The commands those modules add, with their one-line help, so that `--help` and a command
@@ -72,11 +73,13 @@ PLUGIN_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
                           ("agent.cli.service",)),
     "sharing": ("what each stream publishes, on which topics, how redacted",
                 ("agent.cli.sharing",)),
+    "completion": ("print the shell completion script for bash or zsh",
+                   ("agent.cli.completion",)),
 }
 
 def _print_config_error(exc: Any) -> None:
-    for p in exc.problems:
-        print(f"{exc.source}: {p}", file=sys.stderr)
+    for line in exc.lines():
+        print(line, file=sys.stderr)
 
 
 def checked_config(path: str, *, strict: bool = True) -> tuple[Any, list[str]]:
@@ -97,7 +100,7 @@ def checked_config(path: str, *, strict: bool = True) -> tuple[Any, list[str]]:
         found = checked.problems if strict else checked.errors
         return cfg, [f"{path}: {p}" for p in found]
     except ConfigError as exc:
-        return None, [f"{exc.source}: {p}" for p in exc.problems]
+        return None, exc.lines()
     except Exception as exc:  # the promise is a line per problem, not a traceback
         log.debug("checking %s failed", path, exc_info=True)
         return None, [f"{path}: cannot be checked: {type(exc).__name__}: {str(exc)[:300]}"]
@@ -108,6 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.outbox.store import OutboxError
     from agent.runtime import Agent
 
+    if missing := missing_config(args.config):  # said before any logging is set up
+        print(missing, file=sys.stderr)
+        return EXIT_USAGE
     logs.setup(args.log_level, args.log_format)
     cfg, problems = checked_config(args.config, strict=False)
     if problems or cfg is None:
@@ -127,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg, problems = checked_config(args.file)
     if args.json:
-        print(json.dumps({"file": args.file, "ok": not problems, "problems": problems}))
+        print(jsontext.dumps({"file": args.file, "ok": not problems, "problems": problems}))
         return EXIT_USAGE if problems else EXIT_OK
     if problems or cfg is None:
         for line in problems:
@@ -153,7 +159,10 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"edge-agent {__version__}")
+    if args.json:
+        print(jsontext.dumps({"name": "edge-agent", "version": __version__}))
+    else:
+        print(f"edge-agent {__version__}")
     return EXIT_OK
 
 
@@ -184,9 +193,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # Completion and install-service need every command, whichever one is being run.
+    parser.set_defaults(full_parser=lambda: build_parser(None))
 
     p = sub.add_parser("run", help="run the agent in the foreground (what systemd runs)")
-    p.add_argument("-c", "--config", required=True, help="agent TOML file")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"agent TOML file (default {DEFAULT_CONFIG})")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="auto", choices=["auto", "journal", "text", "json"])
@@ -214,6 +226,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("version", help="print the version")
+    p.add_argument("--json", action="store_true", help="print {name, version} as JSON")
     p.set_defaults(func=cmd_version)
 
     missing: list[str] = []

@@ -8,12 +8,12 @@ the candidate on live windows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from agent import jsontext
 from agent.cli.control import (
     EXIT_FAIL,
     EXIT_OK,
@@ -23,9 +23,8 @@ from agent.cli.control import (
     _subcommands,
     _talking,
 )
+from agent.cli.defaults import DEFAULT_CONFIG
 from agent.control.client import ControlClient, ControlRequestError
-
-DEFAULT_CONFIG = "/etc/edge-agent/agent.toml"
 
 
 def _history_path(args: argparse.Namespace) -> Path | None:
@@ -36,8 +35,8 @@ def _history_path(args: argparse.Namespace) -> Path | None:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for p in exc.problems:
-            _err(f"{exc.source}: {p}")
+        for line in exc.lines():
+            _err(line)
         return None
     return Path(cfg.history_path())
 
@@ -70,7 +69,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
     if args.out not in ("", "-"):
         summary = {"rows": n, "file": str(args.out), "history": str(path)}
         if args.json:
-            print(json.dumps(summary))
+            print(jsontext.dumps(summary))
         elif args.circuits:
             print(f"{n} circuit windows of {args.circuits} written to {args.out} "
                   f"(calibrate with `python -m models.anomaly_eval --calibrate {args.out} "
@@ -86,11 +85,11 @@ def _activate(client: ControlClient, args: argparse.Namespace) -> int:
         result = client.call("model.activate", {"name": args.name, "force": args.force})
     except ControlRequestError as exc:
         if args.json:
-            print(json.dumps({"activated": False, "name": args.name, "reason": exc.message}))
+            print(jsontext.dumps({"activated": False, "name": args.name, "reason": exc.message}))
         _err(f"edge-agent: {exc.message}")
         return EXIT_FAIL
     if args.json:
-        print(json.dumps(result))
+        print(jsontext.dumps(result))
     else:
         how = " (forced)" if args.force else ""
         print(f"model {args.name}: candidate activated{how}: {result.get('reason')}")

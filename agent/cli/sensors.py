@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
+import sys
 from typing import Any
 
+from agent import jsontext
 from agent.aio import within
+from agent.cli.defaults import DEFAULT_CONFIG, missing_config
 from agent.readings import Reading
 
 
@@ -58,11 +60,14 @@ def cmd_read(args: argparse.Namespace) -> int:
     from agent.config.load import ConfigError
     from drivers.base import DriverError
 
+    if missing := missing_config(args.config):
+        print(missing, file=sys.stderr)
+        return 2
     try:
         readings = asyncio.run(read_once(args.config, args.name, args.timeout, args.count))
     except ConfigError as exc:
-        for p in exc.problems:
-            print(f"{exc.source}: {p}")
+        for line in exc.lines():
+            print(line)
         return 2
     except KeyError:
         print(f"no sensor named {args.name!r} in {args.config}")
@@ -74,11 +79,14 @@ def cmd_read(args: argparse.Namespace) -> int:
         print(f"{args.name}: no reading within {args.timeout} s")
         return 1
     if args.json:
-        print(json.dumps([_as_dict(r) for r in readings], indent=2))
+        print(jsontext.dumps([_as_dict(r) for r in readings], indent=2))
         return 0
+    from agent.control.units import for_display
+
     for r in readings:
         flags = f"  [{r.quality}: {', '.join(r.reasons)}]" if r.reasons else ""
-        print(f"{r.sensor}.{r.quantity:<16} {r.value:>14.6g} {r.unit}{flags}")
+        value, unit = for_display(r.value, r.unit)
+        print(f"{r.sensor}.{r.quantity:<16} {value:>14.6g} {unit}".rstrip() + flags)
     return 0
 
 
@@ -104,7 +112,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
         rows.append({"name": name, "kind": info.kind, "origin": info.origin,
                      "description": info.description, "addresses": addrs, "error": ""})
     if getattr(args, "json", False):
-        print(json.dumps(rows, indent=2))
+        print(jsontext.dumps(rows, indent=2))
     else:
         for r in rows:
             if r["error"]:
@@ -122,7 +130,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = ssub.add_parser("read", help="take one reading of sensor NAME and print it "
                                      "(the agent need not be running)")
     r.add_argument("name")
-    r.add_argument("-c", "--config", required=True, help="agent TOML file")
+    r.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"agent TOML file (default {DEFAULT_CONFIG})")
     r.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
     r.add_argument("--count", type=int, default=0,
                    help="readings to collect from a streaming sensor (default: one poll)")

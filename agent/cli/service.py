@@ -21,10 +21,13 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from agent import jsontext
+from agent.cli.completion import BASH_FILE, ZSH_FILE, script
 
 SERVICE = "edge-agent.service"
 USER = "edge-agent"
@@ -229,7 +232,9 @@ def _accounts(opts: Options, host: Host) -> list[Action]:
     return out
 
 
-def plan_install(opts: Options, t: Templates, host: Host) -> list[Action]:
+def plan_install(opts: Options, t: Templates, host: Host,
+                 completions: Mapping[str, str] | None = None) -> list[Action]:
+    """``completions``: shell completion scripts by the path they are installed at."""
     plan = _accounts(opts, host)
     plan.append(_file(opts, SYSUSERS, t.sysusers, 0o644, "service account (sysusers.d)"))
     plan.append(_dir(opts, CONFIG_DIR, 0o755, "configuration"))
@@ -260,6 +265,8 @@ def plan_install(opts: Options, t: Templates, host: Host) -> list[Action]:
             plan.append(Action("ok", SERVICE, "enabled and running"))
         else:
             plan.append(Action("run", SERVICE, argv=("systemctl", "enable", "--now", SERVICE)))
+    plan.extend(_file(opts, rel, text, 0o644, "shell completion")
+                for rel, text in (completions or {}).items())
     plan.append(Action("hint", "stable serial names (udev)", t.udev))
     return plan
 
@@ -271,7 +278,7 @@ def plan_uninstall(opts: Options, host: Host) -> list[Action]:
         plan.append(Action("run", SERVICE, argv=("systemctl", "disable", "--now", SERVICE)))
     elif not opts.live:
         plan.append(Action("defer", f"systemctl disable {SERVICE}", "not run with --root"))
-    for rel in (UNIT, SYSUSERS):
+    for rel in (UNIT, SYSUSERS, BASH_FILE, ZSH_FILE):
         path = opts.path(rel)
         plan.append(Action("remove", str(path)) if path.exists() or path.is_symlink()
                     else Action("ok", str(path), "not installed"))
@@ -396,34 +403,55 @@ def _check_exec(exec_path: str, root: Path) -> None:
                            "under /opt or /usr/local, or pass --exec")
 
 
+def _plan_json(plan: Sequence[Action]) -> list[dict[str, object]]:
+    return [{"action": a.kind, "target": a.target, "detail": a.detail, "mode": a.mode,
+             "argv": list(a.argv), "changes": a.changes} for a in plan]
+
+
 def _execute(args: argparse.Namespace, make_plan: Callable[[Options, Host], list[Action]], *,
              installing: bool = True) -> int:
+    def fail(message: str, code: int) -> int:
+        if args.json:
+            print(jsontext.dumps({"ok": False, "error": message}))
+        print(f"{args.command}: {message}", file=sys.stderr)
+        return code
+
     try:
         opts = _options(args, installing=installing)
         if opts.live and not args.dry_run and os.geteuid() != 0:
-            print(f"{args.command} changes the system: run it as root "
-                  f"(sudo edge-agent {args.command})", file=sys.stderr)
-            return 1
+            return fail(f"changes the system: run it as root (sudo edge-agent {args.command})",
+                        1)
         host = Host()
         plan = make_plan(opts, host)
         if args.dry_run:
-            print_plan(plan)
+            if args.json:
+                print(jsontext.dumps({"ok": True, "dry_run": True, "plan": _plan_json(plan)},
+                                     indent=2))
+            else:
+                print_plan(plan)
             return 0
-        apply(plan, host)
-        if not any(a.changes for a in plan):
+        apply(plan, host, echo=(lambda line: None) if args.json else print)
+        if args.json:
+            print(jsontext.dumps({"ok": True, "dry_run": False, "plan": _plan_json(plan)},
+                                 indent=2))
+        elif not any(a.changes for a in plan):
             print("nothing to change")
     except ServiceError as exc:
-        print(f"{args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(str(exc), exc.exit_code)
     except OSError as exc:
-        print(f"{args.command}: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), 1)
     return 0
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     def make(opts: Options, host: Host) -> list[Action]:
-        return plan_install(opts, load_templates(find_templates(args.templates)), host)
+        # The completion scripts are made from the whole command tree, which the CLI builds.
+        full = getattr(args, "full_parser", None)
+        parser = full() if full is not None else None
+        return plan_install(opts, load_templates(find_templates(args.templates)), host,
+                            {rel: script(shell, parser)
+                             for shell, rel in (("bash", BASH_FILE), ("zsh", ZSH_FILE))}
+                            if parser is not None else None)
     return _execute(args, make)
 
 
@@ -436,6 +464,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_argument("--root", metavar="DIR",
                         help="work on the tree at DIR (an image being prepared), not this system")
     common.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    common.add_argument("--json", action="store_true",
+                        help="print {ok, dry_run, plan: [{action, target, ...}]} as JSON")
 
     p = sub.add_parser("install-service", parents=[common],
                        help="install the hardened systemd unit, user and default config (root)")

@@ -6,8 +6,11 @@ Read from the configuration alone, so it can be checked before a gateway is inst
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from typing import TYPE_CHECKING, Any
+
+from agent import jsontext
+from agent.cli.defaults import DEFAULT_CONFIG, missing_config
 
 if TYPE_CHECKING:
     from agent.config.schema import AgentConfig, StreamConfig
@@ -19,7 +22,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sharing", help="what each stream publishes, on which topics, how redacted")
     cmds = p.add_subparsers(dest="sharing_command", required=True)
     show = cmds.add_parser("show", help="print the sharing policy of every stream")
-    show.add_argument("-c", "--config", required=True, help="agent TOML file")
+    show.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                      help=f"agent TOML file (default {DEFAULT_CONFIG})")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_show)
 
@@ -27,15 +31,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_show(args: argparse.Namespace) -> int:
     from agent.config.load import ConfigError, load_config
 
+    if missing := missing_config(args.config):
+        print(missing, file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}")
+        for line in exc.lines():
+            print(line)
         return 2
     plan = describe(cfg)
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(jsontext.dumps(plan, indent=2))
     else:
         print("\n".join(render(plan)))
     return 0

@@ -9,6 +9,7 @@ sensors that exist, I2C addresses fit the chip). Every problem is reported at on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import stat
 import tomllib
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from agent.anomaly.thresholds import ThresholdsError, load_thresholds
 from agent.config.base import is_loopback
 from agent.config.cleaning import CleanOptions
-from agent.config.env import apply_env
+from agent.config.env import Override, Unusable, apply_env
 from agent.config.schema import AgentConfig, SensorConfig, StreamConfig
 from drivers.registry import DRIVERS, clean_defaults, kind_of
 
@@ -32,6 +33,7 @@ class Problem:
     path: str
     value: str
     reason: str
+    origin: str = ""  # where it came from when not the file: an environment variable
 
     def __str__(self) -> str:
         # A hostile value (an 80 KB path) is shown shortened, wherever it appears.
@@ -60,6 +62,10 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(problems)} problem(s)")
         self.source = source
         self.problems = problems
+
+    def lines(self) -> list[str]:
+        """One line per problem, each led by where it came from (the file, or a variable)."""
+        return [f"{p.origin or self.source}: {p}" for p in self.problems]
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -376,4 +382,20 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Agent
     except ValueError as exc:
         raise ConfigError(source, [Problem("", "", f"cannot read: {exc}")]) from None
     data = parse_toml(decode_utf8(raw, source), source)
-    return parse_config(apply_env(data, os.environ if env is None else env), source)
+    applied: list[Override] = []
+    unusable: list[Unusable] = []
+    data = apply_env(data, os.environ if env is None else env, applied, unusable)
+    if unusable:
+        raise ConfigError(source, [Problem("", "", u.reason, origin=_from_env(u.var))
+                                   for u in unusable])
+    try:
+        return parse_config(data, source)
+    except ConfigError as exc:
+        by_path = {_path(o.loc): o.var for o in applied}
+        raise ConfigError(exc.source, [
+            dataclasses.replace(p, origin=_from_env(by_path[p.path])) if p.path in by_path
+            else p for p in exc.problems]) from None
+
+
+def _from_env(var: str) -> str:
+    return f"{var} (environment)"

@@ -378,6 +378,20 @@ class OutboxConfig(_Frozen):
     """...or as soon as this many are pending."""
 
 
+class RawConfig(_Frozen):
+    format: Literal["batch", "reading"] = "batch"
+    """How the cleaned readings of `share = "raw"` streams travel: `batch` packs a stream's
+    readings into one `edge-agent/raw-batch/1` message (one outbox row, one seq, one PUBACK);
+    `reading` sends one `edge-agent/reading/1` message per reading."""
+    linger_ms: Annotated[int, Field(ge=0, le=60_000)] = 0
+    """How long a batch waits for more readings after its first. 0: it is sealed as soon as
+    the pipeline has caught up, so batches grow with the load and add no latency."""
+    max_readings: Annotated[int, Field(ge=1, le=100_000)] = 500
+    """Readings per batch at most."""
+    max_bytes: Annotated[int, Field(ge=1024, le=MQTT_MAX_PACKET_BYTES)] = 64 * 1024
+    """Encoded size of a batch at most (and never above `mqtt.max_payload_bytes`)."""
+
+
 class ControlConfig(_Frozen):
     socket: Annotated[str, Field(min_length=1, max_length=107)] = "/run/edge-agent/control.sock"
     """Unix socket of the local control interface used by the CLI."""
@@ -423,6 +437,8 @@ class AgentConfig(_Frozen):
     """The uplink to the cloud."""
     outbox: OutboxConfig = OutboxConfig()
     """The durable store between the pipeline and the uplink."""
+    raw: RawConfig = RawConfig()
+    """How raw readings are packed into messages."""
     history: HistoryConfig = HistoryConfig()
     """The local history of model windows, for site calibration."""
     control: ControlConfig = ControlConfig()

@@ -1,9 +1,8 @@
 """The ``edge-agent status`` screen and the JSON Schema of what ``status --json`` prints.
 
-The schema fixes the top-level sections and the parts this screen relies on (agent, sensors,
-clock) and stays open inside the sections other stages own, so they can grow without breaking
-old readers. ``docs/status.schema.json`` is generated from these models (``edge-agent status
---schema``); a test keeps the two equal.
+The snapshot is the health message's body, typed once in ``agent.health``; its objects are open
+so the stages can add counters without breaking old readers. ``docs/status.schema.json`` is
+generated from that model (``edge-agent status --schema``); a test keeps the two equal.
 
 Rendering takes the snapshot as plain data: plain text when the output is piped, a coloured
 table (``rich``, when installed) on a terminal.
@@ -15,65 +14,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from pydantic import BaseModel, ConfigDict, Field
-
-OPEN = ConfigDict(extra="allow")
-
-
-class AgentInfo(BaseModel):
-    model_config = OPEN
-    version: str
-    gateway: str
-    uptime_s: float = Field(ge=0)
-    config_file: str | None
-    generation: int = Field(ge=0)
-    reloads_ok: int = Field(default=0, ge=0)
-    reloads_rejected: int = Field(default=0, ge=0)
-    last_reload_error: str = ""
-
-
-class LastValue(BaseModel):
-    model_config = OPEN
-    value: float | None
-    unit: str
-    quality: str
-
-
-class SensorStatus(BaseModel):
-    model_config = OPEN
-    name: str
-    driver: str
-    state: str
-    readings: int = Field(ge=0)
-    failures: int = Field(ge=0)
-    consecutive_failures: int = Field(ge=0)
-    last_error: str | None
-    last_reading_age_s: float | None
-    last_values: dict[str, LastValue]
-
-
-class ClockStatus(BaseModel):
-    model_config = OPEN
-    synced: bool | None
-
-
-class StatusSnapshot(BaseModel):
-    """What ``edge-agent status --json`` prints: one snapshot of the running agent."""
-
-    model_config = OPEN
-    agent: AgentInfo
-    sensors: list[SensorStatus]
-    queues: dict[str, Any]
-    pipeline: dict[str, Any]
-    clean: dict[str, Any]
-    clock: ClockStatus
-    outbox: dict[str, Any]
-    uplink: dict[str, Any]
-    models: dict[str, Any]
+from agent.control.units import for_display
+from agent.health import HealthSnapshot
 
 
 def status_schema() -> dict[str, Any]:
-    schema = StatusSnapshot.model_json_schema()
+    schema = HealthSnapshot.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
@@ -127,17 +73,27 @@ def sensor_value(sensor: Mapping[str, Any]) -> str:
     parts = []
     for quantity, v in values.items():
         flag = "" if v.get("quality") in (None, "good") else f" [{v.get('quality')}]"
-        parts.append(f"{quantity} {fmt_number(v.get('value'))} {v.get('unit', '')}".rstrip()
-                     + flag)
+        value, unit = for_display(v.get("value"), v.get("unit"))
+        parts.append(f"{quantity} {fmt_number(value)} {unit}".rstrip() + flag)
     return ", ".join(parts) or "-"
+
+
+def _ago(seconds: Any) -> str:
+    return f" ({fmt_age(seconds)} ago)" if isinstance(seconds, (int, float)) else ""
+
+
+def _retry(seconds: Any, what: str) -> str:
+    return f"{what} in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
 
 
 def sensor_errors(sensor: Mapping[str, Any]) -> str:
     failures = sensor.get("failures", 0)
     in_row = sensor.get("consecutive_failures", 0)
     text = f"{failures}" + (f" ({in_row} in a row)" if in_row else "")
+    if retry := _retry(sensor.get("next_retry_in_s"), "retry"):
+        text += f", {retry}"
     if sensor.get("last_error") and (failures or in_row):
-        text += f": {sensor['last_error']}"
+        text += f": {sensor['last_error']}{_ago(sensor.get('last_error_age_s'))}"
     return text
 
 
@@ -156,9 +112,11 @@ def uplink_line(uplink: Mapping[str, Any]) -> str:
     inflight = _first(uplink, "inflight", "in_flight")
     if inflight is not None:
         parts.append(f"in flight {inflight}")
+    if retry := _retry(uplink.get("next_attempt_in_s"), "next attempt"):
+        parts.append(retry)
     error = _first(uplink, "last_error", "error")
     if error:
-        parts.append(f"last error: {error}")
+        parts.append(f"last error{_ago(uplink.get('last_error_age_s'))}: {error}")
     return "  ".join(parts)
 
 
@@ -189,6 +147,64 @@ def outbox_line(outbox: Mapping[str, Any]) -> str:
     if outbox.get("quarantined"):
         text += f"  quarantined {fmt_number(outbox['quarantined'])}"
     return text
+
+
+def fmt_bytes(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return "-"  # not reached
+
+
+def fmt_value(value: Any) -> str:
+    """Any JSON value as a technician reads it: no braces, quotes or ``None``."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        shown = [f"{k} {fmt_value(v)}" for k, v in value.items() if v not in (None, 0, {}, [])]
+        return ", ".join(shown) or "none"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt_value(v) for v in value) or "none"
+    return fmt_number(value)
+
+
+# The outbox figures a technician asks about first, each with its label and how it is shown;
+# whatever else the agent reports follows under its own name.
+OUTBOX_ROWS: tuple[tuple[str, str, Any], ...] = (
+    ("path", "file", str),
+    ("rows", "rows", fmt_number),
+    ("depth", "  by class", fmt_value),
+    ("bytes", "size", fmt_bytes),
+    ("oldest_age_s", "oldest", lambda v: f"{fmt_age(v)} ago" if v is not None else "-"),
+    ("pending", "not committed", fmt_number),
+    ("accepted_seq", "last seq", fmt_value),
+    ("next_seq", "next seq", fmt_value),
+    ("drops", "dropped", fmt_value),
+    ("drops_by_reason", "  by reason", fmt_value),
+    ("quarantined", "quarantined", fmt_value),
+    ("commits", "commits", fmt_number),
+    ("commit_errors", "commit errors", fmt_number),
+    ("last_commit_ms", "last commit", lambda v: f"{fmt_number(v)} ms"),
+    ("max_commit_ms", "slowest commit", lambda v: f"{fmt_number(v)} ms"),
+)
+OUTBOX_HIDDEN = {"bytes_by_class"}  # shown inside "size" would be noise; --json has it
+
+
+def outbox_stats_lines(stats: Mapping[str, Any]) -> list[str]:
+    rows: list[tuple[str, str]] = []
+    for key, label, show in OUTBOX_ROWS:
+        if key in stats:
+            rows.append((label, show(stats[key]) if stats[key] is not None else "-"))
+    known = {k for k, _, _ in OUTBOX_ROWS} | OUTBOX_HIDDEN
+    rows.extend((k.replace("_", " "), fmt_value(v)) for k, v in stats.items() if k not in known)
+    width = max((len(label) for label, _ in rows), default=0)
+    return [f"{label.ljust(width)}  {value}" for label, value in rows]
 
 
 MODEL_HEADER = ("MODEL", "VERSION", "SOURCE / SKILL", "LAST OUTPUT")

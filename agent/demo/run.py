@@ -22,6 +22,7 @@ from typing import Any
 from agent.aio import within
 from agent.config.load import parse_config
 from agent.config.schema import AgentConfig
+from agent.control import discovery
 
 SUBSCRIBE_TIMEOUT_S = 10.0
 
@@ -153,6 +154,11 @@ async def run_demo(duration_s: float | None = None, broker: str | None = None,
         print(f"edge-agent demo: broker {host}:{port}, gateway {cfg.gateway.id}, "
               f"{len(cfg.sensors)} emulated sensors; watching {topic}"
               + ("" if duration_s else " (Ctrl-C to stop)"), flush=True)
+        print(f"edge-agent demo: control socket {cfg.control.socket} (`edge-agent status`, "
+              "`tail` and `outbox` in another terminal find it by themselves)", flush=True)
+        with contextlib.suppress(OSError):  # a read-only runtime dir: --socket still works
+            discovery.announce(cfg.control.socket)
+        stack.callback(discovery.withdraw)
         watch = _Watch(host, port, topic, quiet, started)
         watcher = asyncio.create_task(_watch(watch), name="watch")
         with contextlib.suppress(TimeoutError):

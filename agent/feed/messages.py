@@ -18,22 +18,25 @@ Builders turn pipeline contracts (Window, Inference, Reading, a health snapshot)
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.feed.numbers import DERIVED_UNITS, round_last_values, rounded, rounded_any
+from agent.health import HealthBody
 from agent.readings import ChannelStats, Inference, Reading, Window
 
 SCHEMA_WINDOW = "edge-agent/window/1"
 SCHEMA_INFERENCE = "edge-agent/inference/1"
 SCHEMA_READING = "edge-agent/reading/1"
+SCHEMA_RAW_BATCH = "edge-agent/raw-batch/1"
 SCHEMA_HEALTH = "edge-agent/health/1"
 SCHEMA_ANOMALY = "edge-agent/anomaly/1"
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # A JSON number above 2**53 loses precision in many consumers, so times travel as ISO 8601.
 MaybeFloat = float | None
 
@@ -69,7 +72,7 @@ class ChannelStatsModel(_Model):
     max: MaybeFloat
     last: MaybeFloat
     std: MaybeFloat
-    unit: str
+    unit: str = Field(description="From the unit vocabulary (docs/mqtt.md, Units).")
     suspect: Annotated[int, Field(ge=0)] = 0
     bad: Annotated[int, Field(ge=0)] = 0
 
@@ -84,7 +87,9 @@ class WindowMessage(FeedMessage):
     channels: dict[str, ChannelStatsModel] = Field(
         description="By channel `sensor.quantity`; statistics over good readings only.")
     fused: dict[str, ChannelStatsModel] = Field(default_factory=dict)
-    derived: dict[str, MaybeFloat] = Field(default_factory=dict)
+    derived: dict[str, MaybeFloat] = Field(
+        default_factory=dict, description="Values computed from the channels, by name: "
+        "meaning and unit in docs/mqtt.md (Derived values); null without input.")
     flags: list[str] = Field(default_factory=list)
 
 
@@ -96,8 +101,11 @@ class InferenceMessage(FeedMessage):
     version: str = Field(description="sha256 prefix of the model file.")
     stream: str
     window_start: datetime
-    outputs: dict[str, float | str | None]
-    latency_ms: MaybeFloat
+    outputs: dict[str, float | str | None] = Field(
+        description="By output name (units in the model's manifest) plus `<output>_model`, "
+        "class labels, `anomaly_score`, `anomaly`, `inputs_filled`: docs/mqtt.md (Model "
+        "outputs).")
+    latency_ms: MaybeFloat = Field(description="The model's run time, milliseconds.")
     shadow: bool = Field(default=False, description="True for a candidate model run beside "
                                                     "the active one.")
     source: Literal["model", "blend", "fallback"] = Field(
@@ -142,17 +150,46 @@ class ReadingMessage(FeedMessage):
     sensor: str
     quantity: str
     value: MaybeFloat
-    unit: str
+    unit: str = Field(description="From the unit vocabulary (docs/mqtt.md, Units).")
     sampled_at: datetime
     quality: Literal["good", "suspect", "bad"]
     reasons: list[str] = Field(default_factory=list)
+
+
+class RawChannel(_Model):
+    sensor: str
+    quantity: str
+    unit: str
+
+
+RawRow = tuple[Annotated[int, Field(ge=0)], int, MaybeFloat,
+               Literal["good", "suspect", "bad"], list[str]]
+
+
+class RawBatchMessage(FeedMessage):
+    """The cleaned, flagged readings of a raw stream over one short interval, on
+    ``raw/{stream}``: one message, one ``seq``, one outbox row for many readings."""
+
+    schema_: Literal["edge-agent/raw-batch/1"] = Field(alias="schema")
+    stream: str
+    start: datetime = Field(
+        description="Base time of the batch (UTC, microseconds); each reading's `offset_ns` "
+        "is counted from it.")
+    channels: list[RawChannel] = Field(
+        description="The channels the readings refer to, by position.")
+    readings: list[RawRow] = Field(
+        description="One `[channel, offset_ns, value, quality, reasons]` per reading, in the "
+        "order the gateway cleaned them: `channel` indexes `channels`; `offset_ns` is the "
+        "sampled time minus `start` in nanoseconds (may be negative); `value` is null when "
+        "not finite; `quality` and `reasons` as in `edge-agent/reading/1`.")
 
 
 class HealthMessage(FeedMessage):
     """A snapshot of the agent's health, on ``health``."""
 
     schema_: Literal["edge-agent/health/1"] = Field(alias="schema")
-    health: dict[str, Any]
+    health: HealthBody = Field(description="The same snapshot `edge-agent status --json` "
+                                               "prints (docs/status.schema.json).")
 
 
 M = TypeVar("M", bound=FeedMessage)
@@ -170,6 +207,20 @@ class Draft(Generic[M]):
             **self.fields, "seq": seq, "boot_id": boot_id, "msg_id": msg_id(boot_id, seq),
             "ts": to_datetime(ts_ns),
         })
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedRows(Draft[M]):
+    """A raw batch whose ``readings`` the gateway built itself from typed readings, each a
+    tuple of (int, int, float or None, quality, list of str): sealing validates the rest and
+    takes the rows as they are. Validating 500 rows again was most of the cost of a batch."""
+
+    def seal(self, *, seq: int, boot_id: str, ts_ns: int) -> M:
+        head = self.model.model_validate({
+            **self.fields, "readings": [], "seq": seq, "boot_id": boot_id,
+            "msg_id": msg_id(boot_id, seq), "ts": to_datetime(ts_ns),
+        })
+        return head.model_copy(update={"readings": self.fields["readings"]})
 
 
 def msg_id(boot_id: str, seq: int) -> str:
@@ -193,14 +244,11 @@ def to_datetime(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, UTC)
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
 def _stats(s: ChannelStats) -> dict[str, Any]:
-    return {"count": s.count, "mean": _finite(s.mean), "min": _finite(s.min),
-            "max": _finite(s.max), "last": _finite(s.last), "std": _finite(s.std),
-            "unit": s.unit, "suspect": s.suspect, "bad": s.bad}
+    u = s.unit
+    return {"count": s.count, "mean": rounded(s.mean, u), "min": rounded(s.min, u),
+            "max": rounded(s.max, u), "last": rounded(s.last, u), "std": rounded(s.std, u),
+            "unit": u, "suspect": s.suspect, "bad": s.bad}
 
 
 def window_message(gateway: str, w: Window) -> Draft[WindowMessage]:
@@ -209,26 +257,25 @@ def window_message(gateway: str, w: Window) -> Draft[WindowMessage]:
         "start": to_datetime(w.start_ns), "end": to_datetime(w.end_ns),
         "channels": {k: _stats(v) for k, v in w.channels.items()},
         "fused": {k: _stats(v) for k, v in w.fused.items()},
-        "derived": {k: _finite(v) for k, v in w.derived.items()},
+        "derived": {k: rounded(v, DERIVED_UNITS.get(k, "")) for k, v in w.derived.items()},
         "flags": list(w.flags),
     })
 
 
 def inference_message(gateway: str, i: Inference) -> Draft[InferenceMessage]:
-    outputs = {k: (_finite(v) if isinstance(v, float) else v) for k, v in i.outputs.items()}
+    outputs = {k: rounded_any(v) for k, v in i.outputs.items()}
     return Draft(InferenceMessage, {
         "schema": SCHEMA_INFERENCE, "gateway": gateway, "model": i.model, "version": i.version,
         "stream": i.stream, "window_start": to_datetime(i.window_start_ns), "outputs": outputs,
-        "latency_ms": _finite(i.latency_ms), "shadow": i.shadow, "source": i.source,
-        "skill": None if i.skill is None else _finite(i.skill),
+        "latency_ms": rounded(i.latency_ms), "shadow": i.shadow, "source": i.source,
+        "skill": None if i.skill is None else rounded(i.skill),
         "out_of_range": list(i.out_of_range),
     })
 
 
 def anomaly_message(gateway: str, event: Mapping[str, Any]) -> Draft[AnomalyMessage]:
     """``event`` is an ``AnomalyEvent.to_message()`` body (schema, times as ISO 8601)."""
-    evidence = {k: (_finite(v) if isinstance(v, float) else v)
-                for k, v in dict(event.get("evidence") or {}).items()}
+    evidence = {k: rounded_any(v) for k, v in dict(event.get("evidence") or {}).items()}
     return Draft(AnomalyMessage, {**event, "schema": SCHEMA_ANOMALY, "gateway": gateway,
                                   "evidence": evidence})
 
@@ -236,8 +283,20 @@ def anomaly_message(gateway: str, event: Mapping[str, Any]) -> Draft[AnomalyMess
 def reading_message(gateway: str, stream: str, r: Reading) -> Draft[ReadingMessage]:
     return Draft(ReadingMessage, {
         "schema": SCHEMA_READING, "gateway": gateway, "stream": stream, "sensor": r.sensor,
-        "quantity": r.quantity, "value": _finite(r.value), "unit": r.unit,
+        "quantity": r.quantity, "value": rounded(r.value, r.unit), "unit": r.unit,
         "sampled_at": to_datetime(r.ts_ns), "quality": r.quality, "reasons": list(r.reasons),
+    })
+
+
+def raw_batch_message(gateway: str, stream: str, start_ns: int,
+                      channels: list[dict[str, str]],
+                      rows: list[tuple[Any, ...]]) -> Draft[RawBatchMessage]:
+    """``start_ns`` is a whole number of microseconds (what ``start`` can say exactly); the
+    rows are trusted (``TrustedRows``): build them only as ``agent.feed.raw_batch`` does."""
+    return TrustedRows(RawBatchMessage, {
+        "schema": SCHEMA_RAW_BATCH, "gateway": gateway, "stream": stream,
+        "start": EPOCH + timedelta(microseconds=start_ns // 1000), "channels": channels,
+        "readings": rows,
     })
 
 
@@ -245,6 +304,7 @@ def health_message(gateway: str, snapshot: Mapping[str, Any]) -> Draft[HealthMes
     # Round-trip through JSON so a snapshot that cannot be published fails here, at the
     # caller, and not later in the publisher.
     body = json.loads(json.dumps(dict(snapshot), allow_nan=False, default=str))
+    round_last_values(body.get("sensors"))
     return Draft(HealthMessage, {"schema": SCHEMA_HEALTH, "gateway": gateway, "health": body})
 
 

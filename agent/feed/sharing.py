@@ -17,7 +17,8 @@ and a field policy applied to what it gets:
   that matches a path also withholds everything below it (``channels.radar`` withholds every
   channel of the sensor ``radar``). A withheld statistic is sent as ``null`` (the window schema
   has the key) and the window gets the flag ``redacted``; a withheld derived value or model
-  output is left out; a reading whose channel or value is withheld is not published.
+  output is left out; a reading whose channel or value is withheld is not published (taken
+  out of its raw batch; a batch left empty is not published).
 * ``round``: values whose path matches a pattern are rounded to a multiple of the step. A
   channel's ``count``, ``suspect`` and ``bad`` are never rounded or withheld on their own.
 * ``min_vehicles`` (k): a window that counts 1 to k-1 vehicles is withheld (``suppressed``),
@@ -62,7 +63,8 @@ from agent.feed.fields import (
     quantize,
     vehicles_of,
 )
-from agent.feed.messages import Draft
+from agent.feed.messages import Draft, RawBatchMessage
+from agent.feed.raw_batch import filter_batch
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ class _Edit:
 
     withheld: bool = False
     rounded: bool = False
+    withheld_readings: int = 0  # of a raw batch
 
 
 class _Route:
@@ -189,6 +192,11 @@ class _Route:
             return draft
         edit.rounded = True
         return Draft(draft.model, {**f, "value": new})
+
+    def raw_batch(self, draft: Draft[Any], edit: _Edit) -> Draft[Any] | None:
+        routed, edit.withheld_readings, edit.rounded = filter_batch(draft, self.reading_rule)
+        edit.withheld = edit.withheld_readings > 0
+        return routed
 
     # -- windows ----------------------------------------------------------------------------
 
@@ -357,6 +365,11 @@ class SharingPolicy:
                 r.suppress(draft.fields["start"], routed is None)
                 if routed is None:
                     counts["suppressed"] += 1
+                    continue
+            elif kind == "raw" and draft.model is RawBatchMessage:
+                routed = r.raw_batch(draft, edit)
+                counts["withheld"] += edit.withheld_readings
+                if routed is None:
                     continue
             elif kind == "raw":
                 routed = r.reading(draft, edit)

@@ -8,22 +8,23 @@ lost. Three sources bound the next ``seq`` at open:
 
 * ``meta.last_seq`` in the database: exact, committed with the rows it covers;
 * a side file ``<path>.seq`` holding a reservation ``reserved`` (a seq not yet used), rewritten
-  with fsync before any seq at or beyond it is committed; it survives the database being moved
-  aside, restored from elsewhere, or rolled back by a power cut (WAL with synchronous=NORMAL can
-  lose its last commits then);
+  with fsync before any seq at or beyond it is committed or published; it survives the database
+  being moved aside, restored from elsewhere, or rolled back by a power cut (WAL with
+  synchronous=NORMAL can lose its last commits then);
+* the sent marker ``<path>.sent``: the highest seq published before its commit (publish-through;
+  ``agent.outbox.seqfiles``);
 * wall-clock milliseconds, only when there is neither a database nor a side file.
 
-The exact value is used when the database is the one the side file describes and either the
-last stop was clean or the machine has not rebooted since (a killed process loses nothing from
-the WAL). Otherwise the reservation is used and the skipped range is reported.
+The exact value (the larger of ``last_seq`` and the sent marker) is used when the database is the
+one the side file describes and either the last stop was clean or the machine has not rebooted
+since (a killed process loses nothing from the WAL or the page cache). Otherwise the reservation
+is used and the skipped range is reported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import sqlite3
 import time
 import uuid
@@ -52,6 +53,7 @@ from agent.outbox.rows import (
     Row,
     Snapshot,
 )
+from agent.outbox.seqfiles import SentMarker, read_reservation, write_reservation
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,15 @@ class OpenInfo:
     snapshot: Snapshot
 
 
+def _int(text: str | None) -> int:
+    """A seq from the meta table (input from disk): 0 when absent or not a number."""
+    try:
+        return max(0, min(int(text or 0), 2**63 - 1))
+    except ValueError:
+        log.error("outbox meta last_seq %r is not a number; ignored", str(text)[:40])
+        return 0
+
+
 def kernel_boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
@@ -103,6 +114,7 @@ class OutboxDB:
                  wall_ns: Callable[[], int]) -> None:
         self.path = path
         self.seq_path = path.with_name(path.name + ".seq")
+        self.sent = SentMarker(path.with_name(path.name + ".sent"))
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.max_age_ns = max_age_ns
@@ -180,20 +192,26 @@ class OutboxDB:
             self._conn = None
             raise
         kboot = kernel_boot_id()
-        side = self._read_side()
-        last = max(int(meta.get("last_seq", "0")), self.snap.last_seq)
+        side = read_reservation(self.seq_path)
+        last = max(_int(meta.get("last_seq")), self.snap.last_seq)
         fresh = "db_id" not in meta
         self._db_id = meta.get("db_id") or uuid.uuid4().hex
+        sent = self.sent.read(self._db_id) if not fresh else 0
         trusted = (not fresh and side is not None and side[0] == self._db_id
+                   and sent is not None
                    and (meta.get("clean") == "1" or (kboot != "" and meta.get("kboot") == kboot)))
-        if trusted or (side is None and not fresh):
-            next_seq = last + 1
+        if trusted or (side is None and not fresh and sent is not None):
+            next_seq = max(last, sent or 0) + 1
         elif side is not None:
             next_seq = max(last + 1, side[1])
         else:
             next_seq = max(last + 1, self._wall_ns() // 1_000_000)
         skipped = (last + 1, next_seq - 1) if next_seq > last + 1 and not fresh else None
-        if skipped:
+        if skipped and (trusted or side is None):
+            log.warning("%s: seqs %d..%d were published before their commit when the agent "
+                        "stopped (the cloud may have them or not); they are not used again",
+                        self.path, skipped[0], skipped[1])
+        elif skipped:
             log.warning("%s: seq floor taken from %s: seqs %d..%d are never used",
                         self.path, self.seq_path, skipped[0], skipped[1])
         self._put_meta({"db_id": self._db_id, "clean": "0", "kboot": kboot,
@@ -211,6 +229,8 @@ class OutboxDB:
                       self.seq_path, exc)
             self._reserved = next_seq
         self.snap.last_seq = next_seq - 1
+        self.snap.reserved = self._reserved
+        self.sent.open(self._db_id, next_seq - 1)
         return OpenInfo(next_seq, skipped, self.snap)
 
     def close(self, *, clean: bool) -> None:
@@ -225,6 +245,7 @@ class OutboxDB:
         finally:
             self._conn.close()
             self._conn = None
+            self.sent.close()
 
     def _put_meta(self, values: dict[str, str]) -> None:
         c = self._c()
@@ -236,7 +257,8 @@ class OutboxDB:
         """Recount from the tables; ``last_seq`` keeps a known value instead of MAX(seq)."""
         c = self._c()
         snap = Snapshot(corrupt_resets=self.snap.corrupt_resets, salvaged=self.snap.salvaged,
-                        unreadable=self.snap.unreadable, version=self.snap.version + 1)
+                        unreadable=self.snap.unreadable, reserved=self.snap.reserved,
+                        version=self.snap.version + 1)
         for kind, n, size in c.execute(
                 "SELECT kind, COUNT(*), SUM(length(topic) + length(payload)) FROM outbox "
                 "GROUP BY kind"):
@@ -251,32 +273,10 @@ class OutboxDB:
 
     # -- sequence reservation -------------------------------------------------------------
 
-    def _read_side(self) -> tuple[str, int] | None:
-        try:
-            data = json.loads(self.seq_path.read_text(encoding="utf-8"))
-            return str(data["db_id"]), int(data["reserved"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("%s: unreadable (%s); using the database's own sequence", self.seq_path, exc)
-            return None
-
     def _reserve(self, reserved: int) -> None:
-        tmp = self.seq_path.with_name(self.seq_path.name + ".tmp")
-        data = json.dumps({"db_id": self._db_id, "reserved": reserved}).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.seq_path)
-        dfd = os.open(self.seq_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_reservation(self.seq_path, self._db_id, reserved)
         self._reserved = reserved
+        self.snap.reserved = reserved
 
     # -- corruption -----------------------------------------------------------------------
 
@@ -333,8 +333,9 @@ class OutboxDB:
 
     def _commit_once(self, batch: Batch) -> list[Dropped]:
         c = self._c()
-        top = max((r.seq for r in batch.rows), default=0)
-        if top >= self._reserved:
+        top = max(batch.top, max((r.seq for r in batch.rows), default=0))
+        # Ahead of need: publish-through hands out only seqs below the reservation.
+        if top + SEQ_BLOCK // 2 >= self._reserved:
             self._reserve(top + SEQ_BLOCK)
         committed_last = self.snap.last_seq
         c.execute("BEGIN IMMEDIATE")

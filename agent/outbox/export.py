@@ -5,7 +5,33 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import IO, Any
+from collections.abc import Awaitable, Callable
+from typing import IO, Any, Final
+
+EXPORT_CHUNK_ROWS: Final = 2000
+
+InWorker = Callable[..., Awaitable[Any]]
+
+
+async def export_file(in_worker: InWorker, chunk: Callable[..., tuple[int, int]],
+                      path: str) -> int:
+    """Every stored message, then the quarantined ones, into the new file ``path``; each step
+    through ``in_worker`` (the worker thread), in chunks; returns the number of rows."""
+    fh: IO[str] = await in_worker(lambda: open(path, "x", encoding="utf-8"))  # noqa: SIM115
+    total = 0
+    try:
+        for table in ("outbox", "quarantine"):
+            after = 0
+            while True:
+                result: tuple[int, int] = await in_worker(chunk, fh, table, after,
+                                                          EXPORT_CHUNK_ROWS)
+                n, after = result
+                total += n
+                if n < EXPORT_CHUNK_ROWS:
+                    break
+    finally:
+        await in_worker(fh.close)
+    return total
 
 
 def export_rows(conn: sqlite3.Connection, fh: IO[str], table: str, after: int,

@@ -43,6 +43,7 @@ class Batch:
     attempts: dict[int, int] = field(default_factory=dict)
     quarantine: list[tuple[Row, str]] = field(default_factory=list)
     protect: frozenset[int] = frozenset()  # in flight: never dropped under pressure
+    top: int = 0  # the highest seq sealed so far, written or not (its row may be acked already)
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.acks) + len(self.attempts) + len(self.quarantine)
@@ -60,6 +61,7 @@ class Snapshot:
     salvaged: int = 0  # rows copied out of damaged files into the new one
     unreadable: int = 0  # rows a damaged file listed but that could not be read
     quarantined: int = 0
+    reserved: int = 0  # the fsynced seq reservation: publish-through stays below it
     version: int = 0  # +1 per call that changed it; the loop keeps the newest copy
 
 

@@ -1,28 +1,28 @@
 """Durable store-and-forward between the pipeline and the MQTT publisher.
 
-A message is *accepted* once the SQLite transaction that holds it commits; from then on it
-survives broker outages, restarts and ``kill -9``, and it is deleted only after the broker's
-PUBACK (or when the bounds policy drops it, which is counted).
+A message is *accepted* once the SQLite transaction that holds it commits, or once the broker
+acknowledged it before that commit; from then on it survives broker outages, restarts and
+``kill -9``. A committed row is deleted only after the broker's PUBACK (or when the bounds policy
+drops it, which is counted); a row acknowledged before its commit is never written.
 
 ``put`` seals a draft with the next ``seq`` and buffers it in memory; a commit happens every
 ``commit_interval_ms`` or as soon as ``commit_batch`` changes are pending, one transaction per
 batch (one fsync per batch, not per reading). All SQLite work runs on one worker thread
-(``agent.outbox.db``); the event loop only touches memory.
+(``agent.outbox.db``); the event loop only touches memory, and the sent marker's page.
+
+Publish-through (``agent.outbox.release``): the publisher gets a message as soon as it is
+sealed, while its batch commits, so latency is the network's, not the commit interval's. A
+message published and then lost with the process before its commit was never accepted (the
+cloud may still have it: a duplicate at worst, with the same seq); its seq is never reused.
 
 Bounds (rows, bytes, age) are enforced inside each commit; when over, rows are dropped in
 ``DROP_ORDER`` (raw, health, inference, window), oldest first within a class, never a row the
 publisher has in flight. The in-memory buffer is bounded too; if the disk stalls long enough
 to fill it, the same policy applies there. Every drop is counted by class and reason.
 
-Use::
-
-    outbox = Outbox(cfg.outbox, gateway)
-    outbox.open()                        # blocking, at start: opens or repairs the file
-    outbox.put("window", "telemetry/climate", feed.window_message(gateway, w))
-    await outbox.run()                   # commits until cancelled (a task of the agent)
-    outbox.flush(); outbox.close()       # blocking, at stop: the last batch reaches the disk
-
-The publisher side (``add_listener``, ``fetch``, ``ack``, ``quarantine``) is for the uplink.
+Use: ``open()`` (blocking, at start: opens or repairs the file), ``put(kind, topic, draft)``,
+``await run()`` (commits until cancelled), ``flush(); close()`` (blocking, at stop). The
+publisher side (``add_listener``, ``fetch``, ``ack``, ``quarantine``) is for the uplink.
 """
 
 from __future__ import annotations
@@ -35,16 +35,18 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 from agent.clock import Clock, SystemClock
 from agent.config.schema import OutboxConfig
 from agent.feed.messages import Draft, encode
 from agent.logs import Throttle
-from agent.outbox.db import OutboxDB
+from agent.outbox.db import SEQ_BLOCK, OutboxDB
+from agent.outbox.export import export_file
 from agent.outbox.recovery import OutboxPathError
+from agent.outbox.release import Listener, Release
 from agent.outbox.rows import (
     DROP_ORDER,
     KINDS,
@@ -66,10 +68,8 @@ OPEN_TIMEOUT_S: Final = 120.0  # the first open scans the file to count what it 
 FLUSH_TIMEOUT_S: Final = 4.0  # a stop must fit systemd's budget even with a stuck disk
 CLOSE_TIMEOUT_S: Final = 2.0
 SHED_LOG_EVERY_NS: Final = 10_000_000_000
-EXPORT_CHUNK_ROWS: Final = 2000
 COMMIT_ERROR_LOG_S: Final = 60.0  # a failing disk fails every commit: one ERROR line a minute
 
-Listener = Callable[[Sequence[Row]], None]
 CommitResult = tuple[list[Dropped], Snapshot, float]  # drops, state after, milliseconds
 
 
@@ -96,6 +96,11 @@ class Outbox:
         self._batch = Batch()
         self._pending_bytes = 0
         self._settled: set[int] = set()  # acked or quarantined, not yet committed
+        self._pending_seqs: set[int] = set()  # the rows of self._batch
+        self._early: set[int] = set()  # of those, acked by the broker: never written
+        self._acc_idx = 0  # self._batch.rows[:this] are accepted
+        self._acked_early = 0
+        self._release = Release(self._db.sent, 0)
         self._first_pending_ns = 0
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -123,17 +128,16 @@ class Outbox:
             max_workers=1, thread_name_prefix="outbox-db")
         try:
             info = self._executor.submit(self._db.open).result(timeout=OPEN_TIMEOUT_S)
-        except (OSError, sqlite3.Error, concurrent.futures.TimeoutError) as exc:
+        except (OSError, sqlite3.Error, concurrent.futures.TimeoutError,
+                OutboxPathError) as exc:
             self._executor.shutdown(wait=False)
             self._executor = None
-            raise OutboxError(f"{self.cfg.path}: cannot open the outbox: {exc}") from exc
-        except OutboxPathError as exc:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise OutboxError(f"{self.cfg.path}: {exc}") from exc
+            what = "" if isinstance(exc, OutboxPathError) else "cannot open the outbox: "
+            raise OutboxError(f"{self.cfg.path}: {what}{exc}") from exc
         self._next_seq = info.next_seq
         self._skipped = info.skipped
         self._snap = copy.deepcopy(info.snapshot)
+        self._release.next = self._next_seq
         self._open = True
         log.info("outbox %s open: %d rows, next seq %d, boot %s", self.cfg.path,
                  sum(self._snap.rows.values()), self._next_seq, self.boot_id)
@@ -172,7 +176,7 @@ class Outbox:
         if not self._open or self._executor is None:
             return not len(self._batch)
         self._settle(timeout_s)
-        batch = self._take()
+        batch = self._take(final=True)
         if batch is None:
             return True
         try:
@@ -216,21 +220,34 @@ class Outbox:
         row = Row(self._next_seq, kind, topic, payload, now)
         self._next_seq += 1
         self._batch.rows.append(row)
+        self._pending_seqs.add(row.seq)
         self._pending_bytes += row.size
         if (len(self._batch.rows) > self.buffer_rows
                 or self._pending_bytes > BUFFER_MAX_BYTES):
             self._shed_buffer()
         self._changed()
+        if row.seq in self._pending_seqs:  # not shed at once
+            self._release.sealed(row, self._snap.reserved)
         return row.seq
 
     def _shed_buffer(self) -> None:
         rows = self._batch.rows
+        self._acc_idx = 0
+        if self._early:  # acknowledged already: they need no room
+            rows = [r for r in rows if r.seq not in self._early]
+            self._early.clear()
+            self._batch.rows = rows
+            self._pending_seqs = {r.seq for r in rows}
+            self._pending_bytes = sum(r.size for r in rows)
+            if len(rows) <= self.buffer_rows and self._pending_bytes <= BUFFER_MAX_BYTES:
+                return
         # Shed a tenth more than needed so a stalled disk costs one scan per many puts.
         excess = max(len(rows) - self.buffer_rows, 0) + self.buffer_rows // 10
         gone = set(choose_victims(rows, excess))
         for i in gone:
             self._count_drop(rows[i].kind, "buffer", 1)
         self._batch.rows = [r for i, r in enumerate(rows) if i not in gone]
+        self._pending_seqs = {r.seq for r in self._batch.rows}
         self._pending_bytes = sum(r.size for r in self._batch.rows)
         now = self.clock.mono_ns()
         if now - self._last_shed_log_ns > SHED_LOG_EVERY_NS:
@@ -247,13 +264,16 @@ class Outbox:
 
     # -- publisher side -------------------------------------------------------------------
 
-    def add_listener(self, fn: Listener) -> None:
-        """``fn(rows)`` is called on the event loop with the rows of every commit."""
-        self._listeners.append(fn)
+    def add_listener(self, fn: Listener, *, through: bool = False) -> None:
+        """``fn(rows)`` is called on the event loop with the rows of every commit; with
+        ``through``, with rows to publish: as soon as they are sealed, or at their commit
+        (``agent.outbox.release``), and with every commit, if only with no rows."""
+        (self._release.listeners if through else self._listeners).append(fn)
 
     def remove_listener(self, fn: Listener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(fn)
+        for fns in (self._listeners, self._release.listeners):
+            with contextlib.suppress(ValueError):
+                fns.remove(fn)
 
     def protect(self, provider: Callable[[], Iterable[int]] | None) -> None:
         """Seqs the publisher has in flight; the bounds policy never drops them."""
@@ -271,8 +291,13 @@ class Outbox:
         return rows
 
     def ack(self, row: Row) -> None:
-        """The broker has the message: delete its row with the next commit."""
-        if row.seq in self._settled:
+        """The broker has the message: delete its row with the next commit, or never write it
+        if it is not committing yet."""
+        if row.seq in self._settled or row.seq in self._early:
+            return
+        if row.seq in self._pending_seqs:
+            self._early.add(row.seq)
+            self._acked_early += 1
             return
         self._settled.add(row.seq)
         self._batch.acks.append(row)
@@ -294,14 +319,29 @@ class Outbox:
         self._changed()
 
     def is_settled(self, seq: int) -> bool:
-        return seq in self._settled
+        return seq in self._settled or seq in self._early
 
     # -- state ----------------------------------------------------------------------------
 
     @property
     def accepted_seq(self) -> int:
-        """The highest seq committed so far (0 before the first commit of a new file)."""
-        return self._snap.last_seq
+        """Every seq up to this one is accepted (committed, or acknowledged before its commit)
+        or was dropped and counted; everything above it that exists is yet to be committed."""
+        done = self._early, self._settled
+        for r in self._committing[0].rows if self._committing is not None else ():
+            if r.seq not in done[0] and r.seq not in done[1]:
+                return r.seq - 1
+        # The pending rows known accepted only grow until the next take: resume the scan.
+        rows, i = self._batch.rows, self._acc_idx
+        while i < len(rows) and (rows[i].seq in done[0] or rows[i].seq in done[1]):
+            i += 1
+        self._acc_idx = i
+        return rows[i].seq - 1 if i < len(rows) else self._next_seq - 1
+
+    @property
+    def released_seq(self) -> int:
+        """The highest seq handed to a publish-through listener, or passed while none was."""
+        return self._release.released_seq
 
     @property
     def next_seq(self) -> int:
@@ -314,15 +354,15 @@ class Outbox:
 
     @property
     def pending_rows(self) -> int:
-        """Messages put but not yet committed."""
-        return len(self._batch.rows)
+        """Messages put but not yet committed (nor acknowledged before their commit)."""
+        return len(self._batch.rows) - len(self._early)
 
     def stats(self) -> dict[str, Any]:
         oldest = self._snap.oldest_created_ns
         return {
             "path": self.cfg.path,
             "boot_id": self.boot_id,
-            "accepted_seq": self._snap.last_seq,
+            "accepted_seq": self.accepted_seq,
             "next_seq": self._next_seq,
             "rows": sum(self._snap.rows.values()),
             "bytes": sum(self._snap.bytes.values()),
@@ -330,7 +370,9 @@ class Outbox:
             "bytes_by_class": dict(self._snap.bytes),
             "oldest_age_s": (None if oldest is None
                              else max(0.0, (self.clock.wall_ns() - oldest) / 1e9)),
-            "pending": len(self._batch.rows),
+            "pending": self.pending_rows,
+            "published_through": self._release.through,
+            "acked_before_commit": self._acked_early,
             "drops": dict(self._drops),
             "drops_by_reason": dict(self._drops_by_reason),
             "quarantined": self._quarantined,
@@ -355,21 +397,7 @@ class Outbox:
         """Write every stored message, then the quarantined ones, to the new file ``path`` as
         JSON lines; returns the number of rows. Works in chunks on the worker thread, so
         commits go on meanwhile."""
-        fh: IO[str] = await self._in_worker(lambda: open(path, "x", encoding="utf-8"))  # noqa: SIM115
-        total = 0
-        try:
-            for table in ("outbox", "quarantine"):
-                after = 0
-                while True:
-                    result: tuple[int, int] = await self._in_worker(
-                        self._db.export_chunk, fh, table, after, EXPORT_CHUNK_ROWS)
-                    n, after = result
-                    total += n
-                    if n < EXPORT_CHUNK_ROWS:
-                        break
-        finally:
-            await self._in_worker(fh.close)
-        return total
+        return await export_file(self._in_worker, self._db.export_chunk, path)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -395,12 +423,21 @@ class Outbox:
         changed = self._db.snap.version != before
         return rows, (copy.deepcopy(self._db.snap) if changed else None)
 
-    def _take(self) -> Batch | None:
+    def _take(self, *, final: bool = False) -> Batch | None:
         batch, self._batch = self._batch, Batch()
+        self._acc_idx = 0
         self._pending_bytes = 0
         self._wake.clear()
         self._full.clear()
-        if not len(batch):
+        if self._early:
+            batch.rows = [r for r in batch.rows if r.seq not in self._early]
+            self._early.clear()
+        self._pending_seqs.clear()
+        batch.top = self._next_seq - 1
+        # Rows all acknowledged before their commit need no transaction: their seqs are in the
+        # sent marker until a commit, the stop, or a reservation running low records them.
+        if not len(batch) and batch.top + SEQ_BLOCK // 2 < self._snap.reserved and not (
+                final and batch.top > self._snap.last_seq):
             return None
         batch.protect = frozenset(self._protect()) if self._protect else frozenset()
         return batch
@@ -426,6 +463,7 @@ class Outbox:
                 fn(batch.rows)
             except Exception:
                 log.exception("outbox listener %r failed", fn)
+        self._release.committed(batch.rows)
 
     def _settle(self, timeout_s: float) -> None:
         """See through a commit that run() started (it may have been cancelled since)."""
@@ -452,6 +490,8 @@ class Outbox:
         batch.attempts.update(nxt.attempts)
         batch.quarantine += nxt.quarantine
         self._batch = batch
+        self._acc_idx = 0
+        self._pending_seqs = {r.seq for r in batch.rows}
         self._pending_bytes = sum(r.size for r in batch.rows)
         if len(batch.rows) > self.buffer_rows:
             self._shed_buffer()

@@ -13,7 +13,9 @@ the live lane suffers.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from typing import Final
 
 RECONNECT_BASE_S: Final = 0.5
@@ -28,6 +30,7 @@ class Backoff:
         self.cap_s = cap_s
         self.attempt = 0
         self._rng = rng or random.Random()
+        self._until_s: float | None = None
 
     def next_delay(self) -> float:
         ceiling = min(self.cap_s, self.base_s * 2.0 ** min(self.attempt, 32))
@@ -36,6 +39,20 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+    async def sleep(self, delay_s: float) -> None:
+        """Wait ``delay_s`` before the next attempt, which ``remaining_s`` counts down to."""
+        self._until_s = time.monotonic() + delay_s
+        try:
+            await asyncio.sleep(delay_s)
+        finally:
+            self._until_s = None
+
+    def remaining_s(self) -> float | None:
+        """Seconds to the next attempt while waiting for it; None when not waiting."""
+        if self._until_s is None:
+            return None
+        return round(max(0.0, self._until_s - time.monotonic()), 3)
 
 
 class ReplayPacer:

@@ -120,8 +120,15 @@ class CommandResult(_Strict):
     id: str | None = Field(description="The request id; null when it could not be read.")
     name: str
     ok: bool
-    result: Any = None
-    error: CommandErrorBody | None = None
+    result: Any = Field(default=None, description=(
+        "The command's answer when ok (null otherwise): ping {pong, mono_s}; config.get the "
+        "config, or one section of it, as JSON; outbox.stats the health message's `outbox` "
+        "object; sensors.read {sensors: [...]} shaped as health's `sensors`; model.activate "
+        "{activated, force, reason}; config.apply {deployment, state, sha256, ...} at once and "
+        "again when the trial ends (docs/fleet.md); config.rollback the same record; "
+        "model.deploy and model.rollback the deploy's progress or outcome (docs/fleet.md)."))
+    error: CommandErrorBody | None = Field(default=None,
+                                           description="Why it failed, when not ok.")
     gateway: str
     ts: datetime
 

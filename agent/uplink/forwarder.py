@@ -2,13 +2,14 @@
 
 Two lanes share one bounded in-flight window (``max_inflight``):
 
-* **live**: rows committed while connected are handed over by the outbox at commit time and
-  sent at once, in seq order. A live row that waits longer than ``LIVE_LAG_S`` (the link is
-  slower than production) or overflows the live queue becomes backlog.
+* **live**: rows sealed while connected are handed over by the outbox as soon as they are sealed,
+  while their batch commits (publish-through, ``agent.outbox.release``), and sent at once, in seq
+  order. A live row that waits too long or overflows the live queue becomes backlog
+  (``agent.uplink.live``).
 * **backlog**: everything older than the connection (or demoted from live) is read from the
-  outbox in seq order and replayed at a rate that follows link health (``ReplayPacer``: AIMD on
-  PUBACK latency), only while no live row waits, and never filling the whole window. Replayed
-  messages carry ``"replayed": true``; their ``msg_id`` is unchanged.
+  outbox in seq order once committed, and replayed at a rate that follows link health
+  (``ReplayPacer``: AIMD on PUBACK latency), only while no live row waits, and never filling the
+  whole window. Replayed messages carry ``"replayed": true``; their ``msg_id`` is unchanged.
 
 Within a lane, messages of one topic are sent in seq order over one connection, so the broker
 keeps them in order. Across lanes and reconnects the cloud restores order by ``seq``.
@@ -34,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import functools
 import logging
 import random
@@ -50,6 +50,7 @@ from agent.uplink.backoff import Backoff, ReplayPacer
 from agent.uplink.commands import CommandDispatcher
 from agent.uplink.connection import ConnectFailed, Link, LinkError, TlsFailed, puback_reason
 from agent.uplink.connector import Connector
+from agent.uplink.live import Flight, LiveQueue
 from agent.uplink.poison import PoisonLedger
 from agent.uplink.reach import PortProbe
 from agent.uplink.replies import CommandLane
@@ -59,9 +60,6 @@ __all__ = ["Uplink"]
 
 log = logging.getLogger(__name__)
 
-LIVE_MAX_ROWS: Final = 10_000
-LIVE_MAX_BYTES: Final = 8 * 1024 * 1024
-LIVE_LAG_S: Final = 5.0
 BACKLOG_FETCH: Final = 256
 BLAME_WINDOW_S: Final = 2.0  # a broker that rejects a packet drops us at once, not later
 RETRY_BASE_S: Final = 0.2
@@ -72,14 +70,6 @@ PUBACK_TIMEOUT_S: Final = 30.0  # at least; twice the keepalive when that is lon
 # A PUBACK this overdue while nothing at all came from the broker for as long: the link is dead.
 DEAD_LINK_S: Final = 6.0
 STABLE_S: Final = 3.0  # a connection that lasted this long was no flap: reconnect at once
-
-
-@dataclasses.dataclass(slots=True)
-class _Flight:
-    row: Row
-    lane: str
-    sent_s: float
-    fut: asyncio.Future[int]
 
 
 class Uplink:
@@ -105,9 +95,8 @@ class Uplink:
         self._drained = asyncio.Event()
         self._state = "idle"
         self._link: Link | None = None
-        self._inflight: dict[int, _Flight] = {}
-        self._live: collections.deque[Row] = collections.deque()
-        self._live_bytes = 0
+        self._inflight: dict[int, Flight] = {}
+        self._live = LiveQueue()
         self._live_enabled = False
         self._backlog: collections.deque[Row] = collections.deque()
         self._retry: list[tuple[float, Row]] = []
@@ -123,6 +112,7 @@ class Uplink:
         self._last_puback_s: float | None = None
         self._connected_s: float | None = None
         self._last_error = ""
+        self._last_error_s = 0.0  # monotonic, when _last_error was set
         self._logged_error = ""
         self._nodelay = False
         self.counts: dict[str, int] = {
@@ -141,8 +131,8 @@ class Uplink:
             while True:
                 self._state = "probing"
                 if not await self._reachable():
-                    await asyncio.sleep(self.backoff.next_delay() if self.probe.dns_failed
-                                        else self.probe.interval_s())
+                    await self.backoff.sleep(self.backoff.next_delay() if self.probe.dns_failed
+                                             else self.probe.interval_s())
                     continue
                 if self._spread_due:
                     self._spread_due = False
@@ -165,7 +155,7 @@ class Uplink:
                 delay = self.backoff.next_delay()
                 self._state = "waiting"
                 log.debug("uplink: next connection attempt in %.2f s", delay)
-                await asyncio.sleep(delay)
+                await self.backoff.sleep(delay)
         finally:
             self._state = "stopped"
 
@@ -230,6 +220,8 @@ class Uplink:
             "replay_rate": round(self.pacer.rate, 1),
             **self.counts,
             "last_error": self._last_error,
+            "last_error_age_s": round(now - self._last_error_s, 3) if self._last_error else None,
+            "next_attempt_in_s": self.backoff.remaining_s(),
             "commands": self.commands.stats() if self.commands else None,
         }
 
@@ -244,7 +236,7 @@ class Uplink:
         if text != self._logged_error:
             (log.error if tls else log.warning)("uplink: %s", text)
             self._logged_error = text
-        self._last_error = text
+        self._last_error, self._last_error_s = text, time.monotonic()
 
     async def _session(self) -> None:
         async with self.connector.connect() as link:
@@ -284,10 +276,10 @@ class Uplink:
                 self._end(link)
 
     def _begin(self) -> None:
-        self.outbox.add_listener(self._on_commit)
+        self.outbox.add_listener(self._on_commit, through=True)
         self.outbox.protect(self._inflight.keys)
-        # Registered first, read second: every later commit reaches _on_commit.
-        self._ceiling = self.outbox.accepted_seq
+        # Registered first, read second: every later hand-over reaches _on_commit.
+        self._ceiling = self.outbox.released_seq
         self._cursor = 0
         self._backlog.clear()
         self._live_enabled = not self._suspects
@@ -301,7 +293,6 @@ class Uplink:
         flights = list(self._inflight.values())
         self._inflight.clear()
         self._live.clear()
-        self._live_bytes = 0
         self._live_enabled = False
         self._backlog.clear()
         self._retry.clear()
@@ -340,22 +331,14 @@ class Uplink:
     def _on_commit(self, rows: Sequence[Row]) -> None:
         fresh = [r for r in rows if r.seq > self._ceiling]
         if not fresh:
+            self._wake.set()  # a commit: backlog rows may be readable now
             return
         if not self._live_enabled:
             self._ceiling = max(self._ceiling, fresh[-1].seq)
         else:
-            for r in fresh:
-                self._live.append(r)
-                self._live_bytes += r.size
-            while len(self._live) > LIVE_MAX_ROWS or self._live_bytes > LIVE_MAX_BYTES:
-                self._demote()
+            self._ceiling = max(self._ceiling, self._live.push(fresh))
         self._drained.clear()
         self._wake.set()
-
-    def _demote(self) -> None:
-        r = self._live.popleft()
-        self._live_bytes -= r.size
-        self._ceiling = max(self._ceiling, r.seq)
 
     async def _pump(self, link: Link) -> None:
         while True:
@@ -365,13 +348,9 @@ class Uplink:
             if not careful and not self._live_enabled:
                 self._live_enabled = True
             cap = 1 if careful else self.cfg.max_inflight
-            stale_ns = time.time_ns() - int(LIVE_LAG_S * 1e9)
-            while self._live and self._live[0].created_ns < stale_ns:
-                self._demote()
+            self._ceiling = max(self._ceiling, self._live.demote_stale(time.time_ns()))
             while self._live and len(self._inflight) < cap:
-                r = self._live.popleft()
-                self._live_bytes -= r.size
-                self._send(link, r, "live")
+                self._send(link, self._live.pop(), "live")
             timeout: float | None = None
             if not self._live:
                 timeout = await self._fill_backlog(link, now, cap if careful else max(
@@ -424,7 +403,9 @@ class Uplink:
                 self._send(link, row, "backlog")
         while len(self._inflight) < cap:
             if not self._backlog:
-                if self._cursor >= self._ceiling:
+                # Only as far as committed: a row handed over before its commit is read once
+                # its commit is applied (which wakes the pump).
+                if self._cursor >= self._ceiling or self._cursor >= self.outbox.accepted_seq:
                     break
                 await self._refill()
                 continue
@@ -438,7 +419,7 @@ class Uplink:
         return wait
 
     async def _refill(self) -> None:
-        start, upto = self._cursor, self._ceiling
+        start, upto = self._cursor, min(self._ceiling, self.outbox.accepted_seq)
         rows = await self.outbox.fetch(start, upto, BACKLOG_FETCH)
         end = upto if len(rows) < BACKLOG_FETCH else rows[-1].seq
         self._cursor = max(self._cursor, end)
@@ -462,14 +443,14 @@ class Uplink:
                                   f"({self.cfg.max_payload_bytes})")
             return
         fut = link.publish(f"{self.topics.base}/{row.topic}", payload)
-        flight = _Flight(row, lane, time.monotonic(), fut)
+        flight = Flight(row, lane, time.monotonic(), fut)
         self._inflight[row.seq] = flight
         fut.add_done_callback(functools.partial(self._on_puback, flight))
         self.counts["published"] += 1
         if lane != "live":
             self.counts["replayed"] += 1
 
-    def _on_puback(self, flight: _Flight, fut: asyncio.Future[int]) -> None:
+    def _on_puback(self, flight: Flight, fut: asyncio.Future[int]) -> None:
         seq = flight.row.seq
         if self._inflight.get(seq) is not flight or fut.cancelled() or fut.exception():
             return

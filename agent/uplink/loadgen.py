@@ -6,7 +6,7 @@ It puts window messages on ``telemetry/s0..`` at ``--rate`` per second and print
 one line per event so a supervising process can follow it::
 
     open <next_seq> <boot_id>     the outbox is open; the first seq this run will use
-    accepted <seq>                a commit made every seq up to <seq> durable
+    accepted <seq>                at a commit: every seq up to <seq> is accepted
     drained                       with --count: all produced and acknowledged (then exits 0)
 """
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import sys
 from typing import Literal
 
+from agent import jsontext
 from drivers.base import DriverError
 from drivers.i2c.bus import ScanBusLike, open_smbus
 from drivers.i2c.scan import render_found, render_grid, scan
@@ -40,23 +42,36 @@ def _bus_arg(text: str) -> int | Literal["emulated"]:
     return number
 
 
+def _fail(args: argparse.Namespace, message: str) -> None:
+    """A failure as a line; with --json also ``{"error": ...}`` on stdout (the line goes to
+    stderr then), so a script always reads JSON."""
+    if args.json:
+        print(jsontext.dumps({"error": message}))
+    print(message, file=sys.stderr if args.json else sys.stdout)
+
+
 def scan_command(args: argparse.Namespace) -> int:
     bus_name: int | Literal["emulated"] | None = args.bus
     if bus_name is None:
         adapters = sorted(glob.glob("/dev/i2c-*"))
         names = ", ".join(a.removeprefix("/dev/i2c-") for a in adapters) or "none found"
-        print(f"no bus given: use --bus N (adapters here: {names}) or --bus emulated")
+        _fail(args, f"no bus given: use --bus N (adapters here: {names}) or --bus emulated")
         return 2
     try:
         bus = emulated_scan_bus() if bus_name == "emulated" else open_smbus(bus_name)
     except DriverError as exc:
-        print(f"i2c scan: {exc}")
+        _fail(args, f"i2c scan: {exc}")
         return 1
     label = "i2c-emulated" if bus_name == "emulated" else f"i2c-{bus_name}"
     try:
         found = scan(bus)
     finally:
         bus.close()
+    if args.json:
+        print(jsontext.dumps({"bus": label, "devices": [
+            {"address": f.address, "chip": f.chip or None, "busy": f.busy,
+             "detail": f.detail} for f in found]}, indent=2))
+        return 0
     print(f"{label}:")
     print(render_grid(found))
     print()
@@ -76,4 +91,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                        "(nothing is written but the register pointer).")
     p.add_argument("--bus", type=_bus_arg, default=None,
                    help="bus number N for /dev/i2c-N, or 'emulated'")
+    p.add_argument("--json", action="store_true",
+                   help="print {bus, devices: [{address, chip, busy, detail}]} as JSON")
     p.set_defaults(func=scan_command)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import sys
 from typing import Any
 
+from agent import jsontext
 from drivers.base import DriverError, ProtocolError
 from drivers.modbus.decode import ORDERS, WORDS, decode
 from drivers.modbus.options import tcp_target
@@ -139,7 +139,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"modbus scan: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"port": args.port, "scanned": len(units), "found": found}))
+        print(jsontext.dumps({"port": args.port, "scanned": len(units), "found": found}))
     else:
         for f in found:
             detail = f"register {args.address} = {f['value']}" if f["reply"] == "registers" \
@@ -198,7 +198,7 @@ def cmd_read(args: argparse.Namespace) -> int:
         return 1
     table = decode_block(regs)
     if args.json:
-        print(json.dumps({"unit": args.unit, "table": args.table, "address": args.address,
+        print(jsontext.dumps({"unit": args.unit, "table": args.table, "address": args.address,
                           "registers": regs, "decoded": _json_safe(table)}))
         return 0
     print(f"unit {args.unit} {args.table} registers {args.address:#06x}.."
@@ -233,7 +233,7 @@ def cmd_profiles_list(args: argparse.Namespace) -> int:
             rows.append({"name": name, "origin": origin, "path": str(path), "model": "",
                          "points": 0, "error": str(exc)})
     if args.json:
-        print(json.dumps(rows))
+        print(jsontext.dumps(rows))
     else:
         for r in rows:
             what = r["error"] or f"{r['model']}, {r['points']} points"
@@ -257,7 +257,7 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
         doc["path"] = loaded.path
         doc["requests"] = [{"table": r.table, "start": r.start, "count": r.count}
                            for r in reqs]
-        print(json.dumps(doc))
+        print(jsontext.dumps(doc))
         return 0
     print(f"{prof.name}: {prof.manufacturer} {prof.model} ({loaded.path})")
     print(f"  document: {prof.document}")
