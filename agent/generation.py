@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.aio import within
@@ -27,6 +29,7 @@ from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
 from agent.fleet.firmware_deploy import FirmwareDeployments
 from agent.fleet.model_deploy import ModelDeployments
+from agent.fleet.signing import TrustedKeys
 from agent.outbox.rows import Kind
 from agent.outbox.store import Outbox
 from agent.pipeline.alarms import AnomalyStage, channel_map
@@ -39,8 +42,9 @@ from agent.queues import BoundedQueue
 from agent.readings import Inference, Reading, Window
 from agent.sdnotify import Notifier
 from agent.supervisor import SensorSupervisor
-from agent.uplink.commands import STATE_CHANGING, CommandDispatcher, CommandError, Handler
+from agent.uplink.commands import CommandDispatcher, CommandError, Handler
 from agent.uplink.forwarder import Uplink
+from agent.uplink.seen import SEEN_FILE, SeenCommands
 from drivers.base import BuildContext
 from drivers.registry import build_sensor
 
@@ -115,9 +119,13 @@ class Pipeline:
         self.history = self._history_recorder()
         self.outbox = Outbox(cfg.outbox, self.gateway)
         self.sharing = SharingPolicy(cfg)
+        self.seen = SeenCommands(Path(cfg.outbox.path).parent / SEEN_FILE)
         # config.apply carries a whole config file: the dispatcher takes requests that size.
-        self.commands = CommandDispatcher({**self._command_handlers(), **self._fleet_handlers()},
-                                          max_bytes=MAX_APPLY_PAYLOAD_BYTES)
+        self.commands = CommandDispatcher(
+            {**self._command_handlers(), **self._fleet_handlers()},
+            trusted=TrustedKeys(cfg.commands.trusted()),
+            require_signature=cfg.commands.require_signature, seen=self.seen,
+            max_bytes=MAX_APPLY_PAYLOAD_BYTES)
         self.uplink = Uplink(cfg.mqtt, self.gateway, self.outbox, self.commands)
         self.supervisors: list[SensorSupervisor] = []
         self.ctx: BuildContext | None = None
@@ -357,11 +365,23 @@ class Pipeline:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def _open_seen(self, stack: contextlib.AsyncExitStack) -> None:
+        try:
+            self.seen.open()
+        except (OSError, sqlite3.Error) as exc:
+            # Commands still run, de-duplicated in memory only: refusing every command would
+            # leave the gateway unmanageable over a table of ids.
+            log.error("%s: cannot keep command ids across restarts: %s", self.seen.path, exc)
+            self.commands.seen = None
+            return
+        stack.callback(self.seen.close)
+
     async def run(self) -> None:
         rt = self.cfg.runtime
         async with contextlib.AsyncExitStack() as stack:
             self.outbox.open()
             stack.callback(self.outbox.close)
+            self._open_seen(stack)
             if self.history is not None:
                 self._open_history(stack)
             if self._owns_infer:
@@ -452,20 +472,11 @@ class Pipeline:
 
     def _fleet_handlers(self) -> dict[str, Handler]:
         """The fleet commands: model deploys and rollbacks, and the agent's commands that
-        outlive a generation (``config.apply``, ...). While ``[commands] require_signature`` is
-        on, the state-changing ones are offered only by a dispatcher that verifies signatures
-        (``verifies_signatures``): never run unsigned."""
+        outlive a generation (``config.apply``, ...); the dispatcher runs the state-changing
+        ones only when signed (``STATE_CHANGING``)."""
         handlers = {**self.deployments.handlers(), **self.firmware.handlers()}
         if self.agent is not None:
             handlers.update(self.agent.command_handlers())
-        if self.cfg.commands.require_signature and not getattr(
-                CommandDispatcher, "verifies_signatures", False):
-            unsigned = sorted(n for n in handlers if n in STATE_CHANGING)
-            if unsigned:
-                log.warning("commands %s are off: they must be signed (commands."
-                            "require_signature) and this agent cannot verify command "
-                            "signatures", ", ".join(unsigned))
-            handlers = {n: h for n, h in handlers.items() if n not in STATE_CHANGING}
         return handlers
 
     def activate_model(self, name: str, force: bool) -> str:

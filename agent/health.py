@@ -165,6 +165,15 @@ class CommandStats(_Open):
     repeated: int = Field(ge=0)
     running: int = Field(ge=0)
     available: list[str]
+    refused: dict[str, int] = Field(default_factory=dict, description=(
+        "Commands refused, by reason (`unsigned`, `bad_signature`, `unknown_key`, `expired`, "
+        "`wrong_gateway`, ...)."))
+    require_signature: bool = Field(default=True, description=(
+        "State-changing commands run only when signed by a trusted key."))
+    trusted_keys: list[str] = Field(default_factory=list,
+                                    description="Ids of the keys trusted (never the keys).")
+    seen_ids: int | None = Field(default=None, description=(
+        "Command ids remembered across restarts (null: no id store)."))
 
 
 class UplinkStatus(_Open):

@@ -204,6 +204,30 @@ class Fleet:
                 p.kill()
 
 
+def _missing(accepted: dict[str, tuple[int, int]], got: dict[str, dict[int, int]]) -> int:
+    return sum(1 for gw, (lo, hi) in accepted.items() for s in range(lo, hi + 1)
+               if s not in got.get(gw, {}))
+
+
+def _received(sub: Connection, accepted: dict[str, tuple[int, int]],
+              quiet_s: float = 10.0) -> dict[str, dict[int, int]]:
+    """The subscriber's (gateway, seq) counts, once it has every accepted message or has
+    received nothing new for ``quiet_s``: a PUBACK to the gateway comes before the broker's
+    delivery to the subscriber, so a report right after the drain can be short."""
+    last, since = -1, time.monotonic()
+    while True:
+        sub.send("report")
+        if not sub.poll(60):
+            raise RuntimeError("the subscriber did not report")
+        got: dict[str, dict[int, int]] = sub.recv()
+        missing = _missing(accepted, got)
+        if missing == 0 or time.monotonic() - since > quiet_s:
+            return got
+        if missing != last:
+            last, since = missing, time.monotonic()
+        time.sleep(0.2)  # poll interval of a bounded wait
+
+
 def _connects_after(log: Path, since_s: int) -> list[int]:
     """Unix seconds of every gateway connect the broker logged at or after ``since_s``."""
     out = []
@@ -289,10 +313,7 @@ def one_run(n: int, procs: int, period_s: float, spread_s: float, outage_s: floa
             accepted: dict[str, tuple[int, int]] = {}
             for part in drained:
                 accepted.update(part["accepted"])
-            sub_parent.send("report")
-            if not sub_parent.poll(60):
-                raise RuntimeError("the subscriber did not report")
-            got: dict[str, dict[int, int]] = sub_parent.recv()
+            got = _received(sub_parent, accepted)
         finally:
             fleet.close()
             with contextlib.suppress(OSError, BrokenPipeError):

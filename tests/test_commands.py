@@ -35,8 +35,9 @@ async def config_get(args: dict[str, Any]) -> Any:
 
 
 def dispatcher(**kw: Any) -> CommandDispatcher:
+    # Signatures are tested in test_commands_envelope; here the handlers' side of dispatch.
     return CommandDispatcher({"sensors.read": sensors_read, "model.activate": model_activate,
-                              "config.get": config_get}, **kw)
+                              "config.get": config_get}, require_signature=False, **kw)
 
 
 async def test_valid_command_gets_a_result() -> None:
@@ -88,7 +89,8 @@ async def test_handler_results_must_be_json_and_names_allow_listed() -> None:
     async def refuse(args: dict[str, Any]) -> Any:
         raise CommandError("not now")
 
-    d = CommandDispatcher({"sensors.read": weird, "model.activate": refuse})
+    d = CommandDispatcher({"sensors.read": weird, "model.activate": refuse},
+                          require_signature=False)
     r = await d.handle(GW, "sensors.read", b'{"id": "w"}')
     assert r.error is not None and r.error.code == "internal" and "JSON" in r.error.message
     r = await d.handle(GW, "model.activate", b'{"id": "n", "args": {"name": "m"}}')
@@ -168,7 +170,7 @@ async def test_a_repeated_id_is_answered_from_the_cache_without_running_again() 
         await asyncio.sleep(0.05)
         return {"active": args["name"], "run": len(runs)}
 
-    d = CommandDispatcher({"model.activate": activate})
+    d = CommandDispatcher({"model.activate": activate}, require_signature=False)
     req = b'{"id": "a-1", "args": {"name": "traffic"}}'
     # A repeat that arrives while the first still runs waits for the first reply.
     first, second = await asyncio.gather(d.handle(GW, "model.activate", req),

@@ -267,7 +267,9 @@ async def test_model_activate_is_remembered_across_a_restart(tmp_path: Path, bro
 
 async def test_hostile_replies_on_the_result_topics_do_not_stop_the_commander(
         tmp_path: Path, broker: Mosquitto) -> None:
-    config = make_config(tmp_path, broker.port)
+    # The commander signs its requests, and a signature shown is checked: trust its key.
+    config = make_config(tmp_path, broker.port, commands={"trusted_keys": [
+        {"id": KEY.key_id, "public_key": KEY.public}]})
     async with running_agent(config) as agent:
         await connected(agent)
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-h") as client, \

@@ -44,6 +44,7 @@ PLUGIN_MODULES = (
     "firmware_bridge.cli",
     "agent.cli.service",
     "agent.cli.sharing",
+    "agent.cli.fleet",
     "agent.cli.completion",
 )
 
@@ -73,6 +74,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
                           ("agent.cli.service",)),
     "sharing": ("what each stream publishes, on which topics, how redacted",
                 ("agent.cli.sharing",)),
+    "fleet": ("cloud side: make keys, sign and send commands to gateways", ("agent.cli.fleet",)),
     "completion": ("print the shell completion script for bash or zsh",
                    ("agent.cli.completion",)),
 }

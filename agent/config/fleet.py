@@ -1,4 +1,5 @@
-"""Config section of fleet operations: which keys may sign what the cloud sends."""
+"""Config of fleet operations: which keys may sign what the cloud sends, and the other brokers
+a gateway may fail over to."""
 
 from __future__ import annotations
 
@@ -56,3 +57,10 @@ class ModelDeployConfig(_Frozen):
     versions_kept: Annotated[int, Field(ge=1, le=16)] = 3
     """Installed versions of a model kept on disk for `model.rollback`, besides the active one
     and the candidate."""
+
+
+class BrokerAddress(_Frozen):
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    """Broker host name or address."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    """Broker port."""

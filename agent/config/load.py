@@ -164,10 +164,11 @@ def _cross_check(cfg: AgentConfig) -> list[Problem]:
         if m.stream not in streams:
             out.append(Problem(f"models[{i}].stream", repr(m.stream), "no stream has this name"))
     mq = cfg.mqtt
-    if mq.tls is False and not is_loopback(mq.host):
+    remote = [h for h, _ in mq.addresses() if not is_loopback(h)]
+    if mq.tls is False and remote:
         out.append(Problem("mqtt.tls", "false",
                            "plaintext MQTT is refused for a broker that is not on loopback "
-                           f"({mq.host})"))
+                           f"({remote[0]})"))
     if bool(mq.cert_file) != bool(mq.key_file):
         out.append(Problem("mqtt.cert_file", mq.cert_file or "''",
                            "cert_file and key_file must be given together"))

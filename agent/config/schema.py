@@ -33,7 +33,7 @@ from agent.config.base import (
     is_loopback,
 )
 from agent.config.cleaning import CleanOptions
-from agent.config.fleet import CommandsConfig, ModelDeployConfig
+from agent.config.fleet import BrokerAddress, CommandsConfig, ModelDeployConfig
 from agent.config.services import HistoryConfig, SparkplugConfig, WebConfig
 from drivers import registry
 
@@ -321,6 +321,13 @@ class MqttConfig(_Frozen):
     """Broker host name or address."""
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     """Broker port (8883 is usual for TLS)."""
+    brokers: list[BrokerAddress] = Field(default_factory=list, max_length=8)
+    """More brokers (the nodes of a cluster, or a standby), tried in order after `host`:`port`
+    when it cannot be reached (`[[mqtt.brokers]] host, port`); the same TLS, credentials and
+    client id are used with each."""
+    session_expiry_s: Annotated[int, Field(ge=0, le=30 * 86_400)] = 7 * 86_400
+    """How long the broker keeps the command subscription while the gateway is away, so a
+    command sent meanwhile runs when it is back; 0 starts a clean session on every connect."""
     tls: bool | None = None
     """TLS with server verification. Unset: on unless the broker is on loopback."""
     ca_file: FilePath = ""
@@ -360,7 +367,11 @@ class MqttConfig(_Frozen):
     def tls_enabled(self) -> bool:
         if self.tls is not None:
             return self.tls
-        return not is_loopback(self.host)
+        return not all(is_loopback(h) for h, _ in self.addresses())
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every broker, in the order they are tried."""
+        return [(self.host, self.port), *((b.host, b.port) for b in self.brokers)]
 
 
 class OutboxConfig(_Frozen):

@@ -1,12 +1,16 @@
 """Cloud commands: validated, allow-listed, answered on ``cmd/{name}/result``.
 
-A request arrives on ``{prefix}/{gateway}/cmd/{name}`` as a JSON object::
+A request arrives on ``{prefix}/{gateway}/cmd/{name}`` as a JSON object in the envelope of
+``agent.fleet.envelope``::
 
-    {"id": "c-42", "args": {"name": "bme"}}
+    {"id": "c-42", "args": {"name": "bme"}, "gateway": "gw-7", "issued_at": "...",
+     "expires_at": "...", "sig": {...}}
 
 ``id`` (1..128 printable characters) is echoed in the reply for correlation. Only the names in
 ``ARGS`` are accepted, and their ``args`` are validated by the matching model before a handler
-runs. Whatever happens, a reply goes out (``ok`` true with ``result``, or false with an
+runs; the commands in ``STATE_CHANGING`` must also be signed by a trusted key (unless
+``[commands] require_signature = false``), so a handler only ever sees validated, verified
+args. Whatever happens, a reply goes out (``ok`` true with ``result``, or false with an
 ``error`` code and message) and the agent keeps running: a bad request costs one reply, and
 ``handle`` never raises.
 
@@ -15,35 +19,50 @@ integer of more than 40 digits), so no text reaches a recursive parser unchecked
 
 A retained request is not run: the broker hands it to every new session, so running it would
 repeat it on each reconnect. It is answered ``retained`` and counted. A request whose id was
-seen recently (the last ``REPLAY_CACHE`` ids per command) is answered with the reply it got the
-first time, without running again; a repeat that arrives while the first still runs waits for
-its reply. ``busy`` replies are not remembered: the cloud may retry those.
+seen before is answered with the reply it got the first time, without running again: recent
+ones from memory (a repeat that arrives while the first still runs waits for its reply), older
+ones, across restarts, from ``agent.uplink.seen``. ``busy`` replies are not remembered: the
+cloud may retry those. The envelope is checked before the id: a repeat after expiry is
+``expired``, and an unsigned copy of a signed command's id never reaches its reply.
 
 Error codes: ``too_large``, ``malformed`` (not JSON, or JSON the agent refuses: too deep,
-non-finite or over-long numbers), ``invalid_request`` (not an object, bad or missing id),
-``retained``, ``unknown_command``, ``bad_args``, ``unavailable`` (allowed but no handler in this
-agent), ``busy`` (too many commands running), ``timeout``, ``failed`` (the handler refused:
-ValueError, LookupError, CommandError), ``internal`` (any other exception; logged).
+non-finite or over-long numbers), ``invalid_request`` (not an object, bad or missing id, bad
+times), ``retained``, ``wrong_gateway``, ``expired``, ``issued_in_future``, ``unsigned``,
+``malformed_signature``, ``unknown_key``, ``bad_signature``, ``duplicate`` (the id ran before
+but its reply is not kept), ``unknown_command``, ``bad_args``, ``unavailable`` (allowed but no
+handler in this agent), ``busy`` (too many commands running), ``timeout``, ``failed`` (the
+handler refused: ValueError, LookupError, CommandError), ``internal`` (any other exception;
+logged). Every refusal before a handler runs is counted by code (``refused`` in ``stats``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Final, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.fleet.config_apply import ConfigApplyArgs, ConfigRollbackArgs
+from agent.fleet.envelope import (
+    CLOCK_SKEW_S,
+    MAX_LIFETIME_S,
+    CommandRequest,
+    Refusal,
+    check,
+)
 from agent.fleet.firmware_args import FirmwareFlashArgs
 from agent.fleet.model_args import ModelDeployArgs, ModelRollbackArgs
+from agent.fleet.signing import TrustedKeys
 from agent.jsontext import JsonRefused
 from agent.jsontext import parse as parse_json
+from agent.uplink.seen import SeenCommands
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +74,14 @@ MAX_RUNNING: Final = 4
 REPLAY_CACHE: Final = 256  # replies remembered, by (command, id), to answer a repeat
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-ErrorCode = Literal["too_large", "malformed", "invalid_request", "retained", "unknown_command",
-                    "bad_args", "unavailable", "busy", "timeout", "failed", "internal"]
+ErrorCode = Literal["too_large", "malformed", "invalid_request", "retained", "wrong_gateway",
+                    "expired", "issued_in_future", "unsigned", "malformed_signature",
+                    "unknown_key", "bad_signature", "duplicate", "unknown_command", "bad_args",
+                    "unavailable", "busy", "timeout", "failed", "internal"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CommandRequest(_Strict):
-    """What the cloud sends on ``cmd/{name}``."""
-
-    id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
-    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class NoArgs(_Strict):
@@ -103,9 +117,10 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "model.rollback": ModelRollbackArgs,
     "firmware.flash": FirmwareFlashArgs,
 }
-# The commands that change the gateway: run only when signed (``[commands] require_signature``).
-STATE_CHANGING: Final = frozenset({"config.apply", "config.rollback", "model.deploy",
-                                   "model.rollback", "firmware.flash"})
+# Commands that change the gateway: with `[commands] require_signature` (the default) they run
+# only when signed by a trusted key.
+STATE_CHANGING: Final = frozenset({"model.activate", "config.apply", "config.rollback",
+                                   "model.deploy", "model.rollback", "firmware.flash"})
 
 
 class CommandErrorBody(_Strict):
@@ -149,7 +164,12 @@ def _summary(exc: ValidationError) -> str:
 
 
 class CommandDispatcher:
+    # The envelope's signature is checked here (``STATE_CHANGING``, ``agent.fleet.envelope``).
+    verifies_signatures: ClassVar[bool] = True
+
     def __init__(self, handlers: Mapping[str, Handler] | None = None, *,
+                 trusted: TrustedKeys | None = None, require_signature: bool = True,
+                 seen: SeenCommands | None = None,
                  max_bytes: int = MAX_COMMAND_BYTES, timeout_s: float = COMMAND_TIMEOUT_S,
                  max_running: int = MAX_RUNNING) -> None:
         self._handlers: dict[str, Handler] = {"ping": self._ping}
@@ -157,11 +177,15 @@ class CommandDispatcher:
             if name not in ARGS:
                 raise ValueError(f"{name!r} is not an allowed command ({', '.join(ARGS)})")
             self._handlers[name] = fn
+        self.trusted = trusted if trusted is not None else TrustedKeys({})
+        self.require_signature = require_signature
+        self.seen = seen
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_running = max_running
         self.running = 0
         self.counts: dict[str, int] = {"ok": 0, "error": 0, "retained": 0, "repeated": 0}
+        self.refused: dict[str, int] = {}
         # (command, id) -> the reply, or a future of it while the first request still runs.
         self._replies: collections.OrderedDict[
             tuple[str, str], asyncio.Future[CommandResult]] = collections.OrderedDict()
@@ -180,7 +204,10 @@ class CommandDispatcher:
         return {"pong": True, "mono_s": round(time.monotonic(), 3)}
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "running": self.running, "available": self.names}
+        return {**self.counts, "refused": dict(self.refused), "running": self.running,
+                "available": self.names, "require_signature": self.require_signature,
+                "trusted_keys": self.trusted.ids,
+                "seen_ids": len(self.seen) if self.seen is not None else None}
 
     async def handle(self, gateway: str, name: str, payload: bytes, *,
                      retained: bool = False) -> CommandResult:
@@ -197,8 +224,10 @@ class CommandDispatcher:
                                      code="internal", message=type(exc).__name__))
 
     def _fail(self, gateway: str, name: str, req_id: str | None, code: ErrorCode,
-              message: str) -> CommandResult:
+              message: str, *, refusal: bool = True) -> CommandResult:
         self.counts["error"] += 1
+        if refusal:
+            self.refused[code] = self.refused.get(code, 0) + 1
         log.info("command %r (id %r) refused: %s: %s", name, req_id, code, message)
         return CommandResult(id=req_id, name=name, ok=False, gateway=gateway,
                              ts=datetime.now(UTC),
@@ -226,6 +255,14 @@ class CommandDispatcher:
             return self._fail(gateway, name, req_id, "retained",
                               "a retained command is not run (the broker would repeat it on "
                               "every reconnect); publish it with retain off")
+        if name not in ARGS:
+            return self._fail(gateway, name, req_id, "unknown_command",
+                              f"{name!r} is not a command (allowed: {', '.join(ARGS)})")
+        now = datetime.now(UTC)
+        verdict = check(req, gateway=gateway, name=name, now=now, trusted=self.trusted,
+                        signature_required=self.require_signature and name in STATE_CHANGING)
+        if isinstance(verdict, Refusal):
+            return self._fail(gateway, name, req_id, _code(verdict.code), verdict.message)
         key = (name, req_id)
         first = self._replies.get(key)
         if first is not None:
@@ -233,10 +270,28 @@ class CommandDispatcher:
             log.info("command %r (id %r) is a repeat: answered with the first reply", name,
                      req_id)
             return await asyncio.shield(first)
+        # On disk: what changes the gateway. Read-only requests are remembered in memory only,
+        # so a flood of them cannot push a signed command's id out of the table (and let it be
+        # replayed before it expires).
+        seen = self.seen if name in STATE_CHANGING else None
+        earlier = seen.lookup(name, req_id) if seen is not None else None
+        if earlier is not None:
+            self.counts["repeated"] += 1
+            state, reply = earlier
+            if reply is not None:
+                with contextlib.suppress(ValidationError):
+                    return CommandResult.model_validate_json(reply)
+            why = ("its run was cut short (the agent stopped)" if state == "running" else
+                   "its reply was too large to keep")
+            return self._fail(gateway, name, req_id, "duplicate",
+                              f"this id was received before and is not run again; {why}")
         fut: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         self._replies[key] = fut
         while len(self._replies) > REPLAY_CACHE:
             self._replies.popitem(last=False)
+        if seen is not None:
+            until = verdict.expires_at or now + timedelta(seconds=MAX_LIFETIME_S)
+            seen.begin(name, req_id, int((until.timestamp() + CLOCK_SKEW_S) * 1e9))
         try:
             out = await self._run(gateway, name, req_id, req.args)
         except BaseException:
@@ -246,17 +301,19 @@ class CommandDispatcher:
         fut.set_result(out)
         if out.error is not None and out.error.code == "busy":
             self._replies.pop(key, None)
+            if seen is not None:
+                seen.forget(name, req_id)
+        elif seen is not None:
+            seen.finish(name, req_id, encode_result(out))
         return out
 
     async def _run(self, gateway: str, name: str, req_id: str,
                    raw_args: dict[str, Any]) -> CommandResult:
         def fail(code: ErrorCode, message: str) -> CommandResult:
-            return self._fail(gateway, name, req_id, code, message)
+            return self._fail(gateway, name, req_id, code, message,
+                              refusal=code in ("bad_args", "unavailable", "busy"))
 
-        model = ARGS.get(name)
-        if model is None:
-            return fail("unknown_command", f"{name!r} is not a command "
-                                           f"(allowed: {', '.join(ARGS)})")
+        model = ARGS[name]
         try:
             args = model.model_validate(raw_args).model_dump()
         except ValidationError as exc:
@@ -289,6 +346,11 @@ class CommandDispatcher:
             return fail("internal", f"the result is larger than {MAX_RESULT_BYTES} bytes")
         self.counts["ok"] += 1
         return out
+
+
+def _code(text: str) -> ErrorCode:
+    codes: tuple[str, ...] = get_args(ErrorCode)
+    return cast(ErrorCode, text) if text in codes else "internal"
 
 
 def encode_result(r: CommandResult) -> bytes:

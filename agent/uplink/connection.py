@@ -42,6 +42,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0
+    qos: int = 0
 
 
 class Link:
@@ -120,6 +123,7 @@ class Link:
         self.last_in_s = time.monotonic()
         self.refusal: str | None = None  # a DISCONNECT reason that blames the last packet
         self.broker_said_bye = False  # the broker sent DISCONNECT (MQTT 5)
+        self.session_present = False  # the broker kept our session from before (CONNACK)
         self._misc: asyncio.Task[None] | None = None
         self._released = False
         client.on_socket_open = self._on_socket_open
@@ -216,6 +220,7 @@ class Link:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
                     reason_code: ReasonCode, properties: Any) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._soon(self._connack, reason_code)
 
     def _connack(self, reason_code: ReasonCode) -> None:
@@ -254,16 +259,31 @@ class Link:
         # Whatever arrives, nothing may raise here: paho would pass it up through loop_read
         # and the connection would drop (a topic that is not UTF-8 does that to paho).
         try:
-            received = Message(message.topic, bytes(message.payload), bool(message.retain))
+            received = Message(message.topic, bytes(message.payload), bool(message.retain),
+                               int(message.mid), int(message.qos))
         except (UnicodeDecodeError, TypeError, ValueError):
             self.dropped_messages += 1
             log.debug("dropped a received message that cannot be decoded")
+            self._ack(message.mid, message.qos)
             return
         if len(self._inbox) >= INBOX_MAX:
-            self._inbox.popleft()
+            dropped = self._inbox.popleft()
             self.dropped_messages += 1
+            self.ack(dropped)
         self._inbox.append(received)
         self._inbox_ready.set()
+
+    def _ack(self, mid: Any, qos: Any) -> None:
+        with contextlib.suppress(Exception):  # a connection that is gone takes no PUBACK
+            self.client.ack(int(mid), int(qos))
+
+    def ack(self, msg: Message) -> None:
+        """Acknowledge a delivered message once it is dealt with. Only a client made with
+        ``manual_ack`` (the persistent command session) waits for this: the broker keeps a
+        message that was never acknowledged and delivers it again on the next connection, and
+        its receive maximum holds back the rest meanwhile, so nothing is lost to a full inbox
+        or a crash. Otherwise paho acknowledged on receipt and this does nothing."""
+        self._ack(msg.mid, msg.qos)
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         # paho reports socket and TLS failures only in its log ("failed to receive on socket:
@@ -334,7 +354,11 @@ class Link:
     async def subscribe(self, topic: str, timeout_s: float) -> None:
         if self.lost is not None:
             raise self.lost
-        rc, mid = self.client.subscribe(topic, qos=1)
+        # MQTT 5: "retain as published", so a retained message forwarded to a subscription that
+        # already exists still says it was retained (3.1.1 brokers always clear the flag then).
+        opts = SubscribeOptions(qos=1, retainAsPublished=True) if self.protocol == "5" else None
+        rc, mid = (self.client.subscribe(topic, options=opts) if opts is not None
+                   else self.client.subscribe(topic, qos=1))
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise LinkError(f"could not subscribe to {topic}: {paho.error_string(rc)}")
         fut: asyncio.Future[list[int]] = self._loop.create_future()

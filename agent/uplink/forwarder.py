@@ -52,7 +52,6 @@ from agent.uplink.connection import ConnectFailed, Link, LinkError, TlsFailed, p
 from agent.uplink.connector import Connector
 from agent.uplink.live import Flight, LiveQueue
 from agent.uplink.poison import PoisonLedger
-from agent.uplink.reach import PortProbe
 from agent.uplink.replies import CommandLane
 from agent.uplink.tls import UplinkConfigError
 
@@ -81,9 +80,9 @@ class Uplink:
         self.outbox = outbox
         self.commands = commands
         self.topics = Topics(cfg.topic_prefix, gateway)
-        self.connector = Connector(cfg, gateway, will_topic=self.topics.status)
+        self.connector = Connector(cfg, gateway, will_topic=self.topics.status, rng=rng,
+                                   session_expiry_s=cfg.session_expiry_s)
         self.backoff = Backoff(cfg.reconnect_max_s, rng=rng)
-        self.probe = PortProbe(cfg.host, cfg.port, rng=rng)
         self.pacer = ReplayPacer(cfg.replay_rate)
         self._rng = rng or random.Random()
         self._spread_due = False  # a link that held was lost: spread the next connect
@@ -131,8 +130,8 @@ class Uplink:
             while True:
                 self._state = "probing"
                 if not await self._reachable():
-                    await self.backoff.sleep(self.backoff.next_delay() if self.probe.dns_failed
-                                             else self.probe.interval_s())
+                    if not self.connector.failover():  # else the next broker, at once
+                        await self.backoff.sleep(self.connector.probe_wait_s(self.backoff))
                     continue
                 if self._spread_due:
                     self._spread_due = False
@@ -150,8 +149,8 @@ class Uplink:
                 except Exception as exc:
                     log.exception("uplink session failed unexpectedly")
                     self._fail(exc)
-                if self._stable:
-                    continue  # a link that held and broke: back as soon as the port opens
+                if self._stable or self.connector.failover():
+                    continue  # a link that held and broke, or the next broker to try
                 delay = self.backoff.next_delay()
                 self._state = "waiting"
                 log.debug("uplink: next connection attempt in %.2f s", delay)
@@ -162,7 +161,7 @@ class Uplink:
     async def _reachable(self) -> bool:
         """Does the broker's port take a TCP connection? Settles a pending silent-drop blame:
         a broker that is up at once dropped the message; one that is away had an outage."""
-        error = await self.probe.check()
+        error = await self.connector.probe.check()
         pending, self._blame_if_up = self._blame_if_up, None
         if error is not None:
             self.counts["probes_refused"] += 1

@@ -3,7 +3,8 @@
 Every request runs in a task of the session's task group, so it must end quietly whatever the
 payload or the handler does: an exception that left such a task would end the session (and a
 retained request would end every next one). ``run_command`` is that boundary: anything but
-cancellation is logged, counted in ``failures`` and goes no further.
+cancellation is logged, counted in ``failures`` and goes no further. The request is
+acknowledged to the broker only after its reply (see ``Link.ack``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class CommandLane:
         async for msg in link.messages:
             name = self.topics.command_name(msg.topic)
             if name is None or self.dispatcher is None:
+                link.ack(msg)
                 continue
             tg.create_task(self.run_command(link, name, msg), name="command")
 
@@ -41,10 +43,13 @@ class CommandLane:
         try:
             await self._command(link, name, msg)
         except asyncio.CancelledError:
-            raise
+            raise  # not acknowledged: the broker delivers it again, the id table decides
         except Exception:
             self.failures += 1
             log.exception("uplink: command %r could not be answered", name[:100])
+        # After the reply (or its failure): a stop before this leaves the request with the
+        # broker, and the redelivery is answered from the table of ids, never run twice.
+        link.ack(msg)
 
     async def _command(self, link: Link, name: str, msg: Message) -> None:
         assert self.dispatcher is not None

@@ -49,9 +49,10 @@ class ClientContext(ssl.SSLContext):
 def tls_context(cfg: MqttConfig) -> ClientContext | None:
     """A verifying client context, or None when TLS is off for this (loopback) broker."""
     if not cfg.tls_enabled():
-        if not is_loopback(cfg.host):
+        remote = [h for h, _ in cfg.addresses() if not is_loopback(h)]
+        if remote:
             raise UplinkConfigError(
-                f"mqtt.tls: plaintext is refused for {cfg.host}, which is not on loopback")
+                f"mqtt.tls: plaintext is refused for {remote[0]}, which is not on loopback")
         return None
     # What ssl.create_default_context(SERVER_AUTH) sets up: certificate and host name checks.
     ctx = ClientContext(ssl.PROTOCOL_TLS_CLIENT)
