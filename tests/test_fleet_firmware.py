@@ -24,7 +24,6 @@ from agent.fleet.deploy_client import MqttCommander, plain_envelope, signed_enve
 from agent.fleet.firmware_client import begin_args, flash_firmware
 from agent.fleet.signing import SigningKey
 from agent.runtime import Agent
-from agent.uplink.commands import CommandDispatcher
 from firmware_bridge.authorize import FirmwareState, sign_image
 from firmware_bridge.emulator import BridgeEmulator
 from firmware_bridge.image import HEADER_BYTES, build_image
@@ -36,8 +35,7 @@ from tests.test_fleet_model import KEY
 GW = "gw-test"
 BOARD = "ea-bridge-rp2040"
 INSTALLED: Version3 = (1, 2, 0)
-SIGNED_COMMANDS = bool(getattr(CommandDispatcher, "verifies_signatures", False))
-ENVELOPE = signed_envelope(KEY) if SIGNED_COMMANDS else plain_envelope
+ENVELOPE = signed_envelope(KEY)  # firmware.flash is state-changing: it runs only signed
 
 
 def config(tmp: Path, port: int, key: SigningKey) -> dict[str, Any]:
@@ -47,7 +45,7 @@ def config(tmp: Path, port: int, key: SigningKey) -> dict[str, Any]:
                   "timeout_s": 1.0,
                   "options": {"channel": 0, "board": BOARD,
                               "emulator": {"firmware": "1.2.0", "trial_timeout_s": 0.5}}}],
-        commands={"require_signature": SIGNED_COMMANDS,
+        commands={"require_signature": True,
                   "trusted_keys": [{"id": key.key_id, "public_key": key.public}]},
         runtime={"stop_timeout_s": 1.0},
         mqtt={"reconnect_max_s": 0.5})
@@ -298,3 +296,16 @@ async def test_a_commit_that_outlasts_the_command_timeout_goes_on_and_is_asked_a
     emu = emulator(agent)
     assert emu.device.firmware == (1, 7, 0)
     assert emu.device.receiver.begins == 1  # one transfer, never restarted by the repeats
+
+
+async def test_an_unsigned_firmware_flash_command_never_runs(agent: Agent,
+                                                             broker: Mosquitto) -> None:
+    image = image_of((1, 3, 0))
+    args = begin_args(image, sign_image(image, BOARD, KEY), sensor="loops", version="1.3.0",
+                      deploy_id="fw-u", target=GW)
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cloud-u") as client, \
+            MqttCommander(client, "t", plain_envelope) as commander:
+        for step in (args, {"op": "commit", "deploy_id": "fw-u"}):
+            reply = await commander.request(GW, "firmware.flash", step, 10.0)
+            assert not reply["ok"] and reply["error"]["code"] == "unsigned", reply
+    assert nothing_sent(emulator(agent))
