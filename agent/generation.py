@@ -27,6 +27,7 @@ from agent.feed.messages import Draft
 from agent.feed.raw_batch import RawBatcher
 from agent.feed.sharing import SharingPolicy
 from agent.fleet.config_apply import MAX_APPLY_PAYLOAD_BYTES
+from agent.fleet.firmware_deploy import FirmwareDeployments
 from agent.fleet.model_deploy import ModelDeployments
 from agent.fleet.signing import TrustedKeys
 from agent.outbox.rows import Kind
@@ -111,6 +112,7 @@ class Pipeline:
         self.infer = InferenceStage() if infer is None else infer
         # Deploys, activations and rollbacks choose the files; they outlive a restart.
         self.deployments = ModelDeployments(cfg, self.infer)
+        self.firmware = FirmwareDeployments(cfg, lambda: self.ctx.shared if self.ctx else None)
         errors = self.infer.reload(self.deployments.configs())
         if infer is None:
             self.infer.load_errors = errors
@@ -386,6 +388,7 @@ class Pipeline:
                 stack.callback(self.infer.close)
             ctx = BuildContext(clock=self.clock, stack=stack)
             self.ctx = ctx  # emulators live in ctx.shared: the demo and tests reach them here
+            stack.push_async_callback(self.firmware.aclose)
             if self._setup is not None:
                 self._setup(ctx)  # e.g. an emulated bus prepared before any sensor is built
             async with asyncio.TaskGroup() as tg:
@@ -442,7 +445,7 @@ class Pipeline:
         """The fleet commands: model deploys and rollbacks, and the agent's commands that
         outlive a generation (``config.apply``, ...); the dispatcher runs the state-changing
         ones only when signed (``STATE_CHANGING``)."""
-        handlers = dict(self.deployments.handlers())
+        handlers = {**self.deployments.handlers(), **self.firmware.handlers()}
         if self.agent is not None:
             handlers.update(self.agent.command_handlers())
         return handlers
@@ -476,4 +479,5 @@ class Pipeline:
                        "deployments": self.deployments.status(),
                        "history": self.history.status() if self.history else None},
             "anomalies": self.anomalies.status(),
+            "firmware": self.firmware.status(),
         }

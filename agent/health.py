@@ -317,6 +317,21 @@ class ModelDeployStatus(_Open):
     evicted: int = Field(default=0, ge=0)
 
 
+class FirmwareDeployStatus(_Open):
+    """Firmware images sent by the cloud to bridge microcontrollers (``firmware.flash``,
+    docs/fleet.md)."""
+
+    flashed: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    refused: dict[str, int] = Field(description="By reason.")
+    last: dict[str, str] = Field(description="By bridge sensor: what happened to its device "
+                                             "last.")
+    in_progress: dict[str, DeployInProgress] = Field(default_factory=dict,
+                                                     description="By deploy id.")
+    expired: int = Field(default=0, ge=0)
+    evicted: int = Field(default=0, ge=0)
+
+
 class ModelsStatus(_Open):
     status: InferStatus
     last: dict[str, LastInference] = Field(description="By model (`<name>:shadow` for a "
@@ -432,6 +447,7 @@ class HealthSnapshot(_Open):
     uplink: UplinkStatus | None = _section()
     models: ModelsStatus | None = _section()
     anomalies: AnomalyStatus | None = _section()
+    firmware: FirmwareDeployStatus | None = _section()
     web: WebStatus | None = _section("Present when the web server is on.")
     sparkplug: SparkplugStatus | None = _section("Present when Sparkplug is on.")
     config_apply: ConfigApplyStatus | None = _section("Present when the agent runs from a "

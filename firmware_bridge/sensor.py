@@ -9,6 +9,7 @@ Config (``[[sensors]]`` with ``driver = "bridge"``)::
     options.kind            "loop" or "pulse" (optional; checked against the device's HELLO)
     options.pulses_per_kwh  meter constant for pulse channels (default 1000)
     options.baudrate        UART speed (default 921600; ignored by USB-CDC)
+    options.board           the board id a signed firmware image must name (`firmware.flash`)
     options.emulator        for port = "emulated": a table with channels (list of "loop" /
                             "pulse"), seed, peak_veh_h, pulses_per_kwh, firmware ("1.0.0")
 
@@ -147,9 +148,20 @@ def _emulator_settings(raw: Any, where: str) -> DeviceSettings:
     return DeviceSettings(**kw)
 
 
+def hub_key(port: str) -> str:
+    """Where a port's hub is kept in ``BuildContext.shared``."""
+    return f"firmware_bridge:{port}"
+
+
+def running_hub(shared: dict[str, Any], port: str) -> BridgeHub | None:
+    """The hub the running sensors on ``port`` share, if they were built."""
+    hub = shared.get(hub_key(port))
+    return hub if isinstance(hub, BridgeHub) else None
+
+
 def _hub(cfg: Any, ctx: BuildContext, options: dict[str, Any]) -> BridgeHub:
     port = str(cfg.port)
-    key = f"firmware_bridge:{port}"
+    key = hub_key(port)
     hub = ctx.shared.get(key)
     if isinstance(hub, BridgeHub):
         return hub

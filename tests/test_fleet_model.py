@@ -257,6 +257,11 @@ async def test_a_model_whose_manifest_does_not_match_is_not_installed(
     ({"op": "begin", "deploy_id": "d", "name": "energy", "version": "../../x",
       "sha256": "0" * 64, "size": 1, "manifest_sha256": "0" * 64, "manifest_size": 1},
      "version"),
+    ({"op": "chunk", "deploy_id": "d", "index": True, "sha256": "0" * 64, "data": ""},
+     "index"),
+    ({"op": "begin", "deploy_id": "d", "name": "energy", "version": "v1",
+      "sha256": "0" * 64, "size": 2.0, "manifest_sha256": "0" * 64, "manifest_size": 1},
+     "size"),
     ({"op": "launch", "deploy_id": "d"}, "op"),
     ({"op": "commit", "deploy_id": "d", "activate": "yes"}, "activate"),
 ])

@@ -4,7 +4,8 @@ A deploy is an ONNX file followed by its manifest, sent as one byte stream cut i
 ``chunk_size``. Its header (``DeployHeader``: names, sizes and sha256s, the signature) is written
 when it begins; each chunk is checked against its own sha256 and written atomically under
 ``deploys/<deploy_id>/`` beside the outbox. What is missing is what has no file, so a restart
-of the agent or of the broker loses at most the chunks in flight.
+of the agent or of the broker loses at most the chunks in flight. ``firmware.flash`` moves an
+image and its signature file the same way (``agent.fleet.firmware_deploy``).
 
 Disk stays bounded: a deploy is at most ``max_bytes``, at most ``MAX_PARTIAL`` deploys are in
 progress (the least recently touched is dropped to make room), and one untouched for
@@ -105,8 +106,9 @@ class ChunkStore:
     """The partial deploys under ``root`` (``<outbox dir>/deploys``)."""
 
     def __init__(self, root: Path, max_bytes: int, expire_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, kind: str = "model deploy") -> None:
         self.root = root
+        self.kind = kind  # what the logs call a deploy here
         self.max_bytes = max_bytes
         self.expire_s = expire_s
         self._clock = clock
@@ -124,7 +126,7 @@ class ChunkStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.error("model deploy %s: cannot read its header (%s); dropped", deploy_id,
+            log.error("%s %s: cannot read its header (%s); dropped", self.kind, deploy_id,
                       exc.strerror)
             self.drop(deploy_id)
             return None
@@ -137,8 +139,8 @@ class ChunkStore:
             header = DeployHeader(**data)
             self.check(header)
         except (JsonRefused, TypeError, ValueError) as exc:
-            log.error("model deploy %s: its header on disk is damaged (%s); dropped",
-                      deploy_id, str(exc)[:200])
+            log.error("%s %s: its header on disk is damaged (%s); dropped",
+                      self.kind, deploy_id, str(exc)[:200])
             self.drop(deploy_id)
             return None
         return header
@@ -174,7 +176,7 @@ class ChunkStore:
         d = self._dir(h.deploy_id)
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / HEADER, json.dumps(asdict(h)).encode())
-        log.info("model deploy %s: %s version %s, %d bytes in %d chunks", h.deploy_id, h.name,
+        log.info("%s %s: %s version %s, %d bytes in %d chunks", self.kind, h.deploy_id, h.name,
                  h.version, h.total, h.count)
         return list(range(h.count))
 
@@ -253,7 +255,7 @@ class ChunkStore:
         now = self._clock()
         for touched, deploy_id in self._partial():
             if now - touched > self.expire_s:
-                log.warning("model deploy %s: no chunk for %.0f s; deleted", deploy_id,
+                log.warning("%s %s: no chunk for %.0f s; deleted", self.kind, deploy_id,
                             now - touched)
                 self.drop(deploy_id)
                 self.expired += 1
@@ -264,7 +266,8 @@ class ChunkStore:
         partial = self._partial()
         while len(partial) >= MAX_PARTIAL:
             _, deploy_id = partial.pop(0)
-            log.warning("model deploy %s: dropped to make room for a newer deploy", deploy_id)
+            log.warning("%s %s: dropped to make room for a newer deploy", self.kind,
+                        deploy_id)
             self.drop(deploy_id)
             self.evicted += 1
 

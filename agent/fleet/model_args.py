@@ -30,7 +30,7 @@ MIN_CHUNK: Final = 256
 DeployId = Annotated[str, Field(pattern=ID_PATTERN, description="The deploy's id, chosen by "
                                 "the sender; the same id resumes.")]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256, 64 hex digits.")]
-Size = Annotated[int, Field(ge=1, le=2**40)]
+Size = Annotated[int, Field(strict=True, ge=1, le=2**40)]  # `true` is not 1, 2.0 is not 2
 
 
 class _Strict(BaseModel):
@@ -46,7 +46,7 @@ class DeployBegin(_Strict):
     size: Size
     manifest_sha256: Sha256
     manifest_size: Size
-    chunk_size: Annotated[int, Field(ge=MIN_CHUNK, le=MAX_CHUNK)] = MAX_CHUNK
+    chunk_size: Annotated[int, Field(strict=True, ge=MIN_CHUNK, le=MAX_CHUNK)] = MAX_CHUNK
     gateway: Annotated[str, Field(min_length=1, max_length=128, description=(
         'The gateway the artifact is signed for, or "*" for any.'))] = "*"
     sig: dict[str, Any] | None = Field(default=None, description=(
@@ -56,7 +56,7 @@ class DeployBegin(_Strict):
 class DeployChunk(_Strict):
     op: Literal["chunk"]
     deploy_id: DeployId
-    index: Annotated[int, Field(ge=0, le=2**32)]
+    index: Annotated[int, Field(strict=True, ge=0, le=2**32)]
     sha256: Sha256
     data: Annotated[str, Field(max_length=4 * MAX_CHUNK // 3 + 4,
                                pattern=r"^[A-Za-z0-9+/]*={0,2}$")]

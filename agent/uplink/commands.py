@@ -57,6 +57,7 @@ from agent.fleet.envelope import (
     Refusal,
     check,
 )
+from agent.fleet.firmware_args import FirmwareFlashArgs
 from agent.fleet.model_args import ModelDeployArgs, ModelRollbackArgs
 from agent.fleet.signing import TrustedKeys
 from agent.jsontext import JsonRefused
@@ -114,11 +115,12 @@ ARGS: Final[Mapping[str, type[BaseModel]]] = {
     "config.rollback": ConfigRollbackArgs,
     "model.deploy": ModelDeployArgs,
     "model.rollback": ModelRollbackArgs,
+    "firmware.flash": FirmwareFlashArgs,
 }
 # Commands that change the gateway: with `[commands] require_signature` (the default) they run
 # only when signed by a trusted key.
 STATE_CHANGING: Final = frozenset({"model.activate", "config.apply", "config.rollback",
-                                   "model.deploy", "model.rollback"})
+                                   "model.deploy", "model.rollback", "firmware.flash"})
 
 
 class CommandErrorBody(_Strict):
