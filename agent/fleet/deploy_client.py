@@ -297,7 +297,7 @@ async def deploy_model(commander: Commander, gateway: str, onnx_path: Path,
         while missing:
             async with asyncio.TaskGroup() as tg:
                 for i in missing:
-                    tg.create_task(send(i))
+                    tg.create_task(send(i), name=f"deploy-chunk-{gateway}-{i}")
             status = await _call(commander, gateway, {"op": "status", "deploy_id": deploy_id},
                                  timeout_s)
             missing, now_left = _missing(status, out.chunks)
@@ -339,5 +339,5 @@ async def deploy_many(commander: Commander, gateways: Sequence[str], onnx_path: 
 
     async with asyncio.TaskGroup() as tg:
         for gw in gateways:
-            tg.create_task(one(gw))
+            tg.create_task(one(gw), name=f"deploy-{gw}")
     return {gw: out[gw] for gw in gateways}

@@ -25,6 +25,7 @@ from agent.fleet.model_args import (
     MAX_CHUNK,
     MIN_CHUNK,
     NAME_PATTERN,
+    DeployChunk,
     DeployId,
     DeployStatus,
     Sha256,
@@ -57,19 +58,10 @@ class FlashBegin(_Strict):
         'The gateway this flash is meant for, or "*" for any.'))] = "*"
 
 
-class FlashChunk(_Strict):
-    op: Literal["chunk"]
-    deploy_id: DeployId
-    index: Annotated[int, Field(strict=True, ge=0, le=2**32)]
-    sha256: Sha256
-    data: Annotated[str, Field(max_length=4 * MAX_CHUNK // 3 + 4,
-                               pattern=r"^[A-Za-z0-9+/]*={0,2}$")]
-
-
 class FlashCommit(_Strict):
     op: Literal["commit"]
     deploy_id: DeployId
 
 
-FirmwareFlashArgs = RootModel[Annotated[FlashBegin | FlashChunk | DeployStatus | FlashCommit,
+FirmwareFlashArgs = RootModel[Annotated[FlashBegin | DeployChunk | DeployStatus | FlashCommit,
                                         Field(discriminator="op")]]
