@@ -18,6 +18,7 @@ import pytest
 from agent.control.server import ControlServer
 from agent.control.tail import TailHub
 from agent.supervisor import SensorHealth
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "docs" / "status.schema.json"
@@ -202,14 +203,6 @@ async def connect(path: Path) -> AsyncIterator[Conn]:
         await conn.close()
 
 
-async def until(cond: Any, what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 # -- requests and replies -------------------------------------------------------------------
 
 async def test_status_has_every_section_and_matches_the_published_schema(control) -> None:
@@ -375,7 +368,7 @@ async def test_tail_streams_matching_items_until_the_client_leaves(control) -> N
     hub = control.agent.pipeline.tail
     async with connect(control.path) as c:
         await _tail(c, "bme")
-        await until(lambda: hub.active, "tail subscription")
+        await until(lambda: hub.active, 5.0, "tail subscription")
         hub.publish("reading", "radar", {"quantity": "speed", "value": 3.0})
         hub.publish("reading", "bme", {"quantity": "temperature", "value": 21.5})
         hub.publish("window", "bme", {"start_ns": 1, "channels": {}})
@@ -383,17 +376,17 @@ async def test_tail_streams_matching_items_until_the_client_leaves(control) -> N
     assert [(g["item"]["kind"], g["item"]["name"]) for g in got] == [("reading", "bme"),
                                                                       ("window", "bme")]
     assert got[0]["item"]["value"] == 21.5
-    await until(lambda: not hub.active, "unsubscribe after disconnect")
+    await until(lambda: not hub.active, 5.0, "unsubscribe after disconnect")
 
 
 async def test_tail_follows_a_reloaded_pipeline(control) -> None:
     old_hub = control.agent.pipeline.tail
     async with connect(control.path) as c:
         await _tail(c)
-        await until(lambda: old_hub.active, "first subscription")
+        await until(lambda: old_hub.active, 5.0, "first subscription")
         control.agent.pipeline = FakePipeline(control.agent.outbox)  # what a reload does
         new_hub = control.agent.pipeline.tail
-        await until(lambda: new_hub.active, "subscription moved to the new pipeline", 5.0)
+        await until(lambda: new_hub.active, 5.0, "subscription moved to the new pipeline")
         assert not old_hub.active
         new_hub.publish("inference", "traffic", {"outputs": {"congestion": 0.5}})
         item = await c.recv()
@@ -404,7 +397,7 @@ async def test_slow_tail_client_loses_oldest_items_and_is_told(control) -> None:
     hub = control.agent.pipeline.tail
     async with connect(control.path) as c:
         await _tail(c)
-        await until(lambda: hub.active, "tail subscription")
+        await until(lambda: hub.active, 5.0, "tail subscription")
         # Everything published between two server wake-ups lands in the bounded queue at once.
         for i in range(5000):
             hub.publish("reading", "bme", {"value": float(i)})

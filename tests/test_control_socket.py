@@ -13,7 +13,8 @@ import pytest
 
 from agent.control.server import ControlServer
 from agent.control.wire import ControlSocketError
-from tests.test_control import Conn, FakeAgent, _tail, connect, serving, short_dir, until
+from tests.test_control import Conn, FakeAgent, _tail, connect, serving, short_dir
+from tests.waiting import until
 
 
 async def test_socket_mode_and_removal_on_cancel() -> None:
@@ -82,7 +83,7 @@ async def test_stopping_the_server_closes_open_connections() -> None:
             reader, writer = await asyncio.open_unix_connection(str(path))
             c = Conn(reader, writer)
             await _tail(c)
-            await until(lambda: agent.pipeline.tail.active, "tail subscription")
+            await until(lambda: agent.pipeline.tail.active, 5.0, "tail subscription")
         try:
             assert await c.recv() is None, "a streaming client must see the end of the stream"
         finally:
