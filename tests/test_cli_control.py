@@ -13,7 +13,8 @@ import pytest
 
 from agent.cli import control as cli_control
 from agent.control.view import status_schema
-from tests.test_control import SCHEMA_FILE, FakeAgent, short_dir, until
+from tests.test_control import SCHEMA_FILE, FakeAgent, short_dir
+from tests.waiting import until
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +92,7 @@ async def test_tail_prints_only_the_named_source(agent_sock, capsys) -> None:
     hub = agent.pipeline.tail
     job = asyncio.create_task(run_in_thread(["tail", "bme", "--count", "2", "--socket",
                                              str(path)]), name="tail-cli")
-    await until(lambda: hub.active, "tail subscription")
+    await until(lambda: hub.active, 5.0, "tail subscription")
     hub.publish("reading", "radar", {"quantity": "speed", "value": 3.0, "unit": "m/s"})
     hub.publish("reading", "bme", {"quantity": "temperature", "value": 21.5, "unit": "degC",
                                    "ts_ns": 1_700_000_000_000_000_000, "quality": "good",
@@ -107,7 +108,7 @@ async def test_tail_prints_only_the_named_source(agent_sock, capsys) -> None:
     assert "[partial]" in lines[1]
     assert lines[0][:12] <= lines[1][:12]  # stamped when they arrived: in time order
     assert "radar" not in "\n".join(lines)
-    await until(lambda: not hub.active, "tail unsubscribed after the CLI left")
+    await until(lambda: not hub.active, 5.0, "tail unsubscribed after the CLI left")
 
 
 async def test_tail_json_prints_the_items(agent_sock, capsys) -> None:
@@ -115,7 +116,7 @@ async def test_tail_json_prints_the_items(agent_sock, capsys) -> None:
     hub = agent.pipeline.tail
     job = asyncio.create_task(run_in_thread(["tail", "--json", "-n", "1", "--socket",
                                              str(path)]), name="tail-cli")
-    await until(lambda: hub.active, "tail subscription")
+    await until(lambda: hub.active, 5.0, "tail subscription")
     hub.publish("inference", "traffic", {"version": "3fa2c1d0", "outputs": {"flow": 1.0}})
     assert await job == 0
     item = json.loads(capsys.readouterr().out)
